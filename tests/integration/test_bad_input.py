@@ -1,0 +1,128 @@
+"""Bad input gets a clear error that names the field and the fix, before any scoring forward."""
+
+import json
+
+import pytest
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+
+import token_clean_trainer.token_clean_trainer as trainer_module
+from tests.conftest import arithmetic_rows, cpu_args, make_tiny_llama
+from token_clean_trainer import TokenCleanSFTTrainer
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a scoring forward ran before the bad input was reported")
+
+    monkeypatch.setattr(trainer_module, "compute_token_losses", refuse)
+
+
+def build(tmp_path, tiny_model_dir, tokenizer, dataset=None, peft=False, ref_model=None, **overrides):
+    return TokenCleanSFTTrainer(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=cpu_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else Dataset.from_list(arithmetic_rows(8)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA) if peft else None,
+        ref_model=ref_model,
+    )
+
+
+def test_fixed_without_reference(tmp_path, tiny_model_dir, tokenizer):
+    with pytest.raises(ValueError, match="needs a reference model.*ref_model_name_or_path.*token_cleaning='none'"):
+        build(tmp_path, tiny_model_dir, tokenizer)
+
+
+def test_reference_with_other_vocabulary_object(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    other = make_tiny_llama(tokenizer, seed=2, vocab_size=1000)
+    with pytest.raises(ValueError, match="vocabulary of 1000 tokens but the trained model has 49152"):
+        build(tmp_path, tiny_model_dir, tokenizer, ref_model=other)
+
+
+def test_reference_path_with_other_vocabulary(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    path = tmp_path / "other"
+    make_tiny_llama(tokenizer, seed=2, vocab_size=1000).save_pretrained(path)
+    with pytest.raises(ValueError, match="ref_model_name_or_path.*vocabulary of 1000"):
+        build(tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=str(path))
+
+
+def test_reference_path_with_other_tokenizer(tmp_path, tiny_model_dir, tokenizer, tokenizer_dir, no_forward):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "other_tok"
+    make_tiny_llama(tokenizer, seed=2).save_pretrained(path)
+    other_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    other_tokenizer.add_tokens(["<new_token_a>"])
+    other_tokenizer.save_pretrained(path)
+    with pytest.raises(ValueError, match="tokenizer saved with `ref_model_name_or_path.*differs"):
+        build(tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=str(path))
+
+
+def test_missing_reference_path(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    with pytest.raises(ValueError, match="Cannot load the reference model config from `ref_model_name_or_path"):
+        build(tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=str(tmp_path / "does-not-exist"))
+
+
+def test_missing_adapter_path(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    with pytest.raises(FileNotFoundError, match="ref_adapter_name_or_path.*adapter_config.json does not exist"):
+        build(tmp_path, tiny_model_dir, tokenizer, peft=True, ref_adapter_name_or_path=str(tmp_path / "nope"))
+
+
+def test_adapter_reference_without_peft(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({}))
+    with pytest.raises(ValueError, match="needs PEFT training: pass `peft_config`"):
+        build(tmp_path, tiny_model_dir, tokenizer, ref_adapter_name_or_path=str(tmp_path / "adapter"))
+
+
+def test_adapter_for_another_base(tmp_path, tiny_model_dir, tokenizer):
+    from peft import get_peft_model
+
+    other_base = make_tiny_llama(tokenizer, seed=2)
+    other_base.config.hidden_size = 64
+    wide = make_tiny_llama(tokenizer, seed=2)
+    wide = type(wide)(wide.config.__class__(**{**wide.config.to_dict(), "hidden_size": 128, "intermediate_size": 256}))
+    get_peft_model(wide, LoraConfig(**LORA)).save_pretrained(tmp_path / "wide_adapter")
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, peft=True, ref_adapter_name_or_path=str(tmp_path / "wide_adapter"))
+    with pytest.raises(ValueError, match="must have been trained on the same base model"):
+        trainer.score_tokens()
+    assert list(trainer.model.peft_config) == ["default"]  # nothing half-loaded stays behind
+
+
+def test_every_response_truncated_away(tmp_path, tiny_model_dir, tokenizer):
+    rows = [{"prompt": [{"role": "user", "content": "word " * 200}], "completion": [{"role": "assistant", "content": "ok"}]}]
+    with pytest.raises(ValueError, match="None of the 4 rows .* response token left .* `max_length=32`"):
+        build(tmp_path, tiny_model_dir, tokenizer, dataset=Dataset.from_list(rows * 4), max_length=32,
+              token_cleaning="none")
+
+
+def test_rows_truncated_away_are_counted(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    long_prompt = {"prompt": [{"role": "user", "content": "word " * 200}],
+                   "completion": [{"role": "assistant", "content": "ok"}]}
+    long_answer = {"prompt": [{"role": "user", "content": "Count."}],
+                   "completion": [{"role": "assistant", "content": "one two three " * 40}]}
+    data = Dataset.from_list(arithmetic_rows(6) + [long_prompt, long_prompt, long_answer])
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, dataset=data, max_length=64, ref_model_name_or_path=tiny_ref_dir)
+    trainer.score_tokens()
+    report = trainer.token_cleaning_state.report
+    assert report["rows"] == 7 and report["rows_without_response"] == 2 and report["rows_response_truncated"] == 1
+
+
+def test_not_yet_implemented_modes_say_so(tmp_path, tiny_model_dir, tokenizer):
+    with pytest.raises(NotImplementedError, match="token_cleaning='online'"):
+        build(tmp_path, tiny_model_dir, tokenizer, token_cleaning="online")
+    with pytest.raises(NotImplementedError, match="token_selection='batch'"):
+        build(tmp_path, tiny_model_dir, tokenizer, token_selection="batch")
+
+
+def test_unwritable_cache_dir_fails_before_scoring(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, no_forward):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="score_cache_dir.*not writable"):
+        build(tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=tiny_ref_dir,
+              score_cache_dir=str(blocker / "cache"))
