@@ -41,7 +41,9 @@ def _report(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     path = os.path.join(args.output_dir, "token_cleaning", "report.json")
     if not os.path.isfile(path):
-        print(f"token-clean report: no report at {path}; is {args.output_dir!r} a token-cleaning run?", file=sys.stderr)
+        print(
+            f"token-clean report: no report at {path}; is {args.output_dir!r} a token-cleaning run?", file=sys.stderr
+        )
         return 2
     with open(path, encoding="utf-8") as f:
         report = json.load(f)

@@ -101,7 +101,10 @@ def run_demo(settings: DemoSettings) -> dict:
     warmup = TokenCleanSFTTrainer(
         AutoModelForCausalLM.from_pretrained(model_path),
         args=_config(
-            settings, "reference", token_cleaning="none", num_train_epochs=settings.warmup_epochs,
+            settings,
+            "reference",
+            token_cleaning="none",
+            num_train_epochs=settings.warmup_epochs,
             learning_rate=settings.warmup_learning_rate,
         ),
         train_dataset=warmup_split,
@@ -117,8 +120,12 @@ def run_demo(settings: DemoSettings) -> dict:
     cleaned = TokenCleanSFTTrainer(
         AutoModelForCausalLM.from_pretrained(model_path),
         args=_config(
-            settings, "cleaned", token_cleaning="fixed", token_selection="global",
-            token_keep_ratio=settings.keep_ratio, ref_adapter_name_or_path=adapter_dir,
+            settings,
+            "cleaned",
+            token_cleaning="fixed",
+            token_selection="global",
+            token_keep_ratio=settings.keep_ratio,
+            ref_adapter_name_or_path=adapter_dir,
             score_cache_dir=os.path.join(settings.output_dir, "score_cache"),
         ),
         train_dataset=train,
@@ -183,8 +190,8 @@ def format_table(results: dict) -> str:
             f"{name:<18}{row['all']['nll']:>12.4f}{row['informative']['nll']:>17.4f}{row['other']['nll']:>12.4f}"
         )
     lines += [
-        f"(informative = held-out response tokens in the top 60% of L_base - L_ref under the warm-up reference; "
-        f"the cleaned run never trains on the other 40%, so it is expected to lag there)",
+        "(informative = held-out response tokens in the top 60% of L_base - L_ref under the warm-up reference; "
+        "the cleaned run never trains on the other 40%, so it is expected to lag there)",
         f"kept fraction of train response tokens: {results['kept_fraction']:.4f} "
         f"({results['kept_tokens']:,} of {results['response_tokens']:,})",
         f"report: {results['report']}",

@@ -10,8 +10,17 @@ from .utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-QUANTILES = {"p1": 0.01, "p5": 0.05, "p10": 0.10, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p90": 0.90, "p95": 0.95,
-             "p99": 0.99}
+QUANTILES = {
+    "p1": 0.01,
+    "p5": 0.05,
+    "p10": 0.10,
+    "p25": 0.25,
+    "p50": 0.50,
+    "p75": 0.75,
+    "p90": 0.90,
+    "p95": 0.95,
+    "p99": 0.99,
+}
 # A score this close to zero means the reference barely differs from the base on that token.
 NEAR_ZERO = 0.01
 
@@ -60,7 +69,7 @@ def build_report(
 
     n_response = int(response.sum())
     n_kept = int(keep.sum())
-    starts, ends = offsets[:-1], offsets[1:]
+    starts = offsets[:-1]
     response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
     kept_per_row = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
     # reduceat on an empty row returns the next element; empty rows cannot occur (every row has a token).
@@ -156,5 +165,7 @@ def print_summary(report: dict[str, Any]) -> None:
         )
     cache = report.get("cache") or {}
     if cache:
-        lines.append("  cache " + ", ".join(f"{k}: {v['reused']} reused / {v['computed']} computed" for k, v in cache.items()))
+        lines.append(
+            "  cache " + ", ".join(f"{k}: {v['reused']} reused / {v['computed']} computed" for k, v in cache.items())
+        )
     print("\n".join(lines), flush=True)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path, use_adapter
@@ -348,7 +348,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
             write_report(os.path.join(args.output_dir, "token_cleaning"), report)
             print_summary(report)
         self._warn_if_weak_reference(report)
-        return TokenCleaningState(offsets, base_losses, ref_losses, scores, selection.keep, selection.threshold, report)
+        return TokenCleaningState(
+            offsets, base_losses, ref_losses, scores, selection.keep, selection.threshold, report
+        )
 
     def _check_scores(self, scores: np.ndarray, response: np.ndarray) -> None:
         bad = response & ~np.isfinite(scores)
@@ -392,7 +394,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
             missing = [i for i, shard in enumerate(shards) if shard is None]
             stats = {"reused": len(bounds) - len(missing), "computed": len(missing)}
             if missing:
-                self._compute_missing_shards(model, forward_context, dataset, bounds, missing, shards, hashes, cache, role)
+                self._compute_missing_shards(
+                    model, forward_context, dataset, bounds, missing, shards, hashes, cache, role
+                )
         return np.concatenate([row for shard in shards for row in shard]).astype(np.float32), stats
 
     def _compute_missing_shards(self, model, forward_context, dataset, bounds, missing, shards, hashes, cache, role):
@@ -462,26 +466,32 @@ class TokenCleanSFTTrainer(SFTTrainer):
         path = self.args.ref_adapter_name_or_path
         trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
         active_before = model.active_adapter
+        base_names = tuple(model.peft_config)
+
+        def remove_reference_adapter():
+            # Scores are final (or loading failed): drop the reference so it is neither trained, saved nor kept.
+            model.set_adapter(active_before)
+            if REF_ADAPTER_NAME in model.peft_config:
+                model.delete_adapter(REF_ADAPTER_NAME)
+            for name, param in model.named_parameters():
+                param.requires_grad_(name in trainable_before)
+
         with preserve_rng_state():  # PEFT initialises the new layers randomly before loading the weights
             try:
                 model.load_adapter(path, adapter_name=REF_ADAPTER_NAME, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as error:
+                remove_reference_adapter()
                 raise ValueError(
                     f"Cannot load `ref_adapter_name_or_path={path!r}` onto the trained model: {error}. The reference "
                     "adapter must have been trained on the same base model (same architecture and vocabulary)."
                 ) from error
         try:
             adapter_key = fingerprint_module(model, include=lambda n: f".{REF_ADAPTER_NAME}." in n)
-            base_names = tuple(model.peft_config)
             base_key = fingerprint_module(model, include=lambda n: not any(f".{a}." in n for a in base_names))
             key = sha256_json({"model": base_key, "adapter": adapter_key})
             yield model, lambda: use_adapter(model, REF_ADAPTER_NAME), key
         finally:
-            # Scores are final: drop the reference adapter so it is neither trained, saved nor kept in memory.
-            model.set_adapter(active_before)
-            model.delete_adapter(REF_ADAPTER_NAME)
-            for name, param in model.named_parameters():
-                param.requires_grad_(name in trainable_before)
+            remove_reference_adapter()
 
     def _load_ref_model(self) -> tuple[torch.nn.Module, bool]:
         if self.ref_model is not None:

@@ -83,31 +83,48 @@ def test_adapter_reference_without_peft(tmp_path, tiny_model_dir, tokenizer, no_
 def test_adapter_for_another_base(tmp_path, tiny_model_dir, tokenizer):
     from peft import get_peft_model
 
-    other_base = make_tiny_llama(tokenizer, seed=2)
-    other_base.config.hidden_size = 64
     wide = make_tiny_llama(tokenizer, seed=2)
     wide = type(wide)(wide.config.__class__(**{**wide.config.to_dict(), "hidden_size": 128, "intermediate_size": 256}))
     get_peft_model(wide, LoraConfig(**LORA)).save_pretrained(tmp_path / "wide_adapter")
-    trainer = build(tmp_path, tiny_model_dir, tokenizer, peft=True, ref_adapter_name_or_path=str(tmp_path / "wide_adapter"))
+    trainer = build(
+        tmp_path, tiny_model_dir, tokenizer, peft=True, ref_adapter_name_or_path=str(tmp_path / "wide_adapter")
+    )
     with pytest.raises(ValueError, match="must have been trained on the same base model"):
         trainer.score_tokens()
     assert list(trainer.model.peft_config) == ["default"]  # nothing half-loaded stays behind
 
 
 def test_every_response_truncated_away(tmp_path, tiny_model_dir, tokenizer):
-    rows = [{"prompt": [{"role": "user", "content": "word " * 200}], "completion": [{"role": "assistant", "content": "ok"}]}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "word " * 200}],
+            "completion": [{"role": "assistant", "content": "ok"}],
+        }
+    ]
     with pytest.raises(ValueError, match="None of the 4 rows .* response token left .* `max_length=32`"):
-        build(tmp_path, tiny_model_dir, tokenizer, dataset=Dataset.from_list(rows * 4), max_length=32,
-              token_cleaning="none")
+        build(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            dataset=Dataset.from_list(rows * 4),
+            max_length=32,
+            token_cleaning="none",
+        )
 
 
 def test_rows_truncated_away_are_counted(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
-    long_prompt = {"prompt": [{"role": "user", "content": "word " * 200}],
-                   "completion": [{"role": "assistant", "content": "ok"}]}
-    long_answer = {"prompt": [{"role": "user", "content": "Count."}],
-                   "completion": [{"role": "assistant", "content": "one two three " * 40}]}
+    long_prompt = {
+        "prompt": [{"role": "user", "content": "word " * 200}],
+        "completion": [{"role": "assistant", "content": "ok"}],
+    }
+    long_answer = {
+        "prompt": [{"role": "user", "content": "Count."}],
+        "completion": [{"role": "assistant", "content": "one two three " * 40}],
+    }
     data = Dataset.from_list(arithmetic_rows(6) + [long_prompt, long_prompt, long_answer])
-    trainer = build(tmp_path, tiny_model_dir, tokenizer, dataset=data, max_length=64, ref_model_name_or_path=tiny_ref_dir)
+    trainer = build(
+        tmp_path, tiny_model_dir, tokenizer, dataset=data, max_length=64, ref_model_name_or_path=tiny_ref_dir
+    )
     trainer.score_tokens()
     report = trainer.token_cleaning_state.report
     assert report["rows"] == 7 and report["rows_without_response"] == 2 and report["rows_response_truncated"] == 1
@@ -124,5 +141,10 @@ def test_unwritable_cache_dir_fails_before_scoring(tmp_path, tiny_model_dir, tin
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(OSError, match="score_cache_dir.*not writable"):
-        build(tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=tiny_ref_dir,
-              score_cache_dir=str(blocker / "cache"))
+        build(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            ref_model_name_or_path=tiny_ref_dir,
+            score_cache_dir=str(blocker / "cache"),
+        )

@@ -16,7 +16,9 @@ import token_clean_trainer.token_clean_trainer as trainer_module
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer, keep_count
 
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+LORA = dict(
+    r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def make_trainer(tmp_path, tiny_model_dir, tokenizer, dataset, peft=True, **over
     )
 
 
-def test_adapter_reference_scores_masks_and_training(tmp_path, tiny_model_dir, tokenizer, tiny_dataset, ref_adapter_dir):
+def test_adapter_reference_scores_masks_and_training(
+    tmp_path, tiny_model_dir, tokenizer, tiny_dataset, ref_adapter_dir
+):
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, tiny_dataset, ref_adapter_name_or_path=ref_adapter_dir)
     trainable_before = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
     scored = trainer.score_tokens()
@@ -100,8 +104,17 @@ def test_adapter_reference_scores_masks_and_training(tmp_path, tiny_model_dir, t
     assert logged[0]["token_cleaning/kept_fraction"] == pytest.approx(kept / response_total)
 
     report = json.load(open(os.path.join(tmp_path, "token_cleaning", "report.json")))
-    for key in ("mode", "selection", "ratio", "threshold", "response_tokens", "kept_tokens", "kept_fraction",
-                "rows_all_masked", "scores"):
+    for key in (
+        "mode",
+        "selection",
+        "ratio",
+        "threshold",
+        "response_tokens",
+        "kept_tokens",
+        "kept_fraction",
+        "rows_all_masked",
+        "scores",
+    ):
         assert key in report
     assert report["response_tokens"] == response_total and report["kept_tokens"] == kept
     assert report["reference"]["kind"] == "adapter"
@@ -110,9 +123,16 @@ def test_adapter_reference_scores_masks_and_training(tmp_path, tiny_model_dir, t
     assert os.path.exists(os.path.join(tmp_path, "token_cleaning", "histogram.png"))
 
 
-def test_batches_in_training_see_exactly_the_kept_tokens(tmp_path, tiny_model_dir, tokenizer, tiny_dataset, tiny_ref_dir):
+def test_batches_in_training_see_exactly_the_kept_tokens(
+    tmp_path, tiny_model_dir, tokenizer, tiny_dataset, tiny_ref_dir
+):
     trainer = make_trainer(
-        tmp_path, tiny_model_dir, tokenizer, tiny_dataset, peft=False, ref_model_name_or_path=tiny_ref_dir,
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        tiny_dataset,
+        peft=False,
+        ref_model_name_or_path=tiny_ref_dir,
         token_keep_ratio=0.5,
     )
     scored = trainer.score_tokens()
@@ -131,8 +151,12 @@ def test_batches_in_training_see_exactly_the_kept_tokens(tmp_path, tiny_model_di
     assert sum(count for count, _ in seen) == sum(sum(k) for k in scored["token_keep"])
 
 
-def test_full_model_reference_scores_match_cross_entropy(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, tiny_dataset):
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, tiny_dataset, peft=False, ref_model_name_or_path=tiny_ref_dir)
+def test_full_model_reference_scores_match_cross_entropy(
+    tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, tiny_dataset
+):
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, tokenizer, tiny_dataset, peft=False, ref_model_name_or_path=tiny_ref_dir
+    )
     scored = trainer.score_tokens()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ref = AutoModelForCausalLM.from_pretrained(tiny_ref_dir).eval()
@@ -180,8 +204,10 @@ def test_cache_hit_does_no_forward_and_a_changed_row_recomputes_its_shard(
     second = make_trainer(tmp_path / "b", tiny_model_dir, tokenizer, Dataset.from_list(rows), **settings)
     second_scores = second.score_tokens()["token_scores"]
     assert calls == []  # no scoring forward at all
-    assert second.token_cleaning_state.report["cache"] == {"base": {"reused": 3, "computed": 0},
-                                                           "ref": {"reused": 3, "computed": 0}}
+    assert second.token_cleaning_state.report["cache"] == {
+        "base": {"reused": 3, "computed": 0},
+        "ref": {"reused": 3, "computed": 0},
+    }
     np.testing.assert_array_equal(np.concatenate(first_scores), np.concatenate(second_scores))
 
     calls.clear()
@@ -195,8 +221,15 @@ def test_cache_hit_does_no_forward_and_a_changed_row_recomputes_its_shard(
 
 def test_all_masked_batches_give_finite_loss(tmp_path, tiny_model_dir, tokenizer, tiny_dataset, ref_adapter_dir):
     trainer = make_trainer(
-        tmp_path, tiny_model_dir, tokenizer, tiny_dataset, ref_adapter_name_or_path=ref_adapter_dir,
-        token_selection="sample", token_keep_ratio=0.05, per_device_train_batch_size=1, max_steps=4,
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        tiny_dataset,
+        ref_adapter_name_or_path=ref_adapter_dir,
+        token_selection="sample",
+        token_keep_ratio=0.05,
+        per_device_train_batch_size=1,
+        max_steps=4,
     )
     trainer.train()
     report = trainer.token_cleaning_state.report
@@ -209,7 +242,11 @@ def test_all_masked_batches_give_finite_loss(tmp_path, tiny_model_dir, tokenizer
 @pytest.mark.parametrize("level", ["sample", "random", "full"])
 def test_other_selection_levels(tmp_path, tiny_model_dir, tokenizer, tiny_dataset, ref_adapter_dir, level):
     trainer = make_trainer(
-        tmp_path, tiny_model_dir, tokenizer, tiny_dataset, token_selection=level,
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        tiny_dataset,
+        token_selection=level,
         ref_adapter_name_or_path=ref_adapter_dir if level == "sample" else None,
     )
     scored = trainer.score_tokens()

@@ -1,0 +1,42 @@
+"""Scores a tiny dataset under `accelerate launch` and writes the scores and masks (run by test_distributed.py)."""
+
+import json
+import sys
+
+import numpy as np
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import arithmetic_rows, cpu_args
+from token_clean_trainer import TokenCleanSFTTrainer
+
+
+def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # 23 rows and 5-row shards: every shard splits unevenly over 2 processes.
+    trainer = TokenCleanSFTTrainer(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        args=cpu_args(
+            out_dir, ref_model_name_or_path=ref_dir, score_shard_rows=5, score_batch_size=3, max_steps=2, use_cpu=True
+        ),
+        train_dataset=Dataset.from_list(arithmetic_rows(23)),
+        processing_class=tokenizer,
+    )
+    scored = trainer.score_tokens()
+    trainer.train()  # masks reach every process's dataloader
+    if trainer.accelerator.is_main_process:
+        scores = np.concatenate(scored["token_scores"]).astype(float)
+        with open(result_path, "w") as f:
+            json.dump(
+                {
+                    "scores": [None if np.isnan(x) else x for x in scores],
+                    "keep": [bool(x) for row in scored["token_keep"] for x in row],
+                    "threshold": trainer.token_cleaning_state.threshold,
+                    "processes": trainer.accelerator.num_processes,
+                },
+                f,
+            )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
