@@ -404,13 +404,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         accelerator = self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         batch_size = self.args.score_batch_size or self.args.per_device_eval_batch_size
-        total = sum(bounds[i][1] - bounds[i][0] for i in missing)
-        progress = _progress_bar(total, f"Scoring {role} losses", disable=not accelerator.is_main_process)
+        cuts = {i: np.linspace(*bounds[i], world + 1).round().astype(int) for i in missing}
+        local_total = sum(int(cuts[i][rank + 1] - cuts[i][rank]) for i in missing)
+        progress = _progress_bar(local_total, f"Scoring {role} losses", disable=not accelerator.is_main_process)
         try:
             for i in missing:
-                start, end = bounds[i]
-                cut = np.linspace(start, end, world + 1).round().astype(int)
-                local_rows = range(cut[rank], cut[rank + 1])
+                local_rows = range(cuts[i][rank], cuts[i][rank + 1])
                 local = compute_token_losses(
                     model,
                     dataset,
