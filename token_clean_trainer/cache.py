@@ -11,12 +11,10 @@ import logging
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
-from .utils import atomic_write_bytes
+from .utils import atomic_write_bytes, flat_list_column
 
 logger = logging.getLogger(__name__)
 
@@ -24,22 +22,15 @@ logger = logging.getLogger(__name__)
 SCORE_FORMAT_VERSION = 1
 
 
-def _column_bytes(table: pa.Table, column: str) -> tuple[bytes, bytes]:
-    array = table.column(column).combine_chunks()
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64)
-    return lengths.tobytes(), values.tobytes()
-
-
 def rows_content_hash(dataset, start: int, end: int) -> str:
     """sha256 of the `input_ids` and `labels` of rows `[start, end)` of a prepared dataset, read from Arrow."""
-    columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
-    table = dataset.select(range(start, end)).with_format("arrow").select_columns(columns)[:]
+    rows = dataset.select(range(start, end))
     h = hashlib.sha256()
-    for column in columns:
-        h.update(column.encode())
-        for part in _column_bytes(table, column):
-            h.update(part)
+    for column in ("input_ids", "labels"):
+        if column in dataset.column_names:
+            h.update(column.encode())
+            for part in flat_list_column(rows, column):
+                h.update(part.tobytes())
     return h.hexdigest()
 
 

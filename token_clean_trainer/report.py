@@ -52,7 +52,7 @@ def build_report(
     args,
     lengths: np.ndarray,
     offsets: np.ndarray,
-    labels: list,
+    labels: np.ndarray,
     response: np.ndarray,
     scores: np.ndarray | None,
     base_losses: np.ndarray | None,
@@ -77,7 +77,9 @@ def build_report(
     max_length = args.max_length
     rows_response_truncated = 0
     if max_length is not None:
-        last_is_response = np.array([row[-1] != -100 for row in labels]) if len(labels) else np.zeros(0, bool)
+        nonempty = lengths > 0
+        last_is_response = np.zeros(len(lengths), dtype=bool)
+        last_is_response[nonempty] = labels[offsets[1:][nonempty] - 1] != -100
         rows_response_truncated = int(((lengths >= max_length) & last_is_response).sum())
 
     report: dict[str, Any] = {

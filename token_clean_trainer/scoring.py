@@ -175,11 +175,3 @@ def compute_token_losses(
             if progress is not None:
                 progress.update(len(positions))
     return results
-
-
-def response_token_mask(labels: Sequence[int]) -> np.ndarray:
-    """Positions that are scored and trained: label not `-100`, excluding position 0 (nothing predicts it)."""
-    mask = np.asarray(labels) != -100
-    if mask.size:
-        mask[0] = False
-    return mask

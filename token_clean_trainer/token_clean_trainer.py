@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
+from datasets.table import InMemoryTable
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path, use_adapter
@@ -20,10 +22,10 @@ from trl.trainer.utils import create_model_from_path, use_adapter
 from .cache import TokenLossCache, check_cache_dir_writable, rows_content_hash
 from .collator import TOKEN_KEEP_COLUMN, TokenCleaningCollator
 from .report import build_report, print_summary, write_report
-from .scoring import compute_token_losses, preserve_rng_state, response_token_mask, unwrap_causal_lm
+from .scoring import compute_token_losses, preserve_rng_state, unwrap_causal_lm
 from .selection import select_tokens
 from .token_clean_config import IMPLEMENTED_CLEANING_MODES, IMPLEMENTED_SELECTION_LEVELS, TokenCleanConfig
-from .utils import fingerprint_module, is_peft_model, sha256_json
+from .utils import fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
 
 logger = logging.getLogger(__name__)
 
@@ -279,21 +281,22 @@ class TokenCleanSFTTrainer(SFTTrainer):
             raise ValueError("`score_tokens()` needs token cleaning on; `token_cleaning='none'` scores nothing.")
         state = self._ensure_token_masks()
         scores = state.scores if state.scores is not None else np.full(state.keep.shape, np.nan, dtype=np.float32)
-        return Dataset.from_dict(
+        table = pa.table(
             {
-                "token_scores": [row.tolist() for row in state.rows(scores)],
-                "token_keep": [row.tolist() for row in state.rows(state.keep)],
+                "token_scores": list_array(state.offsets, scores.astype(np.float32)),
+                "token_keep": list_array(state.offsets, state.keep),
             }
         )
+        return Dataset(InMemoryTable(table))
 
     def _ensure_token_masks(self) -> TokenCleaningState:
         if self.token_cleaning_state is None:
             self.token_cleaning_state = self._score_and_select()
-            keep_rows = [row.tolist() for row in self.token_cleaning_state.rows(self.token_cleaning_state.keep)]
+            state = self.token_cleaning_state
             dataset = self.train_dataset
             if TOKEN_KEEP_COLUMN in dataset.column_names:
                 dataset = dataset.remove_columns(TOKEN_KEEP_COLUMN)
-            self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, keep_rows)
+            self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(state.offsets, state.keep))
         return self.token_cleaning_state
 
     def _score_and_select(self) -> TokenCleaningState:
@@ -302,10 +305,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
         dataset = self.train_dataset
         if TOKEN_KEEP_COLUMN in dataset.column_names:
             dataset = dataset.remove_columns(TOKEN_KEEP_COLUMN)
-        labels = dataset["labels"] if "labels" in dataset.column_names else dataset["input_ids"]
-        lengths = np.array([len(row) for row in labels], dtype=np.int64)
+        # Flat over label positions, read through Arrow: no Python object per token, even at 300k rows.
+        lengths, labels = flat_list_column(dataset, "labels" if "labels" in dataset.column_names else "input_ids")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        response = np.concatenate([response_token_mask(row) for row in labels]) if len(labels) else np.zeros(0, bool)
+        response = labels != -100
+        response[offsets[:-1][lengths > 0]] = False  # position 0 of a row has no prediction
         n_response = int(response.sum())
         if n_response == 0:
             raise ValueError(

@@ -8,6 +8,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 # Tensors up to this many elements are hashed in full; larger ones by a strided sample plus exact float64 sums,
@@ -84,3 +87,19 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_json(path: str, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def flat_list_column(dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(row lengths, flat int64 values)` of a list column, read through Arrow without Python objects per token."""
+    table = dataset.with_format("arrow").select_columns([column])[:]
+    array = table.column(column).combine_chunks()
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths, values
+
+
+def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    """An Arrow list array of `values` split at `offsets` (rows + 1 entries), large offsets when needed."""
+    if offsets[-1] < np.iinfo(np.int32).max:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+    return pa.LargeListArray.from_arrays(pa.array(offsets.astype(np.int64)), pa.array(values))
