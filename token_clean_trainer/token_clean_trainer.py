@@ -44,9 +44,6 @@ class TokenCleaningState:
     threshold: float | None
     report: dict[str, Any] = field(default_factory=dict)
 
-    def rows(self, values: np.ndarray) -> list[np.ndarray]:
-        return np.split(values, self.offsets[1:-1])
-
 
 class TokenCleanSFTTrainer(SFTTrainer):
     """
@@ -291,20 +288,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _ensure_token_masks(self) -> TokenCleaningState:
         if self.token_cleaning_state is None:
-            self.token_cleaning_state = self._score_and_select()
-            state = self.token_cleaning_state
             dataset = self.train_dataset
             if TOKEN_KEEP_COLUMN in dataset.column_names:
                 dataset = dataset.remove_columns(TOKEN_KEEP_COLUMN)
+            state = self._score_and_select(dataset)
             self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(state.offsets, state.keep))
+            self.token_cleaning_state = state
         return self.token_cleaning_state
 
-    def _score_and_select(self) -> TokenCleaningState:
+    def _score_and_select(self, dataset: Dataset) -> TokenCleaningState:
         args = self.args
         started = time.perf_counter()
-        dataset = self.train_dataset
-        if TOKEN_KEEP_COLUMN in dataset.column_names:
-            dataset = dataset.remove_columns(TOKEN_KEEP_COLUMN)
         # Flat over label positions, read through Arrow: no Python object per token, even at 300k rows.
         lengths, labels = flat_list_column(dataset, "labels" if "labels" in dataset.column_names else "input_ids")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
