@@ -56,22 +56,23 @@ def make_tiny_llama(tokenizer, seed: int, vocab_size: int | None = None, dropout
     return LlamaForCausalLM(config)
 
 
+def _save_tiny_llama(tmp_path_factory, tokenizer, name: str, seed: int) -> str:
+    path = tmp_path_factory.mktemp(name)
+    make_tiny_llama(tokenizer, seed=seed, dropout=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama (2 layers, hidden 64) with the SmolLM2 vocabulary and attention dropout, saved once."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny_llama(tokenizer, seed=0, dropout=0.1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return _save_tiny_llama(tmp_path_factory, tokenizer, "tiny_llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_ref_dir(tmp_path_factory, tokenizer):
     """A second tiny Llama with other weights: a full-model reference for the tiny model."""
-    path = tmp_path_factory.mktemp("tiny_llama_ref")
-    make_tiny_llama(tokenizer, seed=1, dropout=0.1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return _save_tiny_llama(tmp_path_factory, tokenizer, "tiny_llama_ref", seed=1)
 
 
 def arithmetic_rows(n: int = 24, offset: int = 0) -> list[dict]:

@@ -13,12 +13,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.trainer.utils import use_adapter
 
 from .assets import default_model_path, load_chatterbot_dataset
-from .evaluation import nll_summary, response_token_losses
+from .evaluation import nll_summary
 from .selection import select_global
 from .token_clean_config import TokenCleanConfig
 from .token_clean_trainer import TokenCleanSFTTrainer
@@ -145,13 +144,13 @@ def run_demo(settings: DemoSettings) -> dict:
     plain.train()
 
     # (e) Held-out response NLL, on the held-out split as the trainer prepared it.
+    # Same scoring path as training: the base is the cleaned model with its adapter off, the reference is the
+    # warm-up adapter loaded beside it, so no second model is loaded.
     prepared = cleaned.eval_dataset
-    pad = tokenizer.pad_token_id
-    base_losses = response_token_losses(cleaned.model, prepared, 16, pad, lambda: use_adapter(cleaned.model, None))
-    cleaned_losses = response_token_losses(cleaned.model, prepared, 16, pad)
-    plain_losses = response_token_losses(plain.model, prepared, 16, pad)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_dir)
-    reference_losses = response_token_losses(reference, prepared, 16, pad)
+    base_losses = cleaned.token_losses(prepared, role="base")
+    reference_losses = cleaned.token_losses(prepared, role="ref")
+    cleaned_losses = cleaned.token_losses(prepared, role="model")
+    plain_losses = plain.token_losses(prepared, role="model")
     # The method's own view of the held-out tokens: which ones the reference marks informative (top 60%).
     informative = select_global(base_losses - reference_losses, settings.keep_ratio).keep
     other = ~np.isnan(base_losses) & ~informative

@@ -1,31 +1,8 @@
-"""Held-out response likelihood, on datasets prepared by the trainer (the same tokenisation path as training)."""
+"""Held-out response likelihood from per-token losses (see `TokenCleanSFTTrainer.token_losses`)."""
 
-import contextlib
 import math
-from collections.abc import Callable
 
 import numpy as np
-
-from .scoring import compute_token_losses
-
-
-def response_token_losses(
-    model,
-    prepared_dataset,
-    batch_size: int,
-    pad_token_id: int,
-    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> np.ndarray:
-    """Flat per-token response losses (NaN off the response) of `model` over every row of a prepared dataset."""
-    rows = compute_token_losses(
-        model,
-        prepared_dataset,
-        range(len(prepared_dataset)),
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        forward_context=forward_context,
-    )
-    return np.concatenate(rows) if rows else np.zeros(0, np.float32)
 
 
 def nll_summary(losses: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:

@@ -39,10 +39,16 @@ class TokenCleaningState:
     offsets: np.ndarray
     base_losses: np.ndarray | None
     ref_losses: np.ndarray | None
-    scores: np.ndarray | None
     keep: np.ndarray
     threshold: float | None
     report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """`L_base - L_ref` per label position; all NaN for baselines run without a reference."""
+        if self.base_losses is None or self.ref_losses is None:
+            return np.full(self.keep.shape, np.nan, dtype=np.float32)
+        return self.base_losses - self.ref_losses
 
 
 class TokenCleanSFTTrainer(SFTTrainer):
@@ -277,10 +283,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if not self.token_cleaning_enabled:
             raise ValueError("`score_tokens()` needs token cleaning on; `token_cleaning='none'` scores nothing.")
         state = self._ensure_token_masks()
-        scores = state.scores if state.scores is not None else np.full(state.keep.shape, np.nan, dtype=np.float32)
         table = pa.table(
             {
-                "token_scores": list_array(state.offsets, scores.astype(np.float32)),
+                "token_scores": list_array(state.offsets, state.scores),
                 "token_keep": list_array(state.offsets, state.keep),
             }
         )
@@ -346,9 +351,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             write_report(os.path.join(args.output_dir, "token_cleaning"), report)
             print_summary(report)
         self._warn_if_weak_reference(report)
-        return TokenCleaningState(
-            offsets, base_losses, ref_losses, scores, selection.keep, selection.threshold, report
-        )
+        return TokenCleaningState(offsets, base_losses, ref_losses, selection.keep, selection.threshold, report)
 
     def _check_scores(self, scores: np.ndarray, response: np.ndarray) -> None:
         bad = response & ~np.isfinite(scores)
@@ -377,8 +380,31 @@ class TokenCleanSFTTrainer(SFTTrainer):
             return {"kind": "adapter", "name": self.args.ref_adapter_name_or_path}
         return {"kind": "none"}
 
+    def token_losses(self, dataset: Dataset, role: str) -> np.ndarray:
+        """
+        Per-token losses over a dataset prepared by this trainer (e.g. `trainer.eval_dataset`), through the same
+        scoring path and score cache as the train set.
+
+        Args:
+            dataset ([`~datasets.Dataset`]):
+                Prepared dataset with `input_ids` and `labels`.
+            role (`str`):
+                `"base"`: the model with its adapters off (PEFT), or its current weights without PEFT, which are the
+                base weights only before training. `"ref"`: the configured reference. `"model"`: the trained model as
+                it is now.
+
+        Returns:
+            `np.ndarray`: flat float32 losses over every label position, NaN where a position is not a response token.
+        """
+        if role not in ("base", "ref", "model"):
+            raise ValueError(f"`role` must be 'base', 'ref' or 'model', got {role!r}.")
+        if role == "ref" and not self._has_reference():
+            raise ValueError("`role='ref'` needs a reference model; none is configured.")
+        lengths, _ = flat_list_column(dataset, "input_ids")
+        return self._token_losses(dataset, lengths, role)[0]
+
     def _token_losses(self, dataset: Dataset, lengths: np.ndarray, role: str) -> tuple[np.ndarray, dict[str, int]]:
-        """Per-token losses of the base (`role="base"`) or reference model over the dataset, flat, via the cache."""
+        """Per-token losses of one side (`"base"`, `"ref"`, `"model"`) over the dataset, flat, via the cache."""
         with self._scoring_model(role) as (model, forward_context, model_key):
             cache = TokenLossCache(self.args.score_cache_dir, model_key)
             shard_rows = self.args.score_shard_rows
@@ -433,11 +459,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
     def _scoring_model(self, role: str):
         """Yield `(model, forward_context, model_key)` for one side of the score, and release what it loaded."""
         model = self.model
+        if role == "model":
+            yield (
+                model,
+                contextlib.nullcontext,
+                sha256_json({"model": fingerprint_module(model), "whole_module": True}),
+            )
+            return
         if role == "base":
             if is_peft_model(model):
-                adapter_names = tuple(model.peft_config)
-                key = fingerprint_module(model, include=lambda n: not any(f".{a}." in n for a in adapter_names))
-                yield model, lambda: use_adapter(model, None), sha256_json({"model": key, "adapter": None})
+                key = sha256_json({"model": _base_weights_key(model), "adapter": None})
+                yield model, lambda: use_adapter(model, None), key
             else:
                 yield model, contextlib.nullcontext, sha256_json({"model": fingerprint_module(model), "adapter": None})
             return
@@ -448,9 +480,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
         ref_model, loaded_here = self._load_ref_model()
         try:
-            key = sha256_json({"model": fingerprint_module(unwrap_causal_lm(ref_model)), "adapter": None})
-            if is_peft_model(ref_model):
-                key = sha256_json({"model": fingerprint_module(ref_model), "peft": True})
+            # A PEFT reference is fingerprinted whole (base and adapter weights together).
+            marker = {"whole_module": True} if is_peft_model(ref_model) else {"adapter": None}
+            key = sha256_json({"model": fingerprint_module(ref_model), **marker})
             yield ref_model, contextlib.nullcontext, key
         finally:
             if loaded_here:
@@ -463,7 +495,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         path = self.args.ref_adapter_name_or_path
         trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
         active_before = model.active_adapter
-        base_names = tuple(model.peft_config)
+        base_key = _base_weights_key(model)  # before the reference adapter exists
 
         def remove_reference_adapter():
             # Scores are final (or loading failed): drop the reference so it is neither trained, saved nor kept.
@@ -484,7 +516,6 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 ) from error
         try:
             adapter_key = fingerprint_module(model, include=lambda n: f".{REF_ADAPTER_NAME}." in n)
-            base_key = fingerprint_module(model, include=lambda n: not any(f".{a}." in n for a in base_names))
             key = sha256_json({"model": base_key, "adapter": adapter_key})
             yield model, lambda: use_adapter(model, REF_ADAPTER_NAME), key
         finally:
@@ -521,6 +552,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if state is not None and self.model.training and "loss" in logs:
             logs.update(_log_fields(state.report))
         super().log(logs, start_time)
+
+
+def _base_weights_key(model) -> str:
+    """Fingerprint of a PEFT model's base weights: every tensor except those of its adapters."""
+    adapter_names = tuple(model.peft_config)
+    return fingerprint_module(model, include=lambda name: not any(f".{a}." in name for a in adapter_names))
 
 
 def _log_fields(report: dict[str, Any]) -> dict[str, float]:

@@ -87,6 +87,13 @@ def test_adapter_reference_scores_masks_and_training(
         expected = per_row_ce(base, row) - per_row_ce(ref, row)
         np.testing.assert_allclose(np.array(scored[i]["token_scores"], dtype=float), expected, atol=2e-5)
 
+    # `token_losses` reuses the same path (and finds the same numbers) on any prepared dataset.
+    state = trainer.token_cleaning_state
+    np.testing.assert_array_equal(trainer.token_losses(prepared, role="base"), state.base_losses)
+    np.testing.assert_array_equal(trainer.token_losses(prepared, role="ref"), state.ref_losses)
+    with pytest.raises(ValueError, match="`role` must be"):
+        trainer.token_losses(prepared, role="reference")
+
     # The reference adapter is gone and the trainable parameters are unchanged.
     assert list(trainer.model.peft_config) == ["default"]
     assert sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad) == trainable_before
