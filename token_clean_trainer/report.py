@@ -25,8 +25,11 @@ QUANTILES = {
 NEAR_ZERO = 0.01
 
 
-def score_statistics(scores: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
-    """Distribution of the response-token scores (NaN positions ignored), in raw nats as the paper defines them."""
+def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
+    """
+    Distribution of the response-token scores (NaN positions ignored), in raw nats as the paper defines them. Kept and
+    dropped means need `keep`; they are None when tokens are chosen per step.
+    """
     valid = ~np.isnan(scores)
     values = scores[valid].astype(np.float64)
     if values.size == 0:
@@ -41,9 +44,11 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray) -> dict[str, Any]:
     stats.update({name: float(q) for name, q in zip(QUANTILES, np.quantile(values, list(QUANTILES.values())))})
     stats["share_abs_below_0.01"] = float((np.abs(values) < NEAR_ZERO).mean())
     stats["share_negative"] = float((values < 0).mean())
-    kept, dropped = scores[keep], scores[valid & ~keep]
-    stats["kept_mean"] = float(kept.mean()) if kept.size else None
-    stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
+    stats["kept_mean"] = stats["dropped_mean"] = None
+    if keep is not None:
+        kept, dropped = scores[keep], scores[valid & ~keep]
+        stats["kept_mean"] = float(kept.mean()) if kept.size else None
+        stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
     return stats
 
 
@@ -57,23 +62,30 @@ def build_report(
     scores: np.ndarray | None,
     base_losses: np.ndarray | None,
     ref_losses: np.ndarray | None,
-    keep: np.ndarray,
+    keep: np.ndarray | None,
     threshold: float | None,
     prepare_stats: dict[str, int],
     cache_stats: dict[str, dict[str, int]],
     reference: dict[str, Any],
     seconds: float,
 ) -> dict[str, Any]:
-    """Everything a reader needs to judge a cleaning run; the first keys are the package's report contract."""
+    """
+    Everything a reader needs to judge a cleaning run; the first keys are the package's report contract.
+
+    With `keep=None` (tokens chosen per optimizer step) the kept counts are None here and are filled in from the step
+    records by [`add_step_summary`] once training has run.
+    """
     from . import __version__
 
     n_response = int(response.sum())
-    n_kept = int(keep.sum())
-    starts = offsets[:-1]
-    response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
-    kept_per_row = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
-    # reduceat on an empty row returns the next element; empty rows cannot occur (every row has a token).
-    rows_all_masked = int(((response_per_row > 0) & (kept_per_row == 0)).sum())
+    n_kept = rows_all_masked = None
+    if keep is not None:
+        n_kept = int(keep.sum())
+        starts = offsets[:-1]
+        response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
+        kept_per_row = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
+        # reduceat on an empty row returns the next element; empty rows cannot occur (every row has a token).
+        rows_all_masked = int(((response_per_row > 0) & (kept_per_row == 0)).sum())
     max_length = args.max_length
     rows_response_truncated = 0
     if max_length is not None:
@@ -89,7 +101,7 @@ def build_report(
         "threshold": threshold,
         "response_tokens": n_response,
         "kept_tokens": n_kept,
-        "kept_fraction": n_kept / n_response if n_response else 0.0,
+        "kept_fraction": (n_kept / n_response if n_response else 0.0) if n_kept is not None else None,
         "rows": int(len(lengths)),
         "rows_all_masked": rows_all_masked,
         "rows_without_response": int(prepare_stats.get("rows_without_response", 0)),
@@ -98,6 +110,7 @@ def build_report(
         "scores": score_statistics(scores, keep) if scores is not None else None,
         "base_loss_mean": float(np.nanmean(base_losses)) if base_losses is not None else None,
         "ref_loss_mean": float(np.nanmean(ref_losses)) if ref_losses is not None else None,
+        "ref_losses": score_statistics(ref_losses, None) if ref_losses is not None and scores is None else None,
         "reference": reference,
         "seed": args.token_selection_seed if args.token_selection_seed is not None else args.seed,
         "cache": cache_stats,
@@ -106,6 +119,31 @@ def build_report(
     }
     if scores is not None:
         report["_histogram"] = {"scores": scores, "threshold": threshold}
+    return report
+
+
+def add_step_summary(report: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Fill the kept counts of a per-step run (`token_selection="batch"` or `"sample"` in online mode) from its step
+    records: the counts are over the tokens trained, summed over steps (a row trained in two epochs counts twice).
+    """
+    response = sum(step["response_tokens"] for step in steps)
+    kept = sum(step["kept_tokens"] for step in steps)
+    thresholds = np.array([s["threshold"] for s in steps if s.get("threshold") is not None], dtype=np.float64)
+    report.update(
+        {
+            "trained_response_tokens": response,
+            "kept_tokens": kept,
+            "kept_fraction": kept / response if response else None,
+            "rows_all_masked": sum(step["rows_all_masked"] for step in steps),
+            "step_thresholds": (
+                {name: float(q) for name, q in zip(("p10", "p50", "p90"), np.quantile(thresholds, [0.1, 0.5, 0.9]))}
+                if thresholds.size
+                else None
+            ),
+            "steps": steps,
+        }
+    )
     return report
 
 
@@ -138,11 +176,13 @@ def _write_histogram(path: str, scores: np.ndarray, threshold: float | None, rep
         ax.legend()
     ax.set_xlabel("score = L_base - L_ref (nats)")
     ax.set_ylabel("response tokens")
-    ax.set_title(
-        f"{report['mode']} / {report['selection']}: kept {report['kept_tokens']:,} of {report['response_tokens']:,} "
-        f"({100 * report['kept_fraction']:.1f}%)",
-        fontsize=9,
-    )
+    if report.get("kept_tokens") is not None and report.get("kept_fraction") is not None:
+        title = (
+            f"kept {report['kept_tokens']:,} of {report['response_tokens']:,} ({100 * report['kept_fraction']:.1f}%)"
+        )
+    else:
+        title = f"{report['response_tokens']:,} response tokens, kept per optimizer step"
+    ax.set_title(f"{report['mode']} / {report['selection']}: {title}", fontsize=9)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)
@@ -153,11 +193,17 @@ def _write_histogram(path: str, scores: np.ndarray, threshold: float | None, rep
 def print_summary(report: dict[str, Any]) -> None:
     """A short table on the terminal, so the run's effect is visible without opening the report."""
     scores = report.get("scores") or {}
+    if report.get("kept_tokens") is not None and report.get("kept_fraction") is not None:
+        kept = (
+            f"kept {report['kept_tokens']:,} ({100 * report['kept_fraction']:.2f}%)  rows all masked "
+            f"{report['rows_all_masked']:,}"
+        )
+    else:
+        kept = "kept: chosen per optimizer step"
     lines = [
         f"token cleaning: mode={report['mode']} selection={report['selection']} ratio={report['ratio']}",
-        f"  rows {report['rows']:,}  response tokens {report['response_tokens']:,}  kept {report['kept_tokens']:,} "
-        f"({100 * report['kept_fraction']:.2f}%)  rows all masked {report['rows_all_masked']:,}  rows without "
-        f"response {report['rows_without_response']:,}",
+        f"  rows {report['rows']:,}  response tokens {report['response_tokens']:,}  {kept}  rows without response "
+        f"{report['rows_without_response']:,}",
     ]
     if scores.get("count"):
         lines.append(

@@ -8,9 +8,17 @@ from trl import SFTConfig
 
 TOKEN_CLEANING_MODES = ("none", "fixed", "self_evolving", "online")
 TOKEN_SELECTION_LEVELS = ("global", "sample", "batch", "random", "full")
-# Modes whose implementation has landed; the others are accepted by the contract but refused with a clear error.
-IMPLEMENTED_CLEANING_MODES = ("none", "fixed")
-IMPLEMENTED_SELECTION_LEVELS = ("global", "sample", "random", "full")
+# Which selection levels each mode accepts, and the level it uses when `token_selection` is left unset. Online scores
+# change every step, so they can only be ranked within a step ("batch") or a row ("sample"); self-evolving ranks within
+# each round's chunk before the round trains.
+SELECTION_LEVELS_BY_MODE = {
+    "none": TOKEN_SELECTION_LEVELS,
+    "fixed": TOKEN_SELECTION_LEVELS,
+    "self_evolving": ("global", "sample", "random", "full"),
+    "online": ("batch", "sample"),
+}
+DEFAULT_SELECTION_BY_MODE = {"none": "global", "fixed": "global", "self_evolving": "global", "online": "batch"}
+SELF_EVOLVING_SCHEDULES = ("restart", "continuous")
 
 
 @dataclass
@@ -29,14 +37,20 @@ class TokenCleanConfig(SFTConfig):
 
         token_cleaning (`str`, *optional*, defaults to `"fixed"`):
             Cleaning mode. `"none"` trains exactly like [`~trl.SFTTrainer`]. `"fixed"` scores every response token once
-            before training against a fixed reference model. `"self_evolving"` and `"online"` are reserved for the
-            self-evolving and per-batch (Rho-1 style) modes.
+            before training against a fixed reference model. `"self_evolving"` splits the train dataset into
+            `self_evolving_rounds` contiguous chunks, trains the first on every response token and scores each later
+            chunk against the model as it stands after the previous round (the base side is always the original
+            model). `"online"` (Rho-1 style) scores the tokens of every optimizer step as `L_current - L_ref`, with
+            the model being trained and a fixed reference, and keeps the top fraction of that step.
         token_selection (`str`, *optional*, defaults to `"global"`):
             How the kept tokens are chosen from the scores. `"global"`: the top `floor(token_keep_ratio * N)` of all
-            `N` response tokens of the dataset (the paper's method). `"sample"`: the top `floor(token_keep_ratio *
-            n_i)` of each sample's `n_i` response tokens (the paper's RHO-style baseline). `"random"`: a seeded random
-            `floor(token_keep_ratio * N)` response tokens (baseline). `"full"`: every response token (plain SFT
-            baseline, still scored and reported). `"batch"` is reserved for per-step selection.
+            `N` response tokens of the dataset, or of the round's chunk in self-evolving mode (the paper's method).
+            `"batch"`: the top `floor(token_keep_ratio * N_step)` of the response tokens of each optimizer step,
+            ranked across its micro-batches and processes (the default, and with `"sample"` the only level, of online
+            mode). `"sample"`: the top `floor(token_keep_ratio * n_i)` of each sample's `n_i` response tokens (the
+            paper's RHO-style baseline). `"random"`: a seeded random `floor(token_keep_ratio * N)` response tokens
+            (baseline). `"full"`: every response token (plain SFT baseline, still scored and reported). Left unset, it
+            is `"batch"` for online mode and `"global"` otherwise.
         token_keep_ratio (`float`, *optional*, defaults to `0.6`):
             Fraction of response tokens kept in the loss, in `(0, 1]`. The paper uses 0.6; 0.5-0.7 is its recommended
             range.
@@ -66,7 +80,14 @@ class TokenCleanConfig(SFTConfig):
         score_shard_rows (`int`, *optional*, defaults to `2048`):
             Rows per cache shard. A run killed during scoring recomputes only the shards it had not finished.
         self_evolving_rounds (`int`, *optional*, defaults to `5`):
-            Number of contiguous data chunks (rounds) in self-evolving mode.
+            Number of contiguous data chunks (rounds) in self-evolving mode. The chunks are equal in rows, the last
+            one takes the remainder, and the dataset is never shuffled before it is split.
+        self_evolving_schedule (`str`, *optional*, defaults to `"restart"`):
+            `"restart"`: every round gets a fresh optimizer and learning-rate schedule (warm-up included), as in the
+            paper. `"continuous"`: one optimizer and one schedule span all rounds.
+        self_evolving_shuffle (`bool`, *optional*, defaults to `False`):
+            Shuffle the rows within each round (with the trainer's usual sampler). By default each round reads its
+            chunk in dataset order, like the paper's runs.
     """
 
     token_cleaning: str = field(
@@ -77,11 +98,12 @@ class TokenCleanConfig(SFTConfig):
             "choices": list(TOKEN_CLEANING_MODES),
         },
     )
-    token_selection: str = field(
-        default="global",
+    token_selection: str | None = field(
+        default=None,
         metadata={
             "help": "How kept tokens are chosen: 'global' (top-k over the whole dataset), 'sample' (top-k per sample), "
-            "'batch' (top-k per optimizer step), 'random' (seeded random k), 'full' (all response tokens).",
+            "'batch' (top-k per optimizer step), 'random' (seeded random k), 'full' (all response tokens). Unset: "
+            "'batch' in online mode, 'global' otherwise.",
             "choices": list(TOKEN_SELECTION_LEVELS),
         },
     )
@@ -124,6 +146,20 @@ class TokenCleanConfig(SFTConfig):
         default=5,
         metadata={"help": "Number of contiguous chunks (rounds) in self-evolving mode."},
     )
+    self_evolving_schedule: str = field(
+        default="restart",
+        metadata={
+            "help": "'restart': fresh optimizer and LR schedule every round (the paper). 'continuous': one optimizer "
+            "and schedule over all rounds.",
+            "choices": list(SELF_EVOLVING_SCHEDULES),
+        },
+    )
+    self_evolving_shuffle: bool = field(
+        default=False,
+        metadata={
+            "help": "Shuffle rows within each self-evolving round; by default a round reads its chunk in order."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,9 +167,29 @@ class TokenCleanConfig(SFTConfig):
             raise ValueError(
                 f"`token_cleaning` must be one of {list(TOKEN_CLEANING_MODES)}, got {self.token_cleaning!r}."
             )
+        if self.token_selection is None:
+            self.token_selection = DEFAULT_SELECTION_BY_MODE[self.token_cleaning]
         if self.token_selection not in TOKEN_SELECTION_LEVELS:
             raise ValueError(
                 f"`token_selection` must be one of {list(TOKEN_SELECTION_LEVELS)}, got {self.token_selection!r}."
+            )
+        allowed = SELECTION_LEVELS_BY_MODE[self.token_cleaning]
+        if self.token_selection not in allowed:
+            why = {
+                "online": "online scores change with every step, so they are ranked within a step ('batch', the "
+                "Rho-1 setting) or within a row ('sample'); for the random or full baselines use "
+                "`token_cleaning='fixed'`",
+                "self_evolving": "each round ranks its chunk before the round trains; per-step ranking ('batch') is "
+                "available in fixed and online modes",
+            }[self.token_cleaning]
+            raise ValueError(
+                f"`token_selection={self.token_selection!r}` does not apply to `token_cleaning="
+                f"{self.token_cleaning!r}`: {why}. Use one of {list(allowed)}."
+            )
+        if self.self_evolving_schedule not in SELF_EVOLVING_SCHEDULES:
+            raise ValueError(
+                f"`self_evolving_schedule` must be one of {list(SELF_EVOLVING_SCHEDULES)}, got "
+                f"{self.self_evolving_schedule!r}."
             )
         ratio = self.token_keep_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
@@ -160,6 +216,20 @@ class TokenCleanConfig(SFTConfig):
             raise ValueError(
                 f"`self_evolving_rounds` must be at least 2 (one warm-up chunk and one cleaned chunk), got "
                 f"{self.self_evolving_rounds}."
+            )
+        if self.token_cleaning == "self_evolving" and self.max_steps > 0:
+            raise ValueError(
+                f"`max_steps={self.max_steps}` cannot be combined with `token_cleaning='self_evolving'`: every round "
+                "trains its whole chunk for `num_train_epochs`. Set `max_steps=-1` and size the run with "
+                "`num_train_epochs` and the dataset."
+            )
+        if self.token_cleaning == "self_evolving" and (
+            self.ref_model_name_or_path is not None or self.ref_adapter_name_or_path is not None
+        ):
+            raise ValueError(
+                "`token_cleaning='self_evolving'` uses the model itself, as it stands after each round, as the "
+                "reference; remove `ref_model_name_or_path` / `ref_adapter_name_or_path`, or use "
+                "`token_cleaning='fixed'` to clean against that reference."
             )
         if self.token_cleaning != "none" and (self.packing or self.padding_free):
             raise ValueError(

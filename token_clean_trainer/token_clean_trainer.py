@@ -4,6 +4,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -12,19 +13,42 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from datasets.table import InMemoryTable
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path, use_adapter
 
 from .cache import TokenLossCache, check_cache_dir_writable, rows_content_hash
-from .collator import TOKEN_KEEP_COLUMN, TokenCleaningCollator
-from .report import build_report, print_summary, write_report
-from .scoring import compute_token_losses, preserve_rng_state, unwrap_causal_lm
+from .collator import (
+    STEP_COLUMNS,
+    TOKEN_KEEP_COLUMN,
+    TOKEN_REF_LOSSES_COLUMN,
+    TOKEN_SCORES_COLUMN,
+    TokenCleaningCollator,
+)
+from .report import add_step_summary, build_report, print_summary, write_report
+from .scoring import (
+    align_token_losses,
+    compute_token_losses,
+    eval_mode,
+    fp32_fused_head,
+    preserve_rng_state,
+    unwrap_causal_lm,
+)
 from .selection import select_tokens
-from .token_clean_config import IMPLEMENTED_CLEANING_MODES, IMPLEMENTED_SELECTION_LEVELS, TokenCleanConfig
+from .self_evolving import (
+    check_resume_matches,
+    chunk_bounds,
+    latest_round_checkpoint,
+    load_checkpoint_state,
+    round_output_dir,
+    save_checkpoint_state,
+)
+from .step_selection import apply_keep, select_step
+from .token_clean_config import TokenCleanConfig
 from .utils import fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
 
 logger = logging.getLogger(__name__)
@@ -39,7 +63,7 @@ class TokenCleaningState:
     offsets: np.ndarray
     base_losses: np.ndarray | None
     ref_losses: np.ndarray | None
-    keep: np.ndarray
+    keep: np.ndarray | None  # None when tokens are chosen per optimizer step
     threshold: float | None
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -47,7 +71,7 @@ class TokenCleaningState:
     def scores(self) -> np.ndarray:
         """`L_base - L_ref` per label position; all NaN for baselines run without a reference."""
         if self.base_losses is None or self.ref_losses is None:
-            return np.full(self.keep.shape, np.nan, dtype=np.float32)
+            return np.full(int(self.offsets[-1]), np.nan, dtype=np.float32)
         return self.base_losses - self.ref_losses
 
 
@@ -59,7 +83,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
     `token_cleaning="none"`, trains exactly like it. With `token_cleaning="fixed"`, every response token of the
     prepared train dataset is scored before training as `L_base(token) - L_ref(token)` (per-token cross-entropy under
     the base model minus under a reference model), the top `token_keep_ratio` of the response tokens are kept, and the
-    others get label `-100` in the batches while staying in the input.
+    others get label `-100` in the batches while staying in the input. `token_cleaning="self_evolving"` runs the paper's
+    rounds over contiguous chunks with the latest model as reference; `token_cleaning="online"` ranks
+    `L_current - L_ref` within every optimizer step (Rho-1 style).
 
     Scoring runs on the dataset that `SFTTrainer` itself prepared (tokenised, truncated, completion-masked), so the
     tokens that are scored are exactly the tokens that are trained. Under PEFT the base side is the trained model with
@@ -100,15 +126,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
         ref_model: PreTrainedModel | None = None,
     ):
         args = self._to_token_clean_config(args, model)
-        if args.token_cleaning not in IMPLEMENTED_CLEANING_MODES:
-            raise NotImplementedError(
-                f"`token_cleaning={args.token_cleaning!r}` is part of the planned API but not implemented in this "
-                f"release. Available: {list(IMPLEMENTED_CLEANING_MODES)}."
-            )
-        if args.token_cleaning != "none" and args.token_selection not in IMPLEMENTED_SELECTION_LEVELS:
-            raise NotImplementedError(
-                f"`token_selection={args.token_selection!r}` is not implemented in this release. Available: "
-                f"{list(IMPLEMENTED_SELECTION_LEVELS)}."
+        if args.token_cleaning == "self_evolving" and args.self_evolving_schedule == "restart" and optimizers[0]:
+            raise ValueError(
+                "`self_evolving_schedule='restart'` creates a fresh optimizer every round, which a user-built "
+                "optimizer passed in `optimizers=` cannot provide. Pass `optimizer_cls_and_kwargs=(cls, kwargs)` "
+                "instead, or use `self_evolving_schedule='continuous'`."
             )
         # Filled by `_prepare_dataset` during `super().__init__`, to count rows TRL drops after truncation.
         self._prepare_stats: dict[str, dict[str, int]] = {}
@@ -132,8 +154,27 @@ class TokenCleanSFTTrainer(SFTTrainer):
         self.ref_model = ref_model
         self.token_cleaning_state: TokenCleaningState | None = None
         self.token_cleaning_enabled = args.token_cleaning != "none"
+        # Per-step selection (online mode, or `token_selection="batch"`): one record per optimizer step, and the
+        # records not yet logged.
+        self._step_records: list[dict[str, Any]] = []
+        self._step_log_window: list[dict[str, Any]] = []
+        # Self-evolving: the round being trained, its records, and the state a checkpoint must carry.
+        self._round_index: int | None = None
+        self._round_records: list[dict[str, Any]] = []
+        self._checkpoint_payload: dict[str, Any] | None = None
+        self._checkpoint_keep: np.ndarray | None = None
+        self._step_identity: dict[str, Any] = {}
         if not self.token_cleaning_enabled:
             return
+        if args.token_cleaning == "self_evolving":
+            self.add_callback(_SaveAtRoundEnd())
+        if args.token_cleaning == "self_evolving" and args.self_evolving_schedule == "continuous":
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                raise ValueError(
+                    "`self_evolving_schedule='continuous'` keeps one optimizer across rounds, but DeepSpeed builds a "
+                    "new engine and optimizer for every `train()` call. Use `self_evolving_schedule='restart'` (the "
+                    "paper's setting) under DeepSpeed."
+                )
         if not isinstance(self.train_dataset, Dataset):
             raise ValueError(
                 "Token cleaning needs a map-style `datasets.Dataset` (global selection ranks every token of the "
@@ -171,7 +212,14 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _check_reference_source(self) -> None:
         args = self.args
-        needs_reference = args.token_selection in ("global", "sample")
+        if args.token_cleaning == "self_evolving":
+            if self.ref_model is not None:
+                raise ValueError(
+                    "`token_cleaning='self_evolving'` uses the model itself, as it stands after each round, as the "
+                    "reference; do not pass `ref_model=`. To clean against that model, use `token_cleaning='fixed'`."
+                )
+            return
+        needs_reference = args.token_cleaning == "online" or args.token_selection in ("global", "sample", "batch")
         if needs_reference and not self._has_reference():
             raise ValueError(
                 f"`token_cleaning={args.token_cleaning!r}` with `token_selection={args.token_selection!r}` ranks tokens "
@@ -259,17 +307,44 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if TOKEN_KEEP_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, TOKEN_KEEP_COLUMN]
+        extra = [c for c in (TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     # ------------------------------------------------------------------------------------------------------------
     # Scoring and selection
     # ------------------------------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
-        if self.token_cleaning_enabled:
-            self._ensure_token_masks()
-        return super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """
+        Train as [`~transformers.Trainer.train`] does, after the token-cleaning preparation of the mode.
+
+        Fixed mode scores and selects first; online mode computes the reference losses first; self-evolving mode runs
+        its rounds, one trainer run per chunk, with checkpoints under `<output_dir>/self_evolving/round-<t>/`.
+        `resume_from_checkpoint` (a path, or `True` for the latest checkpoint) continues with the round, masks and
+        step records the checkpoint was saved with.
+        """
+        train_kwargs = {"trial": trial, "ignore_keys_for_eval": ignore_keys_for_eval, **kwargs}
+        mode = self.args.token_cleaning
+        if mode == "none":
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **train_kwargs)
+        if mode == "self_evolving":
+            return self._train_self_evolving(resume_from_checkpoint, train_kwargs)
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
+        state = self._prepare_token_cleaning()
+        self._step_records, self._step_log_window = [], []
+        if resume_from_checkpoint and self._selects_per_step:
+            payload, _ = load_checkpoint_state(resume_from_checkpoint)
+            check_resume_matches(payload, self._step_identity, resume_from_checkpoint)
+            self._step_records = list(payload.get("steps", []))
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **train_kwargs)
+        if self._selects_per_step:
+            add_step_summary(state.report, self._step_records)
+            if self.accelerator.is_main_process:
+                write_report(os.path.join(self.args.output_dir, "token_cleaning"), state.report)
+        return output
 
     def score_tokens(self) -> Dataset:
         """
@@ -278,44 +353,92 @@ class TokenCleanSFTTrainer(SFTTrainer):
         Returns:
             [`~datasets.Dataset`] aligned row by row with `trainer.train_dataset`, with columns `token_scores` (one
             float per label position, `L_base - L_ref`, NaN where the position is not a response token; same length as
-            `input_ids`) and `token_keep` (one bool per position, True where the token stays in the loss).
+            `input_ids`) and `token_keep` (one bool per position, True where the token stays in the loss). With
+            `token_selection="batch"` the kept tokens are chosen per optimizer step, so only `token_scores` is
+            returned. In self-evolving mode the result exists after `train()`: each chunk's scores against the model
+            of its round (NaN in chunk 0, which trains on every token).
         """
+        mode = self.args.token_cleaning
         if not self.token_cleaning_enabled:
             raise ValueError("`score_tokens()` needs token cleaning on; `token_cleaning='none'` scores nothing.")
-        state = self._ensure_token_masks()
-        table = pa.table(
-            {
-                "token_scores": list_array(state.offsets, state.scores),
-                "token_keep": list_array(state.offsets, state.keep),
-            }
-        )
-        return Dataset(InMemoryTable(table))
+        if mode == "online":
+            raise ValueError(
+                "In online mode the scores are `L_current - L_ref` of the model at each optimizer step, so there is no "
+                "static score per token; the per-step counts and thresholds are in `<output_dir>/token_cleaning/"
+                "report.json` under `steps`. Use `token_cleaning='fixed'` for static scores."
+            )
+        if mode == "self_evolving":
+            if self.token_cleaning_state is None:
+                raise ValueError(
+                    "Self-evolving scores are computed round by round during `train()` (each chunk against the model "
+                    "of its round); call `score_tokens()` after `train()`."
+                )
+            state = self.token_cleaning_state
+        else:
+            state = self._prepare_token_cleaning()
+        columns = {"token_scores": list_array(state.offsets, state.scores)}
+        if state.keep is not None:
+            columns["token_keep"] = list_array(state.offsets, state.keep)
+        return Dataset(InMemoryTable(pa.table(columns)))
 
-    def _ensure_token_masks(self) -> TokenCleaningState:
+    @property
+    def _selects_per_step(self) -> bool:
+        """Whether kept tokens are chosen per optimizer step (online mode, or `token_selection="batch"`)."""
+        return self.token_cleaning_enabled and (
+            self.args.token_cleaning == "online" or self.args.token_selection == "batch"
+        )
+
+    @staticmethod
+    def _without_token_columns(dataset: Dataset) -> Dataset:
+        present = [c for c in (TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c in dataset.column_names]
+        return dataset.remove_columns(present) if present else dataset
+
+    def _prepare_token_cleaning(self) -> TokenCleaningState:
+        """Fixed and online modes: score once and attach the per-row column the collator consumes."""
         if self.token_cleaning_state is None:
-            dataset = self.train_dataset
-            if TOKEN_KEEP_COLUMN in dataset.column_names:
-                dataset = dataset.remove_columns(TOKEN_KEEP_COLUMN)
-            state = self._score_and_select(dataset)
-            self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(state.offsets, state.keep))
+            dataset = self._without_token_columns(self.train_dataset)
+            if self.args.token_cleaning == "online":
+                state = self._score_reference(dataset)
+                column, values = TOKEN_REF_LOSSES_COLUMN, state.ref_losses
+            else:
+                state = self._score_and_select(dataset)
+                if state.keep is None:  # token_selection="batch": the static scores are ranked per step
+                    column, values = TOKEN_SCORES_COLUMN, state.scores
+                else:
+                    column, values = TOKEN_KEEP_COLUMN, state.keep
+            if self._selects_per_step:
+                self._step_identity = {
+                    "mode": self.args.token_cleaning,
+                    "selection": self.args.token_selection,
+                    "ratio": self.args.token_keep_ratio,
+                    "dataset": rows_content_hash(dataset, 0, len(dataset)),
+                }
+            self.train_dataset = dataset.add_column(column, list_array(state.offsets, values))
             self.token_cleaning_state = state
         return self.token_cleaning_state
 
-    def _score_and_select(self, dataset: Dataset) -> TokenCleaningState:
-        args = self.args
-        started = time.perf_counter()
-        # Flat over label positions, read through Arrow: no Python object per token, even at 300k rows.
+    # Kept for callers of the fixed-mode API (demo, tests): scores and masks of the train dataset.
+    _ensure_token_masks = _prepare_token_cleaning
+
+    def _response_positions(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset."""
+        # Read through Arrow: no Python object per token, even at 300k rows.
         lengths, labels = flat_list_column(dataset, "labels" if "labels" in dataset.column_names else "input_ids")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         response = labels != -100
         response[offsets[:-1][lengths > 0]] = False  # position 0 of a row has no prediction
-        n_response = int(response.sum())
-        if n_response == 0:
+        if not response.any():
             raise ValueError(
                 f"The prepared train dataset ({len(lengths)} rows) has no response token to score: every label is "
                 "-100 after prompt masking and truncation. Check the `completion` field, `completion_only_loss` and "
-                f"`max_length={args.max_length}`."
+                f"`max_length={self.args.max_length}`."
             )
+        return lengths, labels, offsets, response
+
+    def _score_and_select(self, dataset: Dataset) -> TokenCleaningState:
+        args = self.args
+        started = time.perf_counter()
+        lengths, labels, offsets, response = self._response_positions(dataset)
 
         cache_stats: dict[str, dict[str, int]] = {}
         base_losses = ref_losses = scores = None
@@ -329,8 +452,10 @@ class TokenCleanSFTTrainer(SFTTrainer):
             # Baselines that need no scores (random, full) rank nothing; only which positions are responses matters.
             ranking = np.where(response, np.float32(0), np.float32(np.nan))
 
-        seed = args.token_selection_seed if args.token_selection_seed is not None else args.seed
-        selection = select_tokens(args.token_selection, ranking, offsets, args.token_keep_ratio, seed=seed)
+        keep = threshold = None
+        if args.token_selection != "batch":
+            selection = select_tokens(args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed)
+            keep, threshold = selection.keep, selection.threshold
         report = build_report(
             args=args,
             lengths=lengths,
@@ -340,18 +465,324 @@ class TokenCleanSFTTrainer(SFTTrainer):
             scores=scores,
             base_losses=base_losses,
             ref_losses=ref_losses,
-            keep=selection.keep,
-            threshold=selection.threshold,
+            keep=keep,
+            threshold=threshold,
             prepare_stats=self._prepare_stats.get("train", {}),
             cache_stats=cache_stats,
             reference=self._describe_reference(),
             seconds=time.perf_counter() - started,
         )
+        self._publish_report(report)
+        return TokenCleaningState(offsets, base_losses, ref_losses, keep, threshold, report)
+
+    def _score_reference(self, dataset: Dataset) -> TokenCleaningState:
+        """Online mode: the fixed reference's losses, computed once before training (the model's come per step)."""
+        started = time.perf_counter()
+        lengths, labels, offsets, response = self._response_positions(dataset)
+        ref_losses, ref_stats = self._token_losses(dataset, lengths, role="ref")
+        bad = response & ~np.isfinite(ref_losses)
+        if bad.any():
+            raise FloatingPointError(
+                f"The reference gave {int(bad.sum())} response tokens a non-finite loss. Load it in float32 or "
+                "bfloat16 rather than float16."
+            )
+        report = build_report(
+            args=self.args,
+            lengths=lengths,
+            offsets=offsets,
+            labels=labels,
+            response=response,
+            scores=None,
+            base_losses=None,
+            ref_losses=ref_losses,
+            keep=None,
+            threshold=None,
+            prepare_stats=self._prepare_stats.get("train", {}),
+            cache_stats={"ref": ref_stats},
+            reference=self._describe_reference(),
+            seconds=time.perf_counter() - started,
+        )
+        self._publish_report(report)
+        return TokenCleaningState(offsets, None, ref_losses, None, None, report)
+
+    @property
+    def _seed(self) -> int:
+        return self.args.token_selection_seed if self.args.token_selection_seed is not None else self.args.seed
+
+    def _publish_report(self, report: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
-            write_report(os.path.join(args.output_dir, "token_cleaning"), report)
+            write_report(os.path.join(self.args.output_dir, "token_cleaning"), report)
             print_summary(report)
         self._warn_if_weak_reference(report)
-        return TokenCleaningState(offsets, base_losses, ref_losses, selection.keep, selection.threshold, report)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Per-step selection (online mode and token_selection="batch")
+    # ------------------------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """
+        Collect the micro-batches of one optimizer step, choose their kept tokens, then count `num_items_in_batch`.
+
+        The choice is made here, before the first forward of the step and before the token count, so the loss is the
+        mean over the kept tokens of the whole step (all micro-batches, all processes), exactly what `SFTTrainer`
+        computes when the same labels are masked in the data.
+        """
+        if not self._selects_per_step:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        self._select_step_tokens(batch_samples)
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _select_step_tokens(self, batch_samples: list[dict[str, Any]]) -> None:
+        online = self.args.token_cleaning == "online"
+        column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
+        scores = []
+        for batch in batch_samples:
+            if column not in batch:
+                raise ValueError(
+                    f"A training batch has no `{column}` tensor: the train dataset was replaced or its columns removed "
+                    "after scoring. Let the trainer prepare the dataset it trains on."
+                )
+            values = batch.pop(column).float()
+            if online:
+                # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
+                values = self._current_token_losses(batch).to(values.device) - values
+            scores.append(values)
+        selection = select_step(
+            scores,
+            [batch["labels"] for batch in batch_samples],
+            level="batch" if self.args.token_selection == "batch" else "sample",
+            ratio=self.args.token_keep_ratio,
+            gather=self._gather_step_arrays,
+        )
+        for batch, keep in zip(batch_samples, selection.keep):
+            batch["labels"] = apply_keep(batch["labels"], keep)
+        record = selection.record(step=self.state.global_step + 1)
+        self._step_records.append(record)
+        self._step_log_window.append(record)
+
+    @torch.no_grad()
+    def _current_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-token losses of the model being trained on one micro-batch: one no-grad forward, dropout off."""
+        # FSDP and ZeRO-3 shard the parameters, so only the wrapped module can run a forward; with DDP (or one
+        # process) the plain module shares the same weights and skips DDP's hooks.
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        model = self.model_wrapped if sharded else self.model
+        inputs = {key: self._prepare_input(value) for key, value in batch.items()}
+        with (
+            preserve_rng_state(),
+            eval_mode(model),
+            fp32_fused_head(self.model),
+            self.compute_loss_context_manager(),
+        ):
+            outputs = model(**inputs, fused_lm_head=True, use_cache=False)
+        return align_token_losses(outputs.log_probs, inputs["labels"], inputs["attention_mask"])
+
+    def _gather_step_arrays(self, local: np.ndarray) -> tuple[list[np.ndarray], int]:
+        """Every process's `(channels, n)` float array, in rank order (sizes differ, so pad, gather, then cut)."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return [local], 0
+        device = accelerator.device
+        tensor = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32)).to(device)
+        sizes = accelerator.gather(torch.tensor([tensor.shape[1]], device=device)).cpu().tolist()
+        padded = accelerator.pad_across_processes(tensor, dim=1)
+        gathered = accelerator.gather(padded[None]).cpu().numpy()
+        return [gathered[rank, :, : sizes[rank]] for rank in range(len(sizes))], accelerator.process_index
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Self-evolving rounds
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _train_self_evolving(self, resume_from_checkpoint, train_kwargs: dict[str, Any]) -> TrainOutput:
+        args = self.args
+        if getattr(self, "_self_evolving_dataset", None) is None:
+            self._self_evolving_dataset = self._without_token_columns(self.train_dataset)
+        dataset = self._self_evolving_dataset
+        started = time.perf_counter()
+        lengths, labels, offsets, response = self._response_positions(dataset)
+        bounds = chunk_bounds(len(dataset), args.self_evolving_rounds)
+        identity = {
+            "mode": "self_evolving",
+            "selection": args.token_selection,
+            "ratio": args.token_keep_ratio,
+            "rounds_total": args.self_evolving_rounds,
+            "schedule": args.self_evolving_schedule,
+            "dataset": rows_content_hash(dataset, 0, len(dataset)),
+            # The base side is the original model; a resumed run must start from the same one.
+            "base": _base_weights_key(self.model) if is_peft_model(self.model) else fingerprint_module(self.model),
+        }
+
+        start_round, resume_path, keep_all = 0, None, np.zeros(response.shape, dtype=bool)
+        self._round_records = []
+        if resume_from_checkpoint:
+            resume_path = (
+                latest_round_checkpoint(args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            )
+            if resume_path is None:
+                raise ValueError(
+                    f"No self-evolving checkpoint found under {os.path.join(args.output_dir, 'self_evolving')}."
+                )
+            payload, saved_keep = load_checkpoint_state(resume_path)
+            check_resume_matches(payload, identity, resume_path)
+            start_round, self._round_records = payload["round"], payload["rounds"]
+            keep_all = saved_keep
+
+        scored_rounds = [t for t in range(max(start_round, 1), len(bounds)) if not (resume_path and t == start_round)]
+        needs_scores = args.token_selection in ("global", "sample")
+        cache_stats: dict[str, Any] = {}
+        base_losses = None
+        if needs_scores and scored_rounds:
+            # Static: the original model's losses over the whole dataset, computed (or read from the cache) once.
+            base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
+        ref_all = np.full(response.shape, np.nan, dtype=np.float32)
+        outputs = []
+        for t in range(start_round, len(bounds)):
+            start, end = bounds[t]
+            begin, finish = offsets[start], offsets[end]
+            chunk = dataset.select(range(start, end))
+            chunk_offsets = offsets[start : end + 1] - begin
+            resumed = resume_path is not None and t == start_round
+            if not resumed:
+                chunk_response = response[begin:finish]
+                scores = None
+                threshold = None
+                if t == 0 or args.token_selection == "full":
+                    keep = chunk_response.copy()
+                else:
+                    if needs_scores:
+                        # The reference of round t is the model as it stands now, after round t - 1.
+                        ref_losses, cache_stats[f"ref_round_{t}"] = self._token_losses(
+                            chunk, lengths[start:end], "model"
+                        )
+                        ref_all[begin:finish] = ref_losses
+                        scores = base_losses[begin:finish] - ref_losses
+                        self._check_scores(scores, chunk_response)
+                        ranking = scores
+                    else:
+                        ranking = np.where(chunk_response, np.float32(0), np.float32(np.nan))
+                    selection = select_tokens(
+                        args.token_selection, ranking, chunk_offsets, args.token_keep_ratio, seed=self._seed + t
+                    )
+                    keep, threshold = selection.keep, selection.threshold
+                keep_all[begin:finish] = keep
+                self._round_records = self._round_records[:t] + [
+                    _round_record(t, (start, end), chunk_response, keep, threshold, scores)
+                ]
+            record = self._round_records[t]
+            self._round_index = t
+            self.train_dataset = chunk.add_column(TOKEN_KEEP_COLUMN, list_array(chunk_offsets, keep_all[begin:finish]))
+            self._checkpoint_payload = {**identity, "round": t, "rounds": self._round_records}
+            self._checkpoint_keep = keep_all
+            self._begin_round_optimizer(first=t == start_round, bounds=bounds)
+            logger.info("Self-evolving round %d/%d: rows %d-%d, kept %s", t, len(bounds) - 1, start, end, record)
+            try:
+                output = super().train(resume_from_checkpoint=resume_path if resumed else None, **train_kwargs)
+            finally:
+                self._round_index = None
+            record["steps"] = output.global_step
+            record["train_loss"] = output.training_loss
+            outputs.append(output)
+            self._end_round_optimizer()
+            prefix_rows, prefix = end, finish
+            report = build_report(
+                args=args,
+                lengths=lengths[:prefix_rows],
+                offsets=offsets[: prefix_rows + 1],
+                labels=labels[:prefix],
+                response=response[:prefix],
+                scores=(base_losses[:prefix] - ref_all[:prefix]) if base_losses is not None else None,
+                base_losses=base_losses[:prefix] if base_losses is not None else None,
+                ref_losses=ref_all[:prefix],
+                keep=keep_all[:prefix],
+                threshold=None,
+                prepare_stats=self._prepare_stats.get("train", {}),
+                cache_stats=cache_stats,
+                reference={"kind": "self_evolving", "rounds_done": t + 1, "rounds": len(bounds)},
+                seconds=time.perf_counter() - started,
+            )
+            report["rounds"] = self._round_records
+            if self.accelerator.is_main_process:
+                write_report(os.path.join(args.output_dir, "token_cleaning"), report)
+
+        self._checkpoint_payload = self._checkpoint_keep = None
+        if self.accelerator.is_main_process:
+            print_summary(report)
+            for record in self._round_records:
+                print(_format_round(record), flush=True)
+        self._warn_if_weak_reference(report)
+        self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, keep_all))
+        self.token_cleaning_state = TokenCleaningState(offsets, base_losses, ref_all, keep_all, None, report)
+        steps = sum(o.global_step for o in outputs)
+        loss = sum(o.training_loss * o.global_step for o in outputs) / steps if steps else 0.0
+        metrics = dict(outputs[-1].metrics) if outputs else {}
+        metrics["train_runtime"] = sum(o.metrics.get("train_runtime", 0.0) for o in outputs)
+        metrics["train_loss"] = loss
+        return TrainOutput(global_step=steps, training_loss=loss, metrics=metrics)
+
+    def _begin_round_optimizer(self, first: bool, bounds: list[tuple[int, int]]) -> None:
+        """'restart': a fresh optimizer and schedule for the round. 'continuous': one of each across all rounds."""
+        if self.args.self_evolving_schedule == "restart":
+            self.optimizer, self.lr_scheduler = None, None
+            return
+        if first:
+            total = sum(self._round_update_steps(end - start) for start, end in bounds)
+            self.optimizer, self.lr_scheduler = None, None
+            self.create_optimizer()
+            self.create_scheduler(num_training_steps=total, optimizer=self.optimizer)
+            # Trainer recreates a scheduler it created itself on every train() call; this one must span all rounds.
+            self._created_lr_scheduler = False
+        else:
+            # Hand Trainer the bare optimizer again (accelerate wraps it once per train() call).
+            self.optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _end_round_optimizer(self) -> None:
+        if self.args.self_evolving_schedule == "restart":
+            # Release the round's optimizer state before the next round scores its chunk.
+            self.optimizer, self.lr_scheduler = None, None
+            self.accelerator.free_memory()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _round_update_steps(self, rows: int) -> int:
+        """Optimizer steps one round of `rows` rows takes, computed the way Trainer sizes a run."""
+        args = self.args
+        rows_per_batch = args.per_device_train_batch_size * max(1, args.world_size)
+        batches = rows // rows_per_batch if args.dataloader_drop_last else math.ceil(rows / rows_per_batch)
+        updates = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        return math.ceil(args.num_train_epochs * updates)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Self-evolving rounds read their chunk in order unless shuffling is asked for, like the paper's runs.
+        if self._round_index is not None and not self.args.self_evolving_shuffle:
+            return torch.utils.data.SequentialSampler(
+                train_dataset if train_dataset is not None else self.train_dataset
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        if self._round_index is not None:
+            return round_output_dir(run_dir, self._round_index)
+        return run_dir
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._round_index is not None and self._checkpoint_payload is not None:
+            payload, keep = self._checkpoint_payload, self._checkpoint_keep
+        elif self._selects_per_step and self.token_cleaning_state is not None:
+            payload, keep = {**self._step_identity, "steps": self._step_records}, None
+        else:
+            return  # fixed-mode masks are static: a resumed run recomputes (or reads from the cache) the same ones
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            save_checkpoint_state(folder, payload, keep)
 
     def _check_scores(self, scores: np.ndarray, response: np.ndarray) -> None:
         bad = response & ~np.isfinite(scores)
@@ -548,9 +979,18 @@ class TokenCleanSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        state = self.token_cleaning_state
-        if state is not None and self.model.training and "loss" in logs:
-            logs.update(_log_fields(state.report))
+        if self.token_cleaning_enabled and self.model.training and "loss" in logs:
+            if self._selects_per_step and self._step_log_window:
+                logs.update(_step_log_fields(self._step_log_window))
+                self._step_log_window = []
+            elif self._round_index is not None and self._round_index < len(self._round_records):
+                record = self._round_records[self._round_index]
+                logs["token_cleaning/round"] = self._round_index
+                logs["token_cleaning/kept_fraction"] = record["kept_fraction"]
+                if record.get("threshold") is not None:
+                    logs["token_cleaning/threshold"] = record["threshold"]
+            elif self.token_cleaning_state is not None and not self._selects_per_step:
+                logs.update(_log_fields(self.token_cleaning_state.report))
         super().log(logs, start_time)
 
 
@@ -558,6 +998,65 @@ def _base_weights_key(model) -> str:
     """Fingerprint of a PEFT model's base weights: every tensor except those of its adapters."""
     adapter_names = tuple(model.peft_config)
     return fingerprint_module(model, include=lambda name: not any(f".{a}." in name for a in adapter_names))
+
+
+class _SaveAtRoundEnd(TrainerCallback):
+    """Save a checkpoint at the last step of every self-evolving round, so a run killed later resumes from there."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.save_strategy != "no" and state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
+def _round_record(round_index, rows, response, keep, threshold, scores) -> dict[str, Any]:
+    n_response, n_kept = int(response.sum()), int(keep.sum())
+    record: dict[str, Any] = {
+        "round": round_index,
+        "rows": [int(rows[0]), int(rows[1])],
+        "chunk_rows": int(rows[1] - rows[0]),
+        "reference": "none: every response token trains"
+        if round_index == 0
+        else f"model after round {round_index - 1}",
+        "response_tokens": n_response,
+        "kept_tokens": n_kept,
+        "kept_fraction": n_kept / n_response if n_response else 0.0,
+        "threshold": threshold,
+    }
+    if scores is not None:
+        values = scores[~np.isnan(scores)]
+        if values.size:
+            p10, p50, p90 = np.quantile(values, [0.1, 0.5, 0.9])
+            record.update(
+                score_p10=float(p10),
+                score_p50=float(p50),
+                score_p90=float(p90),
+                share_abs_below_001=float((np.abs(values) < 0.01).mean()),
+            )
+    return record
+
+
+def _format_round(record: dict[str, Any]) -> str:
+    threshold = record.get("threshold")
+    return (
+        f"  round {record['round']}: rows {record['rows'][0]}-{record['rows'][1]}  kept {record['kept_tokens']:,} of "
+        f"{record['response_tokens']:,} ({100 * record['kept_fraction']:.2f}%)  threshold "
+        f"{'-' if threshold is None else format(threshold, '+.4f')}  reference: {record['reference']}"
+    )
+
+
+def _step_log_fields(window: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-step selection statistics averaged over the steps since the last log (weighted by response tokens)."""
+    response = sum(r["response_tokens"] for r in window)
+    kept = sum(r["kept_tokens"] for r in window)
+    fields = {"token_cleaning/kept_fraction": kept / response if response else 0.0}
+    thresholds = [r["threshold"] for r in window if r.get("threshold") is not None]
+    if thresholds:
+        fields["token_cleaning/threshold"] = float(np.mean(thresholds))
+    means = [(r["score_mean"], r["response_tokens"]) for r in window if r.get("score_mean") is not None]
+    if means and response:
+        fields["token_cleaning/score_mean"] = sum(m * n for m, n in means) / response
+    return fields
 
 
 def _log_fields(report: dict[str, Any]) -> dict[str, float]:

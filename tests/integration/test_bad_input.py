@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
@@ -130,11 +131,64 @@ def test_rows_truncated_away_are_counted(tmp_path, tiny_model_dir, tiny_ref_dir,
     assert report["rows"] == 7 and report["rows_without_response"] == 2 and report["rows_response_truncated"] == 1
 
 
-def test_not_yet_implemented_modes_say_so(tmp_path, tiny_model_dir, tokenizer):
-    with pytest.raises(NotImplementedError, match="token_cleaning='online'"):
+def test_online_needs_a_reference(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    with pytest.raises(ValueError, match="token_cleaning='online'.*needs a reference model"):
         build(tmp_path, tiny_model_dir, tokenizer, token_cleaning="online")
-    with pytest.raises(NotImplementedError, match="token_selection='batch'"):
-        build(tmp_path, tiny_model_dir, tokenizer, token_selection="batch")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"token_cleaning": "online", "token_selection": "global"}, "token_selection='global'.*does not apply.*online"),
+        ({"token_cleaning": "online", "token_selection": "random"}, "token_selection='random'.*token_cleaning='fixed'"),
+        ({"token_cleaning": "self_evolving", "token_selection": "batch"}, "'batch'.*does not apply.*self_evolving"),
+        ({"token_cleaning": "self_evolving"}, "max_steps=3.*self_evolving.*num_train_epochs"),
+        (
+            {"token_cleaning": "self_evolving", "max_steps": -1, "ref_model_name_or_path": "x"},
+            "self_evolving.*uses the model itself.*remove `ref_model_name_or_path`",
+        ),
+        ({"token_cleaning": "self_evolving", "max_steps": -1, "self_evolving_schedule": "cosine"}, "restart"),
+        ({"token_cleaning": "self_evolving", "max_steps": -1, "self_evolving_rounds": 1}, "at least 2"),
+    ],
+)
+def test_mode_specific_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_args(tmp_path, **overrides)
+
+
+def test_self_evolving_rejects_reference_object_and_user_optimizer(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    with pytest.raises(ValueError, match="self_evolving.*do not pass `ref_model=`"):
+        build(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            ref_model=make_tiny_llama(tokenizer, seed=3),
+            token_cleaning="self_evolving",
+            max_steps=-1,
+        )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="restart.*fresh optimizer every round.*optimizer_cls_and_kwargs"):
+        TokenCleanSFTTrainer(
+            model,
+            args=cpu_args(tmp_path, token_cleaning="self_evolving", max_steps=-1),
+            train_dataset=Dataset.from_list(arithmetic_rows(8)),
+            processing_class=tokenizer,
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+
+
+def test_self_evolving_needs_a_row_per_round(tmp_path, tiny_model_dir, tokenizer, no_forward):
+    trainer = build(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        dataset=Dataset.from_list(arithmetic_rows(3)),
+        token_cleaning="self_evolving",
+        max_steps=-1,
+        self_evolving_rounds=4,
+    )
+    with pytest.raises(ValueError, match="self_evolving_rounds=4.*at least 4 rows.*has 3"):
+        trainer.train()
 
 
 def test_unwritable_cache_dir_fails_before_scoring(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, no_forward):

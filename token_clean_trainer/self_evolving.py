@@ -1,0 +1,114 @@
+"""Rounds of self-evolving cleaning, and the token-cleaning state a checkpoint carries so a run resumes exactly.
+
+Self-evolving cleaning (Pang et al., ICML 2025, Sec. 4.2): the train set is split into contiguous, unshuffled chunks;
+chunk 0 trains on every response token; chunk `t >= 1` is scored with the original model as base and the model after
+round `t - 1` as reference, its top-k tokens are kept, and the latest model continues training on it.
+
+The reference of a round is the model at the start of that round. Its losses over the round's chunk are computed
+before the round's first step and are all the round needs, so no second copy of the weights is kept; the resulting
+masks are written into every checkpoint, so a run resumed mid-round trains on the masks it started with rather than
+rescoring with the half-trained model.
+"""
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save
+
+from .utils import atomic_write_bytes, atomic_write_json
+
+STATE_FORMAT_VERSION = 1
+STATE_JSON = "token_cleaning_state.json"
+STATE_ARRAYS = "token_cleaning_keep.safetensors"
+ROUNDS_DIR = "self_evolving"
+
+
+def chunk_bounds(n_rows: int, rounds: int) -> list[tuple[int, int]]:
+    """
+    `rounds` contiguous `(start, end)` row ranges of equal size `n_rows // rounds`; the last takes the remainder.
+
+    Raises if a chunk would be empty.
+    """
+    if n_rows < rounds:
+        raise ValueError(
+            f"`self_evolving_rounds={rounds}` needs at least {rounds} rows in the prepared train dataset, which has "
+            f"{n_rows}. Lower `self_evolving_rounds` or add data."
+        )
+    size = n_rows // rounds
+    bounds = [(t * size, (t + 1) * size) for t in range(rounds)]
+    bounds[-1] = (bounds[-1][0], n_rows)
+    return bounds
+
+
+def round_output_dir(output_dir: str, round_index: int) -> str:
+    """Where the checkpoints of one round go: `<output_dir>/self_evolving/round-<t>`."""
+    return os.path.join(output_dir, ROUNDS_DIR, f"round-{round_index}")
+
+
+def latest_round_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of the highest round that has one, or None."""
+    best: tuple[int, int, str] | None = None
+    for path in glob.glob(os.path.join(output_dir, ROUNDS_DIR, "round-*", "checkpoint-*")):
+        round_match = re.search(r"round-(\d+)$", os.path.dirname(path))
+        step_match = re.search(r"checkpoint-(\d+)$", path)
+        if not (round_match and step_match and os.path.isfile(os.path.join(path, STATE_JSON))):
+            continue
+        key = (int(round_match.group(1)), int(step_match.group(1)), path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def save_checkpoint_state(folder: str, payload: dict[str, Any], keep: np.ndarray | None) -> None:
+    """Write the token-cleaning state next to a Trainer checkpoint (JSON, plus the keep mask packed to bits)."""
+    if keep is not None:
+        arrays = {"keep_bits": np.packbits(keep.astype(bool)), "keep_size": np.array([keep.size], dtype=np.int64)}
+        atomic_write_bytes(os.path.join(folder, STATE_ARRAYS), save(arrays))
+    atomic_write_json(os.path.join(folder, STATE_JSON), {"format": STATE_FORMAT_VERSION, **payload})
+
+
+def load_checkpoint_state(folder: str) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Read what [`save_checkpoint_state`] wrote; a clear error when the checkpoint has no token-cleaning state."""
+    path = os.path.join(folder, STATE_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{folder} has no {STATE_JSON}: it was not written by a TokenCleanSFTTrainer run in this cleaning mode, "
+            "so the round, masks and step records it was trained with are unknown. Resume from a checkpoint of the "
+            "same run."
+        )
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    if payload.get("format") != STATE_FORMAT_VERSION:
+        raise ValueError(f"{path} has format {payload.get('format')!r}; this version reads {STATE_FORMAT_VERSION}.")
+    keep = None
+    arrays_path = os.path.join(folder, STATE_ARRAYS)
+    if os.path.isfile(arrays_path):
+        arrays = load_file(arrays_path)
+        size = int(arrays["keep_size"][0])
+        keep = np.unpackbits(arrays["keep_bits"], count=size).astype(bool)
+    return payload, keep
+
+
+def check_resume_matches(payload: dict[str, Any], expected: dict[str, Any], folder: str) -> None:
+    """Refuse to resume a checkpoint taken with other data, base model or cleaning settings; name what differs."""
+    for key, value in expected.items():
+        if payload.get(key) != value:
+            raise ValueError(
+                f"Cannot resume from {folder}: its `{key}` is {payload.get(key)!r} but this run has {value!r}. Resume "
+                "with the same prepared train dataset, the same original model and the same token-cleaning settings, "
+                "or start a new run in another `output_dir`."
+            )
+
+
+__all__ = [
+    "chunk_bounds",
+    "check_resume_matches",
+    "latest_round_checkpoint",
+    "load_checkpoint_state",
+    "round_output_dir",
+    "save_checkpoint_state",
+]
