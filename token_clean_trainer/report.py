@@ -108,8 +108,8 @@ def build_report(
         "rows_response_truncated": rows_response_truncated,
         "max_length": max_length,
         "scores": score_statistics(scores, keep) if scores is not None else None,
-        "base_loss_mean": float(np.nanmean(base_losses)) if base_losses is not None else None,
-        "ref_loss_mean": float(np.nanmean(ref_losses)) if ref_losses is not None else None,
+        "base_loss_mean": _nanmean(base_losses),
+        "ref_loss_mean": _nanmean(ref_losses),
         "ref_losses": score_statistics(ref_losses, None) if ref_losses is not None and scores is None else None,
         "reference": reference,
         "seed": args.token_selection_seed if args.token_selection_seed is not None else args.seed,
@@ -120,6 +120,12 @@ def build_report(
     if scores is not None:
         report["_histogram"] = {"scores": scores, "threshold": threshold}
     return report
+
+
+def _nanmean(values: np.ndarray | None) -> float | None:
+    if values is None or not (~np.isnan(values)).any():
+        return None
+    return float(np.nanmean(values))
 
 
 def add_step_summary(report: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:

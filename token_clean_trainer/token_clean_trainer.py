@@ -688,7 +688,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             record["steps"] = output.global_step
             record["train_loss"] = output.training_loss
             outputs.append(output)
-            self._end_round_optimizer()
+            if t < len(bounds) - 1:
+                self._end_round_optimizer()
             prefix_rows, prefix = end, finish
             report = build_report(
                 args=args,

@@ -139,8 +139,14 @@ def test_online_needs_a_reference(tmp_path, tiny_model_dir, tokenizer, no_forwar
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"token_cleaning": "online", "token_selection": "global"}, "token_selection='global'.*does not apply.*online"),
-        ({"token_cleaning": "online", "token_selection": "random"}, "token_selection='random'.*token_cleaning='fixed'"),
+        (
+            {"token_cleaning": "online", "token_selection": "global"},
+            "token_selection='global'.*does not apply.*online",
+        ),
+        (
+            {"token_cleaning": "online", "token_selection": "random"},
+            "token_selection='random'.*token_cleaning='fixed'",
+        ),
         ({"token_cleaning": "self_evolving", "token_selection": "batch"}, "'batch'.*does not apply.*self_evolving"),
         ({"token_cleaning": "self_evolving"}, "max_steps=3.*self_evolving.*num_train_epochs"),
         (
