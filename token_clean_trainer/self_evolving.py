@@ -52,7 +52,7 @@ def round_output_dir(output_dir: str, round_index: int) -> str:
 def latest_round_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint of the highest round that has one, or None."""
     best: tuple[int, int, str] | None = None
-    for path in glob.glob(os.path.join(output_dir, ROUNDS_DIR, "round-*", "checkpoint-*")):
+    for path in glob.glob(os.path.join(glob.escape(output_dir), ROUNDS_DIR, "round-*", "checkpoint-*")):
         round_match = re.search(r"round-(\d+)$", os.path.dirname(path))
         step_match = re.search(r"checkpoint-(\d+)$", path)
         if not (round_match and step_match and os.path.isfile(os.path.join(path, STATE_JSON))):
@@ -65,9 +65,12 @@ def latest_round_checkpoint(output_dir: str) -> str | None:
 
 def save_checkpoint_state(folder: str, payload: dict[str, Any], keep: np.ndarray | None) -> None:
     """Write the token-cleaning state next to a Trainer checkpoint (JSON, plus the keep mask packed to bits)."""
+    arrays_path = os.path.join(folder, STATE_ARRAYS)
+    if keep is None and os.path.exists(arrays_path):
+        os.unlink(arrays_path)  # never leave a mask from an earlier save next to a state that has none
     if keep is not None:
         arrays = {"keep_bits": np.packbits(keep.astype(bool)), "keep_size": np.array([keep.size], dtype=np.int64)}
-        atomic_write_bytes(os.path.join(folder, STATE_ARRAYS), save(arrays))
+        atomic_write_bytes(arrays_path, save(arrays))
     atomic_write_json(os.path.join(folder, STATE_JSON), {"format": STATE_FORMAT_VERSION, **payload})
 
 

@@ -1,4 +1,4 @@
-"""Two CPU processes under `accelerate launch` score exactly what one process scores."""
+"""Two CPU processes under `accelerate launch` score, select and train exactly as one process does."""
 
 import json
 import os
@@ -6,13 +6,16 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "score_distributed.py")
+from tests.conftest import make_tiny_llama
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(tmp_path, processes, model_dir, ref_dir):
-    result = tmp_path / f"result_{processes}.json"
+def run(tmp_path, processes, model_dir, ref_dir, script="score_distributed.py"):
+    result = tmp_path / f"result_{script}_{processes}.json"
     command = [
         sys.executable,
         "-m",
@@ -28,10 +31,10 @@ def run(tmp_path, processes, model_dir, ref_dir):
         "no",
         "--main_process_port",
         "0",
-        SCRIPT,
+        os.path.join(SCRIPTS, script),
         model_dir,
         ref_dir,
-        str(tmp_path / f"out_{processes}"),
+        str(tmp_path / f"out_{script}_{processes}"),
         str(result),
     ]
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -49,3 +52,22 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, tiny_ref_dir):
     np.testing.assert_allclose(a, b, atol=1e-5)  # same rows, same order, nothing duplicated or missing
     assert single["keep"] == double["keep"]
     assert abs(single["threshold"] - double["threshold"]) < 1e-5
+
+
+def test_online_ranks_across_processes(tmp_path, tokenizer, tiny_ref_dir):
+    """One global batch of 4 rows: split over 2 processes or read by one, the same tokens are kept and trained."""
+    # Without dropout: each process draws its own dropout masks, which would make the weights differ after step 1.
+    model_dir = str(tmp_path / "no_dropout")
+    make_tiny_llama(tokenizer, seed=0, dropout=0.0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    single = run(tmp_path, 1, model_dir, tiny_ref_dir, script="online_distributed.py")
+    double = run(tmp_path, 2, model_dir, tiny_ref_dir, script="online_distributed.py")
+    assert (single["processes"], double["processes"]) == (1, 2)
+    for one, two in zip(single["steps"], double["steps"], strict=True):
+        assert (one["response_tokens"], one["kept_tokens"]) == (two["response_tokens"], two["kept_tokens"])
+        assert abs(one["threshold"] - two["threshold"]) < 1e-5
+    np.testing.assert_allclose(single["losses"], double["losses"], rtol=1e-5)
+    weights_one = torch.load(tmp_path / "result_online_distributed.py_1.json.pt")
+    weights_two = torch.load(tmp_path / "result_online_distributed.py_2.json.pt")
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5)

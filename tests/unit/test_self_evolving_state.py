@@ -187,10 +187,6 @@ def test_latest_round_checkpoint_missing_dir(tmp_path):
     assert latest_round_checkpoint(str(tmp_path / "does-not-exist")) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="latest_round_checkpoint passes output_dir to glob unescaped, so '[1]' is read as a character class",
-)
 def test_latest_round_checkpoint_output_dir_with_glob_characters(tmp_path):
     out = str(tmp_path / "run[1]")
     expected = make_checkpoint(out, 0, 3)
@@ -302,3 +298,10 @@ def test_add_step_summary_no_steps():
 def test_add_step_summary_report_is_json_serialisable():
     report = add_step_summary({}, [step(10, 5, 0.25), step(10, 5, 0.75)])
     assert json.loads(json.dumps(report))["step_thresholds"] == pytest.approx({"p10": 0.3, "p50": 0.5, "p90": 0.7})
+
+
+def test_saving_without_a_mask_removes_an_older_one(tmp_path):
+    save_checkpoint_state(str(tmp_path), {"round": 1}, np.array([True, False]))
+    save_checkpoint_state(str(tmp_path), {"round": 2}, None)
+    payload, keep = load_checkpoint_state(str(tmp_path))
+    assert payload["round"] == 2 and keep is None
