@@ -164,6 +164,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         self._checkpoint_payload: dict[str, Any] | None = None
         self._checkpoint_keep: np.ndarray | None = None
         self._step_identity: dict[str, Any] = {}
+        self._self_evolving_dataset: Dataset | None = None
         if not self.token_cleaning_enabled:
             return
         if args.token_cleaning == "self_evolving":
@@ -601,7 +602,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _train_self_evolving(self, resume_from_checkpoint, train_kwargs: dict[str, Any]) -> TrainOutput:
         args = self.args
-        if getattr(self, "_self_evolving_dataset", None) is None:
+        if self._self_evolving_dataset is None:
             self._self_evolving_dataset = self._without_token_columns(self.train_dataset)
         dataset = self._self_evolving_dataset
         started = time.perf_counter()
@@ -641,7 +642,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             # Static: the original model's losses over the whole dataset, computed (or read from the cache) once.
             base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
         ref_all = np.full(response.shape, np.nan, dtype=np.float32)
-        outputs = []
+        outputs, log_history = [], []
         for t in range(start_round, len(bounds)):
             start, end = bounds[t]
             begin, finish = offsets[start], offsets[end]
@@ -688,6 +689,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             record["steps"] = output.global_step
             record["train_loss"] = output.training_loss
             outputs.append(output)
+            # Trainer starts a fresh state (and log history) per round; keep every round's logs, marked by round.
+            log_history += [{**entry, "token_cleaning/round": t} for entry in self.state.log_history]
             if t < len(bounds) - 1:
                 self._end_round_optimizer()
             prefix_rows, prefix = end, finish
@@ -719,6 +722,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         self._warn_if_weak_reference(report)
         self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, keep_all))
         self.token_cleaning_state = TokenCleaningState(offsets, base_losses, ref_all, keep_all, None, report)
+        self.state.log_history = log_history
         steps = sum(o.global_step for o in outputs)
         loss = sum(o.training_loss * o.global_step for o in outputs) / steps if steps else 0.0
         metrics = dict(outputs[-1].metrics) if outputs else {}
