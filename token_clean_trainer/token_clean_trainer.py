@@ -457,21 +457,15 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if args.token_selection != "batch":
             selection = select_tokens(args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed)
             keep, threshold = selection.keep, selection.threshold
-        report = build_report(
-            args=args,
-            lengths=lengths,
-            offsets=offsets,
-            labels=labels,
-            response=response,
+        report = self._build_report(
+            (lengths, labels, offsets, response),
+            started,
             scores=scores,
             base_losses=base_losses,
             ref_losses=ref_losses,
             keep=keep,
             threshold=threshold,
-            prepare_stats=self._prepare_stats.get("train", {}),
             cache_stats=cache_stats,
-            reference=self._describe_reference(),
-            seconds=time.perf_counter() - started,
         )
         self._publish_report(report)
         return TokenCleaningState(offsets, base_losses, ref_losses, keep, threshold, report)
@@ -481,30 +475,34 @@ class TokenCleanSFTTrainer(SFTTrainer):
         started = time.perf_counter()
         lengths, labels, offsets, response = self._response_positions(dataset)
         ref_losses, ref_stats = self._token_losses(dataset, lengths, role="ref")
-        bad = response & ~np.isfinite(ref_losses)
-        if bad.any():
-            raise FloatingPointError(
-                f"The reference gave {int(bad.sum())} response tokens a non-finite loss. Load it in float32 or "
-                "bfloat16 rather than float16."
-            )
-        report = build_report(
-            args=self.args,
-            lengths=lengths,
-            offsets=offsets,
-            labels=labels,
-            response=response,
+        self._check_scores(ref_losses, response)
+        report = self._build_report(
+            (lengths, labels, offsets, response),
+            started,
             scores=None,
             base_losses=None,
             ref_losses=ref_losses,
             keep=None,
             threshold=None,
-            prepare_stats=self._prepare_stats.get("train", {}),
             cache_stats={"ref": ref_stats},
-            reference=self._describe_reference(),
-            seconds=time.perf_counter() - started,
         )
         self._publish_report(report)
         return TokenCleaningState(offsets, None, ref_losses, None, None, report)
+
+    def _build_report(self, positions, started: float, **fields) -> dict[str, Any]:
+        """`build_report` with what every mode shares: the config, TRL's row counts, the reference, the time."""
+        lengths, labels, offsets, response = positions
+        fields.setdefault("reference", self._describe_reference())
+        return build_report(
+            args=self.args,
+            lengths=lengths,
+            offsets=offsets,
+            labels=labels,
+            response=response,
+            prepare_stats=self._prepare_stats.get("train", {}),
+            seconds=time.perf_counter() - started,
+            **fields,
+        )
 
     @property
     def _seed(self) -> int:
@@ -693,22 +691,18 @@ class TokenCleanSFTTrainer(SFTTrainer):
             log_history += [{**entry, "token_cleaning/round": t} for entry in self.state.log_history]
             if t < len(bounds) - 1:
                 self._end_round_optimizer()
+            # The report covers the rounds done so far: a prefix of the rows, since the chunks are contiguous.
             prefix_rows, prefix = end, finish
-            report = build_report(
-                args=args,
-                lengths=lengths[:prefix_rows],
-                offsets=offsets[: prefix_rows + 1],
-                labels=labels[:prefix],
-                response=response[:prefix],
+            report = self._build_report(
+                (lengths[:prefix_rows], labels[:prefix], offsets[: prefix_rows + 1], response[:prefix]),
+                started,
                 scores=(base_losses[:prefix] - ref_all[:prefix]) if base_losses is not None else None,
                 base_losses=base_losses[:prefix] if base_losses is not None else None,
                 ref_losses=ref_all[:prefix],
                 keep=keep_all[:prefix],
                 threshold=None,
-                prepare_stats=self._prepare_stats.get("train", {}),
                 cache_stats=cache_stats,
                 reference={"kind": "self_evolving", "rounds_done": t + 1, "rounds": len(bounds)},
-                seconds=time.perf_counter() - started,
             )
             report["rounds"] = self._round_records
             if self.accelerator.is_main_process:
