@@ -418,9 +418,6 @@ class TokenCleanSFTTrainer(SFTTrainer):
             self.token_cleaning_state = state
         return self.token_cleaning_state
 
-    # Kept for callers of the fixed-mode API (demo, tests): scores and masks of the train dataset.
-    _ensure_token_masks = _prepare_token_cleaning
-
     def _response_positions(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset."""
         # Read through Arrow: no Python object per token, even at 300k rows.

@@ -55,6 +55,21 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, tiny_ref_dir):
     assert abs(single["threshold"] - double["threshold"]) < 1e-5
 
 
+def run_one_and_two(tmp_path, model_dir, ref_dir, script):
+    """The same training script under 1 and under 2 processes; the results of both."""
+    single = run(tmp_path, 1, model_dir, ref_dir, script=script)
+    double = run(tmp_path, 2, model_dir, ref_dir, script=script)
+    assert (single["processes"], double["processes"]) == (1, 2)
+    return single, double
+
+
+def assert_same_final_weights(tmp_path, script):
+    weights_one = torch.load(tmp_path / f"result_{script}_1.json.pt")
+    weights_two = torch.load(tmp_path / f"result_{script}_2.json.pt")
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def no_dropout_model_dir(tmp_path, tokenizer):
     # Without dropout: each process draws its own dropout masks, which would make the weights differ after step 1.
@@ -66,32 +81,21 @@ def no_dropout_model_dir(tmp_path, tokenizer):
 
 def test_online_ranks_across_processes(tmp_path, no_dropout_model_dir, tiny_ref_dir):
     """One global batch of 4 rows: split over 2 processes or read by one, the same tokens are kept and trained."""
-    model_dir = no_dropout_model_dir
-    single = run(tmp_path, 1, model_dir, tiny_ref_dir, script="online_distributed.py")
-    double = run(tmp_path, 2, model_dir, tiny_ref_dir, script="online_distributed.py")
-    assert (single["processes"], double["processes"]) == (1, 2)
+    single, double = run_one_and_two(tmp_path, no_dropout_model_dir, tiny_ref_dir, "online_distributed.py")
     for one, two in zip(single["steps"], double["steps"], strict=True):
         assert (one["response_tokens"], one["kept_tokens"]) == (two["response_tokens"], two["kept_tokens"])
         assert abs(one["threshold"] - two["threshold"]) < 1e-5
     np.testing.assert_allclose(single["losses"], double["losses"], rtol=1e-5)
-    weights_one = torch.load(tmp_path / "result_online_distributed.py_1.json.pt")
-    weights_two = torch.load(tmp_path / "result_online_distributed.py_2.json.pt")
-    for name, value in weights_one.items():
-        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5)
+    assert_same_final_weights(tmp_path, "online_distributed.py")
 
 
 def test_self_evolving_rounds_across_processes(tmp_path, no_dropout_model_dir):
     """Three rounds (each re-prepares the model for DDP and scores its chunk sharded over the processes)."""
     model_dir = no_dropout_model_dir
-    single = run(tmp_path, 1, model_dir, model_dir, script="self_evolving_distributed.py")
-    double = run(tmp_path, 2, model_dir, model_dir, script="self_evolving_distributed.py")
-    assert (single["processes"], double["processes"]) == (1, 2)
+    single, double = run_one_and_two(tmp_path, model_dir, model_dir, "self_evolving_distributed.py")
     for one, two in zip(single["rounds"], double["rounds"], strict=True):
         assert (one["rows"], one["kept_tokens"], one["steps"]) == (two["rows"], two["kept_tokens"], two["steps"])
         if one["threshold"] is not None:
             assert abs(one["threshold"] - two["threshold"]) < 1e-4
     np.testing.assert_allclose(single["losses"], double["losses"], rtol=1e-4)
-    weights_one = torch.load(tmp_path / "result_self_evolving_distributed.py_1.json.pt")
-    weights_two = torch.load(tmp_path / "result_self_evolving_distributed.py_2.json.pt")
-    for name, value in weights_one.items():
-        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5)
+    assert_same_final_weights(tmp_path, "self_evolving_distributed.py")
