@@ -50,6 +50,7 @@ from .self_evolving import (
 from .step_selection import apply_keep, select_step
 from .token_clean_config import TokenCleanConfig
 from .utils import fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
+from .validation import DatasetValidationError, validate_raw_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
             )
         # Filled by `_prepare_dataset` during `super().__init__`, to count rows TRL drops after truncation.
         self._prepare_stats: dict[str, dict[str, int]] = {}
+        if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+            # SFTTrainer reads the first row before preparing the data and fails with a bare StopIteration.
+            raise DatasetValidationError(
+                "The train dataset is empty (0 rows). Pass a dataset with at least one example; check the split name "
+                "and any `filter` applied before the trainer."
+            )
         super().__init__(
             model=model,
             args=args,
@@ -290,6 +297,16 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         rows_in = len(dataset) if isinstance(dataset, Dataset) else None
+        if rows_in is not None and formatting_func is None:
+            # One Arrow scan of the raw rows: a clear error naming row, field and fix instead of TRL's crash deep in
+            # the chat template, or (with cleaning on) a silent ranking of tokens that are not responses.
+            validate_raw_dataset(
+                dataset,
+                dataset_name=dataset_name,
+                text_field=args.dataset_text_field,
+                strict=getattr(args, "token_cleaning", "none") != "none",
+                assistant_only_loss=args.assistant_only_loss,
+            )
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if rows_in is not None and isinstance(prepared, Dataset) and not packing:
             self._prepare_stats[dataset_name] = {
