@@ -21,7 +21,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path, use_adapter
 
-from .cache import TokenLossCache, check_cache_dir_writable, rows_content_hash
+from .cache import TokenLossCache, check_cache_dir_writable, check_free_space, rows_content_hash, shard_bytes
 from .collator import (
     STEP_COLUMNS,
     TOKEN_KEEP_COLUMN,
@@ -861,10 +861,16 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 shards.append(cache.load(content, lengths[start:end]))
             missing = [i for i, shard in enumerate(shards) if shard is None]
             stats = {"reused": len(bounds) - len(missing), "computed": len(missing)}
+            if missing and cache.root is not None and self.accelerator.is_main_process:
+                # Before any forward: fail now, with the numbers, rather than on a full disk hours from now.
+                needed = sum(shard_bytes(lengths[bounds[i][0] : bounds[i][1]]) for i in missing)
+                check_free_space(cache.root, needed, f"the {role} losses of {len(missing)} shards")
             if missing:
                 self._compute_missing_shards(
                     model, forward_context, dataset, bounds, missing, shards, hashes, cache, role
                 )
+                if cache.not_stored:
+                    stats["not_stored"] = cache.not_stored
         return np.concatenate([row for shard in shards for row in shard]).astype(np.float32), stats
 
     def _compute_missing_shards(self, model, forward_context, dataset, bounds, missing, shards, hashes, cache, role):
