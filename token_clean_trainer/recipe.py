@@ -1,0 +1,650 @@
+"""Recipes: one flat YAML file that sets the model, data, LoRA, `TokenCleanConfig` and `PurgeMixConfig` fields.
+
+A recipe is parsed the way TRL's own scripts parse theirs ([`~trl.TrlParser`] over dataclasses, command-line flags
+after `--config FILE` override the file). The dataclasses are TRL's [`~trl.ScriptArguments`] (dataset),
+[`~trl.ModelConfig`] (model and LoRA), [`TokenCleanConfig`] (training and cleaning), `PurgeMixConfig` (when the
+purge-mix module is installed) and [`RecipeArguments`] below (row counts, reference warm-up, launch settings).
+
+Two sentinels keep the smallest recipes offline: `model_name_or_path: embedded:smollm2` is the packaged
+SmolLM2-135M-Instruct and `dataset_name: embedded:chatterbot` the packaged ChatterBot corpus (splits `warmup`,
+`train`, `heldout`).
+
+[`validate_recipe`] checks a recipe completely without loading a model or a dataset and returns every problem it
+finds (unknown keys with a did-you-mean suggestion, values of the wrong type, invalid settings), not just the first.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+EMBEDDED_MODELS = ("embedded:smollm2",)
+EMBEDDED_DATASETS = ("embedded:chatterbot",)
+# Chat templates shipped with the package, usable by name in `chat_template_path`.
+NAMED_CHAT_TEMPLATES = ("tulu",)
+LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SCORES_FORMATS = ("dataset", "parquet")
+
+
+@dataclass
+class RecipeArguments:
+    r"""
+    Recipe settings that no TRL or token-cleaning config holds.
+
+    Parameters:
+        > Parameters that control the data
+
+        dataset_train_rows (`int`, *optional*, defaults to `0`):
+            Use only the first `dataset_train_rows` rows of the train split (after `dataset_shuffle_seed`, if set).
+            `0` uses the whole split.
+        dataset_test_rows (`int`, *optional*, defaults to `0`):
+            Same for the evaluation split (`dataset_test_split`), used when `eval_strategy` is not `"no"`.
+        dataset_shuffle_seed (`int`, *optional*):
+            Shuffle each split with this seed before taking rows. Unset keeps the dataset order (the paper trains on
+            its data in DS2 score order, unshuffled).
+
+        > Parameters that control the reference warm-up
+
+        ref_warmup_split (`str`, *optional*):
+            Split of the dataset to warm up a reference on before scoring (the paper's step 1: plain SFT on a small
+            high-quality set, every response token). With `use_peft` the reference is a LoRA adapter saved under
+            `<output_dir>/reference/adapter` and used as `ref_adapter_name_or_path`; otherwise the full model is saved
+            under `<output_dir>/reference/model` and used as `ref_model_name_or_path`. A finished warm-up with the
+            same settings is reused. Not with `ref_model_name_or_path`, `ref_adapter_name_or_path` or self-evolving
+            mode (which uses the model itself as reference).
+        ref_warmup_rows (`int`, *optional*, defaults to `0`):
+            Rows of `ref_warmup_split` to warm up on; `0` uses the whole split.
+        ref_warmup_learning_rate (`float`, *optional*):
+            Learning rate of the warm-up. Defaults to `learning_rate`. A weak reference makes the selection close to
+            random, so short CPU warm-ups use a higher rate.
+        ref_warmup_epochs (`float`, *optional*, defaults to `1.0`):
+            Epochs of the warm-up.
+
+        > Parameters that control the launch
+
+        accelerate_config (`str`, *optional*):
+            Name of a shipped accelerate config (`single_gpu`, `multi_gpu`, `zero2`, `zero3`, `fsdp2`,
+            `cpu_multi_process`) or a path to one. `token-clean train` then re-executes itself under
+            `accelerate launch --config_file <config>`. Ignored inside a run already started by `accelerate launch`.
+        num_processes (`int`, *optional*):
+            Number of processes for `accelerate_config` (overrides the config's `num_processes`, e.g. 4 GPUs with
+            `multi_gpu`).
+        global_batch_size (`int`, *optional*):
+            The global batch size the recipe was tuned for. When set, training refuses to start unless
+            `per_device_train_batch_size x gradient_accumulation_steps x processes` equals it, and names the
+            `gradient_accumulation_steps` that keeps it, so a recipe cannot change meaning with the GPU count.
+
+        > Parameters that control the `score` subcommand
+
+        scores_format (`str`, *optional*, defaults to `"dataset"`):
+            `"dataset"` writes `<output_dir>/token_scores` with `datasets.save_to_disk`; `"parquet"` writes
+            `<output_dir>/token_scores.parquet`. Columns: `token_scores`, `token_keep` (see
+            `TokenCleanSFTTrainer.score_tokens`).
+    """
+
+    dataset_train_rows: int = field(
+        default=0, metadata={"help": "Use only the first N rows of the train split; 0 uses all of it."}
+    )
+    dataset_test_rows: int = field(
+        default=0, metadata={"help": "Use only the first N rows of the evaluation split; 0 uses all of it."}
+    )
+    dataset_shuffle_seed: int | None = field(
+        default=None,
+        metadata={"help": "Shuffle every split with this seed before taking rows; unset keeps the dataset order."},
+    )
+    ref_warmup_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset split to warm up a reference on (plain SFT, every response token) before scoring. With "
+            "use_peft the reference is a LoRA adapter on the same base, otherwise a full model copy."
+        },
+    )
+    ref_warmup_rows: int = field(
+        default=0, metadata={"help": "Rows of ref_warmup_split used for the warm-up; 0 uses all of it."}
+    )
+    ref_warmup_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the reference warm-up. Defaults to learning_rate."}
+    )
+    ref_warmup_epochs: float = field(default=1.0, metadata={"help": "Epochs of the reference warm-up."})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Shipped accelerate config name (single_gpu, multi_gpu, zero2, zero3, fsdp2, cpu_multi_process) "
+            "or a path; `token-clean train` re-executes itself under `accelerate launch --config_file <config>`."
+        },
+    )
+    num_processes: int | None = field(
+        default=None, metadata={"help": "Number of processes for accelerate_config (overrides the config's)."}
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Global batch size the recipe was tuned for; training refuses to start unless per_device_train_"
+            "batch_size x gradient_accumulation_steps x processes equals it."
+        },
+    )
+    scores_format: str = field(
+        default="dataset",
+        metadata={
+            "help": "Output of `token-clean score`: 'dataset' (save_to_disk folder <output_dir>/token_scores) or "
+            "'parquet' (<output_dir>/token_scores.parquet).",
+            "choices": list(SCORES_FORMATS),
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("dataset_train_rows", "dataset_test_rows", "ref_warmup_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be 0 (all rows) or a positive row count, got {getattr(self, name)}.")
+        if self.ref_warmup_epochs <= 0:
+            raise ValueError(f"`ref_warmup_epochs` must be positive, got {self.ref_warmup_epochs}.")
+        if self.ref_warmup_learning_rate is not None and self.ref_warmup_learning_rate <= 0:
+            raise ValueError(f"`ref_warmup_learning_rate` must be positive, got {self.ref_warmup_learning_rate}.")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"`num_processes` must be a positive integer, got {self.num_processes}.")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError(f"`global_batch_size` must be a positive integer, got {self.global_batch_size}.")
+        if self.scores_format not in SCORES_FORMATS:
+            raise ValueError(f"`scores_format` must be one of {list(SCORES_FORMATS)}, got {self.scores_format!r}.")
+
+
+def purge_mix_config_class():
+    """`PurgeMixConfig` when the purge-mix module is installed, else `None`."""
+    try:
+        from .purge_mix.config import PurgeMixConfig
+    except ImportError:
+        return None
+    return PurgeMixConfig
+
+
+def recipe_dataclasses() -> tuple[type, ...]:
+    """The dataclasses a recipe is parsed into, in the order [`parse_recipe`] returns them."""
+    from trl import ModelConfig, ScriptArguments
+
+    from .token_clean_config import TokenCleanConfig
+
+    types = [ScriptArguments, TokenCleanConfig, ModelConfig, RecipeArguments]
+    purge_mix = purge_mix_config_class()
+    if purge_mix is not None:
+        types.append(purge_mix)
+    return tuple(types)
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: one instance of each dataclass of [`recipe_dataclasses`]."""
+
+    script: Any
+    training: Any
+    model: Any
+    recipe: RecipeArguments
+    purge_mix: Any = None
+
+
+def make_parser(prog: str | None = None, description: str | None = None):
+    from trl import TrlParser
+
+    parser = TrlParser(
+        recipe_dataclasses(), prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    return parser
+
+
+def parse_recipe(argv: list[str], prog: str | None = None, description: str | None = None) -> Recipe:
+    """Parse `--config FILE` (optional) and command-line overrides into a [`Recipe`]; unknown keys are an error."""
+    config_path = _config_path(argv)
+    if config_path is not None:
+        problems = validate_recipe(config_path, overrides=_overrides_without_config(argv), check_values=False)
+        if problems:
+            raise RecipeError(config_path, problems)
+    parser = make_parser(prog, description)
+    parsed = parser.parse_args_and_config(list(argv))
+    parsed = list(parsed)
+    return Recipe(*parsed[:4], purge_mix=parsed[4] if len(parsed) > 4 else None)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise RecipeError("<command line>", ["`--config` needs a recipe path: --config recipes/.../config.yaml"])
+        return argv[index + 1]
+    return None
+
+
+def _overrides_without_config(argv: list[str]) -> list[str]:
+    argv = list(argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        del argv[index : index + 2]
+    return argv
+
+
+class RecipeError(ValueError):
+    """A recipe with problems; the message lists every one of them."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation without loading anything
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_recipe_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise RecipeError(path, [f"no such recipe file: {path}"])
+    with open(path, encoding="utf-8") as f:
+        try:
+            content = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise RecipeError(path, [f"not valid YAML: {error}"]) from error
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise RecipeError(path, [f"a recipe is a flat YAML mapping of `key: value`, got a {type(content).__name__}"])
+    return content
+
+
+def _field_owners() -> dict[str, type]:
+    owners: dict[str, type] = {}
+    for cls in recipe_dataclasses():
+        for f in dataclasses.fields(cls):
+            if f.init:
+                owners.setdefault(f.name, cls)
+    return owners
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:
+        # a sub-string match catches the common missing prefix or suffix, e.g. `keep_ratio` -> `token_keep_ratio`
+        close = sorted((n for n in names if key in n or (len(n) > 4 and n in key)), key=len)[:1]
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _check_value(action: argparse.Action, key: str, value: Any) -> str | None:
+    """The problem with `value` for the parser option `action`, or None. Mirrors what argparse does to a default."""
+    if value is None:
+        return None
+    expected = action.type
+    if isinstance(value, str) and action.nargs in (None, "?"):
+        if callable(expected):
+            try:
+                value = expected(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                name = getattr(expected, "__name__", str(expected))
+                name = "boolean (true/false)" if name == "string_to_bool" else name
+                return f"`{key}: {value!r}` is not a valid {name} ({error})"
+    elif action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            return f"`{key}` takes a list (e.g. `{key}: [a, b]`), got {value!r}"
+        return None
+    elif isinstance(value, bool) and expected in (int, float):
+        return f"`{key}` takes a number, got the boolean {value!r}"
+    elif expected is float and not isinstance(value, (int, float)):
+        return f"`{key}` takes a number, got {value!r}"
+    elif expected is int and not isinstance(value, int):
+        return f"`{key}` takes an integer, got {value!r}"
+    if action.choices is not None and value not in action.choices:
+        return f"`{key}: {value!r}` is not one of {list(action.choices)}{_did_you_mean(str(value), list(map(str, action.choices)))}"
+    return None
+
+
+def validate_recipe(
+    path: str,
+    overrides: list[str] | None = None,
+    check_values: bool = True,
+    base_dir: str | None = None,
+    notes: list[str] | None = None,
+) -> list[str]:
+    """
+    Check a recipe without loading a model or a dataset.
+
+    Args:
+        path (`str`):
+            The recipe YAML file.
+        overrides (`list[str]`, *optional*):
+            Command-line overrides (`--key value ...`) applied after the file, as `token-clean train` applies them.
+        check_values (`bool`, *optional*, defaults to `True`):
+            Also build every config (running their `__post_init__` checks) and the recipe-level checks. With `False`
+            only unknown keys and the YAML itself are checked (the parser reports the rest).
+        base_dir (`str`, *optional*):
+            Folder that relative local paths in the recipe are checked against. Defaults to the current directory.
+        notes (`list[str]`, *optional*):
+            Receives what depends on this machine rather than on the recipe (a local dataset or model folder that
+            does not exist here yet, bf16 checked without a bf16 GPU). Notes do not make a recipe invalid.
+
+    Returns:
+        `list[str]`: Every problem found, one sentence each naming the key and the fix; empty when the recipe is valid.
+    """
+    try:
+        content = load_recipe_file(path)
+    except RecipeError as error:
+        return error.problems
+    problems: list[str] = []
+    owners = _field_owners()
+    names = sorted(owners)
+    content = dict(content)
+    content.pop("env", None)  # TrlParser sets these as environment variables
+    for key in content:
+        if key not in owners:
+            if key == "config":
+                problems.append("`config` is reserved for the recipe path itself; remove it from the file")
+            else:
+                problems.append(f"unknown key `{key}`{_did_you_mean(key, names)}")
+    if not check_values:
+        return problems
+
+    parser = make_parser()
+    actions = {a.dest: a for a in parser._actions}
+    values = {k: v for k, v in content.items() if k in owners}
+    bad_keys = set()
+    for key, value in values.items():
+        problem = _check_value(actions[key], key, value)
+        if problem:
+            problems.append(problem)
+            bad_keys.add(key)
+    # Command-line overrides go through argparse itself, exactly as in `train`.
+    if overrides:
+        try:
+            namespace, unknown = parser.parse_known_args(overrides)
+        except SystemExit:
+            problems.append(f"the command-line overrides {overrides} do not parse; see `--help`")
+            return problems
+        for item in unknown:
+            if item.startswith("--"):
+                key = item[2:].split("=")[0]
+                problems.append(f"unknown option `{item}`{_did_you_mean(key, names)}")
+        for key in owners:
+            if any(o == f"--{key}" or o.startswith(f"--{key}=") for o in overrides):
+                values[key] = getattr(namespace, key)
+                bad_keys.discard(key)
+    values = {k: v for k, v in values.items() if k not in bad_keys}
+
+    notes = notes if notes is not None else []
+    instances = _build_instances(parser, actions, values, owners, problems, notes)
+    if instances is not None:
+        problems.extend(check_recipe(*instances, base_dir=base_dir, notes=notes))
+    return problems
+
+
+def _coerce(actions: dict[str, argparse.Action], values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        action = actions[key]
+        if isinstance(value, str) and action.nargs in (None, "?") and callable(action.type):
+            value = action.type(value)
+        out[key] = value
+    return out
+
+
+def _construct(cls: type, kwargs: dict[str, Any], cpu_only: bool):
+    if cpu_only and "use_cpu" in {f.name for f in dataclasses.fields(cls)} and not kwargs.get("use_cpu"):
+        # Validation may run on a machine without the recipe's GPU: check bf16 recipes as if on their hardware.
+        kwargs = {**kwargs, "use_cpu": True}
+    return cls(**kwargs)
+
+
+def _build_instances(parser, actions, values, owners, problems, notes):
+    """Build each dataclass: once per key (to name every invalid one) and once with all keys (cross-field checks)."""
+    import torch
+
+    values = _coerce(actions, values)
+    cpu_only = not torch.cuda.is_available()
+    if cpu_only and values.get("bf16"):
+        notes.append("`bf16: true` needs a bf16-capable GPU; this machine has none, so it was checked as on a GPU")
+    by_class: dict[type, dict[str, Any]] = {cls: {} for cls in recipe_dataclasses()}
+    for key, value in values.items():
+        by_class[owners[key]][key] = value
+    seen = set(problems)
+    instances = []
+    for cls, kwargs in by_class.items():
+        good = {}
+        for key, value in kwargs.items():
+            try:
+                _construct(cls, {key: value}, cpu_only)
+                good[key] = value
+            except Exception as error:  # noqa: BLE001 - every config error is reported, none is fatal here
+                message = f"`{key}`: {error}"
+                if message not in seen:
+                    seen.add(message)
+                    problems.append(message)
+        instance = None
+        try:
+            instance = _construct(cls, kwargs, cpu_only)
+        except Exception as error:  # noqa: BLE001
+            if len(good) == len(kwargs):  # a conflict between keys that are each valid alone
+                message = f"{cls.__name__}: {error}"
+                if message not in seen:
+                    seen.add(message)
+                    problems.append(message)
+        # Keep checking across configs with what is valid, so one bad value does not hide the other problems.
+        for attempt in (good, {}):
+            if instance is None:
+                try:
+                    instance = _construct(cls, attempt, cpu_only)
+                except Exception:  # noqa: BLE001
+                    instance = None
+        if instance is None:
+            return None
+        instances.append(instance)
+    script, training, model, recipe = instances[:4]
+    return script, training, model, recipe
+
+
+def check_recipe(
+    script, training, model, recipe: RecipeArguments, base_dir: str | None = None, notes: list[str] | None = None
+) -> list[str]:
+    """Checks across configs that no single `__post_init__` can make; loads nothing. Missing local paths are notes."""
+    problems = []
+    notes = notes if notes is not None else []
+    base_dir = base_dir or os.getcwd()
+    if not model.model_name_or_path:
+        problems.append("`model_name_or_path` is required (a local folder, a Hub id, or `embedded:smollm2`)")
+    else:
+        problems += _check_model_ref("model_name_or_path", model.model_name_or_path, base_dir, notes)
+    if training.ref_model_name_or_path:
+        problems += _check_model_ref("ref_model_name_or_path", training.ref_model_name_or_path, base_dir, notes)
+    if not script.dataset_name:
+        problems.append(
+            "`dataset_name` is required (a Hub id, a local .json/.jsonl/.parquet/.csv file, a `save_to_disk` folder, "
+            "or `embedded:chatterbot`)"
+        )
+    else:
+        problems += _check_dataset_ref(script.dataset_name, base_dir, notes)
+    mode, selection = training.token_cleaning, training.token_selection
+    has_reference = bool(training.ref_model_name_or_path or training.ref_adapter_name_or_path)
+    if recipe.ref_warmup_split is not None:
+        if has_reference:
+            problems.append(
+                "`ref_warmup_split` trains a reference, but the recipe also names one in `ref_model_name_or_path` / "
+                "`ref_adapter_name_or_path`; keep only one"
+            )
+        if mode in ("self_evolving", "none"):
+            problems.append(
+                f"`ref_warmup_split` has no use with `token_cleaning: {mode}`"
+                + (" (self-evolving uses the model itself as reference)" if mode == "self_evolving" else "")
+                + "; remove it"
+            )
+        if script.dataset_name in EMBEDDED_DATASETS and recipe.ref_warmup_split not in ("warmup", "train", "heldout"):
+            problems.append(
+                f"`ref_warmup_split: {recipe.ref_warmup_split}` is not a split of `embedded:chatterbot` "
+                "(warmup, train, heldout)"
+            )
+        if recipe.ref_warmup_split == script.dataset_train_split:
+            problems.append(
+                f"`ref_warmup_split` equals `dataset_train_split` ({recipe.ref_warmup_split!r}): the reference would be "
+                "warmed up on the very data it scores; use a separate warm-up split"
+            )
+    elif mode == "online" or (mode == "fixed" and selection in ("global", "sample", "batch")):
+        if not has_reference:
+            problems.append(
+                f"`token_cleaning: {mode}` with `token_selection: {selection}` ranks tokens by L_base - L_ref and needs "
+                "a reference: set `ref_warmup_split` (warm one up first), `ref_adapter_name_or_path` or "
+                "`ref_model_name_or_path`"
+            )
+    if training.ref_adapter_name_or_path and not model.use_peft:
+        problems.append(
+            "`ref_adapter_name_or_path` is loaded beside the trained LoRA adapter and needs `use_peft: true`; for full "
+            "fine-tuning merge the adapter and use `ref_model_name_or_path`"
+        )
+    if training.ref_adapter_name_or_path:
+        notes += _check_local_path("ref_adapter_name_or_path", training.ref_adapter_name_or_path, base_dir)
+    if recipe.accelerate_config is not None:
+        try:
+            resolve_accelerate_config(recipe.accelerate_config)
+        except ValueError as error:
+            problems.append(f"`accelerate_config`: {error}")
+    if training.chat_template_path is not None and training.chat_template_path in NAMED_CHAT_TEMPLATES:
+        pass
+    elif training.chat_template_path is not None and training.chat_template_path.endswith((".jinja", ".j2")):
+        notes += _check_local_path("chat_template_path", training.chat_template_path, base_dir)
+    if recipe.global_batch_size is not None:
+        per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps
+        if recipe.global_batch_size % per_step:
+            problems.append(
+                f"`global_batch_size: {recipe.global_batch_size}` is not a multiple of per_device_train_batch_size x "
+                f"gradient_accumulation_steps = {per_step}, so no process count reaches it"
+            )
+    return problems
+
+
+def _looks_local(value: str) -> bool:
+    """A local path rather than a Hub id (`org/name`): write local folders as `./data/...` to be unambiguous."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or os.path.exists(value)
+
+
+def _check_local_path(key: str, value: str, base_dir: str) -> list[str]:
+    path = os.path.join(base_dir, os.path.expanduser(value))
+    return [] if os.path.exists(path) else [f"`{key}: {value}` does not exist on this machine (yet)"]
+
+
+def _check_model_ref(key: str, value: str, base_dir: str, notes: list[str]) -> list[str]:
+    if value.startswith("embedded:"):
+        if value not in EMBEDDED_MODELS:
+            return [f"`{key}: {value}` is not an embedded model; use one of {list(EMBEDDED_MODELS)}"]
+        return []
+    if _looks_local(value):
+        notes += _check_local_path(key, value, base_dir)
+    return []  # a Hub id: only checkable where the Hub is reachable
+
+
+def _check_dataset_ref(value: str, base_dir: str, notes: list[str]) -> list[str]:
+    if value.startswith("embedded:"):
+        if value not in EMBEDDED_DATASETS:
+            return [f"`dataset_name: {value}` is not an embedded dataset; use one of {list(EMBEDDED_DATASETS)}"]
+        return []
+    if _looks_local(value) or os.path.splitext(value)[1] in LOCAL_DATA_FORMATS:
+        notes += _check_local_path("dataset_name", value, base_dir)
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resolution: accelerate configs, chat templates, models, data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shipped_accelerate_configs() -> list[str]:
+    folder = resources.files("token_clean_trainer") / "accelerate_configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_accelerate_config(name_or_path: str) -> str:
+    """The path of a shipped accelerate config given its name (`zero3`), or the given path if it is a file."""
+    if os.path.isfile(name_or_path):
+        return os.path.abspath(name_or_path)
+    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
+    shipped = shipped_accelerate_configs()
+    if name not in shipped:
+        raise ValueError(
+            f"{name_or_path!r} is neither a file nor a shipped accelerate config; shipped: {shipped}"
+            f"{_did_you_mean(name, shipped)}"
+        )
+    return str(resources.files("token_clean_trainer") / "accelerate_configs" / f"{name}.yaml")
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """`chat_template_path` with a shipped template name (`tulu`) replaced by the packaged `.jinja` file."""
+    if value in NAMED_CHAT_TEMPLATES:
+        return str(resources.files("token_clean_trainer") / "chat_templates" / f"{value}.jinja")
+    return value
+
+
+def resolve_model(value: str | None) -> str | None:
+    """A model reference with the `embedded:smollm2` sentinel replaced by the converted local folder."""
+    if value in EMBEDDED_MODELS:
+        from .assets import default_model_path
+
+        return default_model_path()
+    return value
+
+
+def load_recipe_dataset(script, recipe: RecipeArguments, splits: list[str]):
+    """
+    Load the recipe's dataset and return `{split: Dataset}` for the requested splits (row limits applied).
+
+    `dataset_name` may be `embedded:chatterbot`, a `save_to_disk` folder, a local `.json`/`.jsonl`/`.parquet`/`.csv`
+    file (one split, `train`) or a Hub id (loaded with `datasets.load_dataset`).
+    """
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    name = script.dataset_name
+    if name in EMBEDDED_DATASETS:
+        from .assets import load_chatterbot_dataset
+
+        data = load_chatterbot_dataset()
+    elif os.path.isdir(name) and (
+        os.path.isfile(os.path.join(name, "dataset_dict.json")) or os.path.isfile(os.path.join(name, "state.json"))
+    ):
+        data = load_from_disk(name)
+    elif os.path.isfile(name):
+        extension = os.path.splitext(name)[1]
+        if extension not in LOCAL_DATA_FORMATS:
+            raise ValueError(
+                f"`dataset_name: {name}`: unsupported file type {extension!r}; use one of {sorted(LOCAL_DATA_FORMATS)} "
+                "or a `save_to_disk` folder."
+            )
+        data = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=name)
+    elif _looks_local(name):
+        raise FileNotFoundError(
+            f"`dataset_name: {name}` does not exist. Point it to a `save_to_disk` folder, a .json/.jsonl/.parquet/.csv "
+            "file, a Hub id (`org/name`), or `embedded:chatterbot`."
+        )
+    else:
+        data = load_dataset(name, name=script.dataset_config)
+    if isinstance(data, Dataset):
+        data = DatasetDict({"train": data})
+    out = {}
+    for split in splits:
+        if split not in data:
+            raise ValueError(
+                f"`{split}` is not a split of `dataset_name: {name}`; its splits are {list(data)}. Set "
+                "`dataset_train_split` / `dataset_test_split` / `ref_warmup_split` to one of them."
+            )
+        out[split] = data[split]
+    return out
+
+
+def take_rows(dataset, rows: int, seed: int | None):
+    """The first `rows` rows (after a seeded shuffle when `seed` is set); all of them when `rows` is 0."""
+    if seed is not None:
+        dataset = dataset.shuffle(seed=seed)
+    if rows and rows < len(dataset):
+        dataset = dataset.select(range(rows))
+    return dataset
+
+
+def settings_hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
