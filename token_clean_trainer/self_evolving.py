@@ -25,6 +25,7 @@ STATE_FORMAT_VERSION = 1
 STATE_JSON = "token_cleaning_state.json"
 STATE_ARRAYS = "token_cleaning_keep.safetensors"
 ROUNDS_DIR = "self_evolving"
+TRAINER_STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint
 
 
 def chunk_bounds(n_rows: int, rounds: int) -> list[tuple[int, int]]:
@@ -55,12 +56,32 @@ def latest_round_checkpoint(output_dir: str) -> str | None:
     for path in glob.glob(os.path.join(glob.escape(output_dir), ROUNDS_DIR, "round-*", "checkpoint-*")):
         round_match = re.search(r"round-(\d+)$", os.path.dirname(path))
         step_match = re.search(r"checkpoint-(\d+)$", path)
-        if not (round_match and step_match and os.path.isfile(os.path.join(path, STATE_JSON))):
+        complete = os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, TRAINER_STATE))
+        if not (round_match and step_match and complete):
             continue
         key = (int(round_match.group(1)), int(step_match.group(1)), path)
         if best is None or key[:2] > best[:2]:
             best = key
     return best[2] if best else None
+
+
+def latest_complete_checkpoint(output_dir: str, with_state: bool = False) -> str | None:
+    """
+    The highest `checkpoint-<step>` folder of `output_dir` that was saved to the end, or None. With `with_state`, it
+    must also hold the token-cleaning state (written after Trainer's own files).
+
+    Trainer writes a checkpoint in place and its `trainer_state.json` last, so a run killed while saving leaves a
+    folder without it; `transformers.trainer_utils.get_last_checkpoint` would pick that folder and the resume would
+    fail on the missing files. Such folders are skipped here.
+    """
+    best: tuple[int, str] | None = None
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*")):
+        match = re.search(r"checkpoint-(\d+)$", path)
+        needed = (TRAINER_STATE, STATE_JSON) if with_state else (TRAINER_STATE,)
+        if match and all(os.path.isfile(os.path.join(path, name)) for name in needed):
+            if best is None or int(match.group(1)) > best[0]:
+                best = (int(match.group(1)), path)
+    return best[1] if best else None
 
 
 def save_checkpoint_state(folder: str, payload: dict[str, Any], keep: np.ndarray | None) -> None:
@@ -110,6 +131,7 @@ def check_resume_matches(payload: dict[str, Any], expected: dict[str, Any], fold
 __all__ = [
     "chunk_bounds",
     "check_resume_matches",
+    "latest_complete_checkpoint",
     "latest_round_checkpoint",
     "load_checkpoint_state",
     "round_output_dir",

@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from datasets.table import InMemoryTable
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path, use_adapter
 
@@ -42,6 +42,7 @@ from .selection import select_tokens
 from .self_evolving import (
     check_resume_matches,
     chunk_bounds,
+    latest_complete_checkpoint,
     latest_round_checkpoint,
     load_checkpoint_state,
     round_output_dir,
@@ -348,7 +349,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if mode == "self_evolving":
             return self._train_self_evolving(resume_from_checkpoint, train_kwargs)
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            # Skips a checkpoint folder a kill left half-written (Trainer saves in place).
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, self._selects_per_step)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
         state = self._prepare_token_cleaning()
