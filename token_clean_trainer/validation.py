@@ -405,7 +405,7 @@ def _conclude(scan: _Scan, rows_total: int) -> ValidationResult:
             "The %s dataset has rows that train without a usable response (%s). TRL trains on them as they are; "
             "with token cleaning on they are an error. %s",
             name,
-            ", ".join(f"{problem}: {count} rows" for problem, count in warnings.items()),
+            ", ".join(f"{problem}: {_rows(count)}" for problem, count in warnings.items()),
             _details([f for k, f in scan.findings.items() if k in warnings]),
         )
     if errors:
@@ -419,17 +419,22 @@ def _conclude(scan: _Scan, rows_total: int) -> ValidationResult:
             )
         )
         raise DatasetValidationError(
-            f"The {name} dataset has invalid rows ({', '.join(f'{k}: {v} rows' for k, v in errors.items())}; of "
+            f"The {name} dataset has invalid rows ({', '.join(f'{k}: {_rows(v)}' for k, v in errors.items())}; of "
             f"{rows_total:,}). {_details(shown)}{why} Fix or drop them before training, e.g. with `dataset.filter`."
         )
     return ValidationResult(rows_total, errors, warnings)
+
+
+def _rows(count: int) -> str:
+    return "1 row" if count == 1 else f"{count:,} rows"
 
 
 def _details(findings: list[_Finding]) -> str:
     lines = []
     for finding in findings:
         shown = ", ".join(f"row {r} (`{f}`)" for r, f in zip(finding.rows, finding.fields))
-        more = f" and {finding.count - len(finding.rows)} more rows" if finding.count > len(finding.rows) else ""
+        left = finding.count - len(finding.rows)
+        more = f" and {left:,} more row{'s' if left > 1 else ''}" if left > 0 else ""
         lines.append(f"\n  - {finding.problem}: {shown}{more}. Fix: {finding.fix}.")
     return "".join(lines)
 
