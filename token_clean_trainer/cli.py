@@ -59,7 +59,10 @@ def _peek_launch_settings(argv: list[str]) -> tuple[str | None, int | None]:
 
 
 def _already_launched() -> bool:
-    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
+    # torchrun sets LOCAL_RANK; accelerate's single-process launcher sets ACCELERATE_MIXED_PRECISION.
+    return any(key in os.environ for key in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")) or (
+        os.environ.get(LAUNCHED_ENV) == "1"
+    )
 
 
 def _relaunch(command: str, argv: list[str], config_name: str, num_processes: int | None) -> int:
@@ -118,27 +121,34 @@ def _model_init_kwargs(recipe) -> dict:
     return kwargs
 
 
+class LaunchError(RuntimeError):
+    """A run refused before loading anything heavy; `main` prints the message (once) and exits with code 2."""
+
+
 def _check_global_batch(recipe) -> None:
     training, settings = recipe.training, recipe.recipe
-    if settings.global_batch_size is None:
+    target = settings.global_batch_size
+    if target is None:
         return
     processes = training.world_size
-    per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps
-    actual = per_step * processes
-    if actual == settings.global_batch_size:
+    per_device, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
+    actual = per_device * accumulation * processes
+    if actual == target:
         return
-    per_device = training.per_device_train_batch_size * processes
-    fix = (
-        f"pass `--gradient_accumulation_steps {settings.global_batch_size // per_device}`"
-        if settings.global_batch_size % per_device == 0
-        else f"pick per_device_train_batch_size x gradient_accumulation_steps = {settings.global_batch_size} / "
-        f"{processes} (not an integer here: change per_device_train_batch_size)"
-    )
-    raise ValueError(
-        f"This recipe is tuned for a global batch of {settings.global_batch_size} rows, but "
-        f"{training.per_device_train_batch_size} (per_device_train_batch_size) x {training.gradient_accumulation_steps} "
-        f"(gradient_accumulation_steps) x {processes} (processes) = {actual}. To keep the recipe's meaning on "
-        f"{processes} process(es), {fix}; to change the recipe on purpose, pass `--global_batch_size {actual}`."
+    if target % processes:
+        fix = f"use a process count that divides {target}"
+    else:
+        share = target // processes  # rows per process per optimizer step
+        if share % per_device == 0:
+            fix = f"pass `--gradient_accumulation_steps {share // per_device}`"
+        else:
+            fitting = max(d for d in range(1, min(per_device, share) + 1) if share % d == 0)
+            fix = f"pass `--per_device_train_batch_size {fitting} --gradient_accumulation_steps {share // fitting}`"
+    raise LaunchError(
+        f"This recipe is tuned for a global batch of {target} rows, but {per_device} (per_device_train_batch_size) x "
+        f"{accumulation} (gradient_accumulation_steps) x {processes} (processes) = {actual}. To keep the recipe's "
+        f"meaning on {processes} process(es), {fix}; to change the recipe on purpose, pass `--global_batch_size "
+        f"{actual}`."
     )
 
 
@@ -300,7 +310,10 @@ def _train(argv: list[str]) -> int:
         trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
         trainer.save_model(recipe.training.output_dir)
         if trainer.accelerator.is_main_process:
-            print(f"token-clean train: model saved to {recipe.training.output_dir}", flush=True)
+            processes = trainer.accelerator.num_processes
+            print(
+                f"token-clean train: model saved to {recipe.training.output_dir} ({processes} processes)", flush=True
+            )
             if trainer.token_cleaning_enabled:
                 print_summary(load_report(recipe.training.output_dir))
         trainer.accelerator.wait_for_everyone()
@@ -339,7 +352,8 @@ def _score(argv: list[str]) -> int:
             else:
                 path = os.path.join(output_dir, "token_scores")
                 scored.save_to_disk(path)
-            print(f"token-clean score: {len(scored)} rows of token scores written to {path}", flush=True)
+            processes = trainer.accelerator.num_processes
+            print(f"token-clean score: {len(scored)} rows of token scores written to {path} ({processes} processes)")
             print_summary(trainer.token_cleaning_state.report)
         trainer.accelerator.wait_for_everyone()
         trainer.end()
@@ -464,7 +478,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"token-clean: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except LaunchError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"token-clean {argv[0]}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
