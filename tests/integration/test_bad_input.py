@@ -1,7 +1,10 @@
 """Bad input gets a clear error that names the field and the fix, before any scoring forward."""
 
+import glob
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -11,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import token_clean_trainer.token_clean_trainer as trainer_module
 from tests.conftest import arithmetic_rows, cpu_args, make_tiny_llama
 from token_clean_trainer import TokenCleanSFTTrainer
+from token_clean_trainer.validation import DatasetValidationError
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
 
@@ -208,3 +212,145 @@ def test_unwritable_cache_dir_fails_before_scoring(tmp_path, tiny_model_dir, tin
             ref_model_name_or_path=tiny_ref_dir,
             score_cache_dir=str(blocker / "cache"),
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Raw rows, checked before TRL tokenises them (the full matrix is in tests/unit/test_validation.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def conversation(reply):
+    return [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": reply}]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "none"])
+def test_a_row_trl_would_crash_on_is_named_in_every_mode(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, mode):
+    data = Dataset.from_dict({"messages": [conversation("4."), conversation("4."), conversation(None)]})
+    with pytest.raises(DatasetValidationError, match=r"row 2 \(`messages\[1\]\.content`\)"):
+        build(
+            tmp_path, tiny_model_dir, tokenizer, dataset=data, token_cleaning=mode, ref_model_name_or_path=tiny_ref_dir
+        )
+
+
+def test_no_assistant_turn_is_an_error_when_cleaning_and_a_warning_otherwise(
+    tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, caplog
+):
+    rows = [conversation("4.")] * 3 + [[{"role": "user", "content": "Hello?"}]]
+    data = Dataset.from_dict({"messages": rows})
+    with pytest.raises(DatasetValidationError, match=r"no assistant turn: row 3 \(`messages`\)"):
+        build(tmp_path, tiny_model_dir, tokenizer, dataset=data, ref_model_name_or_path=tiny_ref_dir)
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, dataset=data, token_cleaning="none", max_steps=1)
+    assert len(trainer.train_dataset) == 4  # plain SFTTrainer behaviour: the row trains as it is
+    trainer.train()
+    assert "no assistant turn: 1 row" in caplog.text
+
+
+def test_empty_dataset_is_refused_before_trl_reads_its_first_row(tmp_path, tiny_model_dir, tokenizer):
+    with pytest.raises(DatasetValidationError, match="train dataset is empty"):
+        build(tmp_path, tiny_model_dir, tokenizer, dataset=Dataset.from_dict({"messages": []}), token_cleaning="none")
+
+
+def test_a_bad_eval_row_names_the_eval_dataset(tmp_path, tiny_model_dir, tokenizer):
+    eval_data = Dataset.from_dict({"text": ["fine", None]})
+    with pytest.raises(
+        DatasetValidationError, match=r"(?s)The eval dataset .*`text` is None: 1 row.*row 1 \(`text`\)"
+    ):
+        TokenCleanSFTTrainer(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            args=cpu_args(tmp_path, token_cleaning="none", eval_strategy="no"),
+            train_dataset=Dataset.from_list(arithmetic_rows(4)),
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Score cache: another dataset or model, garbled shards, a full disk
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cached_scores(tmp_path, name, model_dir, ref_dir, tokenizer, rows, cache):
+    trainer = build(
+        tmp_path / name,
+        model_dir,
+        tokenizer,
+        dataset=Dataset.from_list(rows),
+        ref_model_name_or_path=ref_dir,
+        score_cache_dir=str(cache),
+        score_shard_rows=4,
+    )
+    scored = trainer.score_tokens()
+    return np.concatenate(scored["token_scores"]), trainer.token_cleaning_state.report["cache"]
+
+
+def test_cache_of_another_dataset_or_model_is_never_used(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    cache = tmp_path / "cache"
+    first, stats = cached_scores(tmp_path, "a", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8), cache)
+    assert stats == {"base": {"reused": 0, "computed": 2}, "ref": {"reused": 0, "computed": 2}}
+    # Other rows: nothing matches, although the models and the cache folder are the same.
+    _, stats = cached_scores(tmp_path, "b", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8, 50), cache)
+    assert stats == {"base": {"reused": 0, "computed": 2}, "ref": {"reused": 0, "computed": 2}}
+    # Another reference saved under the same folder name: its weights differ, so its losses are recomputed.
+    other_ref = tmp_path / "c" / os.path.basename(tiny_ref_dir)
+    make_tiny_llama(tokenizer, seed=5).save_pretrained(other_ref)
+    third, stats = cached_scores(tmp_path, "c", tiny_model_dir, str(other_ref), tokenizer, arithmetic_rows(8), cache)
+    assert stats == {"base": {"reused": 2, "computed": 0}, "ref": {"reused": 0, "computed": 2}}
+    assert not np.allclose(np.nan_to_num(first), np.nan_to_num(third))
+
+
+def test_garbled_cache_shard_is_recomputed_not_used(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, caplog):
+    cache = tmp_path / "cache"
+    first, _ = cached_scores(tmp_path, "a", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8), cache)
+    shards = sorted(glob.glob(str(cache / "token_losses" / "*" / "*.safetensors")))
+    with open(shards[0], "r+b") as f:  # flip bytes inside the stored losses: still a parseable safetensors file
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        f.seek(-8, os.SEEK_END)
+        f.write(bytes(b ^ 0x5A for b in tail))
+    with open(shards[1], "r+b") as f:  # and truncate another one, as a kill during a non-atomic copy would
+        f.truncate(40)
+    again, stats = cached_scores(tmp_path, "b", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8), cache)
+    assert sum(s["computed"] for s in stats.values()) == 2 and sum(s["reused"] for s in stats.values()) == 2
+    np.testing.assert_array_equal(again, first)
+    assert "checksum does not match" in caplog.text and "unreadable score cache file" in caplog.text
+
+
+def test_too_little_free_space_fails_before_scoring(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 10))
+    trainer = build(
+        tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=tiny_ref_dir, score_cache_dir=str(tmp_path / "c")
+    )
+    monkeypatch.setattr(trainer_module, "compute_token_losses", lambda *a, **k: pytest.fail("scored before the check"))
+    with pytest.raises(OSError, match=r"0\.0 MiB free, but storing the base losses of 1 shards needs about 1\.0 MiB"):
+        trainer.score_tokens()
+
+
+def test_disk_full_mid_scoring_keeps_the_run_and_the_written_shards(
+    tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch
+):
+    import errno
+
+    import token_clean_trainer.cache as cache_module
+
+    real_write, writes = cache_module.atomic_write_bytes, []
+
+    def fills_up(path, data):
+        writes.extend([path] if path.endswith(".safetensors") else [])  # not the writability probe
+        if len(writes) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(cache_module, "atomic_write_bytes", fills_up)
+    cache = tmp_path / "cache"
+    full, stats = cached_scores(tmp_path, "a", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8), cache)
+    # base: 2 shards stored; ref: 1 stored, then the write fails and the second ref shard is kept in memory only.
+    assert stats == {
+        "base": {"reused": 0, "computed": 2},
+        "ref": {"reused": 0, "computed": 2, "not_stored": 1},
+    }
+    monkeypatch.setattr(cache_module, "atomic_write_bytes", real_write)
+    again, stats = cached_scores(tmp_path, "b", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8), cache)
+    assert stats == {"base": {"reused": 2, "computed": 0}, "ref": {"reused": 1, "computed": 1}}
+    np.testing.assert_array_equal(again, full)
