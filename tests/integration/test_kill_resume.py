@@ -5,6 +5,7 @@ with the same losses."""
 import glob
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -183,3 +184,29 @@ def test_kill_during_fixed_training_then_resume(tmp_path, tiny_model_dir, tiny_r
         [resumed_losses[s] for s in range(1, 7)], [whole_losses[s] for s in range(1, 7)], rtol=1e-5
     )
     assert resumed["weights"] == whole["weights"]
+
+
+@pytest.mark.slow
+def test_kill_during_default_model_conversion_leaves_nothing_that_loads(tmp_path):
+    """SIGKILL the one-time GGUF -> safetensors conversion once it is writing, then call it again."""
+    from token_clean_trainer import assets
+
+    cache_root = tmp_path / "assets"
+    convert = [
+        sys.executable,
+        "-c",
+        f"from token_clean_trainer.assets import default_model_path as p; p({str(cache_root)!r})",
+    ]
+    models = cache_root / "models"
+
+    def writing():
+        return any(any(tmp.iterdir()) for tmp in models.glob(".*.tmp-*") if tmp.is_dir()) if models.is_dir() else False
+
+    kill_when(convert, writing, "a file in the temporary conversion folder")
+    finals = [p for p in models.iterdir() if not p.name.startswith(".")]
+    assert finals == []  # the half-converted folder never got its final name
+    assert list(models.glob(".*.tmp-*"))  # the leftover is there until the next conversion removes it
+
+    path = assets.default_model_path(str(cache_root), verify=True)
+    assert assets._manifest_problem(pathlib.Path(path), verify=True) is None
+    assert not list(models.glob(".*.tmp-*"))
