@@ -207,7 +207,18 @@ class TokenCleanConfig(SFTConfig):
         if isinstance(self.ref_model_init_kwargs, str):
             import json
 
-            self.ref_model_init_kwargs = json.loads(self.ref_model_init_kwargs)
+            try:
+                self.ref_model_init_kwargs = json.loads(self.ref_model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f'`ref_model_init_kwargs` must be a JSON object such as \'{{"dtype": "bfloat16"}}\', got '
+                    f"{self.ref_model_init_kwargs!r} ({error})."
+                ) from error
+        if self.ref_model_init_kwargs is not None and not isinstance(self.ref_model_init_kwargs, dict):
+            raise ValueError(
+                f"`ref_model_init_kwargs` must be a dict of `from_pretrained` keyword arguments, got "
+                f"{type(self.ref_model_init_kwargs).__name__}: {self.ref_model_init_kwargs!r}."
+            )
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise ValueError(f"`score_batch_size` must be a positive integer, got {self.score_batch_size}.")
         if self.score_shard_rows < 1:

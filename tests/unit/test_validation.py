@@ -138,3 +138,11 @@ def test_assistant_only_loss_makes_a_missing_assistant_turn_an_error_in_every_mo
     assert validate_raw_dataset(data, strict=False).warnings == {"no assistant turn": 1}
     with pytest.raises(DatasetValidationError, match="no assistant turn: row 1"):
         validate_raw_dataset(data, strict=False, assistant_only_loss=True)
+
+
+@pytest.mark.parametrize("value", ["{dtype: bfloat16}", "[1, 2]", 3])
+def test_ref_model_init_kwargs_must_be_a_json_object(tmp_path, value):
+    from token_clean_trainer import TokenCleanConfig
+
+    with pytest.raises(ValueError, match="`ref_model_init_kwargs` must be a"):
+        TokenCleanConfig(str(tmp_path), bf16=False, report_to="none", ref_model_init_kwargs=value)
