@@ -305,7 +305,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 dataset,
                 dataset_name=dataset_name,
                 text_field=args.dataset_text_field,
-                strict=getattr(args, "token_cleaning", "none") != "none",
+                # Only the train rows are ranked; eval rows need only be rows TRL can prepare.
+                strict=getattr(args, "token_cleaning", "none") != "none" and dataset_name == "train",
                 assistant_only_loss=args.assistant_only_loss,
             )
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
