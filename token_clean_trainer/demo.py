@@ -17,7 +17,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .assets import default_model_path, load_chatterbot_dataset
-from .evaluation import nll_summary
+from .evaluation import nll_summary, response_losses
 from .selection import select_global
 from .token_clean_config import TokenCleanConfig
 from .token_clean_trainer import TokenCleanSFTTrainer
@@ -147,10 +147,10 @@ def run_demo(settings: DemoSettings) -> dict:
     # Same scoring path as training: the base is the cleaned model with its adapter off, the reference is the
     # warm-up adapter loaded beside it, so no second model is loaded.
     prepared = cleaned.eval_dataset
-    base_losses = cleaned.token_losses(prepared, role="base")
-    reference_losses = cleaned.token_losses(prepared, role="ref")
-    cleaned_losses = cleaned.token_losses(prepared, role="model")
-    plain_losses = plain.token_losses(prepared, role="model")
+    base_losses = response_losses(cleaned, role="base")
+    reference_losses = response_losses(cleaned, role="ref")
+    cleaned_losses = response_losses(cleaned, role="model")
+    plain_losses = response_losses(plain, role="model", dataset=prepared)
     # The method's own view of the held-out tokens: which ones the reference marks informative (top 60%).
     informative = select_global(base_losses - reference_losses, settings.keep_ratio).keep
     other = ~np.isnan(base_losses) & ~informative

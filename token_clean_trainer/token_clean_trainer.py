@@ -30,6 +30,7 @@ from .collator import (
     TokenCleaningCollator,
 )
 from .report import add_step_summary, build_report, print_summary, write_report
+from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
 from .scoring import (
     align_token_losses,
     compute_token_losses,
@@ -364,7 +365,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if self._selects_per_step:
             add_step_summary(state.report, self._step_records)
             if self.accelerator.is_main_process:
-                write_report(os.path.join(self.args.output_dir, "token_cleaning"), state.report)
+                folder = os.path.join(self.args.output_dir, "token_cleaning")
+                write_report(folder, state.report)
+                print_summary(state.report, folder)
         return output
 
     def score_tokens(self) -> Dataset:
@@ -510,7 +513,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         """`build_report` with what every mode shares: the config, TRL's row counts, the reference, the time."""
         lengths, labels, offsets, response = positions
         fields.setdefault("reference", self._describe_reference())
-        return build_report(
+        report = build_report(
             args=self.args,
             lengths=lengths,
             offsets=offsets,
@@ -520,6 +523,41 @@ class TokenCleanSFTTrainer(SFTTrainer):
             seconds=time.perf_counter() - started,
             **fields,
         )
+        if self.accelerator.is_main_process:
+            # The rows of tokens.html; written (and popped) with report.json by `write_report`.
+            report["_tokens"] = self._token_sample(offsets, response, fields)
+        return report
+
+    def _token_sample(self, offsets: np.ndarray, response: np.ndarray, fields: dict[str, Any]) -> dict[str, Any]:
+        dataset = self._self_evolving_dataset if self._self_evolving_dataset is not None else self.train_dataset
+        args = self.args
+        settings = {
+            "model": getattr(unwrap_causal_lm(self.model).config, "_name_or_path", None),
+            "peft": is_peft_model(self.model),
+            "max_length": args.max_length,
+            "learning_rate": args.learning_rate,
+            "num_train_epochs": args.num_train_epochs,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size,
+            **{
+                name: getattr(args, name)
+                for name in sorted(vars(args))
+                if name.startswith(("token_", "ref_", "score_", "self_evolving_")) and getattr(args, name) is not None
+            },
+        }
+        return build_token_sample(
+            input_ids=lambda rows: dataset.select(rows)["input_ids"],
+            tokenizer=self._tokenizer,
+            offsets=offsets,
+            response=response,
+            base_losses=fields.get("base_losses"),
+            ref_losses=fields.get("ref_losses"),
+            keep=fields.get("keep"),
+            settings=settings,
+            rows=getattr(args, "token_report_rows", DEFAULT_SAMPLE_ROWS),
+            seed=self._seed,
+        )
 
     @property
     def _seed(self) -> int:
@@ -527,8 +565,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _publish_report(self, report: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
-            write_report(os.path.join(self.args.output_dir, "token_cleaning"), report)
-            print_summary(report)
+            folder = os.path.join(self.args.output_dir, "token_cleaning")
+            write_report(folder, report)
+            print_summary(report, folder)
         self._warn_if_weak_reference(report)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -727,9 +766,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
         self._checkpoint_payload = self._checkpoint_keep = None
         if self.accelerator.is_main_process:
-            print_summary(report)
-            for record in self._round_records:
-                print(_format_round(record), flush=True)
+            print_summary(report, os.path.join(args.output_dir, "token_cleaning"))
         self._warn_if_weak_reference(report)
         self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, keep_all))
         self.token_cleaning_state = TokenCleaningState(offsets, base_losses, ref_all, keep_all, None, report)
@@ -1056,15 +1093,6 @@ def _round_record(round_index, rows, response, keep, threshold, scores) -> dict[
                 share_abs_below_001=float((np.abs(values) < 0.01).mean()),
             )
     return record
-
-
-def _format_round(record: dict[str, Any]) -> str:
-    threshold = record.get("threshold")
-    return (
-        f"  round {record['round']}: rows {record['rows'][0]}-{record['rows'][1]}  kept {record['kept_tokens']:,} of "
-        f"{record['response_tokens']:,} ({100 * record['kept_fraction']:.2f}%)  threshold "
-        f"{'-' if threshold is None else format(threshold, '+.4f')}  reference: {record['reference']}"
-    )
 
 
 def _step_log_fields(window: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,0 +1,510 @@
+"""`tokens.html`: a self-contained per-token viewer of a cleaning run (no network, inline CSS and JS).
+
+The page shows a bounded sample of the scored rows (the most-kept, the least-kept and a seeded random set), every token
+coloured by its score `L_base - L_ref`, dropped tokens struck through, prompt tokens dimmed, and each token's base loss,
+reference loss and score on hover. The sample is persisted as `tokens_sample.json` beside `report.json`, so
+`token-clean report <output_dir>` can rebuild the page without the model, the tokenizer or the data.
+
+Dataset text never reaches the page as markup: the sample is embedded as JSON with `<`, `>` and `&` escaped, and the
+script builds every node with `textContent`.
+"""
+
+import codecs
+import html
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from .utils import atomic_write_bytes, atomic_write_json
+
+SAMPLE_FILE = "tokens_sample.json"
+HTML_FILE = "tokens.html"
+# Rows on the page: a quarter the most-kept, a quarter the least-kept, the rest a seeded random draw. About 100 rows of
+# a few hundred tokens keep the page around a megabyte, which any browser opens at once.
+DEFAULT_SAMPLE_ROWS = 100
+FORMAT_VERSION = 1
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-to-character table of byte-level BPE (GPT-2): printable bytes map to themselves, the rest above 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {char: byte for byte, char in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    except (ValueError, AttributeError):
+        return False
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
+    return "ByteLevel" in kinds
+
+
+def token_texts(tokenizer, ids: list[int]) -> tuple[list[str], list[bool]]:
+    """
+    The text each token contributes, with real whitespace, and whether it is a special (added) token.
+
+    Byte-level BPE tokens (`Ġ`, `Ċ`, `Ã©`) are mapped back to their bytes and decoded incrementally as UTF-8, so a
+    character split over two tokens appears on the token that completes it; a token holding only part of a character
+    shows its bytes as `<e2 80>`. SentencePiece tokens get `▁` turned into a space and `<0xNN>` byte tokens decoded
+    the same way.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            The trainer's tokenizer.
+        ids (`list[int]`):
+            Token ids of one row.
+    """
+    tokens = tokenizer.convert_ids_to_tokens(list(ids))
+    special_ids = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
+    byte_level = _is_byte_level(tokenizer)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts, special = [], []
+    for token_id, token in zip(ids, tokens):
+        token = "" if token is None else str(token)
+        if int(token_id) in special_ids:
+            decoder.reset()
+            texts.append(token)
+            special.append(True)
+            continue
+        match = _BYTE_TOKEN.match(token)
+        if match:
+            raw = bytes([int(match.group(1), 16)])
+        elif byte_level and all(char in _BYTE_DECODER for char in token):
+            raw = bytes(_BYTE_DECODER[char] for char in token)
+        else:
+            raw = token.replace("\u2581", " ").encode("utf-8")
+        text = decoder.decode(raw)
+        if not text and raw:
+            text = "<" + " ".join(f"{b:02x}" for b in raw) + ">"
+        texts.append(text)
+        special.append(False)
+    return texts, special
+
+
+def _round(values: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else round(float(v), 4) for v in values]
+
+
+def _per_row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    lengths = np.diff(offsets)
+    sums = np.zeros(len(lengths), dtype=np.float64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        sums[nonempty] = np.add.reduceat(values.astype(np.float64), offsets[:-1][nonempty])
+    return sums
+
+
+def choose_rows(rank: np.ndarray, eligible: np.ndarray, total: int, seed: int) -> list[tuple[int, str]]:
+    """
+    `(row, group)` pairs: up to `total // 4` rows with the highest `rank`, as many with the lowest, and a seeded random
+    draw from the rest, each row at most once. Rows not `eligible` (no response token) only enter the random draw.
+    """
+    rows = len(rank)
+    if rows <= total:
+        return [(i, "all") for i in range(rows)]
+    quarter = total // 4
+    candidates = np.flatnonzero(eligible)
+    order = candidates[np.argsort(-rank[candidates], kind="stable")]
+    chosen: dict[int, str] = {}
+    for i in order[:quarter]:
+        chosen[int(i)] = "top"
+    for i in order[::-1][:quarter]:
+        chosen.setdefault(int(i), "bottom")
+    rest = np.setdiff1d(np.arange(rows), np.fromiter(chosen, dtype=np.int64))
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(rest, size=min(total - len(chosen), len(rest)), replace=False):
+        chosen[int(i)] = "random"
+    return sorted(chosen.items())
+
+
+def build_token_sample(
+    *,
+    input_ids: list[list[int]] | Any,
+    tokenizer,
+    offsets: np.ndarray,
+    response: np.ndarray,
+    base_losses: np.ndarray | None,
+    ref_losses: np.ndarray | None,
+    keep: np.ndarray | None,
+    settings: dict[str, Any],
+    rows: int = DEFAULT_SAMPLE_ROWS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """
+    The bounded, JSON-ready sample behind `tokens.html`.
+
+    Args:
+        input_ids (`Callable[[list[int]], list[list[int]]]` or `Sequence`):
+            Token ids of the rows, indexable by row, or a function that returns the ids of the given rows (e.g. a
+            `datasets.Dataset` read lazily, so only the sampled rows are loaded).
+        tokenizer (`PreTrainedTokenizerBase`):
+            Decodes each token id for display.
+        offsets (`np.ndarray`):
+            Row start offsets into the flat arrays, length `rows + 1`.
+        response (`np.ndarray`):
+            Flat bool, True on response tokens (positions trained on before cleaning).
+        base_losses, ref_losses (`np.ndarray`, *optional*):
+            Flat float per-token losses, NaN where not scored.
+        keep (`np.ndarray`, *optional*):
+            Flat bool keep mask; None when tokens are chosen per optimizer step.
+        settings (`dict`):
+            The run's settings, shown on top of the page.
+        rows (`int`, *optional*, defaults to `100`):
+            Most rows on the page.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the random part of the sample.
+    """
+    n_rows = len(offsets) - 1
+    scores = base_losses - ref_losses if base_losses is not None and ref_losses is not None else None
+    n_response = _per_row_sums(response, offsets)
+    if keep is not None:
+        rank_name = "kept fraction"
+        rank = _per_row_sums(keep & response, offsets) / np.maximum(n_response, 1)
+    elif scores is not None:
+        rank_name = "mean score"
+        rank = _per_row_sums(np.where(response, np.nan_to_num(scores), 0), offsets) / np.maximum(n_response, 1)
+    else:
+        rank_name = "mean reference loss"
+        values = ref_losses if ref_losses is not None else np.zeros(len(response), dtype=np.float32)
+        rank = _per_row_sums(np.where(response, np.nan_to_num(values), 0), offsets) / np.maximum(n_response, 1)
+    chosen = choose_rows(rank, n_response > 0, rows, seed)
+    indices = [i for i, _ in chosen]
+    ids_of = input_ids if callable(input_ids) else (lambda idx: [list(input_ids[i]) for i in idx])
+    row_ids = ids_of(indices)
+
+    sample_rows = []
+    shown_scores = []
+    for (row, group), ids in zip(chosen, row_ids):
+        begin, end = int(offsets[row]), int(offsets[row + 1])
+        texts, special = token_texts(tokenizer, ids)
+        row_response = response[begin:end]
+        entry: dict[str, Any] = {
+            "row": row,
+            "group": group,
+            "rank": None if not np.isfinite(rank[row]) else round(float(rank[row]), 4),
+            "text": texts,
+            "special": [i for i, s in enumerate(special) if s],
+            "response": row_response.astype(np.int8).tolist(),
+            "response_tokens": int(row_response.sum()),
+        }
+        if base_losses is not None:
+            entry["base"] = _round(base_losses[begin:end])
+        if ref_losses is not None:
+            entry["ref"] = _round(ref_losses[begin:end])
+        if scores is not None:
+            row_scores = scores[begin:end]
+            entry["score"] = _round(row_scores)
+            shown_scores.append(row_scores[row_response & np.isfinite(row_scores)])
+        if keep is not None:
+            row_keep = keep[begin:end] & row_response
+            entry["keep"] = row_keep.astype(np.int8).tolist()
+            entry["kept_tokens"] = int(row_keep.sum())
+        sample_rows.append(entry)
+
+    values = np.concatenate(shown_scores) if shown_scores else np.zeros(0)
+    # Colours saturate at the 95th percentile of |score| among the shown tokens, so one outlier does not wash out the rest.
+    scale = float(np.quantile(np.abs(values), 0.95)) if values.size else 1.0
+    quarter = rows // 4 if n_rows > rows else 0
+    return {
+        "format": FORMAT_VERSION,
+        "rows_total": n_rows,
+        "rows_shown": len(sample_rows),
+        "sampling": {
+            "rank": rank_name,
+            "top": quarter,
+            "bottom": quarter,
+            "random": len(sample_rows) - sum(1 for r in sample_rows if r["group"] in ("top", "bottom")),
+            "seed": seed,
+        },
+        "color_scale": scale if scale > 0 else 1.0,
+        "has_scores": scores is not None,
+        "has_keep": keep is not None,
+        "settings": settings,
+        "rows": sample_rows,
+    }
+
+
+def _json_for_script(payload: Any) -> str:
+    """JSON that is inert inside a `<script>` element: no `</script>`, no `<!--`, no entity can appear."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
+    scores = report.get("scores") or {}
+    summary = {
+        "mode": report.get("mode"),
+        "selection": report.get("selection"),
+        "keep ratio": report.get("ratio"),
+        "threshold": report.get("threshold"),
+        "rows": report.get("rows"),
+        "response tokens": report.get("response_tokens"),
+        "kept tokens": report.get("kept_tokens"),
+        "kept fraction": report.get("kept_fraction"),
+        "score p10 / p50 / p90": " / ".join(_fmt(scores.get(k)) for k in ("p10", "p50", "p90")) if scores else None,
+        "|score| < 0.01": scores.get("share_abs_below_0.01"),
+        "base loss mean": report.get("base_loss_mean"),
+        "reference loss mean": report.get("ref_loss_mean"),
+        "reference": report.get("reference"),
+    }
+    summary.update(sample.get("settings") or {})
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+        for k, v in summary.items()
+        if v is not None
+    )
+    return f'<table class="settings">{cells}</table>'
+
+
+def render_tokens_html(sample: dict[str, Any], report: dict[str, Any]) -> str:
+    """The whole page as one string: settings (escaped here), then the sample as inert JSON rendered by the script."""
+    title = f"token cleaning: {report.get('mode')} / {report.get('selection')}"
+    parts = {
+        "TITLE": html.escape(title),
+        "SETTINGS": _settings_table(sample, report),
+        "DATA": _json_for_script(sample),
+    }
+    # One pass, so text substituted in is never scanned for placeholders again.
+    return re.sub(r"__(TITLE|SETTINGS|DATA)__", lambda m: parts[m.group(1)], _PAGE)
+
+
+def write_tokens_html(folder: str, sample: dict[str, Any], report: dict[str, Any]) -> str:
+    """Write `tokens_sample.json` and `tokens.html` into `folder`; return the page's path."""
+    atomic_write_json(os.path.join(folder, SAMPLE_FILE), sample)
+    return rewrite_tokens_html(folder, report, sample)
+
+
+def rewrite_tokens_html(folder: str, report: dict[str, Any], sample: dict[str, Any] | None = None) -> str | None:
+    """(Re)build `tokens.html` from the stored sample and `report`; None when the folder has no sample."""
+    if sample is None:
+        path = os.path.join(folder, SAMPLE_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            sample = json.load(f)
+        if sample.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format {sample.get('format')!r}; this version reads format {FORMAT_VERSION}. Re-run the "
+                "scoring with this version to rebuild it."
+            )
+    page = os.path.join(folder, HTML_FILE)
+    atomic_write_bytes(page, render_tokens_html(sample, report).encode("utf-8"))
+    return page
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>
+  body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d1d1f; background: #fafafa; }
+  header { padding: 14px 20px 8px; background: #fff; border-bottom: 1px solid #ddd; }
+  h1 { font-size: 18px; margin: 0 0 8px; }
+  table.settings { border-collapse: collapse; font-size: 12px; columns: 2; }
+  table.settings th { text-align: left; font-weight: 600; padding: 1px 14px 1px 0; color: #555; white-space: nowrap; }
+  table.settings td { padding: 1px 18px 1px 0; font-family: ui-monospace, Menlo, Consolas, monospace; word-break: break-all; }
+  details { margin-top: 6px; }
+  .controls { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 12px; align-items: center;
+              padding: 8px 20px; background: #f0f0f3; border-bottom: 1px solid #ddd; }
+  .controls input[type=search] { width: 280px; padding: 4px 6px; }
+  .legend { display: flex; gap: 10px; align-items: center; font-size: 12px; }
+  .bar { width: 160px; height: 12px; border: 1px solid #bbb;
+         background: linear-gradient(to right, hsl(4,85%,62%), #fff, hsl(140,60%,52%)); }
+  #status { font-size: 12px; color: #444; }
+  main { padding: 8px 20px 80px; }
+  .sample { background: #fff; border: 1px solid #ddd; border-radius: 6px; margin: 10px 0; }
+  .sample .head { display: flex; gap: 14px; padding: 5px 10px; font-size: 12px; color: #444; border-bottom: 1px solid #eee; }
+  .badge { padding: 0 6px; border-radius: 8px; background: #e8e8ee; }
+  .badge.top { background: #d8f0dc; } .badge.bottom { background: #f7dcdc; }
+  .tokens { padding: 8px 10px; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
+            white-space: pre-wrap; word-break: break-word; line-height: 1.7; }
+  .tok { border-radius: 2px; cursor: default; }
+  .tok:hover { outline: 1px solid #333; }
+  .tok.prompt { color: #8a8a8a; opacity: 0.6; }
+  .tok.dropped { text-decoration: line-through; text-decoration-color: #c0392b; text-decoration-thickness: 2px; color: #6b6b6b; }
+  .tok.special { font-size: 11px; color: #6a5acd; border: 1px dashed #b8b0e8; }
+  .tok.nl { color: #aaa; }
+  #inspector { position: fixed; bottom: 0; left: 0; right: 0; padding: 6px 20px; background: #1d1d1f; color: #fff;
+               font: 12px ui-monospace, Menlo, Consolas, monospace; min-height: 18px; }
+</style>
+</head>
+<body>
+<header>
+  <h1>__TITLE__</h1>
+  __SETTINGS__
+</header>
+<div class="controls">
+  <label>Sort <select id="sort">
+    <option value="most">most kept first</option>
+    <option value="least">least kept first</option>
+    <option value="row">dataset order</option>
+    <option value="longest">longest first</option>
+  </select></label>
+  <label>Search <input id="search" type="search" placeholder="text in the sample"></label>
+  <span class="legend"><span>score &minus;</span><span class="bar"></span><span>+</span>
+    <span class="tok dropped">dropped</span><span class="tok prompt">prompt</span></span>
+  <span id="status"></span>
+</div>
+<main id="samples"></main>
+<div id="inspector">hover a token for its base loss, reference loss and score</div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+(function () {
+  const data = JSON.parse(document.getElementById("data").textContent);
+  const scale = data.color_scale || 1;
+  const main = document.getElementById("samples");
+  const sortBox = document.getElementById("sort");
+  const searchBox = document.getElementById("search");
+  const status = document.getElementById("status");
+  const inspector = document.getElementById("inspector");
+  const rows = data.rows.map(function (r) { r.joined = r.text.join("").toLowerCase(); return r; });
+
+  function num(v, sign) {
+    if (v === null || v === undefined) return "–";
+    return (sign && v > 0 ? "+" : "") + v.toFixed(3);
+  }
+  function colour(score) {
+    const x = Math.max(-1, Math.min(1, score / scale));
+    const light = 100 - 42 * Math.abs(x);
+    return x >= 0 ? "hsl(140,60%," + light + "%)" : "hsl(4,85%," + light + "%)";
+  }
+  function describe(r, i) {
+    const parts = ["row " + r.row, "token " + i];
+    if (!r.response[i]) parts.push("prompt (not trained)");
+    if (r.base) parts.push("base loss " + num(r.base[i]));
+    if (r.ref) parts.push("ref loss " + num(r.ref[i]));
+    if (r.score) parts.push("score " + num(r.score[i], true));
+    if (r.keep && r.response[i]) parts.push(r.keep[i] ? "kept" : "dropped");
+    return parts.join("  \\u00b7  ");
+  }
+  function keptFraction(r) {
+    if (r.kept_tokens !== undefined) return r.response_tokens ? r.kept_tokens / r.response_tokens : 0;
+    return r.rank === null ? 0 : r.rank;
+  }
+  function renderRow(r) {
+    const box = document.createElement("section");
+    box.className = "sample";
+    box.dataset.row = String(r.row);
+    const head = document.createElement("div");
+    head.className = "head";
+    const badge = document.createElement("span");
+    badge.className = "badge " + r.group;
+    badge.textContent = r.group;
+    head.appendChild(badge);
+    const info = document.createElement("span");
+    let text = "row " + r.row + "  \\u00b7  " + r.text.length + " tokens, " + r.response_tokens + " response";
+    if (r.kept_tokens !== undefined) {
+      text += "  \\u00b7  kept " + r.kept_tokens + " (" + (100 * keptFraction(r)).toFixed(1) + "%)";
+    } else if (r.rank !== null) {
+      text += "  \\u00b7  " + data.sampling.rank + " " + num(r.rank, true);
+    }
+    info.textContent = text;
+    head.appendChild(info);
+    box.appendChild(head);
+    const body = document.createElement("div");
+    body.className = "tokens";
+    const special = new Set(r.special);
+    for (let i = 0; i < r.text.length; i++) {
+      const span = document.createElement("span");
+      const classes = ["tok"];
+      if (special.has(i)) classes.push("special");
+      if (!r.response[i]) {
+        classes.push("prompt");
+      } else {
+        if (r.keep) { classes.push(r.keep[i] ? "kept" : "dropped"); span.dataset.k = r.keep[i] ? "1" : "0"; }
+        const s = r.score ? r.score[i] : null;
+        if (s !== null && s !== undefined) span.style.background = colour(s);
+      }
+      span.className = classes.join(" ");
+      span.dataset.i = String(i);
+      let t = r.text[i];
+      if (t.indexOf("\\n") >= 0) { t = t.replace(/\\n/g, "\\u21b5\\n"); }
+      span.textContent = t;
+      span.title = describe(r, i);
+      body.appendChild(span);
+    }
+    body.addEventListener("mouseover", function (ev) {
+      const i = ev.target.dataset ? ev.target.dataset.i : undefined;
+      if (i !== undefined) inspector.textContent = describe(r, Number(i));
+    });
+    box.appendChild(body);
+    return box;
+  }
+  function readHash() {
+    const params = new URLSearchParams(location.hash.slice(1) || location.search.slice(1));
+    if (params.has("q")) searchBox.value = params.get("q");
+    if (params.has("sort")) sortBox.value = params.get("sort");
+  }
+  function writeHash() {
+    const params = new URLSearchParams();
+    if (searchBox.value) params.set("q", searchBox.value);
+    if (sortBox.value !== "most") params.set("sort", sortBox.value);
+    history.replaceState(null, "", "#" + params.toString());
+  }
+  function render() {
+    const query = searchBox.value.trim().toLowerCase();
+    let shown = rows.filter(function (r) { return !query || r.joined.indexOf(query) >= 0; });
+    const how = sortBox.value;
+    shown.sort(function (a, b) {
+      if (how === "row") return a.row - b.row;
+      if (how === "longest") return b.text.length - a.text.length || a.row - b.row;
+      const d = keptFraction(b) - keptFraction(a);
+      return (how === "least" ? -d : d) || a.row - b.row;
+    });
+    main.replaceChildren.apply(main, shown.map(renderRow));
+    const s = data.sampling;
+    status.textContent = "showing " + shown.length + " of " + rows.length + " sampled rows (of " +
+      data.rows_total.toLocaleString("en") + " rows in the dataset" +
+      (s.top ? ": " + s.top + " highest and " + s.bottom + " lowest by " + s.rank + ", " + s.random +
+        " random, seed " + s.seed : "") + ")";
+    document.body.dataset.shown = String(shown.length);
+  }
+  readHash();
+  sortBox.addEventListener("change", function () { writeHash(); render(); });
+  searchBox.addEventListener("input", function () { writeHash(); render(); });
+  window.addEventListener("hashchange", function () { readHash(); render(); });
+  render();
+})();
+</script>
+</body>
+</html>
+"""
