@@ -1,5 +1,22 @@
-"""ENTP purge-mix: a symbolic purge into high/low-quality rows, then LLM fusion of low-quality pairs."""
+"""ENTP purge-mix (arXiv:2510.23160): a symbolic purge into high/low-quality rows, then LLM fusion of low-quality
+pairs into new instruction-response pairs. Entry points: [`run_purge_mix`] and [`PurgeMixCallback`]."""
 
+from .callback import PurgeMixCallback
 from .config import PurgeMixConfig
+from .data import PurgeMixInputError
+from .generators import CachedGenerator, GenerationError, OpenAIGenerator, TransformersGenerator
+from .pipeline import PurgeMixResult, load_input_dataset, resolve_model_path, run_purge_mix
 
-__all__ = ["PurgeMixConfig"]
+__all__ = [
+    "CachedGenerator",
+    "GenerationError",
+    "OpenAIGenerator",
+    "PurgeMixCallback",
+    "PurgeMixConfig",
+    "PurgeMixInputError",
+    "PurgeMixResult",
+    "TransformersGenerator",
+    "load_input_dataset",
+    "resolve_model_path",
+    "run_purge_mix",
+]

@@ -1,0 +1,233 @@
+"""Clustering + MMR determinism, pair parsing, code checks, and the fusion loop's orchestration with a scripted
+backend (the backend is a fake on purpose: these tests check the loop, not generation)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from token_clean_trainer.purge_mix import PurgeMixConfig
+from token_clean_trainer.purge_mix.generators import CachedGenerator, Completion
+from token_clean_trainer.purge_mix.mix import (
+    FusionJob,
+    checklist_verdict,
+    code_defects,
+    mmr_select,
+    parse_pair,
+    plan_jobs,
+    run_fusions,
+)
+
+
+def _blobs(seed=0, per=10, dims=8, clusters=3):
+    rng = np.random.default_rng(seed)
+    centres = np.eye(clusters, dims) * 5
+    return np.concatenate([centres[c] + rng.normal(0, 0.3, (per, dims)) for c in range(clusters)]).astype(np.float32)
+
+
+def test_mmr_prefers_relevance_then_diversity():
+    x = np.array([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.7, 0.7]])
+    centroid = np.array([1.0, 0.2])
+    assert mmr_select(x, centroid, 1, lam=1.0) == [1] or mmr_select(x, centroid, 1, lam=1.0) == [0]
+    picks = mmr_select(x, centroid, 3, lam=0.5)
+    assert len(set(picks)) == 3
+    # Pure relevance picks the two near-duplicates first; a diversity weight skips the second one.
+    assert set(mmr_select(x, centroid, 2, lam=1.0)) == {0, 1}
+    assert set(mmr_select(x, centroid, 2, lam=0.3)) != {0, 1}
+
+
+def test_plan_jobs_is_deterministic_and_uses_silhouette():
+    emb = _blobs()
+    config = PurgeMixConfig(purge_mix_max_fusions=5, purge_mix_representatives=4, purge_mix_max_clusters=6)
+    jobs_a, summary_a = plan_jobs(emb, config, seed=1)
+    jobs_b, summary_b = plan_jobs(emb, config, seed=1)
+    assert [(j.sources, j.operator, j.cluster) for j in jobs_a] == [(j.sources, j.operator, j.cluster) for j in jobs_b]
+    assert summary_a == summary_b
+    assert summary_a["num_clusters"] == 3  # three planted blobs
+    assert len(jobs_a) == 5
+    for job in jobs_a:  # pairs come from one cluster
+        assert len(job.sources) == 2 and job.sources[0] // 10 == job.sources[1] // 10
+    assert [j.operator for j in jobs_a[:4]] == list(config.purge_mix_operators)
+
+
+def test_plan_jobs_ablations():
+    emb = _blobs()
+    rewrite, _ = plan_jobs(emb, PurgeMixConfig(purge_mix_fusion_mode="rewrite", purge_mix_max_fusions=4), seed=0)
+    assert all(len(j.sources) == 1 for j in rewrite)
+    random_jobs, summary = plan_jobs(emb, PurgeMixConfig(purge_mix_pairing="random", purge_mix_max_fusions=6), seed=0)
+    assert summary["num_clusters"] == 0 and len(random_jobs) == 6
+    used = [i for j in random_jobs for i in j.sources]
+    assert len(used) == len(set(used))  # no row fused twice
+    assert any(j.sources[0] // 10 != j.sources[1] // 10 for j in random_jobs)  # crosses clusters
+
+
+def test_parse_pair_formats():
+    assert parse_pair("### Instruction\nExplain X.\n### Response\nX is Y.") == {
+        "instruction": "Explain X.",
+        "response": "X is Y.",
+    }
+    assert parse_pair("**Instruction:** Explain X.\n**Response:** X is Y.")["response"] == "X is Y."
+    assert parse_pair('{"instruction": "Q?", "response": "A."}') == {"instruction": "Q?", "response": "A."}
+    assert parse_pair("Instruction: Q?\nAnswer: A.\n### Instruction\nanother\n### Response\nmore")["response"] == "A."
+    assert parse_pair("just some text") is None
+    assert parse_pair("### Instruction\nQ?\n### Response\n") is None
+
+
+SOURCES = [
+    {"instruction": "What is Python?", "response": "Python is a programming language."},
+    {"instruction": "What is a compiler?", "response": "A compiler translates source code into machine code."},
+]
+
+
+def test_code_defects():
+    config = PurgeMixConfig()
+    good = {
+        "instruction": "How does Python differ from a language that uses a compiler?",
+        "response": "Python is usually interpreted, while a compiler translates source code ahead of time.",
+    }
+    assert code_defects(good, SOURCES, config) == []
+    assert code_defects(None, SOURCES, config) == ["unparseable_output"]
+    assert "response_too_short" in code_defects({**good, "response": "Yes."}, SOURCES, config)
+    assert "key_terms_missing" in code_defects(
+        {"instruction": "Tell me about cooking pasta today", "response": "Boil water, add salt and cook the pasta."},
+        SOURCES,
+        config,
+    )
+    assert "copied_source" in code_defects(
+        {"instruction": SOURCES[1]["instruction"], "response": SOURCES[1]["response"]}, SOURCES, config
+    )
+
+
+def test_checklist_verdict():
+    all_true = {"instruction_clear": True, "answers_instruction": True, "complete": True, "keeps_key_terms": True}
+    ok = json.dumps({**all_true, "consistent": True, "defects": []})
+    assert checklist_verdict(ok)[0] is True
+    assert checklist_verdict(json.dumps({**all_true, "consistent": True, "defects": ["none"]}))[0] is True
+    passed, defects, _ = checklist_verdict(json.dumps({**all_true, "consistent": False, "defects": []}))
+    assert not passed and defects == ["consistent"]
+    passed, defects, _ = checklist_verdict(json.dumps(all_true))  # an item missing is not a pass
+    assert not passed and defects == ["consistent_missing"]
+    assert checklist_verdict("looks good to me")[:2] == (False, ["checklist_unparsed"])
+    passed, defects, _ = checklist_verdict(
+        json.dumps({**all_true, "consistent": True, "defects": ["answer is wrong"]})
+    )
+    assert not passed and defects == ["llm: answer is wrong"]
+
+
+class ScriptedBackend:
+    """Answers by the stage it recognises in the prompt, from queues of scripted replies; records every call."""
+
+    identity = "scripted"
+
+    def __init__(self, fusions, checklists):
+        self.fusions, self.checklists = list(fusions), list(checklists)
+        self.calls = []
+
+    def generate(self, payloads, on_result):
+        for i, payload in enumerate(payloads):
+            text = payload["messages"][-1]["content"]
+            kind = "checklist" if "Check the new example" in text else "fusion"
+            self.calls.append((kind, text))
+            reply = (self.checklists if kind == "checklist" else self.fusions).pop(0)
+            on_result(i, Completion(reply, 10, 5))
+
+
+GOOD_PAIR = (
+    "### Instruction\nHow does Python differ from a language that needs a compiler?\n### Response\n"
+    "Python code is usually interpreted, while a compiler translates source code into machine code first."
+)
+PASS = json.dumps(
+    {
+        "instruction_clear": True,
+        "answers_instruction": True,
+        "complete": True,
+        "keeps_key_terms": True,
+        "consistent": True,
+        "defects": [],
+    }
+)
+# A repaired version: a different text (an identical candidate would replay the identical checklist verdict).
+GOOD_PAIR_2 = GOOD_PAIR.replace("first.", "before it runs.")
+FAIL = json.dumps({**json.loads(PASS), "keeps_key_terms": False, "defects": ["drops the compiler"]})
+
+
+def _run(fusions, checklists, tmp_path=None, **overrides):
+    backend = ScriptedBackend(fusions, checklists)
+    generator = CachedGenerator(backend, str(tmp_path) if tmp_path else None)
+    config = PurgeMixConfig(**overrides)
+    results = run_fusions([FusionJob([0, 1], "direct_answer")], SOURCES, generator, config)
+    return results[0], backend, generator
+
+
+def test_fusion_accepted_first_try():
+    result, backend, generator = _run([GOOD_PAIR], [PASS])
+    assert result.accepted and result.cycles == 0 and result.operators == ["direct_answer"]
+    assert [k for k, _ in backend.calls] == ["fusion", "checklist"]
+    assert generator.stats.calls == 2
+
+
+def test_fusion_repairs_then_accepts_and_switches_operator():
+    result, backend, _ = _run(["no format at all", GOOD_PAIR, GOOD_PAIR_2], [FAIL, PASS])
+    assert result.accepted and result.cycles == 2
+    # Attempt 1 unparseable (no checklist call); attempt 2 fails the checklist on key terms -> merged corpus.
+    assert [k for k, _ in backend.calls] == ["fusion", "fusion", "checklist", "fusion", "checklist"]
+    assert result.operators == ["direct_answer", "direct_answer", "merged_corpus"]
+    assert "defects" in backend.calls[3][1] and "keeps_key_terms" in backend.calls[3][1]
+    assert result.defects == [["unparseable_output"], ["keeps_key_terms", "llm: drops the compiler"], []]
+
+
+def test_fusion_rejected_after_two_repairs():
+    result, backend, _ = _run([GOOD_PAIR, GOOD_PAIR_2, GOOD_PAIR + " Indeed."], [FAIL] * 3)
+    assert not result.accepted and result.cycles == 2
+    assert len(backend.calls) == 6  # 3 attempts x (fusion + checklist), never a 4th attempt
+    assert result.verdict.startswith("rejected: keeps_key_terms")
+
+
+def test_unparseable_checklist_never_passes():
+    result, _, _ = _run([GOOD_PAIR, GOOD_PAIR_2, GOOD_PAIR + " Indeed."], ["The example looks great!"] * 3)
+    assert not result.accepted and result.defects[-1] == ["checklist_unparsed"]
+
+
+def test_no_checklist_ablation_uses_code_checks_only():
+    result, backend, _ = _run([GOOD_PAIR], [], purge_mix_checklist=False)
+    assert result.accepted and [k for k, _ in backend.calls] == ["fusion"]
+    result, backend, _ = _run(["garbage"], [], purge_mix_checklist=False)
+    assert not result.accepted and len(backend.calls) == 1  # no repair loop in the ablation
+
+
+def test_rerun_replays_the_request_cache(tmp_path):
+    first, backend, _ = _run(["no format", GOOD_PAIR, GOOD_PAIR_2], [FAIL, PASS], tmp_path)
+    again, backend2, generator2 = _run([], [], tmp_path)  # an empty script: any real call would fail
+    assert backend2.calls == [] and generator2.stats.calls == 0 and generator2.stats.cache_hits == 5
+    assert again.accepted == first.accepted and again.candidate == first.candidate
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_resume_after_kill_repeats_no_completed_request(tmp_path, cut):
+    """Kill the loop after `cut` requests (an exception from the backend), then rerun: completed requests are
+    replayed, the remaining ones sent once, and the result equals an uninterrupted run."""
+
+    class Dying(ScriptedBackend):
+        def generate(self, payloads, on_result):
+            for i, payload in enumerate(payloads):
+                if len(self.calls) == cut:
+                    raise KeyboardInterrupt("simulated kill")
+                text = payload["messages"][-1]["content"]
+                kind = "checklist" if "Check the new example" in text else "fusion"
+                self.calls.append((kind, text))
+                on_result(i, Completion((self.checklists if kind == "checklist" else self.fusions).pop(0), 1, 1))
+
+    fusions, checklists = ["no format", GOOD_PAIR, GOOD_PAIR_2], [FAIL, PASS]
+    full, _, _ = _run(list(fusions), list(checklists), tmp_path / "full")
+    dying = Dying(list(fusions), list(checklists))
+    config = PurgeMixConfig()
+    with pytest.raises(KeyboardInterrupt):
+        run_fusions([FusionJob([0, 1], "direct_answer")], SOURCES, CachedGenerator(dying, str(tmp_path / "k")), config)
+    remaining = ScriptedBackend(
+        fusions[sum(k == "fusion" for k, _ in dying.calls) :],
+        checklists[sum(k == "checklist" for k, _ in dying.calls) :],
+    )
+    generator = CachedGenerator(remaining, str(tmp_path / "k"))
+    resumed = run_fusions([FusionJob([0, 1], "direct_answer")], SOURCES, generator, config)[0]
+    assert generator.stats.cache_hits == cut and generator.stats.calls == 5 - cut
+    assert resumed.accepted == full.accepted and resumed.candidate == full.candidate and resumed.cycles == full.cycles

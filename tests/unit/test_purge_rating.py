@@ -1,0 +1,85 @@
+"""The DS2-style rater's parsing and compression, and k-NN score curation on a planted example."""
+
+import numpy as np
+import pytest
+
+from token_clean_trainer.purge_mix.rating import (
+    compress_overall,
+    curate_scores,
+    extract_json_object,
+    knn_indices,
+    parse_rating,
+)
+
+
+@pytest.mark.parametrize("overall,expected", [(1, 0), (4, 0), (5, 1), (6, 2), (7, 3), (8, 4), (9, 5), (10, 5)])
+def test_compress_overall(overall, expected):
+    assert compress_overall(overall) == expected
+
+
+def test_parse_rating_variants():
+    assert parse_rating('{"rarity": 3, "complexity": 4, "informativeness": 5, "overall": 7}') == {
+        "rarity": 3,
+        "complexity": 4,
+        "informativeness": 5,
+        "overall": 7,
+    }
+    # Code fence, prose, single quotes and a trailing comma, as small models write.
+    assert parse_rating("Sure!\n```json\n{'Overall': 8, 'rarity': 2,}\n```")["overall"] == 8
+    assert parse_rating('{"overall": "6"}')["overall"] == 6
+    assert parse_rating("Overall score: 9/10")["overall"] == 9
+    assert parse_rating('{"overall": 42}') is None  # out of range, no prose fallback
+    assert parse_rating("I cannot rate this.") is None
+    assert parse_rating("") is None
+
+
+def test_extract_json_object_skips_invalid_candidates():
+    assert extract_json_object('bad {not json} then {"a": true}') == {"a": True}
+    assert extract_json_object("{'a': True, 'b': None}") == {"a": True, "b": None}
+    assert extract_json_object("no braces") is None
+
+
+def test_knn_indices_deterministic_ties():
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    nn = knn_indices(x, 2)
+    assert nn[0].tolist() == [1, 2] and nn[1].tolist() == [0, 2] and nn[3].tolist() == [0, 1]
+
+
+def _planted(seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.eye(3, 16) * 10
+    embeddings, scores = [], []
+    for cluster, score in enumerate([5, 0, 3]):
+        for _ in range(12):
+            embeddings.append(centres[cluster] + rng.normal(0, 0.5, 16))
+            scores.append(score)
+    return np.array(embeddings), np.array(scores)
+
+
+def test_curation_replaces_a_planted_wrong_score():
+    embeddings, scores = _planted()
+    noisy = scores.copy()
+    noisy[3] = 0  # a row among confident 5s scored 0
+    noisy[15] = 5  # a row among confident 0s scored 5
+    out = curate_scores(noisy, embeddings, k=10, confidence=0.5)
+    assert out["curated"][3] == 5 and out["curated"][15] == 0
+    assert out["changed"].sum() == 2
+    assert out["confidence"][3] >= 0.5
+    np.testing.assert_array_equal(out["curated"], scores)
+
+
+def test_curation_keeps_scores_without_agreement():
+    embeddings, scores = _planted()
+    out = curate_scores(scores, embeddings, k=10, confidence=0.5)
+    np.testing.assert_array_equal(out["curated"], scores)
+    # A row whose neighbours disagree among themselves stays as rated when no candidate reaches the confidence.
+    mixed = np.array([1, 2, 3, 4, 5, 0] * 6)
+    out = curate_scores(mixed, embeddings, k=10, confidence=0.9)
+    assert not out["changed"].any()
+
+
+def test_curation_ignores_unrated_rows():
+    embeddings, scores = _planted()
+    scores[0] = -1
+    out = curate_scores(scores, embeddings, k=10)
+    assert out["curated"][0] == -1 and not out["changed"][0]

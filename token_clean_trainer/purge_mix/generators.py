@@ -1,0 +1,414 @@
+"""Generator backends for the LLM steps of purge-mix, and the persistent request cache in front of them.
+
+- `TransformersGenerator`: local batched `generate()` with any causal LM (default: the embedded SmolLM2).
+- `OpenAIGenerator`: an OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, hosted APIs) over stdlib HTTP,
+  with bounded concurrency and bounded retries with exponential backoff on timeouts, connection errors, 5xx, 429 and
+  malformed replies. The API key is read from a named environment variable at call time and is never written to a
+  log, an exception message, a report or the cache.
+- `CachedGenerator`: the request cache, keyed by the sha256 of the payload (backend identity + messages + sampling
+  settings). Every completion is appended (fsync'd) as soon as it arrives, so a killed run repeats no completed
+  request when it restarts.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "requests.jsonl"
+_CACHE_FORMAT = 1
+_MAX_BACKOFF = 30.0
+
+
+class GenerationError(RuntimeError):
+    """An LLM request failed after every retry; completed requests are already in the cache."""
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool = False
+
+
+@dataclass
+class GenerationStats:
+    """LLM cost account of a run: requests sent, replayed from the cache, retried, and tokens."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    by_stage: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "cache_hits": self.cache_hits,
+            "retries": self.retries,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "cached_completion_tokens": self.cached_completion_tokens,
+            "by_stage": self.by_stage,
+        }
+
+
+def _request_payload(messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
+    return {
+        "messages": messages,
+        "max_tokens": int(max_tokens),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": int(seed),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local transformers backend
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TransformersGenerator:
+    """
+    Batched chat generation with a local causal LM.
+
+    Args:
+        model (`PreTrainedModel`): The generator.
+        tokenizer (`PreTrainedTokenizerBase`): Its tokenizer (chat template required).
+        batch_size (`int`, *optional*, defaults to `8`): Prompts per `generate()` call.
+        identity (`str`): A stable name of the model (path + weights fingerprint) that keys the request cache.
+    """
+
+    def __init__(self, model, tokenizer, identity: str, batch_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.identity = f"transformers:{identity}"
+
+    def generate(self, payloads: list[dict], on_result) -> None:
+        import torch
+
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # Group by sampling settings so each generate() call has one configuration; keep order otherwise.
+            groups: dict[tuple, list[int]] = {}
+            for i, p in enumerate(payloads):
+                groups.setdefault((p["max_tokens"], p["temperature"], p["top_p"]), []).append(i)
+            for (max_tokens, temperature, top_p), index in groups.items():
+                for b in range(0, len(index), self.batch_size):
+                    chunk = index[b : b + self.batch_size]
+                    prompts = [
+                        list(_as_ids(tok.apply_chat_template(payloads[i]["messages"], add_generation_prompt=True)))
+                        for i in chunk
+                    ]
+                    width = max(len(p) for p in prompts)
+                    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                    for r, p in enumerate(prompts):  # left padding: generation continues every row at the end
+                        ids[r, width - len(p) :] = torch.tensor(p)
+                        mask[r, width - len(p) :] = 1
+                    # One seed per batch, derived from its payloads: a rerun of the same batch samples the same text.
+                    seed = int(hashlib.sha256(json.dumps([payloads[i] for i in chunk]).encode()).hexdigest()[:8], 16)
+                    torch.manual_seed(seed)
+                    kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": pad_id}
+                    if temperature > 0:
+                        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+                    else:
+                        kwargs.update(do_sample=False)
+                    with torch.no_grad():
+                        out = self.model.generate(
+                            input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+                        ).cpu()
+                    for r, i in enumerate(chunk):
+                        new = out[r, width:].tolist()
+                        n_new = len(new)
+                        for stop in (tok.eos_token_id, pad_id):
+                            if stop is not None and stop in new:
+                                n_new = min(n_new, new.index(stop) + 1)
+                        text = tok.decode(new[:n_new], skip_special_tokens=True).strip()
+                        on_result(i, Completion(text, len(prompts[r]), n_new))
+        finally:
+            self.model.train(was_training)
+
+
+def _as_ids(encoded) -> list[int]:
+    if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP backend
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OpenAIGenerator:
+    """
+    Client of an OpenAI-compatible chat-completions endpoint.
+
+    Args:
+        base_url (`str`): e.g. `http://127.0.0.1:8000/v1` (`/chat/completions` is appended).
+        model (`str`): The served model name.
+        api_key_env (`str`): NAME of the environment variable holding the key; unset means no `Authorization`.
+        timeout (`float`): Seconds per request.
+        max_retries (`int`): Retries per request after a retryable failure.
+        backoff (`float`): First retry delay in seconds, doubled per retry (capped at 30 s); a 429's `Retry-After`
+            is honoured up to the same cap.
+        max_concurrency (`int`): Requests in flight at most.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_concurrency: int = 8,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_concurrency = max_concurrency
+        self.identity = f"openai:{base_url.rstrip('/')}|{model}"
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def _key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
+    def redact(self, text: str) -> str:
+        """`text` with the API key (if any) masked: used on every message that may quote a server reply."""
+        key = self._key()
+        return text.replace(key, "***") if key else text
+
+    def _post_once(self, payload: dict) -> Completion:
+        body = json.dumps({"model": self.model, **payload}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        key = self._key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            detail = self.redact(error.read(300).decode("utf-8", "replace"))
+            if error.code == 429 or error.code == 408 or error.code >= 500:
+                retry_after = error.headers.get("Retry-After") if error.headers else None
+                try:
+                    delay = float(retry_after) if retry_after is not None else None
+                except ValueError:
+                    delay = None
+                raise _Retryable(f"HTTP {error.code}: {detail}", delay) from None
+            hint = f" Check that ${self.api_key_env} holds a valid key." if error.code in (401, 403) else ""
+            raise GenerationError(f"{self.url} answered HTTP {error.code}: {detail}.{hint}") from None
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise _Retryable(f"{type(error).__name__}: {self.redact(str(reason))}") from None
+        try:
+            reply = json.loads(raw)
+            choice = reply["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError("content is not a string")
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise _Retryable(
+                f"malformed reply ({type(error).__name__}): {self.redact(raw[:200].decode('utf-8', 'replace'))}"
+            ) from None
+        usage = reply.get("usage") or {}
+        return Completion(text.strip(), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    def _post(self, payload: dict) -> Completion:
+        delay = self.backoff
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._post_once(payload)
+            except _Retryable as error:
+                if attempt == self.max_retries:
+                    raise GenerationError(
+                        f"{self.url}: request failed after {self.max_retries + 1} attempts; last error: {error}"
+                    ) from None
+                wait = min(error.retry_after if error.retry_after is not None else delay, _MAX_BACKOFF)
+                logger.warning(
+                    "LLM request failed (%s); retry %d/%d in %.1f s", error, attempt + 1, self.max_retries, wait
+                )
+                with self._lock:
+                    self.retries += 1
+                time.sleep(wait)
+                delay = min(delay * 2, _MAX_BACKOFF)
+        raise AssertionError("unreachable")
+
+    def generate(self, payloads: list[dict], on_result) -> None:
+        errors: list[str] = []
+
+        def run(i: int) -> None:
+            try:
+                on_result(i, self._post(payloads[i]))
+            except GenerationError as error:
+                errors.append(str(error))
+
+        # Every request runs to completion (or final failure) before an error is raised, so all finished work is
+        # cached first.
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            list(pool.map(run, range(len(payloads))))
+        if errors:
+            raise GenerationError(f"{len(errors)} of {len(payloads)} LLM requests failed; first: {errors[0]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CachedGenerator:
+    """
+    A backend behind a persistent, append-only request cache (`<cache_dir>/requests.jsonl`).
+
+    Each line is `{"key": sha256(payload), "text": ..., "prompt_tokens": ..., "completion_tokens": ...}`; the payload
+    itself (and so the API key, which is never part of it) is not stored. A line cut by a kill is skipped on load.
+
+    Args:
+        backend (`TransformersGenerator` or `OpenAIGenerator`): Where cache misses go.
+        cache_dir (`str`, *optional*): Folder of the cache; `None` keeps it in memory only.
+        max_tokens, temperature, top_p, seed: default sampling settings of every request.
+    """
+
+    def __init__(
+        self,
+        backend,
+        cache_dir: str | None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int = 42,
+    ):
+        self.backend = backend
+        self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self.stats = GenerationStats()
+        self._entries: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.path = None
+        self.skipped_lines = 0
+        if cache_dir is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            self.path = os.path.join(cache_dir, CACHE_FILE)
+            self._load()
+
+    def _load(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    if entry.get("format") != _CACHE_FORMAT or not isinstance(entry.get("text"), str):
+                        raise ValueError
+                    self._entries[entry["key"]] = entry
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    self.skipped_lines += 1
+        if self.skipped_lines:
+            logger.warning("Skipped %d unreadable line(s) of %s (a killed write?)", self.skipped_lines, self.path)
+
+    def key(self, payload: dict) -> str:
+        blob = json.dumps({"backend": self.backend.identity, **payload}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _store(self, key: str, completion: Completion) -> None:
+        entry = {
+            "format": _CACHE_FORMAT,
+            "key": key,
+            "text": completion.text,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+        }
+        with self._lock:
+            self._entries[key] = entry
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+
+    def _count(self, stage: str, completion: Completion, cached: bool) -> None:
+        s = self.stats
+        bucket = s.by_stage.setdefault(
+            stage, {"calls": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        )
+        if cached:
+            s.cache_hits += 1
+            s.cached_prompt_tokens += completion.prompt_tokens
+            s.cached_completion_tokens += completion.completion_tokens
+            bucket["cache_hits"] += 1
+        else:
+            s.calls += 1
+            s.prompt_tokens += completion.prompt_tokens
+            s.completion_tokens += completion.completion_tokens
+            bucket["calls"] += 1
+        bucket["prompt_tokens"] += completion.prompt_tokens
+        bucket["completion_tokens"] += completion.completion_tokens
+
+    def generate(self, message_lists: list[list[dict]], stage: str = "llm", **overrides) -> list[Completion]:
+        """Complete every conversation in `message_lists`; cached ones are replayed, the rest sent (once each)."""
+        settings = {**self.defaults, **overrides}
+        payloads = [_request_payload(m, **settings) for m in message_lists]
+        keys = [self.key(p) for p in payloads]
+        results: list[Completion | None] = [None] * len(payloads)
+        missing: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            entry = self._entries.get(k)
+            if entry is not None:
+                results[i] = Completion(entry["text"], entry["prompt_tokens"], entry["completion_tokens"], cached=True)
+                with self._lock:
+                    self._count(stage, results[i], cached=True)
+            else:
+                missing.setdefault(k, []).append(i)  # identical payloads in one call are sent once
+        if missing:
+            unique = [positions[0] for positions in missing.values()]
+
+            def on_result(j: int, completion: Completion) -> None:
+                i = unique[j]
+                self._store(keys[i], completion)
+                with self._lock:
+                    self._count(stage, completion, cached=False)
+                for position in missing[keys[i]]:
+                    results[position] = completion
+
+            retries_before = getattr(self.backend, "retries", 0)
+            try:
+                self.backend.generate([payloads[i] for i in unique], on_result)
+            finally:
+                self.stats.retries += getattr(self.backend, "retries", 0) - retries_before
+        return results  # type: ignore[return-value]
