@@ -125,10 +125,11 @@ def validate_raw_dataset(
         return ValidationResult(rows_total, {}, {})  # pre-tokenised, or ShareGPT data TRL converts first
 
     scan = _Scan(dataset_name, strict)
-    if "messages" in columns:
-        checked = ["messages"]
-    elif "prompt" in columns and "completion" in columns:
+    # The same order as TRL's tokenisation: a `prompt` column makes the row prompt-completion.
+    if "prompt" in columns and "completion" in columns:
         checked = ["prompt", "completion"]
+    elif "messages" in columns:
+        checked = ["messages"]
     elif text_field in columns:
         checked = [text_field]
     else:
