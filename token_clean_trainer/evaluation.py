@@ -163,12 +163,11 @@ def evaluate_nll(
             disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(),
         )
-        trainer = TokenCleanSFTTrainer(
-            model, args=args, train_dataset=None, eval_dataset=dataset, processing_class=tokenizer
-        )
-        losses = response_losses(trainer, role="model")
+        # SFTTrainer needs a train dataset; the rows are prepared (never trained on) as the train split.
+        trainer = TokenCleanSFTTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        losses = response_losses(trainer, role="model", dataset=trainer.train_dataset)
         summary = nll_summary(losses)
-        summary["rows"] = len(trainer.eval_dataset)
+        summary["rows"] = len(trainer.train_dataset)
     return summary
 
 
