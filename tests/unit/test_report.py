@@ -1,0 +1,214 @@
+"""The report on hand-built data: token decoding, row sampling, page escaping, per-round histograms, summary."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from token_clean_trainer.report import histogram_data, regenerate, summary_lines, write_report
+from token_clean_trainer.report_html import (
+    build_token_sample,
+    choose_rows,
+    render_tokens_html,
+    token_texts,
+)
+
+
+def test_byte_level_tokens_decode_to_the_text_with_real_whitespace(tokenizer):
+    text = "Hello wörld\n\tcafé 😀 <script>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts, special = token_texts(tokenizer, ids)
+    assert "".join(texts) == text
+    assert "\n" in texts and "\t" in texts  # 'Ċ' and 'ĉ' become real whitespace
+    assert not any(special)
+    # The emoji spans two tokens; it appears whole on the token that completes it.
+    assert any(t.endswith("😀") for t in texts) and not any("\ufffd" in t for t in texts)
+
+
+def test_special_tokens_and_a_lone_partial_character(tokenizer):
+    ids = tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"]
+    texts, special = token_texts(tokenizer, ids)
+    assert texts[0] == "<|im_start|>" and special[0] and not any(special[1:])
+    # The first token of a split emoji alone: its bytes are shown rather than nothing.
+    emoji = tokenizer(" 😀", add_special_tokens=False)["input_ids"]
+    assert len(emoji) == 2
+    first, _ = token_texts(tokenizer, emoji[:1])
+    assert re.fullmatch(r" ?<[0-9a-f ]+>| ", first[0])
+
+
+def test_choose_rows_takes_top_bottom_and_a_seeded_random_rest():
+    rank = np.array([0.1, 0.9, 0.5, 0.0, 0.7, 0.3, 0.2, 0.8, 0.4, 0.6])
+    eligible = np.ones(10, dtype=bool)
+    eligible[3] = False  # no response token: never "bottom"
+    chosen = dict(choose_rows(rank, eligible, total=8, seed=1))
+    assert len(chosen) == 8
+    assert [r for r, g in chosen.items() if g == "top"] == [1, 7]
+    assert sorted(r for r, g in chosen.items() if g == "bottom") == [0, 6]
+    assert sum(g == "random" for g in chosen.values()) == 4
+    assert dict(choose_rows(rank, eligible, total=8, seed=1)) == chosen
+    assert choose_rows(rank, eligible, total=20, seed=0) == [(i, "all") for i in range(10)]
+
+
+def sample_arrays():
+    # Two rows: 4 and 3 positions; position 0 of each row and the prompt are not response tokens.
+    offsets = np.array([0, 4, 7])
+    response = np.array([False, False, True, True, False, True, True])
+    base = np.array([np.nan, np.nan, 2.0, 1.0, np.nan, 3.0, 0.5], dtype=np.float32)
+    ref = np.array([np.nan, np.nan, 1.0, 1.5, np.nan, 1.0, 0.25], dtype=np.float32)
+    keep = np.array([False, False, True, False, False, True, True])
+    return offsets, response, base, ref, keep
+
+
+class FakeTokenizer:
+    """Maps id i to the i-th word; enough to test the sample's bookkeeping without a vocabulary."""
+
+    words = ["<s>", "Q:", " hi", " </script><script>alert(1)</script>", "<s>", " a", " b"]
+    all_special_ids = [0, 4]
+    added_tokens_decoder = {}
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.words[i] for i in ids]
+
+
+def test_token_sample_fields_and_rank():
+    offsets, response, base, ref, keep = sample_arrays()
+    sample = build_token_sample(
+        input_ids=[[0, 1, 2, 3], [4, 5, 6]],
+        tokenizer=FakeTokenizer(),
+        offsets=offsets,
+        response=response,
+        base_losses=base,
+        ref_losses=ref,
+        keep=keep,
+        settings={"token_keep_ratio": 0.6},
+    )
+    first, second = sample["rows"]
+    assert first["text"][3] == " </script><script>alert(1)</script>"
+    assert first["special"] == [0] and second["special"] == [0]
+    assert first["score"] == [None, None, 1.0, -0.5] and first["keep"] == [0, 0, 1, 0]
+    assert first["kept_tokens"] == 1 and second["kept_tokens"] == 2
+    assert first["rank"] == 0.5 and second["rank"] == 1.0
+    assert sample["rows_total"] == 2 and sample["has_keep"] and sample["has_scores"]
+    json.dumps(sample, allow_nan=False)  # no NaN reaches the JSON
+
+
+def test_page_embeds_data_inertly_and_escapes_settings():
+    offsets, response, base, ref, keep = sample_arrays()
+    sample = build_token_sample(
+        input_ids=[[0, 1, 2, 3], [4, 5, 6]],
+        tokenizer=FakeTokenizer(),
+        offsets=offsets,
+        response=response,
+        base_losses=base,
+        ref_losses=ref,
+        keep=keep,
+        settings={"model": "<b>evil</b> __DATA__"},
+    )
+    page = render_tokens_html(sample, {"mode": "fixed", "selection": "global<i>"})
+    assert "alert(1)" in page  # present, but only as escaped JSON
+    assert "</script><script>alert" not in page
+    assert page.count("<script") == 2 and "<b>evil" not in page and "&lt;b&gt;evil&lt;/b&gt; __DATA__" in page
+    assert "global&lt;i&gt;" in page and "http://" not in page and "https://" not in page  # works offline
+    data = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(data)["rows"][0]["text"][3] == " </script><script>alert(1)</script>"
+
+
+def test_histogram_has_one_panel_per_scored_round():
+    scores = np.array([np.nan, np.nan, np.nan, 1.0, 2.0, np.nan, -1.0, 0.5, 0.25], dtype=np.float32)
+    offsets = np.array([0, 3, 6, 9])
+    report = {
+        "mode": "self_evolving",
+        "selection": "global",
+        "response_tokens": 6,
+        "kept_tokens": 4,
+        "kept_fraction": 4 / 6,
+        "rounds": [
+            {"round": 0, "rows": [0, 1], "threshold": None},
+            {"round": 1, "rows": [1, 2], "threshold": 1.5},
+            {"round": 2, "rows": [2, 3], "threshold": 0.25},
+        ],
+    }
+    data = histogram_data(scores, offsets, None, report)
+    assert [p["label"] for p in data["panels"]] == ["round 1", "round 2"]
+    assert [p["count"] for p in data["panels"]] == [2, 3]
+    assert [p["threshold"] for p in data["panels"]] == [1.5, 0.25]
+    assert all(sum(p["counts"]) == p["count"] for p in data["panels"])
+    single = histogram_data(scores, offsets, 0.3, {**report, "rounds": None})
+    assert len(single["panels"]) == 1 and single["panels"][0]["count"] == 5
+
+
+def test_write_then_regenerate_from_stored_files(tmp_path):
+    offsets, response, base, ref, keep = sample_arrays()
+    report = {
+        "mode": "fixed",
+        "selection": "global",
+        "ratio": 0.6,
+        "threshold": 1.0,
+        "rows": 2,
+        "response_tokens": 4,
+        "kept_tokens": 3,
+        "kept_fraction": 0.75,
+        "rows_all_masked": 0,
+        "rows_without_response": 0,
+        "_histogram": {"scores": base - ref, "threshold": 1.0, "offsets": offsets},
+        "_tokens": build_token_sample(
+            input_ids=[[0, 1, 2, 3], [4, 5, 6]],
+            tokenizer=FakeTokenizer(),
+            offsets=offsets,
+            response=response,
+            base_losses=base,
+            ref_losses=ref,
+            keep=keep,
+            settings={},
+        ),
+    }
+    write_report(str(tmp_path), report)
+    assert "_tokens" not in json.loads((tmp_path / "report.json").read_text())
+    for name in ("histogram.png", "tokens.html"):
+        (tmp_path / name).unlink()
+    written = regenerate(str(tmp_path))
+    assert written["tokens"] and (tmp_path / "tokens.html").is_file()
+    assert written["histogram"] and (tmp_path / "histogram.png").is_file()
+
+
+def test_summary_table_lists_counts_and_rounds():
+    report = {
+        "mode": "self_evolving",
+        "selection": "global",
+        "ratio": 0.6,
+        "rows": 10,
+        "rows_without_response": 1,
+        "rows_response_truncated": 0,
+        "rows_all_masked": 2,
+        "response_tokens": 100,
+        "kept_tokens": 70,
+        "kept_fraction": 0.7,
+        "threshold": None,
+        "scores": {"count": 60, "p10": -1.0, "p50": 0.1, "p90": 2.0, "share_abs_below_0.01": 0.05},
+        "rounds": [
+            {"round": 0, "rows": [0, 5], "response_tokens": 50, "kept_tokens": 50, "kept_fraction": 1.0},
+            {
+                "round": 1,
+                "rows": [5, 10],
+                "response_tokens": 50,
+                "kept_tokens": 20,
+                "kept_fraction": 0.4,
+                "threshold": 0.3,
+            },
+        ],
+    }
+    text = "\n".join(summary_lines(report))
+    assert "kept tokens" in text and "70 (70.00%)" in text
+    assert "every response token dropped" in text
+    assert re.search(r"\b1\s+5-10\s+50\s+20\s+40\.0%\s+\+0\.3000", text)
+    per_step = {**report, "rounds": None, "kept_tokens": None, "kept_fraction": None}
+    assert "chosen per optimizer step" in "\n".join(summary_lines(per_step))
+
+
+@pytest.mark.parametrize("argv", [["/nonexistent/run"]])
+def test_report_command_without_a_report(argv, capsys):
+    from token_clean_trainer.report import report_command
+
+    assert report_command(argv) == 2
+    assert "no report at" in capsys.readouterr().err
