@@ -135,6 +135,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 "optimizer passed in `optimizers=` cannot provide. Pass `optimizer_cls_and_kwargs=(cls, kwargs)` "
                 "instead, or use `self_evolving_schedule='continuous'`."
             )
+        # Purge-mix rewrites the raw rows, so it runs before SFTTrainer tokenises them (one tokenisation path).
+        from .purge_mix.callback import PurgeMixCallback
+
+        for callback in callbacks or []:
+            if isinstance(callback, PurgeMixCallback):
+                train_dataset = callback.apply(train_dataset, args.output_dir, args.seed, model, processing_class)
         # Filled by `_prepare_dataset` during `super().__init__`, to count rows TRL drops after truncation.
         self._prepare_stats: dict[str, dict[str, int]] = {}
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
@@ -901,10 +907,16 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 shards.append(cache.load(content, lengths[start:end]))
             missing = [i for i, shard in enumerate(shards) if shard is None]
             stats = {"reused": len(bounds) - len(missing), "computed": len(missing)}
-            if missing and cache.root is not None and self.accelerator.is_main_process:
-                # Before any forward: fail now, with the numbers, rather than on a full disk hours from now.
-                needed = sum(shard_bytes(lengths[bounds[i][0] : bounds[i][1]]) for i in missing)
-                check_free_space(cache.root, needed, f"the {role} losses of {len(missing)} shards")
+            if missing and cache.root is not None and not getattr(self, "_cache_space_checked", False):
+                # Once, before the first forward: fail now, with the numbers, rather than on a full disk hours from
+                # now. The base pass is followed by one more pass of the same size (reference, or later rounds). A
+                # disk that fills up later only stops the caching (see `TokenLossCache.save`); the run goes on.
+                self._cache_space_checked = True
+                second_pass = self._has_reference() or self.args.token_cleaning == "self_evolving"
+                passes = 2 if role == "base" and second_pass else 1
+                needed = passes * sum(shard_bytes(lengths[bounds[i][0] : bounds[i][1]]) for i in missing)
+                if self.accelerator.is_main_process:
+                    check_free_space(cache.root, needed, f"the losses of {len(missing)} shards x {passes} passes")
             if missing:
                 self._compute_missing_shards(
                     model, forward_context, dataset, bounds, missing, shards, hashes, cache, role

@@ -323,7 +323,9 @@ def test_too_little_free_space_fails_before_scoring(tmp_path, tiny_model_dir, ti
         tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=tiny_ref_dir, score_cache_dir=str(tmp_path / "c")
     )
     monkeypatch.setattr(trainer_module, "compute_token_losses", lambda *a, **k: pytest.fail("scored before the check"))
-    with pytest.raises(OSError, match=r"0\.0 MiB free, but storing the base losses of 1 shards needs about 1\.0 MiB"):
+    with pytest.raises(
+        OSError, match=r"0\.0 MiB free, but storing the losses of 1 shards x 2 passes needs about 1\.0 MiB"
+    ):
         trainer.score_tokens()
 
 
