@@ -102,6 +102,10 @@ def _parse_or_exit(argv: list[str], prog: str, description: str):
     except RecipeError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as error:  # a config's own check (`__post_init__`): the message names the field and the fix
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: invalid settings: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
