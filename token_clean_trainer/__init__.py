@@ -3,11 +3,14 @@
 __version__ = "0.1.0.dev0"
 
 from .collator import TokenCleaningCollator
+from .purge_mix import PurgeMixCallback, PurgeMixConfig
 from .selection import keep_count, select_global, select_random, select_sample, select_tokens
 from .token_clean_config import TokenCleanConfig
 from .token_clean_trainer import TokenCleanSFTTrainer, load_report
 
 __all__ = [
+    "PurgeMixCallback",
+    "PurgeMixConfig",
     "TokenCleanConfig",
     "TokenCleanSFTTrainer",
     "TokenCleaningCollator",

@@ -356,15 +356,17 @@ class PurgeMixConfig:
                     "`purge_mix_generator_backend='openai'` needs `purge_mix_model_name_or_path`: the model name the "
                     "server serves (e.g. the `--model` given to `vllm serve`)."
                 )
-        if not self.purge_mix_api_key_env or not self.purge_mix_api_key_env.replace("_", "").isalnum():
-            raise ValueError(
-                f"`purge_mix_api_key_env` must be the NAME of an environment variable (e.g. OPENAI_API_KEY), got "
-                f"{self.purge_mix_api_key_env!r}. Never put the key itself in a config."
-            )
-        if self.purge_mix_api_key_env.startswith(("sk-", "hf_")):
+        # The value is never echoed: a user who pasted the key itself here must not find it in a log.
+        env = self.purge_mix_api_key_env
+        if not isinstance(env, str) or env.startswith(("sk-", "hf_")) or len(env) > 64:
             raise ValueError(
                 "`purge_mix_api_key_env` looks like an API key, not a variable name. Export the key as an environment "
-                "variable and give its NAME here."
+                "variable (e.g. OPENAI_API_KEY) and give its NAME here."
+            )
+        if not env or not env.replace("_", "").isalnum() or env[0].isdigit():
+            raise ValueError(
+                "`purge_mix_api_key_env` must be the NAME of an environment variable (letters, digits and underscores, "
+                "e.g. OPENAI_API_KEY). Never put the key itself in a config."
             )
 
 
