@@ -283,13 +283,22 @@ def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
         "reference loss mean": report.get("ref_loss_mean"),
         "reference": report.get("reference"),
     }
-    summary.update(sample.get("settings") or {})
-    cells = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-        for k, v in summary.items()
-        if v is not None
-    )
-    return f'<table class="settings">{cells}</table>'
+    settings = {
+        k: v
+        for k, v in (sample.get("settings") or {}).items()
+        # The self-evolving knobs say nothing about a fixed or online run.
+        if not (k.startswith("self_evolving_") and report.get("mode") != "self_evolving")
+    }
+
+    def table(values: dict[str, Any], caption: str) -> str:
+        cells = "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+            for k, v in values.items()
+            if v is not None
+        )
+        return f'<table class="settings"><caption>{caption}</caption>{cells}</table>'
+
+    return f'<div class="tables">{table(summary, "result")}{table(settings, "settings")}</div>'
 
 
 def render_tokens_html(sample: dict[str, Any], report: dict[str, Any]) -> str:
@@ -338,7 +347,9 @@ _PAGE = """<!DOCTYPE html>
   body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d1d1f; background: #fafafa; }
   header { padding: 14px 20px 8px; background: #fff; border-bottom: 1px solid #ddd; }
   h1 { font-size: 18px; margin: 0 0 8px; }
-  table.settings { border-collapse: collapse; font-size: 12px; columns: 2; }
+  .tables { display: flex; flex-wrap: wrap; gap: 8px 40px; align-items: flex-start; }
+  table.settings { border-collapse: collapse; font-size: 12px; }
+  table.settings caption { text-align: left; font-weight: 700; font-size: 12px; padding-bottom: 2px; }
   table.settings th { text-align: left; font-weight: 600; padding: 1px 14px 1px 0; color: #555; white-space: nowrap; }
   table.settings td { padding: 1px 18px 1px 0; font-family: ui-monospace, Menlo, Consolas, monospace; word-break: break-all; }
   details { margin-top: 6px; }
