@@ -11,7 +11,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo bench test test-slow lint clean
+.PHONY: install demo bench recipes test test-slow lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: $(STAMP)
 # benchmarks/results/*.json. Sizes: make bench BENCH_ARGS="--train_rows 96 --train_reps 5".
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ratios.py all $(BENCH_ARGS)
+
+# Check every shipped recipe without loading a model (unknown keys, types, settings, accelerate configs).
+recipes: $(STAMP)
+	$(PY) -m token_clean_trainer.cli validate recipes/*/*/config_*.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q --durations=15
