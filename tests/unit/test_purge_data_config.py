@@ -88,12 +88,7 @@ def test_ids_and_content_hash():
         ({"purge_mix_max_clusters": 1}, "purge_mix_max_clusters"),
         ({"purge_mix_max_fusions": -1}, "purge_mix_max_fusions"),
         ({"purge_mix_max_ifd": -1.0}, "purge_mix_max_ifd"),
-        ({"purge_mix_generator_backend": "openai"}, "purge_mix_base_url"),
         ({"purge_mix_generator_backend": "openai", "purge_mix_base_url": "localhost:8000"}, "http://"),
-        (
-            {"purge_mix_generator_backend": "openai", "purge_mix_base_url": "http://127.0.0.1:8000/v1"},
-            "purge_mix_model_name_or_path",
-        ),
         ({"purge_mix_api_key_env": "sk-abc123"}, "looks like an API key"),
         ({"purge_mix_api_key_env": "MY KEY"}, "NAME of an environment variable"),
         ({"purge_mix_top_p": 0.0}, "purge_mix_top_p"),
@@ -102,6 +97,17 @@ def test_ids_and_content_hash():
 def test_config_validation(kwargs, expected):
     with pytest.raises(ValueError, match=expected):
         PurgeMixConfig(**kwargs)
+
+
+def test_generator_settings_checked_before_any_work(tmp_path):
+    # Valid key by key (a recipe validator builds the config one key at a time), refused as a whole at run start.
+    config = PurgeMixConfig(purge_mix_generator_backend="openai")
+    with pytest.raises(ValueError, match="purge_mix_base_url"):
+        config.check_generator()
+    config = PurgeMixConfig(purge_mix_generator_backend="openai", purge_mix_base_url="http://127.0.0.1:8000/v1")
+    with pytest.raises(ValueError, match="purge_mix_model_name_or_path"):
+        run_purge_mix(Dataset.from_list([{"prompt": "a", "completion": "b"}]), config, str(tmp_path))
+    assert not (tmp_path / "purge_mix").exists()
 
 
 def test_config_fields_unique_against_trl_and_help_everywhere():

@@ -342,20 +342,12 @@ class PurgeMixConfig:
         if not _is_number(self.purge_mix_top_p) or not 0.0 < self.purge_mix_top_p <= 1.0:
             raise ValueError(f"`purge_mix_top_p` must be in (0, 1], got {self.purge_mix_top_p!r}.")
 
-        if self.purge_mix_generator_backend == "openai":
-            if not self.purge_mix_base_url:
-                raise ValueError(
-                    "`purge_mix_generator_backend='openai'` needs `purge_mix_base_url`, e.g. http://127.0.0.1:8000/v1."
-                )
-            if not self.purge_mix_base_url.startswith(("http://", "https://")):
-                raise ValueError(
-                    f"`purge_mix_base_url` must start with http:// or https://, got {self.purge_mix_base_url!r}."
-                )
-            if not self.purge_mix_model_name_or_path:
-                raise ValueError(
-                    "`purge_mix_generator_backend='openai'` needs `purge_mix_model_name_or_path`: the model name the "
-                    "server serves (e.g. the `--model` given to `vllm serve`)."
-                )
+        if self.purge_mix_base_url is not None and not str(self.purge_mix_base_url).startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                f"`purge_mix_base_url` must start with http:// or https://, got {self.purge_mix_base_url!r}."
+            )
         # The value is never echoed: a user who pasted the key itself here must not find it in a log.
         env = self.purge_mix_api_key_env
         if not isinstance(env, str) or env.startswith(("sk-", "hf_")) or len(env) > 64:
@@ -368,6 +360,25 @@ class PurgeMixConfig:
                 "`purge_mix_api_key_env` must be the NAME of an environment variable (letters, digits and underscores, "
                 "e.g. OPENAI_API_KEY). Never put the key itself in a config."
             )
+
+    def check_generator(self) -> None:
+        """
+        Checks across fields of the generator settings, run by [`run_purge_mix`] before any work. They are not in
+        `__post_init__` so that a recipe validator can build the config one key at a time and name each bad key.
+
+        Raises:
+            `ValueError`: If the `"openai"` backend lacks `purge_mix_base_url` or `purge_mix_model_name_or_path`.
+        """
+        if self.purge_mix_generator_backend == "openai":
+            if not self.purge_mix_base_url:
+                raise ValueError(
+                    "`purge_mix_generator_backend='openai'` needs `purge_mix_base_url`, e.g. http://127.0.0.1:8000/v1."
+                )
+            if not self.purge_mix_model_name_or_path:
+                raise ValueError(
+                    "`purge_mix_generator_backend='openai'` needs `purge_mix_model_name_or_path`: the model name the "
+                    "server serves (e.g. the `--model` given to `vllm serve`)."
+                )
 
 
 def _is_number(value) -> bool:

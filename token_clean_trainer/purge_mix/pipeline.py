@@ -338,6 +338,7 @@ def run_purge_mix(
 
     wall_start = time.perf_counter()
     timings: dict[str, float] = {}
+    config.check_generator()
     folder = config.purge_mix_output or os.path.join(output_dir, "purge_mix")
     _check_writable(folder)
     if hasattr(dataset, "select") is False or not hasattr(dataset, "__len__"):
