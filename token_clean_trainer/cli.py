@@ -104,7 +104,11 @@ def _parse_or_exit(argv: list[str], prog: str, description: str):
         raise SystemExit(2) from None
     except ValueError as error:  # a config's own check (`__post_init__`): the message names the field and the fix
         if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: invalid settings: {error}", file=sys.stderr)
+            hint = ""
+            if "bf16" in str(error):
+                # TRL turns bf16 on by default; a CPU (or pre-Ampere GPU) needs it off.
+                hint = " On a CPU pass `--bf16 false --activation_checkpointing false` (or set them in the recipe)."
+            print(f"{prog}: invalid settings: {error}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
