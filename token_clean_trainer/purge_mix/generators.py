@@ -270,19 +270,26 @@ class OpenAIGenerator:
 
     def generate(self, payloads: list[dict], on_result) -> None:
         errors: list[str] = []
+        stop = threading.Event()
 
         def run(i: int) -> None:
+            if stop.is_set():  # the endpoint failed for good: do not queue hours of doomed retries
+                return
             try:
                 on_result(i, self._post(payloads[i]))
             except GenerationError as error:
                 errors.append(str(error))
+                stop.set()
 
-        # Every request runs to completion (or final failure) before an error is raised, so all finished work is
-        # cached first.
+        # Requests in flight finish (or fail) before the error is raised, so all completed work is cached first;
+        # requests not started yet are skipped and sent by the rerun.
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             list(pool.map(run, range(len(payloads))))
         if errors:
-            raise GenerationError(f"{len(errors)} of {len(payloads)} LLM requests failed; first: {errors[0]}")
+            raise GenerationError(
+                f"LLM requests failed ({len(errors)} after every retry; requests not yet sent were skipped): "
+                f"{errors[0]} Completed requests are cached: fix the endpoint and rerun the same command."
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

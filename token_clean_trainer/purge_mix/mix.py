@@ -410,6 +410,7 @@ def run_fusions(
     for cycle in range(max_cycles + 1):
         if not open_jobs:
             break
+        logger.info("purge-mix: fusion attempt %d of %d for %d pair(s)", cycle + 1, max_cycles + 1, len(open_jobs))
         prompts = []
         for j in open_jobs:
             sources = [pool[i] for i in jobs[j].sources]

@@ -440,6 +440,12 @@ def run_purge_mix(
     _save_dataset(scored, scored_path)
 
     # --- neural mix --------------------------------------------------------------------------------------------------
+    logger.info(
+        "purge-mix: split %d HQ / %d LQ (%s)",
+        int(hq.sum()),
+        int((~hq).sum()),
+        dict(Counter(r[0] for r in reasons if r)),
+    )
     lq_index = np.flatnonzero(~hq)
     pool = [{"instruction": columns["prompt_text"][i], "response": columns["response_text"][i]} for i in lq_index]
     pool_ids = [columns["purge_mix_id"][i] for i in lq_index]

@@ -110,12 +110,16 @@ def knn_indices(embeddings: np.ndarray, k: int) -> np.ndarray:
     n = len(x)
     k = min(k, n - 1)
     out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, 1024):  # blocks keep memory at 1024 x n floats
-        sim = x[start : start + 1024] @ x.T
-        rows = np.arange(start, min(start + 1024, n))
+    block = 256  # rows per block: memory stays at block x n floats
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        sim = x[rows] @ x.T
         sim[rows - start, rows] = -np.inf
-        # Stable sort on -sim: equal similarities keep index order, so results are deterministic.
-        out[start : start + len(rows)] = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        # Top k by partition, then a stable sort of those k on (-similarity, index): deterministic on ties.
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(rows), 1))
+        top_sim = np.take_along_axis(sim, top, axis=1)
+        order = np.lexsort((top, -top_sim), axis=1)
+        out[start : start + len(rows)] = np.take_along_axis(top, order, axis=1)
     return out
 
 
