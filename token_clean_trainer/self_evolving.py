@@ -56,8 +56,8 @@ def latest_round_checkpoint(output_dir: str) -> str | None:
     for path in glob.glob(os.path.join(glob.escape(output_dir), ROUNDS_DIR, "round-*", "checkpoint-*")):
         round_match = re.search(r"round-(\d+)$", os.path.dirname(path))
         step_match = re.search(r"checkpoint-(\d+)$", path)
-        complete = os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, TRAINER_STATE))
-        if not (round_match and step_match and complete):
+        # STATE_JSON is written after Trainer's own files, so its presence means the checkpoint is whole.
+        if not (round_match and step_match and os.path.isfile(os.path.join(path, STATE_JSON))):
             continue
         key = (int(round_match.group(1)), int(step_match.group(1)), path)
         if best is None or key[:2] > best[:2]:
