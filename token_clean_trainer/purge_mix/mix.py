@@ -212,6 +212,28 @@ def _format_sources(sources: list[dict[str, str]], max_chars: int = 1500) -> str
     return "\n\n".join(parts)
 
 
+# One worked exchange before the real request: small models copy the format (and placeholders) of whatever they
+# see, so they are shown a filled-in answer rather than a template.
+_DEMO_SOURCES = [
+    {"instruction": "What is ice?", "response": "Ice is frozen water."},
+    {"instruction": "At what temperature does water boil?", "response": "At 100 degrees Celsius at sea level."},
+]
+_DEMO_PAIR = {
+    "instruction": "At what temperatures does water turn into ice and boil at sea level?",
+    "response": "At sea level, water freezes into ice at 0 degrees Celsius and boils at 100 degrees Celsius.",
+}
+FUSION_DEMO = [
+    {
+        "role": "user",
+        "content": f"{_format_sources(_DEMO_SOURCES)}\n\nTask: {OPERATOR_TASKS['direct_answer']}\n\n{OUTPUT_FORMAT}",
+    },
+    {
+        "role": "assistant",
+        "content": f"### Instruction\n{_DEMO_PAIR['instruction']}\n### Response\n{_DEMO_PAIR['response']}",
+    },
+]
+
+
 def fusion_messages(
     sources: list[dict[str, str]],
     operator: str,
@@ -226,7 +248,7 @@ def fusion_messages(
             content += f"Previous attempt:\n### Instruction\n{previous['instruction']}\n### Response\n{previous['response']}\n"
         content += "Write a corrected version that fixes every defect.\n\n"
     content += OUTPUT_FORMAT
-    return [{"role": "system", "content": FUSION_SYSTEM}, {"role": "user", "content": content}]
+    return [{"role": "system", "content": FUSION_SYSTEM}, *FUSION_DEMO, {"role": "user", "content": content}]
 
 
 CHECKLIST_ITEMS = {
@@ -239,17 +261,38 @@ CHECKLIST_ITEMS = {
 
 
 def checklist_messages(sources: list[dict[str, str]], candidate: dict[str, str]) -> list[dict[str, str]]:
+    content = _checklist_request(sources, candidate)
+    return [
+        {"role": "system", "content": "You are a strict reviewer of instruction-tuning data."},
+        *CHECKLIST_DEMO,
+        {"role": "user", "content": content},
+    ]
+
+
+def _checklist_request(sources: list[dict[str, str]], candidate: dict[str, str]) -> str:
     items = "\n".join(f'- "{key}": true if {text}, else false' for key, text in CHECKLIST_ITEMS.items())
-    content = (
+    return (
         f"Source examples:\n\n{_format_sources(sources)}\n\nNew example:\n### Instruction\n{candidate['instruction']}\n"
         f"### Response\n{candidate['response']}\n\nCheck the new example. Answer with one JSON object with these keys:\n"
         f'{items}\n- "defects": a list of short strings naming every problem (empty list if none).\n'
         "Answer with the JSON object only."
     )
-    return [
-        {"role": "system", "content": "You are a strict reviewer of instruction-tuning data."},
-        {"role": "user", "content": content},
-    ]
+
+
+# A worked review of a defective example, so the reviewer sees that `false` and a defect list are expected answers.
+CHECKLIST_DEMO = [
+    {
+        "role": "user",
+        "content": _checklist_request(
+            _DEMO_SOURCES, {**_DEMO_PAIR, "response": "Water freezes at 0 degrees Celsius and boils at 50 degrees."}
+        ),
+    },
+    {
+        "role": "assistant",
+        "content": '{"instruction_clear": true, "answers_instruction": true, "complete": true, "keeps_key_terms": '
+        'true, "consistent": false, "defects": ["the boiling point is wrong: 100 degrees Celsius, not 50"]}',
+    },
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

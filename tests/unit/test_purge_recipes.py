@@ -1,0 +1,37 @@
+"""The shipped purge-mix recipes: header with command, hardware and time; every purge_mix_* key is a real field."""
+
+import glob
+import os
+from dataclasses import fields
+
+import pytest
+import yaml
+
+from token_clean_trainer.purge_mix import PurgeMixConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "purge_mix*", "*.yaml")))
+
+
+def test_both_recipes_exist():
+    names = {os.path.relpath(p, ROOT) for p in RECIPES}
+    assert {"recipes/smollm2-135m/purge_mix/config.yaml", "recipes/smollm2-135m/purge_mix/config_vllm.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_recipe_header_and_keys(path, monkeypatch):
+    text = open(path, encoding="utf-8").read()
+    header = text.split("\n\n")[0]
+    assert f"token-clean purge-mix --config {os.path.relpath(path, ROOT)}" in header
+    assert "Hardware" in header and "Time" in header
+    values = yaml.safe_load(text)
+    ours = {k: v for k, v in values.items() if k.startswith("purge_mix_")}
+    assert set(ours) <= {f.name for f in fields(PurgeMixConfig)}
+    config = PurgeMixConfig(**ours)
+    config.check_generator()
+    if config.purge_mix_generator_backend == "openai":
+        # The key is referenced by variable name only; no literal key in a recipe.
+        assert "sk-" not in text and config.purge_mix_api_key_env.isupper()
+    else:
+        assert values["model_name_or_path"] == "embedded:smollm2" and values["dataset_name"] == "embedded:chatterbot"
+        assert config.purge_mix_max_fusions <= 8 and values["bf16"] is False
