@@ -182,6 +182,12 @@ def _load_splits(recipe):
     return train, evaluation, warmup
 
 
+def _print_main(message: str) -> None:
+    """Print once per run, not once per process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
 def _warm_up_reference(recipe, model_path: str, warmup_dataset, peft_config) -> None:
     """The paper's step 1: plain SFT on the warm-up split; the result becomes the recipe's reference."""
     from .recipe import settings_hash
@@ -209,13 +215,12 @@ def _warm_up_reference(recipe, model_path: str, warmup_dataset, peft_config) -> 
     if os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
             if json.load(f).get("key") == key and os.path.isdir(target):
-                print(f"token-clean: reusing the warmed-up reference in {target}", flush=True)
+                _print_main(f"token-clean: reusing the warmed-up reference in {target}")
                 _set_reference(training, target, peft_config)
                 return
-    print(
+    _print_main(
         f"token-clean: warming up the reference on {len(warmup_dataset)} rows of split "
-        f"{settings.ref_warmup_split!r} (every response token)",
-        flush=True,
+        f"{settings.ref_warmup_split!r} (every response token)"
     )
     args = dataclasses.replace(
         training,
@@ -257,7 +262,7 @@ def _apply_purge_mix(recipe, train_dataset, model_path: str):
         return train_dataset
     from .purge_mix import PurgeMixCallback
 
-    print(f"token-clean: purge-mix on {len(train_dataset)} train rows", flush=True)
+    _print_main(f"token-clean: purge-mix on {len(train_dataset)} train rows")
     # The callback computes on the main process first; the others load its content-keyed result.
     return PurgeMixCallback(config).apply(
         train_dataset, recipe.training.output_dir, seed=recipe.training.seed, model=model_path
