@@ -366,8 +366,12 @@ def bench_p3(args, folder: str) -> dict:
         load.append(load_average())
     medians = {side: statistics.median(values) for side, values in times.items()}
     warm = medians["warm"] / medians["plain"]
+    # The warm run's own scoring phase (cache reads, fingerprints, selection), timed inside the trainer: a steadier
+    # estimate of the warm overhead than the difference of two whole runs on a loaded machine.
+    warm_phase = statistics.median(d["score_seconds"] for d in details["warm"])
     return {
         "ratio_warm": warm,
+        "ratio_warm_from_scoring_phase": 1 + warm_phase / medians["plain"],
         "ratio_cold": medians["cold"] / medians["plain"],
         "goal": GOALS["p3"],
         "met": warm <= 1.03,
@@ -586,7 +590,10 @@ def markdown_row(name: str, result: dict) -> str:
             f"{result['ratio_compact_prototype']:.3f})"
         )
     elif name == "p3":
-        figure = f"warm {result['ratio_warm']:.3f}, cold {result['ratio_cold']:.3f}"
+        figure = (
+            f"warm {result['ratio_warm']:.3f} (scoring phase {result['ratio_warm_from_scoring_phase']:.3f}), "
+            f"cold {result['ratio_cold']:.3f}"
+        )
     elif name == "p4":
         figure = f"{result['ratio']:.3f}"
     elif name == "p5":
