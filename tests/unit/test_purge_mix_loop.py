@@ -98,6 +98,14 @@ def test_code_defects():
     )
 
 
+def test_copies_of_the_prompt_demonstrations_are_defects():
+    from token_clean_trainer.purge_mix.mix import CHECKLIST_DEMO, FUSION_DEMO
+
+    copied = parse_pair(FUSION_DEMO[1]["content"])
+    assert "copied_demonstration" in code_defects(copied, SOURCES, PurgeMixConfig())
+    assert checklist_verdict(CHECKLIST_DEMO[1]["content"])[:2] == (False, ["checklist_copied_demonstration"])
+
+
 def test_checklist_verdict():
     all_true = {"instruction_clear": True, "answers_instruction": True, "complete": True, "keeps_key_terms": True}
     ok = json.dumps({**all_true, "consistent": True, "defects": []})

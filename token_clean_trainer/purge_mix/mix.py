@@ -199,6 +199,7 @@ REPAIR_OPERATOR = {
     "unparseable_output": "direct_answer",
     "repetitive_response": "multi_step",
     "template_placeholder": "direct_answer",
+    "copied_demonstration": "merged_corpus",
 }
 
 
@@ -351,6 +352,10 @@ def key_terms(text: str, limit: int = 12) -> list[str]:
     return sorted(counts, key=lambda w: -counts[w])[:limit]
 
 
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
 def code_defects(candidate: dict[str, str] | None, sources: list[dict[str, str]], config: PurgeMixConfig) -> list[str]:
     """Deterministic checks of a fused pair (no LLM); an empty list means it passes."""
     if candidate is None:
@@ -376,6 +381,8 @@ def code_defects(candidate: dict[str, str] | None, sources: list[dict[str, str]]
         if instruction.strip() == src["instruction"].strip() and response.strip() == src["response"].strip():
             defects.append("copied_source")
             break
+    if _norm(instruction) == _norm(_DEMO_PAIR["instruction"]) or _norm(response) == _norm(_DEMO_PAIR["response"]):
+        defects.append("copied_demonstration")  # the prompt's worked example, not a fusion of the sources
     fused_words = set(key_terms(instruction + " " + response, limit=10_000))
     for src in sources:
         terms = key_terms(src["instruction"] + " " + src["response"])
@@ -390,6 +397,8 @@ def checklist_verdict(text: str) -> tuple[bool, list[str], dict[str, Any] | None
     obj = extract_json_object(text)
     if obj is None:
         return False, ["checklist_unparsed"], None
+    if obj == _CHECKLIST_DEMO_ANSWER:
+        return False, ["checklist_copied_demonstration"], obj
     lowered = {str(k).strip().lower(): v for k, v in obj.items()}
     defects = []
     for key in CHECKLIST_ITEMS:
@@ -408,6 +417,8 @@ def checklist_verdict(text: str) -> tuple[bool, list[str], dict[str, Any] | None
         defects.append("defects_not_a_list")
     return not defects, defects, obj
 
+
+_CHECKLIST_DEMO_ANSWER = json.loads(CHECKLIST_DEMO[1]["content"])
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The fusion loop
