@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_DATASET = "embedded:chatterbot"
-_PIPELINE_VERSION = 1
+# Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
+# (cached LLM replies are still replayed); the statistics have their own version.
+_PIPELINE_VERSION = 2
+_STATS_VERSION = 1
 # Settings that do not change the output, so they stay out of the result key.
 _NOT_IN_KEY = ("purge_mix_enabled", "purge_mix_output", "purge_mix_cache_dir", "purge_mix_max_concurrency")
 
