@@ -231,7 +231,7 @@ def _statistics(columns, config, models, folder, data_key, timings) -> tuple[dic
         scoring_id = model_identity(models.scoring()[0])
     key = _hash(
         "stats",
-        _PIPELINE_VERSION,
+        _STATS_VERSION,
         data_key,
         config.purge_mix_ngram_size,
         scoring_id,
