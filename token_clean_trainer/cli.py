@@ -508,5 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _exit(code: int) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every output is written and every process has passed the final barrier. A rank has been seen hanging in
+        # teardown (interpreter exit after a warm-up and a training run in one process, gloo on CPU) after rank 0
+        # exited, which leaves `accelerate launch` waiting forever; end the process directly instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
