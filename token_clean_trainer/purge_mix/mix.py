@@ -471,7 +471,9 @@ def run_fusions(
             defects = results[j].defects[-1] if results[j].defects else None
             prompts.append(fusion_messages(sources, operator[j], previous[j], defects))
             results[j].operators.append(operator[j] if len(sources) > 1 else "rewrite")
-        replies = generator.generate(prompts, stage="fusion")
+        # The attempt number goes into the request seed: a repair whose prompt happens to equal the previous one (same
+        # candidate, same defects) is a new sample, not a replay of the cached reply.
+        replies = generator.generate(prompts, stage="fusion", seed=generator.defaults["seed"] + cycle)
         candidates = {j: parse_pair(r.text) for j, r in zip(open_jobs, replies)}
         defects = {j: code_defects(candidates[j], [pool[i] for i in jobs[j].sources], config) for j in open_jobs}
         if config.purge_mix_checklist:
