@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m token_clean_trainer.cli demo --output_dir outputs/demo
 
-# Cost ratios P1-P6 of cleaning against plain SFT on the embedded default (CPU, about 20 minutes on 2 idle cores); results in
-# benchmarks/results/*.json. Sizes: make bench BENCH_ARGS="--train_rows 96 --train_reps 5".
+# Cost ratios P1-P6 of cleaning against plain SFT on the embedded default (CPU, about 20 minutes on 2 idle cores);
+# results in benchmarks/results/*.json. Sizes: make bench BENCH_ARGS="--train_rows 96 --train_reps 5".
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ratios.py all $(BENCH_ARGS)
 
