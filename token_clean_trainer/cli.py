@@ -456,27 +456,16 @@ def _demo(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    from .report import print_summary
+    # Imported when run: the report pulls in numpy and matplotlib, which `token-clean --help` does not need.
+    from .report import report_command
 
-    parser = argparse.ArgumentParser(
-        prog="token-clean report", description="Print the token-cleaning report of a run's output_dir."
-    )
-    parser.add_argument("output_dir", help="The `output_dir` of a token-cleaning run.")
-    parser.add_argument("--json", action="store_true", help="Print the whole report.json instead of a summary.")
-    args = parser.parse_args(argv)
-    path = os.path.join(args.output_dir, "token_cleaning", "report.json")
-    if not os.path.isfile(path):
-        print(
-            f"token-clean report: no report at {path}; is {args.output_dir!r} a token-cleaning run?", file=sys.stderr
-        )
-        return 2
-    with open(path, encoding="utf-8") as f:
-        report = json.load(f)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_summary(report)
-    return 0
+    return report_command(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluation import eval_command
+
+    return eval_command(argv)
 
 
 COMMANDS = {
@@ -484,9 +473,8 @@ COMMANDS = {
     "score": _score,
     "validate": _validate,
     "purge-mix": _purge_mix,
-    # Imported when run: they pull in torch and numpy, which `token-clean --help` does not need.
-    "report": lambda argv: __import__("token_clean_trainer.report", fromlist=["_"]).report_command(argv),
-    "eval": lambda argv: __import__("token_clean_trainer.evaluation", fromlist=["_"]).eval_command(argv),
+    "report": _report,
+    "eval": _eval,
     "demo": _demo,
 }
 
