@@ -44,6 +44,9 @@ def run(tmp_path, processes, model_dir, ref_dir, script="score_distributed.py"):
     return json.loads(result.read_text())
 
 
+# The same property runs in `make test` through the CLI and the shipped accelerate config
+# (tests/integration/test_launch_cli.py); this script-level variant is kept for `make test-slow`.
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_model_dir, tiny_ref_dir):
     single = run(tmp_path, 1, tiny_model_dir, tiny_ref_dir)
     double = run(tmp_path, 2, tiny_model_dir, tiny_ref_dir)
@@ -79,6 +82,9 @@ def no_dropout_model_dir(tmp_path, tokenizer):
     return model_dir
 
 
+# The same property runs in `make test` through the CLI and the shipped accelerate config
+# (tests/integration/test_launch_cli.py); this script-level variant is kept for `make test-slow`.
+@pytest.mark.slow
 def test_online_ranks_across_processes(tmp_path, no_dropout_model_dir, tiny_ref_dir):
     """One global batch of 4 rows: split over 2 processes or read by one, the same tokens are kept and trained."""
     single, double = run_one_and_two(tmp_path, no_dropout_model_dir, tiny_ref_dir, "online_distributed.py")
