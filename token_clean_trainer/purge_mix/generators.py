@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,8 @@ class GenerationStats:
     by_stage: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "cache_hits": self.cache_hits,
-            "retries": self.retries,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "cached_prompt_tokens": self.cached_prompt_tokens,
-            "cached_completion_tokens": self.cached_completion_tokens,
-            "by_stage": self.by_stage,
-        }
+        # Every counter as it is, plus the total (derived, so it can never disagree with its parts).
+        return {**asdict(self), "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _request_payload(messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
