@@ -69,9 +69,13 @@ class TokenLossCache:
         self.write_failed = False
         self.not_stored = 0  # shards this run could not write (after a failed write, later ones are not attempted)
 
-    def _path(self, content_hash: str) -> str:
+    def relative_path(self, content_hash: str) -> str:
+        """Where the shard of `content_hash` lives, relative to the cache folder."""
         key = hashlib.sha256(f"v{SCORE_FORMAT_VERSION}|{self.model_key}|{content_hash}".encode()).hexdigest()
-        return os.path.join(self.root, "token_losses", key[:2], f"{key}.safetensors")
+        return os.path.join("token_losses", key[:2], f"{key}.safetensors")
+
+    def _path(self, content_hash: str) -> str:
+        return os.path.join(self.root, self.relative_path(content_hash))
 
     def load(self, content_hash: str, lengths: np.ndarray) -> list[np.ndarray] | None:
         """The stored per-row losses, or `None` when absent or unusable (a warning says why when unusable)."""

@@ -4,14 +4,52 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .step_selection import rows_to_padded
 
+# The index of a row in the prepared train dataset: the key under which its mask (or per-token values) is found.
+ROW_COLUMN = "token_clean_row"
 TOKEN_KEEP_COLUMN = "token_keep"
 # Per-token float columns the trainer consumes when it selects tokens per optimizer step: the static scores of
 # `token_selection="batch"` and the reference losses of online mode. They reach the batch as `(B, T)` tensors.
 TOKEN_SCORES_COLUMN = "token_scores"
 TOKEN_REF_LOSSES_COLUMN = "token_ref_losses"
 STEP_COLUMNS = (TOKEN_SCORES_COLUMN, TOKEN_REF_LOSSES_COLUMN)
+
+
+class RowStore:
+    """
+    Per-row token arrays of the train set, looked up by row index: one flat array split at `offsets`.
+
+    The trainer fills it once the model is prepared, before the first batch is collated; the collator reads the row
+    of every example. Keep masks are stored packed (one bit per position), so a process holds 1/32 of a float array.
+    """
+
+    def __init__(self):
+        self.column: str | None = None
+        self.offsets: np.ndarray | None = None
+        self._bits: np.ndarray | None = None
+        self._values: np.ndarray | None = None
+
+    def set_keep(self, offsets: np.ndarray, keep: np.ndarray) -> None:
+        self.column, self.offsets = TOKEN_KEEP_COLUMN, offsets
+        self._bits, self._values = np.packbits(keep.astype(bool)), None
+
+    def set_values(self, column: str, offsets: np.ndarray, values: np.ndarray) -> None:
+        self.column, self.offsets = column, offsets
+        self._bits, self._values = None, np.asarray(values, dtype=np.float32)
+
+    @property
+    def ready(self) -> bool:
+        return self.column is not None
+
+    def row(self, index: int) -> np.ndarray:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        if self._values is not None:
+            return self._values[start:end]
+        chunk = np.unpackbits(self._bits[start // 8 : (end + 7) // 8])
+        return chunk[start % 8 : start % 8 + end - start].astype(bool)
 
 
 @dataclass
@@ -31,17 +69,25 @@ class TokenCleaningCollator:
     collator runs and returned as `(B, T)` float tensors aligned with the batch's `labels` (NaN on padding); the trainer
     removes them from the batch before any forward.
 
+    Examples that carry a `token_clean_row` index get their mask (or values) from `store`, which the trainer fills
+    once the model is prepared (the dataloader exists before that, so the masks cannot be a dataset column).
+
     Args:
         base_collator (`Callable`):
             Collator that receives the examples with their cleaned `labels`.
         keep_column (`str`, *optional*, defaults to `"token_keep"`):
             Name of the per-example keep mask: one bool per position of `input_ids`.
+        store ([`RowStore`], *optional*):
+            Per-row masks or values looked up by the examples' `token_clean_row`.
     """
 
     base_collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
     keep_column: str = TOKEN_KEEP_COLUMN
+    store: RowStore | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if examples and ROW_COLUMN in examples[0]:
+            examples = [self.attach_row(example) for example in examples]
         step_values = {}
         for column in STEP_COLUMNS:
             if examples and column in examples[0]:
@@ -56,6 +102,18 @@ class TokenCleaningCollator:
                 )
             batch[column] = rows_to_padded(values, batch["attention_mask"])
         return batch
+
+    def attach_row(self, example: dict[str, Any]) -> dict[str, Any]:
+        """Replace the row index by the row's mask (or per-token values) from the store."""
+        example = dict(example)
+        row = example.pop(ROW_COLUMN)
+        if self.store is None or not self.store.ready:
+            raise ValueError(
+                "A train batch was collated before its token masks exist. The trainer computes them once accelerate "
+                "has prepared the model, inside `train()`; build batches of the train set through the trainer."
+            )
+        example[self.store.column] = self.store.row(int(row))
+        return example
 
     def apply_mask(self, example: dict[str, Any]) -> dict[str, Any]:
         if self.keep_column not in example:

@@ -1,71 +1,154 @@
 """Per-token cross-entropy of a model on a prepared dataset, aligned to label positions.
 
 `token_losses[j]` is `-log p(x_j | x_<j)`: the loss of predicting the token at label position `j`. Position 0 has no
-prediction and prompt tokens are not trained, so both are NaN. Losses come from TRL's fused LM head (no
-`(batch, seq, vocab)` logits) with the head projection forced to float32, without gradient and with dropout off.
+prediction and prompt tokens are not trained, so both are NaN.
+
+[`token_losses`] is the package's one per-token loss function: scoring, evaluation, purge-mix perplexity and the
+benchmarks all call it. It runs the model's own forward (so FSDP2 and ZeRO-3 hooks gather the shards as in training),
+and replaces only the LM head for the call: the hidden states of the scored positions alone are projected, in float32
+chunks, so no `(batch, seq, vocab)` logits ever exist and score differences are not drowned by bf16 rounding.
 """
 
 import contextlib
+import dataclasses
+import math
 import random
+import types
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from trl.trainer.utils import add_fused_lm_head
+from transformers.utils import ModelOutput
 
 from .utils import is_peft_model
+
+# Elements of one float32 logits chunk (rows x vocab): 64M = 256 MB, whatever the vocabulary.
+_HEAD_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclasses.dataclass
+class TokenLossOutput(ModelOutput):
+    """What a model returns inside [`scoring_head`]: the per-token losses, `(B, T)` float32, NaN where not scored."""
+
+    token_losses: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class ScoringStats:
+    """Counters of the scoring forwards of one process: tests and logs check them (every rank must run as many)."""
+
+    forwards: int = 0
+    hidden_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def scored_positions(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """
+    `(B, T)` bool: label position `j` is scored when its label is not `-100` and both it and the token before it are
+    real tokens (attention mask 1). Position 0 never is; the first real token of a left-padded row is predicted from
+    padding and is not either. Padding is found by the attention mask, never by token id (`pad == eos` in many
+    tokenizers).
+    """
+    mask = attention_mask.bool()
+    scored = torch.zeros_like(mask)
+    scored[:, 1:] = mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != -100)
+    return scored
 
 
 def align_token_losses(log_probs: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """
-    Move the fused head's shifted log-probabilities to label positions and mark unscored positions with NaN.
-
-    The fused head returns `log_probs[b, i] = log p(x_{i+1} | x_<=i)`, shape `(B, T - 1)`. The loss of label position
-    `j` is `-log_probs[b, j - 1]`. Position `j` is scored only when its label is not `-100` and both it and the token
-    before it are real tokens (attention mask 1): the first real token of a left-padded row is predicted from padding
-    and is never scored. Padding is found by the attention mask, never by token id, since `pad == eos` in many
-    tokenizers.
-
-    Args:
-        log_probs (`torch.Tensor` of shape `(B, T - 1)`):
-            Per-token log-probabilities from the fused head.
-        labels (`torch.Tensor` of shape `(B, T)`):
-            Labels, `-100` where a position is not trained.
-        attention_mask (`torch.Tensor` of shape `(B, T)`):
-            1 on real tokens, 0 on padding (either side).
-
-    Returns:
-        `torch.Tensor` of shape `(B, T)`, float32: the loss per label position, NaN where not scored.
+    Move shifted log-probabilities (`log_probs[b, i] = log p(x_{i+1} | x_<=i)`, shape `(B, T - 1)`, e.g. from TRL's
+    fused head) to label positions `(B, T)`, NaN where not scored (see [`scored_positions`]).
     """
     batch, length = labels.shape
     if log_probs.shape != (batch, length - 1):
         raise ValueError(f"Expected log-probs of shape {(batch, length - 1)}, got {tuple(log_probs.shape)}.")
     losses = torch.full((batch, length), float("nan"), dtype=torch.float32, device=log_probs.device)
     losses[:, 1:] = -log_probs.float()
-    mask = attention_mask.bool()
-    scored = torch.zeros_like(mask)
-    scored[:, 1:] = mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != -100)
-    return losses.masked_fill(~scored, float("nan"))
+    return losses.masked_fill(~scored_positions(labels, attention_mask), float("nan"))
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM module whose `forward` carries the fused head (the base model of a PEFT model)."""
+    """The causal LM module whose `forward` computes the head (the base model of a PEFT model, the module of an
+    accelerate/DeepSpeed/DDP wrapper)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
     return model.get_base_model() if is_peft_model(model) else model
 
 
-@contextlib.contextmanager
-def fp32_fused_head(model: torch.nn.Module) -> Iterator[None]:
-    """
-    Temporarily give `model` a fused LM head that projects in float32 and returns only log-probabilities.
+def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The scaling and soft-capping some architectures apply to their logits (none for Llama, Qwen, Mistral)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)
+    if scale is None and getattr(text, "logits_scaling", None):
+        scale = 1.0 / text.logits_scaling
+    cap = getattr(text, "final_logit_softcapping", None)
 
-    Score differences are small; logits rounded to bf16 would drown them, so the head always runs in float32 here,
-    whatever the training precision. The model's own forward (possibly SFTTrainer's fused one) is restored on exit.
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None and scale != 1.0:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def _head_losses(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Losses at the scored positions, projecting only their hidden states through the LM head in float32 chunks."""
+    from torch.distributed.tensor import DTensor
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    scored = scored_positions(labels, attention_mask)
+    predict = scored[:, 1:]  # hidden state i predicts token i + 1
+    states = hidden[:, :-1][predict]
+    targets = labels[:, 1:][predict]
+    head = causal_lm.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if isinstance(weight, DTensor):  # FSDP2 outside the root's unsharded window
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    transform = _logit_transform(causal_lm.config)
+    losses = torch.empty(states.shape[0], dtype=torch.float32, device=states.device)
+    with maybe_gather_lm_head_ctx(weight, bias), torch.autocast(states.device.type, enabled=False):
+        weight32 = weight.float()
+        bias32 = bias.float() if bias is not None else None
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // weight32.shape[0])
+        for start in range(0, states.shape[0], chunk):
+            part = states[start : start + chunk].float().to(weight32.device)
+            logits = transform(torch.nn.functional.linear(part, weight32, bias32))
+            picked = logits.gather(1, targets[start : start + chunk, None].to(logits.device)).squeeze(1)
+            losses[start : start + chunk] = (torch.logsumexp(logits, dim=-1) - picked).to(losses.device)
+    out = torch.full(labels.shape, float("nan"), dtype=torch.float32, device=states.device)
+    out[scored] = losses
+    return out
+
+
+@contextlib.contextmanager
+def scoring_head(model: torch.nn.Module, stats: ScoringStats | None = None, role: str = "") -> Iterator[None]:
+    """
+    For the duration, calling `model(input_ids=..., attention_mask=..., labels=...)` (the model as prepared: a PEFT
+    model, a DeepSpeed engine, an FSDP2 module) returns a [`TokenLossOutput`] instead of logits.
+
+    Only the causal LM's own `forward` is swapped (an instance attribute, restored on exit): wrappers, PEFT adapters
+    and the sharding hooks of FSDP2/ZeRO-3 all run as in training, and the backbone is called as a submodule so its
+    parameters are gathered by the same hooks.
     """
     inner = unwrap_causal_lm(model)
     had_instance_forward = "forward" in vars(inner)
     saved_forward = vars(inner).get("forward")
-    add_fused_lm_head(inner, cast_lm_head_to_fp32=True, outputs=("log_probs",))
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        for name in ("fused_lm_head", "num_items_in_batch", "use_cache", "logits_to_keep", "return_dict"):
+            kwargs.pop(name, None)
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        hidden = outputs.last_hidden_state
+        if stats is not None:
+            stats.forwards += 1
+            stats.hidden_dtypes[role] = str(hidden.dtype).replace("torch.", "")
+        return TokenLossOutput(token_losses=_head_losses(self, hidden, labels, attention_mask))
+
+    inner.forward = types.MethodType(forward, inner)
     try:
         yield
     finally:
@@ -73,6 +156,53 @@ def fp32_fused_head(model: torch.nn.Module) -> Iterator[None]:
             inner.forward = saved_forward
         else:
             del inner.forward
+
+
+def precision_context(
+    device_type: str, mixed_precision: str | None
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """
+    The one precision every scoring forward of a run runs in: autocast to the run's mixed precision (`"bf16"`,
+    `"fp16"`), or autocast off (`"no"`), whatever the wrappers around the model do. The base pass and the reference
+    pass of a score can then never differ in dtype. The LM head always projects in float32 (see [`scoring_head`]).
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
+    if dtype is None:
+        return lambda: torch.autocast(device_type, enabled=False)
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+@torch.no_grad()
+def token_losses(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    stats: ScoringStats | None = None,
+    role: str = "",
+    **model_kwargs,
+) -> torch.Tensor:
+    """
+    Per-token losses `(B, T)` float32 of one batch at label positions, NaN where not scored (see
+    [`scored_positions`]). The package's one per-token loss function.
+
+    Args:
+        model (`torch.nn.Module`):
+            The causal LM as it runs: plain, PEFT, or wrapped/sharded by accelerate. Dropout and adapters are the
+            caller's business ([`eval_mode`], `use_adapter`).
+        input_ids, attention_mask, labels (`torch.Tensor` of shape `(B, T)`):
+            One batch on the model's input device; labels `-100` where a position is not scored.
+        precision (`Callable`, *optional*):
+            Factory of the precision context (see [`precision_context`]).
+        stats (`ScoringStats`, *optional*):
+            Counts the forward and records the hidden states' dtype under `role`.
+        model_kwargs:
+            Passed to the backbone (e.g. `position_ids` for left-padded rows).
+    """
+    with scoring_head(model, stats, role), precision():
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs)
+    return outputs.token_losses.float()
 
 
 @contextlib.contextmanager
@@ -103,7 +233,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `labels` (the ids where a row has no labels) and `attention_mask` of prepared rows."""
     length = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -117,7 +248,25 @@ def _collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, 
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where a model's inputs go: its first parameter's device (CPU for a model with no parameters here)."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
+def forwards_needed(rows: int, world: int, batch_size: int) -> int:
+    """Forwards each process runs to score `rows` rows dealt round-robin over `world` processes: the same on all."""
+    return math.ceil(math.ceil(rows / world) / batch_size) if rows else 0
+
+
+def deal_rows(rows: Sequence[int], lengths: Sequence[int], world: int, rank: int) -> list[int]:
+    """
+    This process's share of `rows`: sorted longest first, then dealt round-robin, so every process gets rows of
+    similar lengths (no shard waits on one rank's long tail) and at most one row more than any other.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (-int(lengths[i]), i))
+    return [rows[i] for i in order[rank::world]]
 
 
 @torch.no_grad()
@@ -128,17 +277,23 @@ def compute_token_losses(
     batch_size: int,
     pad_token_id: int,
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    progress: tqdm | None = None,
+    progress=None,
+    num_forwards: int | None = None,
+    filler_row: int | None = None,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    stats: ScoringStats | None = None,
+    role: str = "",
+    device: torch.device | None = None,
 ) -> list[np.ndarray]:
     """
     Per-token losses of `model` on the rows `row_indices` of a prepared dataset (`input_ids` and `labels` columns).
 
     Rows are batched longest-first to waste little on padding; the result is in the order of `row_indices`, one
-    float32 array per row with the row's length, NaN where not scored (see [`align_token_losses`]).
+    float32 array per row with the row's length, NaN where not scored.
 
     Args:
         model (`torch.nn.Module`):
-            Causal LM (or PEFT model). Put into eval mode and given a float32 fused head for the call.
+            Causal LM (or PEFT model, or the model as accelerate prepared it). Put into eval mode for the call.
         dataset (`datasets.Dataset`):
             Prepared dataset with `input_ids` and `labels`.
         row_indices (`Sequence[int]`):
@@ -151,27 +306,45 @@ def compute_token_losses(
             Factory of a context entered around the scoring, e.g. to disable or select PEFT adapters.
         progress (`tqdm`, *optional*):
             Progress bar advanced by the number of rows scored.
+        num_forwards (`int`, *optional*):
+            Run exactly this many forwards: when the rows need fewer, the rest score `filler_row` and drop the result.
+            Under FSDP2 and ZeRO-3 every forward is a collective, so every process must run as many.
+        filler_row (`int`, *optional*):
+            Row used by those extra forwards.
+        precision, stats, role:
+            See [`token_losses`].
+        device (`torch.device`, *optional*):
+            Where the inputs go (defaults to the model's first parameter's device).
     """
     row_indices = list(row_indices)
-    if not row_indices:
-        return []
-    subset = dataset.select(row_indices).select_columns(
-        [c for c in ("input_ids", "labels") if c in dataset.column_names]
-    )
-    lengths = np.array([len(ids) for ids in subset["input_ids"]])
+    needed = math.ceil(len(row_indices) / batch_size)
+    num_forwards = needed if num_forwards is None else num_forwards
+    if num_forwards < needed:
+        raise ValueError(
+            f"{len(row_indices)} rows need {needed} forwards at batch size {batch_size}, not {num_forwards}."
+        )
+    if num_forwards > needed and filler_row is None:
+        raise ValueError("Extra forwards need a `filler_row` to score.")
+    columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+    subset = dataset.select(row_indices).select_columns(columns) if row_indices else None
+    lengths = np.array([len(ids) for ids in subset["input_ids"]]) if row_indices else np.zeros(0, dtype=int)
     order = np.argsort(-lengths, kind="stable")
     results: list[np.ndarray | None] = [None] * len(row_indices)
-    device = model_device(model)
-    with preserve_rng_state(), eval_mode(model), fp32_fused_head(model), forward_context():
-        for start in range(0, len(order), batch_size):
-            positions = order[start : start + batch_size]
-            rows = subset.select(positions.tolist())
-            batch = _collate_right_padded(list(rows), pad_token_id)
-            batch = {key: value.to(device) for key, value in batch.items()}
-            outputs = model(**batch, fused_lm_head=True, use_cache=False)
-            losses = align_token_losses(outputs.log_probs, batch["labels"], batch["attention_mask"]).cpu().numpy()
+    device = device or model_device(model)
+    filler = None
+    with preserve_rng_state(), eval_mode(model), forward_context():
+        for index in range(num_forwards):
+            positions = order[index * batch_size : (index + 1) * batch_size]
+            if len(positions):
+                rows = list(subset.select(positions.tolist()))
+            else:
+                if filler is None:
+                    filler = list(dataset.select([filler_row]).select_columns(columns))
+                rows = filler
+            batch = {key: value.to(device) for key, value in collate_right_padded(rows, pad_token_id).items()}
+            losses = token_losses(model, **batch, precision=precision, stats=stats, role=role).cpu().numpy()
             for i, position in enumerate(positions):
                 results[position] = losses[i, : lengths[position]].copy()
-            if progress is not None:
+            if progress is not None and len(positions):
                 progress.update(len(positions))
     return results

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
 from .utils import atomic_write_bytes, atomic_write_json
@@ -84,14 +85,26 @@ def latest_complete_checkpoint(output_dir: str, with_state: bool = False) -> str
     return best[1] if best else None
 
 
-def save_checkpoint_state(folder: str, payload: dict[str, Any], keep: np.ndarray | None) -> None:
-    """Write the token-cleaning state next to a Trainer checkpoint (JSON, plus the keep mask packed to bits)."""
+def save_checkpoint_state(
+    folder: str, payload: dict[str, Any], arrays: dict[str, np.ndarray] | np.ndarray | None
+) -> None:
+    """
+    Write the token-cleaning state next to a Trainer checkpoint: JSON, plus its arrays (`keep`, packed to bits; and
+    the float32 `base_losses` a self-evolving run still needs when it keeps no score cache).
+    """
+    if isinstance(arrays, np.ndarray):
+        arrays = {"keep": arrays}
     arrays_path = os.path.join(folder, STATE_ARRAYS)
-    if keep is None and os.path.exists(arrays_path):
+    if not arrays and os.path.exists(arrays_path):
         os.unlink(arrays_path)  # never leave a mask from an earlier save next to a state that has none
-    if keep is not None:
-        arrays = {"keep_bits": np.packbits(keep.astype(bool)), "keep_size": np.array([keep.size], dtype=np.int64)}
-        atomic_write_bytes(arrays_path, save(arrays))
+    if arrays:
+        stored: dict[str, np.ndarray] = {}
+        if arrays.get("keep") is not None:
+            keep = arrays["keep"].astype(bool)
+            stored.update(keep_bits=np.packbits(keep), keep_size=np.array([keep.size], dtype=np.int64))
+        if arrays.get("base_losses") is not None:
+            stored["base_losses"] = np.ascontiguousarray(arrays["base_losses"], dtype=np.float32)
+        atomic_write_bytes(arrays_path, save(stored))
     atomic_write_json(os.path.join(folder, STATE_JSON), {"format": STATE_FORMAT_VERSION, **payload})
 
 
@@ -112,9 +125,18 @@ def load_checkpoint_state(folder: str) -> tuple[dict[str, Any], np.ndarray | Non
     arrays_path = os.path.join(folder, STATE_ARRAYS)
     if os.path.isfile(arrays_path):
         arrays = load_file(arrays_path)
-        size = int(arrays["keep_size"][0])
-        keep = np.unpackbits(arrays["keep_bits"], count=size).astype(bool)
+        if "keep_bits" in arrays:
+            keep = np.unpackbits(arrays["keep_bits"], count=int(arrays["keep_size"][0])).astype(bool)
     return payload, keep
+
+
+def load_base_losses(folder: str) -> np.ndarray | None:
+    """The base losses a self-evolving checkpoint carries (None when it has none: a score cache holds them)."""
+    arrays_path = os.path.join(folder, STATE_ARRAYS)
+    if not os.path.isfile(arrays_path):
+        return None
+    with safe_open(arrays_path, framework="numpy") as f:
+        return f.get_tensor("base_losses") if "base_losses" in f.keys() else None
 
 
 def check_resume_matches(payload: dict[str, Any], expected: dict[str, Any], folder: str) -> None:
@@ -133,6 +155,7 @@ __all__ = [
     "check_resume_matches",
     "latest_complete_checkpoint",
     "latest_round_checkpoint",
+    "load_base_losses",
     "load_checkpoint_state",
     "round_output_dir",
     "save_checkpoint_state",

@@ -1,6 +1,7 @@
 """`TokenCleanSFTTrainer`: `SFTTrainer` that trains only on the informative response tokens."""
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -12,51 +13,59 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from datasets.table import InMemoryTable
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
-from trl.trainer.utils import create_model_from_path, use_adapter
+from trl.trainer.utils import use_adapter
 
 from .cache import TokenLossCache, check_cache_dir_writable, check_free_space, rows_content_hash, shard_bytes
 from .collator import (
+    ROW_COLUMN,
     STEP_COLUMNS,
     TOKEN_KEEP_COLUMN,
     TOKEN_REF_LOSSES_COLUMN,
     TOKEN_SCORES_COLUMN,
+    RowStore,
     TokenCleaningCollator,
 )
+from .distributed import Collective, decide_on_main
+from .reference import Reference, base_weights_key
 from .report import add_step_summary, build_report, print_summary, write_report
 from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
 from .scoring import (
-    align_token_losses,
+    ScoringStats,
     compute_token_losses,
+    deal_rows,
     eval_mode,
-    fp32_fused_head,
+    forwards_needed,
+    precision_context,
     preserve_rng_state,
+    token_losses,
     unwrap_causal_lm,
 )
 from .selection import select_tokens
 from .self_evolving import (
+    STATE_JSON,
     check_resume_matches,
     chunk_bounds,
     latest_complete_checkpoint,
     latest_round_checkpoint,
+    load_base_losses,
     load_checkpoint_state,
     round_output_dir,
     save_checkpoint_state,
 )
 from .step_selection import apply_keep, select_step
 from .token_clean_config import TokenCleanConfig
-from .utils import fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
+from .utils import file_provenance, fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
 from .validation import DatasetValidationError, validate_raw_dataset
 
 logger = logging.getLogger(__name__)
-
-REF_ADAPTER_NAME = "token_clean_ref"
 
 
 @dataclass
@@ -69,10 +78,14 @@ class TokenCleaningState:
     keep: np.ndarray | None  # None when tokens are chosen per optimizer step
     threshold: float | None
     report: dict[str, Any] = field(default_factory=dict)
+    # The scores themselves where the losses are not kept (processes other than the main one, per-step selection).
+    score_values: np.ndarray | None = None
 
     @property
     def scores(self) -> np.ndarray:
         """`L_base - L_ref` per label position; all NaN for baselines run without a reference."""
+        if self.score_values is not None:
+            return self.score_values
         if self.base_losses is None or self.ref_losses is None:
             return np.full(int(self.offsets[-1]), np.nan, dtype=np.float32)
         return self.base_losses - self.ref_losses
@@ -166,9 +179,21 @@ class TokenCleanSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
-        self.ref_model = ref_model
+        # Where a model given by path came from: its provenance keys its cached base losses without a fingerprint.
+        self._model_source = model if isinstance(model, str) else None
+        self.reference = Reference(self.args, ref_model)
         self.token_cleaning_state: TokenCleaningState | None = None
         self.token_cleaning_enabled = args.token_cleaning != "none"
+        self.scoring_stats = ScoringStats()
+        # Masks (or per-token values) of the train rows, looked up by row index in the collator. They are filled once
+        # accelerate has prepared the model (`_prepare_for_training`), before the first batch is collated.
+        self._row_store = RowStore()
+        self._collective = Collective(self.accelerator.device)
+        self._on_model_prepared = None  # what runs once accelerate has prepared the model (see `train`)
+        self._cache_space_checked = False
+        self._shard_hash_memo: dict[Any, list[str]] = {}
+        self._base_identity: Any = None
+        self._report: dict[str, Any] = {}
         # Per-step selection (online mode, or `token_selection="batch"`): one record per optimizer step, and the
         # records not yet logged.
         self._step_records: list[dict[str, Any]] = []
@@ -177,7 +202,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
         self._round_index: int | None = None
         self._round_records: list[dict[str, Any]] = []
         self._checkpoint_payload: dict[str, Any] | None = None
-        self._checkpoint_keep: np.ndarray | None = None
+        self._checkpoint_arrays: dict[str, np.ndarray] | None = None
+        self._resume_steps = False
         self._step_identity: dict[str, Any] = {}
         self._self_evolving_dataset: Dataset | None = None
         if not self.token_cleaning_enabled:
@@ -196,11 +222,19 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 "Token cleaning needs a map-style `datasets.Dataset` (global selection ranks every token of the "
                 f"dataset before training); got {type(self.train_dataset).__name__}. Materialise the data first."
             )
-        self._check_reference_source()
-        self._check_reference_compatibility()
-        if args.score_cache_dir is not None and self.accelerator.is_main_process:
-            check_cache_dir_writable(args.score_cache_dir)
-        self.data_collator = TokenCleaningCollator(self.data_collator)
+        # The same checks on every process (they read configs only); the cache folder is probed on the main one and
+        # a failure is raised on all, so no process goes on alone into a collective.
+        self._collective.together(lambda: self.reference.check_source(self.model))
+        self._collective.together(lambda: self.reference.check_compatibility(self.model, self._tokenizer))
+        if args.score_cache_dir is not None:
+            decide_on_main(self._collective, lambda: check_cache_dir_writable(args.score_cache_dir))
+        self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, np.arange(len(self.train_dataset)))
+        self.data_collator = TokenCleaningCollator(self.data_collator, store=self._row_store)
+
+    @property
+    def ref_model(self) -> PreTrainedModel | None:
+        """The `ref_model=` object passed to the trainer, until its last use (then None: its memory is released)."""
+        return self.reference.ref_model
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up and validation
@@ -220,88 +254,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         raise TypeError(f"`args` must be a `TokenCleanConfig`, got {type(args).__name__}.")
 
     def _has_reference(self) -> bool:
-        return (
-            self.ref_model is not None
-            or self.args.ref_model_name_or_path is not None
-            or self.args.ref_adapter_name_or_path is not None
-        )
-
-    def _check_reference_source(self) -> None:
-        args = self.args
-        if args.token_cleaning == "self_evolving":
-            if self.ref_model is not None:
-                raise ValueError(
-                    "`token_cleaning='self_evolving'` uses the model itself, as it stands after each round, as the "
-                    "reference; do not pass `ref_model=`. To clean against that model, use `token_cleaning='fixed'`."
-                )
-            return
-        needs_reference = args.token_cleaning == "online" or args.token_selection in ("global", "sample", "batch")
-        if needs_reference and not self._has_reference():
-            raise ValueError(
-                f"`token_cleaning={args.token_cleaning!r}` with `token_selection={args.token_selection!r}` ranks tokens "
-                "by `L_base - L_ref` and needs a reference model. Pass `ref_model=` to the trainer, or set "
-                "`ref_model_name_or_path` (a full model) or `ref_adapter_name_or_path` (a PEFT adapter) in the "
-                "config. To train like SFTTrainer, set `token_cleaning='none'`."
-            )
-        if self.ref_model is not None and (args.ref_model_name_or_path or args.ref_adapter_name_or_path):
-            raise ValueError(
-                "A `ref_model` object was passed together with `ref_model_name_or_path` or `ref_adapter_name_or_path`; "
-                "use only one reference."
-            )
-        if args.ref_adapter_name_or_path is not None:
-            if not is_peft_model(self.model):
-                raise ValueError(
-                    "`ref_adapter_name_or_path` loads the reference as a second adapter on the trained model's base, "
-                    "which needs PEFT training: pass `peft_config` (or a `PeftModel`). For full fine-tuning, merge "
-                    "the adapter into its base and pass it as `ref_model_name_or_path`."
-                )
-            config_path = os.path.join(args.ref_adapter_name_or_path, "adapter_config.json")
-            if not os.path.isfile(config_path):
-                raise FileNotFoundError(
-                    f"`ref_adapter_name_or_path={args.ref_adapter_name_or_path!r}` is not a PEFT adapter folder: "
-                    f"{config_path} does not exist. Save the warm-up adapter with `model.save_pretrained(path)`."
-                )
-
-    def _model_vocab_size(self, model) -> int:
-        return unwrap_causal_lm(model).get_output_embeddings().weight.shape[0]
-
-    def _check_reference_compatibility(self) -> None:
-        """Refuse a reference that scores other token ids than the trained model, before any forward."""
-        vocab_size = self._model_vocab_size(self.model)
-        if self.ref_model is not None:
-            ref_vocab = self._model_vocab_size(self.ref_model)
-            self._raise_if_vocab_differs(ref_vocab, vocab_size, "the `ref_model` object")
-        elif self.args.ref_model_name_or_path is not None:
-            path = self.args.ref_model_name_or_path
-            try:
-                config = AutoConfig.from_pretrained(path, trust_remote_code=self.args.trust_remote_code)
-            except (OSError, ValueError) as error:
-                raise ValueError(
-                    f"Cannot load the reference model config from `ref_model_name_or_path={path!r}`: {error}. Pass a "
-                    "local model folder (with config.json) or a Hub id reachable from this machine."
-                ) from error
-            ref_vocab = getattr(config.get_text_config(), "vocab_size", None)
-            if ref_vocab is not None:
-                self._raise_if_vocab_differs(ref_vocab, vocab_size, f"`ref_model_name_or_path={path!r}`")
-            if os.path.isdir(path) and any(
-                os.path.exists(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")
-            ):
-                ref_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.args.trust_remote_code)
-                if ref_tokenizer.get_vocab() != self._tokenizer.get_vocab():
-                    raise ValueError(
-                        f"The tokenizer saved with `ref_model_name_or_path={path!r}` differs from the trained model's "
-                        "tokenizer. Token scores compare the two models' losses on the same token ids, so the "
-                        "reference must be trained from the same base with the same tokenizer."
-                    )
-
-    @staticmethod
-    def _raise_if_vocab_differs(ref_vocab: int, vocab_size: int, what: str) -> None:
-        if ref_vocab != vocab_size:
-            raise ValueError(
-                f"The reference ({what}) has a vocabulary of {ref_vocab} tokens but the trained model has {vocab_size}. "
-                "Token scores compare the two models' losses on the same token ids, so the reference must share the "
-                "trained model's tokenizer (e.g. a fine-tune of the same base)."
-            )
+        return self.reference.configured
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         rows_in = len(dataset) if isinstance(dataset, Dataset) else None
@@ -334,7 +287,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [c for c in (TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c not in self._signature_columns]
+        extra = [c for c in (ROW_COLUMN, TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c not in self._signature_columns]
         self._signature_columns = [*self._signature_columns, *extra]
 
     # ------------------------------------------------------------------------------------------------------------
@@ -345,10 +298,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         """
         Train as [`~transformers.Trainer.train`] does, after the token-cleaning preparation of the mode.
 
-        Fixed mode scores and selects first; online mode computes the reference losses first; self-evolving mode runs
-        its rounds, one trainer run per chunk, with checkpoints under `<output_dir>/self_evolving/round-<t>/`.
-        `resume_from_checkpoint` (a path, or `True` for the latest checkpoint) continues with the round, masks and
-        step records the checkpoint was saved with.
+        The preparation runs once accelerate has prepared the model (wrapped for DDP, sharded for FSDP2 or ZeRO-3),
+        so every scoring forward runs on the model as it trains, and before the first batch is collated. Fixed mode
+        scores and selects; online mode computes the reference losses; self-evolving mode runs its rounds, one trainer
+        run per chunk, with checkpoints under `<output_dir>/self_evolving/round-<t>/`. `resume_from_checkpoint` (a
+        path, or `True` for the latest checkpoint) continues with the round, masks and step records the checkpoint was
+        saved with; a fixed-mode checkpoint carries its keep mask, so a resume never rescores.
         """
         train_kwargs = {"trial": trial, "ignore_keys_for_eval": ignore_keys_for_eval, **kwargs}
         mode = self.args.token_cleaning
@@ -361,20 +316,54 @@ class TokenCleanSFTTrainer(SFTTrainer):
             resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, self._selects_per_step)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
-        state = self._prepare_token_cleaning()
         self._step_records, self._step_log_window = [], []
-        if resume_from_checkpoint and self._selects_per_step:
-            payload, _ = load_checkpoint_state(resume_from_checkpoint)
-            check_resume_matches(payload, self._step_identity, resume_from_checkpoint)
-            self._step_records = list(payload.get("steps", []))
+        if resume_from_checkpoint and self.token_cleaning_state is None:
+            self._restore_from_checkpoint(resume_from_checkpoint)
+        if self.token_cleaning_state is None:
+            self._on_model_prepared = self._prepare_token_cleaning
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **train_kwargs)
-        if self._selects_per_step:
+        state = self.token_cleaning_state
+        if self._selects_per_step and self._collective.is_main:
             add_step_summary(state.report, self._step_records)
-            if self.accelerator.is_main_process:
-                folder = os.path.join(self.args.output_dir, "token_cleaning")
-                write_report(folder, state.report)
-                print_summary(state.report, folder)
+            folder = os.path.join(self.args.output_dir, "token_cleaning")
+            write_report(folder, state.report)
+            print_summary(state.report, folder)
         return output
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # Trainer prepares the model (and optimizer) here; the mode's scoring runs right after, on the prepared model,
+        # before the first batch is collated.
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        hook, self._on_model_prepared = self._on_model_prepared, None
+        if hook is not None:
+            hook()
+            self._reshard_after_scoring()
+        return model, train_dataloader
+
+    def _restore_from_checkpoint(self, folder: str) -> None:
+        """Masks (fixed mode) or step records (per-step selection) saved with a checkpoint: a resume never rescores."""
+        path = os.path.join(folder, STATE_JSON)
+        if not os.path.isfile(path) and not self._selects_per_step:
+            return  # a checkpoint of an older version: the masks are recomputed (or read from the score cache)
+        payload, keep = load_checkpoint_state(folder)
+        check_resume_matches(payload, self._resume_identity(), folder)
+        if self._selects_per_step:
+            self._step_records = list(payload.get("steps", []))
+            self._resume_steps = True
+            return
+        offsets = self._offsets(self._without_token_columns(self.train_dataset))
+        summary = payload.get("summary", {})
+        self.token_cleaning_state = TokenCleaningState(offsets, None, None, keep, summary.get("threshold"), summary)
+        self._row_store.set_keep(offsets, keep)
+
+    def _resume_identity(self) -> dict[str, Any]:
+        dataset = self._without_token_columns(self.train_dataset)
+        return {
+            "mode": self.args.token_cleaning,
+            "selection": self.args.token_selection,
+            "ratio": self.args.token_keep_ratio,
+            "dataset": self._dataset_hash(dataset),
+        }
 
     def score_tokens(self) -> Dataset:
         """
@@ -386,7 +375,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             `input_ids`) and `token_keep` (one bool per position, True where the token stays in the loss). With
             `token_selection="batch"` the kept tokens are chosen per optimizer step, so only `token_scores` is
             returned. In self-evolving mode the result exists after `train()`: each chunk's scores against the model
-            of its round (NaN in chunk 0, which trains on every token).
+            of its round (NaN in chunk 0, which trains on every token). Under several processes, every process gets
+            the same dataset (the scores are sent from the main process).
         """
         mode = self.args.token_cleaning
         if not self.token_cleaning_enabled:
@@ -405,11 +395,35 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 )
             state = self.token_cleaning_state
         else:
+            if self.token_cleaning_state is None:
+                self._prepare_model_for_scoring()
             state = self._prepare_token_cleaning()
-        columns = {"token_scores": list_array(state.offsets, state.scores)}
+        scores = state.scores if self._collective.is_main else None
+        if self._collective.world > 1:
+            scores = self._collective.broadcast_array(scores, np.float32)
+        columns = {"token_scores": list_array(state.offsets, scores)}
         if state.keep is not None:
             columns["token_keep"] = list_array(state.offsets, state.keep)
         return Dataset(InMemoryTable(pa.table(columns)))
+
+    def _prepare_model_for_scoring(self) -> None:
+        """
+        Outside `train()`, prepare the model for no-grad forwards the way `Trainer.evaluate` does when it runs before
+        training: FSDP and DeepSpeed need their wrapper before any forward (DDP and one process need nothing).
+        """
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) or len(self.accelerator._models) > 0:
+            return
+        if self.is_deepspeed_enabled and self.deepspeed is None:
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(self, num_training_steps=0, inference=True)
+        model = self.accelerator.prepare(self.model)
+        if self.is_fsdp_enabled:
+            self.model = model
+        if model is not self.model:
+            self.model_wrapped = model
+        if self.is_deepspeed_enabled:
+            self.deepspeed = self.model_wrapped
 
     @property
     def _selects_per_step(self) -> bool:
@@ -423,27 +437,27 @@ class TokenCleanSFTTrainer(SFTTrainer):
         present = [c for c in (TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c in dataset.column_names]
         return dataset.remove_columns(present) if present else dataset
 
+    @staticmethod
+    def _offsets(dataset: Dataset) -> np.ndarray:
+        """Row start offsets of the flat per-position arrays (rows + 1 entries), read from Arrow row lengths."""
+        lengths = _row_lengths(dataset)
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
     def _prepare_token_cleaning(self) -> TokenCleaningState:
-        """Fixed and online modes: score once and attach the per-row column the collator consumes."""
+        """Fixed and online modes: score once, select, and fill the masks (or values) the collator reads by row."""
         if self.token_cleaning_state is None:
             dataset = self._without_token_columns(self.train_dataset)
             if self.args.token_cleaning == "online":
                 state = self._score_reference(dataset)
-                column, values = TOKEN_REF_LOSSES_COLUMN, state.ref_losses
+                self._row_store.set_values(TOKEN_REF_LOSSES_COLUMN, state.offsets, state.ref_losses)
             else:
                 state = self._score_and_select(dataset)
                 if state.keep is None:  # token_selection="batch": the static scores are ranked per step
-                    column, values = TOKEN_SCORES_COLUMN, state.scores
+                    self._row_store.set_values(TOKEN_SCORES_COLUMN, state.offsets, state.scores)
                 else:
-                    column, values = TOKEN_KEEP_COLUMN, state.keep
+                    self._row_store.set_keep(state.offsets, state.keep)
             if self._selects_per_step:
-                self._step_identity = {
-                    "mode": self.args.token_cleaning,
-                    "selection": self.args.token_selection,
-                    "ratio": self.args.token_keep_ratio,
-                    "dataset": rows_content_hash(dataset, 0, len(dataset)),
-                }
-            self.train_dataset = dataset.add_column(column, list_array(state.offsets, values))
+                self._step_identity = self._resume_identity()
             self.token_cleaning_state = state
         return self.token_cleaning_state
 
@@ -463,57 +477,100 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return lengths, labels, offsets, response
 
     def _score_and_select(self, dataset: Dataset) -> TokenCleaningState:
+        """
+        Fixed mode, on every process: both passes (sharded over the processes), then selection on the main process
+        only. The others receive the keep mask (packed, one bit per position), or the scores for per-step selection.
+        """
         args = self.args
         started = time.perf_counter()
-        lengths, labels, offsets, response = self._response_positions(dataset)
-
+        collective = self._collective
+        positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
+        offsets = self._offsets(dataset)
         cache_stats: dict[str, dict[str, int]] = {}
-        base_losses = ref_losses = scores = None
+        base_losses = ref_losses = None
         if self._has_reference():
-            base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
-            ref_losses, cache_stats["ref"] = self._token_losses(dataset, lengths, role="ref")
-            scores = base_losses - ref_losses
-            self._check_scores(scores, response)
-            ranking = scores
-        else:
-            # Baselines that need no scores (random, full) rank nothing; only which positions are responses matters.
-            ranking = np.where(response, np.float32(0), np.float32(np.nan))
+            base_losses, cache_stats["base"] = self._token_losses(dataset, "base")
+            ref_losses, cache_stats["ref"] = self._token_losses(dataset, "ref")
+            self.reference.release()
 
-        keep = threshold = None
-        if args.token_selection != "batch":
-            selection = select_tokens(args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed)
-            keep, threshold = selection.keep, selection.threshold
-        report = self._build_report(
-            (lengths, labels, offsets, response),
-            started,
-            scores=scores,
-            base_losses=base_losses,
-            ref_losses=ref_losses,
-            keep=keep,
-            threshold=threshold,
-            cache_stats=cache_stats,
-        )
-        self._publish_report(report)
-        return TokenCleaningState(offsets, base_losses, ref_losses, keep, threshold, report)
+        def select() -> tuple[np.ndarray | None, float | None, dict[str, Any]]:
+            if not collective.is_main:
+                return None, None, {}
+            _, _, _, response = positions
+            scores = None
+            if base_losses is not None:
+                scores = base_losses - ref_losses
+                self._check_scores(scores, response)
+                ranking = scores
+            else:
+                # Baselines that need no scores (random, full) rank nothing; only which positions are responses count.
+                ranking = np.where(response, np.float32(0), np.float32(np.nan))
+            keep = threshold = None
+            if args.token_selection != "batch":
+                selection = select_tokens(
+                    args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed
+                )
+                keep, threshold = selection.keep, selection.threshold
+            report = self._build_report(
+                positions,
+                started,
+                scores=scores,
+                base_losses=base_losses,
+                ref_losses=ref_losses,
+                keep=keep,
+                threshold=threshold,
+                cache_stats=cache_stats,
+            )
+            self._publish_report(report)
+            return keep, threshold, _log_fields(report) if keep is not None else {}
+
+        keep, threshold, summary = collective.together(select)
+        threshold, summary = collective.broadcast_object((threshold, summary))
+        if args.token_selection == "batch":
+            scores = base_losses - ref_losses if collective.is_main else None
+            scores = collective.broadcast_array(scores, np.float32) if collective.world > 1 else scores
+            if collective.is_main:
+                return TokenCleaningState(offsets, base_losses, ref_losses, None, None, self._last_report(summary))
+            return TokenCleaningState(offsets, None, None, None, None, self._last_report(summary), score_values=scores)
+        if collective.world > 1:
+            keep = collective.broadcast_bools(keep)
+        return TokenCleaningState(offsets, base_losses, ref_losses, keep, threshold, self._last_report(summary))
+
+    def _last_report(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The report on the main process; elsewhere, the fields the training logs show."""
+        return self._report if self._collective.is_main else dict(summary)
 
     def _score_reference(self, dataset: Dataset) -> TokenCleaningState:
         """Online mode: the fixed reference's losses, computed once before training (the model's come per step)."""
         started = time.perf_counter()
-        lengths, labels, offsets, response = self._response_positions(dataset)
-        ref_losses, ref_stats = self._token_losses(dataset, lengths, role="ref")
-        self._check_scores(ref_losses, response)
-        report = self._build_report(
-            (lengths, labels, offsets, response),
-            started,
-            scores=None,
-            base_losses=None,
-            ref_losses=ref_losses,
-            keep=None,
-            threshold=None,
-            cache_stats={"ref": ref_stats},
-        )
-        self._publish_report(report)
-        return TokenCleaningState(offsets, None, ref_losses, None, None, report)
+        collective = self._collective
+        positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
+        offsets = self._offsets(dataset)
+        ref_losses, ref_stats = self._token_losses(dataset, "ref")
+        self.reference.release()
+
+        def report() -> None:
+            if not collective.is_main:
+                return
+            self._check_scores(ref_losses, positions[3])
+            self._publish_report(
+                self._build_report(
+                    positions,
+                    started,
+                    scores=None,
+                    base_losses=None,
+                    ref_losses=ref_losses,
+                    keep=None,
+                    threshold=None,
+                    cache_stats={"ref": ref_stats},
+                )
+            )
+
+        collective.together(report)
+        if collective.world > 1:
+            # Every process trains on any row, so each needs the reference losses of every row.
+            ref_losses = collective.broadcast_array(ref_losses, np.float32)
+        return TokenCleaningState(offsets, None, ref_losses, None, None, self._last_report({}))
 
     def _build_report(self, positions, started: float, **fields) -> dict[str, Any]:
         """`build_report` with what every mode shares: the config, TRL's row counts, the reference, the time."""
@@ -570,6 +627,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return self.args.token_selection_seed if self.args.token_selection_seed is not None else self.args.seed
 
     def _publish_report(self, report: dict[str, Any]) -> None:
+        self._report = report
         if self.accelerator.is_main_process:
             folder = os.path.join(self.args.output_dir, "token_cleaning")
             write_report(folder, report)
@@ -635,14 +693,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
         sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         model = self.model_wrapped if sharded else self.model
         inputs = {key: self._prepare_input(value) for key, value in batch.items()}
-        with (
-            preserve_rng_state(),
-            eval_mode(model),
-            fp32_fused_head(self.model),
-            self.compute_loss_context_manager(),
-        ):
-            outputs = model(**inputs, fused_lm_head=True, use_cache=False)
-        return align_token_losses(outputs.log_probs, inputs["labels"], inputs["attention_mask"])
+        precision = precision_context(self.accelerator.device.type, self.accelerator.mixed_precision)
+        with preserve_rng_state(), eval_mode(model):
+            return token_losses(
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["labels"],
+                precision=precision,
+                stats=self.scoring_stats,
+                role="current",
+            )
 
     def _gather_step_arrays(self, local: np.ndarray) -> tuple[list[np.ndarray], int]:
         """Every process's `(channels, n)` float array, in rank order (sizes differ, so pad, gather, then cut)."""
@@ -662,24 +723,35 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _train_self_evolving(self, resume_from_checkpoint, train_kwargs: dict[str, Any]) -> TrainOutput:
         args = self.args
+        collective = self._collective
         if self._self_evolving_dataset is None:
             self._self_evolving_dataset = self._without_token_columns(self.train_dataset)
         dataset = self._self_evolving_dataset
         started = time.perf_counter()
-        lengths, labels, offsets, response = self._response_positions(dataset)
+        positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
+        offsets = self._offsets(dataset)
         bounds = chunk_bounds(len(dataset), args.self_evolving_rounds)
+        needs_scores = args.token_selection in ("global", "sample")
         identity = {
             "mode": "self_evolving",
             "selection": args.token_selection,
             "ratio": args.token_keep_ratio,
             "rounds_total": args.self_evolving_rounds,
             "schedule": args.self_evolving_schedule,
-            "dataset": rows_content_hash(dataset, 0, len(dataset)),
-            # The base side is the original model; a resumed run must start from the same one.
-            "base": _base_weights_key(self.model) if is_peft_model(self.model) else fingerprint_module(self.model),
+            "dataset": self._dataset_hash(dataset),
+            # The base side is the original model (taken now, before any round trains or a checkpoint is loaded).
+            "base": self._role_key("base"),
         }
-
-        start_round, resume_path, keep_all = 0, None, np.zeros(response.shape, dtype=bool)
+        run = _SelfEvolvingRun(
+            dataset=dataset,
+            positions=positions,
+            offsets=offsets,
+            bounds=bounds,
+            needs_scores=needs_scores,
+            keep_all=np.zeros(int(offsets[-1]), dtype=bool),
+            ref_all=np.full(int(offsets[-1]), np.nan, dtype=np.float32) if collective.is_main else None,
+        )
+        start_round, resume_path = 0, None
         self._round_records = []
         if resume_from_checkpoint:
             resume_path = (
@@ -692,60 +764,30 @@ class TokenCleanSFTTrainer(SFTTrainer):
             payload, saved_keep = load_checkpoint_state(resume_path)
             check_resume_matches(payload, identity, resume_path)
             start_round, self._round_records = payload["round"], payload["rounds"]
-            keep_all = saved_keep
+            run.keep_all = saved_keep
+            run.base_losses = load_base_losses(resume_path) if collective.is_main else None
+            run.base_done = run.base_losses is not None or start_round >= len(bounds) - 1
+        run.base_done = run.base_done or not needs_scores or len(bounds) < 2
 
-        scored_rounds = [t for t in range(max(start_round, 1), len(bounds)) if not (resume_path and t == start_round)]
-        needs_scores = args.token_selection in ("global", "sample")
-        cache_stats: dict[str, Any] = {}
-        base_losses = None
-        if needs_scores and scored_rounds:
-            # Static: the original model's losses over the whole dataset, computed (or read from the cache) once.
-            base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
-        ref_all = np.full(response.shape, np.nan, dtype=np.float32)
         outputs, log_history = [], []
+        report: dict[str, Any] = {}
         for t in range(start_round, len(bounds)):
             start, end = bounds[t]
-            begin, finish = offsets[start], offsets[end]
-            chunk = dataset.select(range(start, end))
-            chunk_offsets = offsets[start : end + 1] - begin
             resumed = resume_path is not None and t == start_round
-            if not resumed:
-                chunk_response = response[begin:finish]
-                scores = None
-                threshold = None
-                if t == 0 or args.token_selection == "full":
-                    keep = chunk_response.copy()
-                else:
-                    if needs_scores:
-                        # The reference of round t is the model as it stands now, after round t - 1.
-                        ref_losses, cache_stats[f"ref_round_{t}"] = self._token_losses(
-                            chunk, lengths[start:end], "model"
-                        )
-                        ref_all[begin:finish] = ref_losses
-                        scores = base_losses[begin:finish] - ref_losses
-                        self._check_scores(scores, chunk_response)
-                        ranking = scores
-                    else:
-                        ranking = np.where(chunk_response, np.float32(0), np.float32(np.nan))
-                    selection = select_tokens(
-                        args.token_selection, ranking, chunk_offsets, args.token_keep_ratio, seed=self._seed + t
-                    )
-                    keep, threshold = selection.keep, selection.threshold
-                keep_all[begin:finish] = keep
-                self._round_records = self._round_records[:t] + [
-                    _round_record(t, (start, end), chunk_response, keep, threshold, scores)
-                ]
-            record = self._round_records[t]
             self._round_index = t
-            self.train_dataset = chunk.add_column(TOKEN_KEEP_COLUMN, list_array(chunk_offsets, keep_all[begin:finish]))
-            self._checkpoint_payload = {**identity, "round": t, "rounds": self._round_records}
-            self._checkpoint_keep = keep_all
+            self.train_dataset = dataset.select(range(start, end))  # carries the global row ids the collator looks up
+            if resumed:
+                self._row_store.set_keep(offsets, run.keep_all)
+                self._set_round_checkpoint(identity, run, t)
+            else:
+                self._on_model_prepared = functools.partial(self._prepare_round, run, identity, t)
             self._begin_round_optimizer(first=t == start_round, bounds=bounds)
-            logger.info("Self-evolving round %d/%d: rows %d-%d, kept %s", t, len(bounds) - 1, start, end, record)
+            logger.info("Self-evolving round %d/%d: rows %d-%d", t, len(bounds) - 1, start, end)
             try:
                 output = super().train(resume_from_checkpoint=resume_path if resumed else None, **train_kwargs)
             finally:
                 self._round_index = None
+            record = self._round_records[t]
             record["steps"] = output.global_step
             record["train_loss"] = output.training_loss
             outputs.append(output)
@@ -753,29 +795,18 @@ class TokenCleanSFTTrainer(SFTTrainer):
             log_history += [{**entry, "token_cleaning/round": t} for entry in self.state.log_history]
             if t < len(bounds) - 1:
                 self._end_round_optimizer()
-            # The report covers the rounds done so far: a prefix of the rows, since the chunks are contiguous.
-            prefix_rows, prefix = end, finish
-            report = self._build_report(
-                (lengths[:prefix_rows], labels[:prefix], offsets[: prefix_rows + 1], response[:prefix]),
-                started,
-                scores=(base_losses[:prefix] - ref_all[:prefix]) if base_losses is not None else None,
-                base_losses=base_losses[:prefix] if base_losses is not None else None,
-                ref_losses=ref_all[:prefix],
-                keep=keep_all[:prefix],
-                threshold=None,
-                cache_stats=cache_stats,
-                reference={"kind": "self_evolving", "rounds_done": t + 1, "rounds": len(bounds)},
-            )
-            report["rounds"] = self._round_records
-            if self.accelerator.is_main_process:
+            if collective.is_main:
+                report = self._self_evolving_report(run, t, started)
                 write_report(os.path.join(args.output_dir, "token_cleaning"), report)
 
-        self._checkpoint_payload = self._checkpoint_keep = None
-        if self.accelerator.is_main_process:
+        self._checkpoint_payload = self._checkpoint_arrays = None
+        if collective.is_main:
             print_summary(report, os.path.join(args.output_dir, "token_cleaning"))
-        self._warn_if_weak_reference(report)
-        self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, keep_all))
-        self.token_cleaning_state = TokenCleaningState(offsets, base_losses, ref_all, keep_all, None, report)
+            self._warn_if_weak_reference(report)
+        self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, run.keep_all))
+        self.token_cleaning_state = TokenCleaningState(
+            offsets, run.base_losses, run.ref_all, run.keep_all, None, report if collective.is_main else {}
+        )
         self.state.log_history = log_history
         steps = sum(o.global_step for o in outputs)
         loss = sum(o.training_loss * o.global_step for o in outputs) / steps if steps else 0.0
@@ -783,6 +814,123 @@ class TokenCleanSFTTrainer(SFTTrainer):
         metrics["train_runtime"] = sum(o.metrics.get("train_runtime", 0.0) for o in outputs)
         metrics["train_loss"] = loss
         return TrainOutput(global_step=steps, training_loss=loss, metrics=metrics)
+
+    def _prepare_round(self, run: "_SelfEvolvingRun", identity: dict[str, Any], t: int) -> None:
+        """
+        Round `t`'s masks, on the model as accelerate prepared it for this round, before its first step.
+
+        Round 0 also takes the base pass over chunks 1..T (chunk 0 is never scored): the model still holds the
+        original weights then, and the base never changes. Round `t >= 1` scores its chunk with the model as it stands
+        after round `t - 1` (the reference of the round) and selects within the chunk on the main process.
+        """
+        args = self.args
+        collective = self._collective
+        start, end = run.bounds[t]
+        begin, finish = int(run.offsets[start]), int(run.offsets[end])
+        if not run.base_done:
+            self._self_evolving_base_pass(run, allow_compute=t == 0)
+        ref_losses = None
+        if t > 0 and run.needs_scores and args.token_selection != "full":
+            ref_losses, run.cache_stats[f"ref_round_{t}"] = self._token_losses(self.train_dataset, "model")
+
+        def select() -> tuple[np.ndarray | None, dict[str, Any] | None]:
+            if not collective.is_main:
+                return None, None
+            chunk_response = run.positions[3][begin:finish]
+            scores = threshold = None
+            if t == 0 or args.token_selection == "full":
+                keep = chunk_response.copy()
+            else:
+                if ref_losses is not None:
+                    run.ref_all[begin:finish] = ref_losses
+                    scores = run.base_losses[begin:finish] - ref_losses
+                    self._check_scores(scores, chunk_response)
+                    ranking = scores
+                else:
+                    ranking = np.where(chunk_response, np.float32(0), np.float32(np.nan))
+                chunk_offsets = run.offsets[start : end + 1] - begin
+                selection = select_tokens(
+                    args.token_selection, ranking, chunk_offsets, args.token_keep_ratio, seed=self._seed + t
+                )
+                keep, threshold = selection.keep, selection.threshold
+            return keep, _round_record(t, (start, end), chunk_response, keep, threshold, scores)
+
+        keep, record = collective.together(select)
+        record = collective.broadcast_object(record)
+        if collective.world > 1:
+            keep = collective.broadcast_bools(keep)
+        run.keep_all[begin:finish] = keep
+        self._round_records = self._round_records[:t] + [record]
+        self._row_store.set_keep(run.offsets, run.keep_all)
+        self._set_round_checkpoint(identity, run, t)
+
+    def _self_evolving_base_pass(self, run: "_SelfEvolvingRun", allow_compute: bool) -> None:
+        """The original model's losses over chunks 1..T, computed before round 0 trains (or read from the cache)."""
+        first = run.bounds[1][0]
+        rest = self._without_token_columns(run.dataset).select(range(first, len(run.dataset)))
+        if not allow_compute and not self._base_recomputable():
+            # Resumed after training began without the losses in the checkpoint: only a full cache hit is right.
+            self._require_cached(rest, "base")
+        losses, run.cache_stats["base"] = self._token_losses(rest, "base")
+        if self._collective.is_main:
+            run.base_losses = np.full(int(run.offsets[-1]), np.nan, dtype=np.float32)
+            run.base_losses[int(run.offsets[first]) :] = losses
+        run.base_done = True
+
+    def _base_recomputable(self) -> bool:
+        """Whether the base is still in memory after training began: a PEFT model whose adapters can be switched off."""
+        return is_peft_model(self.model) and not getattr(self.args, "self_evolving_merge_lora", False)
+
+    def _require_cached(self, dataset: Dataset, role: str) -> None:
+        args = self.args
+        bounds = [
+            (s, min(s + args.score_shard_rows, len(dataset))) for s in range(0, len(dataset), args.score_shard_rows)
+        ]
+        cache = TokenLossCache(args.score_cache_dir, self._role_key(role))
+        lengths = _row_lengths(dataset)
+
+        def check() -> None:
+            if not self._collective.is_main:
+                return
+            hashes = self._shard_hashes(dataset, bounds)
+            if any(cache.load(h, lengths[s:e]) is None for h, (s, e) in zip(hashes, bounds)):
+                raise ValueError(
+                    "Cannot resume this self-evolving run: the original model's losses of the later chunks are neither "
+                    "in the checkpoint nor in the score cache, and the model in memory has already been trained, so "
+                    "they cannot be recomputed. Resume from a checkpoint written by this version, or set "
+                    "`score_cache_dir` to the cache of the first run."
+                )
+
+        self._collective.together(check)
+
+    def _set_round_checkpoint(self, identity: dict[str, Any], run: "_SelfEvolvingRun", t: int) -> None:
+        """What every checkpoint of round `t` carries: the round, its records, all masks so far and (without a score
+        cache) the base losses the later rounds still need."""
+        self._checkpoint_payload = {**identity, "round": t, "rounds": self._round_records}
+        arrays: dict[str, np.ndarray] = {"keep": run.keep_all}
+        if run.base_losses is not None and self.args.score_cache_dir is None and t < len(run.bounds) - 1:
+            arrays["base_losses"] = run.base_losses
+        self._checkpoint_arrays = arrays
+
+    def _self_evolving_report(self, run: "_SelfEvolvingRun", t: int, started: float) -> dict[str, Any]:
+        """The report over the rounds done so far: a prefix of the rows, since the chunks are contiguous."""
+        lengths, labels, offsets, response = run.positions
+        prefix_rows = run.bounds[t][1]
+        prefix = int(offsets[prefix_rows])
+        base = run.base_losses
+        report = self._build_report(
+            (lengths[:prefix_rows], labels[:prefix], offsets[: prefix_rows + 1], response[:prefix]),
+            started,
+            scores=(base[:prefix] - run.ref_all[:prefix]) if base is not None else None,
+            base_losses=base[:prefix] if base is not None else None,
+            ref_losses=run.ref_all[:prefix],
+            keep=run.keep_all[:prefix],
+            threshold=None,
+            cache_stats=run.cache_stats,
+            reference={"kind": "self_evolving", "rounds_done": t + 1, "rounds": len(run.bounds)},
+        )
+        report["rounds"] = self._round_records
+        return report
 
     def _begin_round_optimizer(self, first: bool, bounds: list[tuple[int, int]]) -> None:
         """'restart': a fresh optimizer and schedule for the round. 'continuous': one of each across all rounds."""
@@ -833,15 +981,20 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        state = self.token_cleaning_state
         if self._round_index is not None and self._checkpoint_payload is not None:
-            payload, keep = self._checkpoint_payload, self._checkpoint_keep
-        elif self._selects_per_step and self.token_cleaning_state is not None:
-            payload, keep = {**self._step_identity, "steps": self._step_records}, None
+            payload, arrays = self._checkpoint_payload, self._checkpoint_arrays
+        elif self._selects_per_step and state is not None:
+            payload, arrays = {**self._step_identity, "steps": self._step_records}, None
+        elif state is not None and state.keep is not None:
+            # Fixed mode: the masks themselves (one bit per position), so a resume needs neither model nor cache.
+            summary = {"kept_fraction": state.report.get("kept_fraction"), "threshold": state.threshold}
+            payload, arrays = {**self._resume_identity(), "summary": summary}, {"keep": state.keep}
         else:
-            return  # fixed-mode masks are static: a resumed run recomputes (or reads from the cache) the same ones
+            return
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            save_checkpoint_state(folder, payload, keep)
+            save_checkpoint_state(folder, payload, arrays)
 
     def _check_scores(self, scores: np.ndarray, response: np.ndarray) -> None:
         bad = response & ~np.isfinite(scores)
@@ -862,18 +1015,13 @@ class TokenCleanSFTTrainer(SFTTrainer):
             )
 
     def _describe_reference(self) -> dict[str, Any]:
-        if self.ref_model is not None:
-            return {"kind": "model_object", "name": getattr(self.ref_model.config, "_name_or_path", None)}
-        if self.args.ref_model_name_or_path is not None:
-            return {"kind": "model_path", "name": self.args.ref_model_name_or_path}
-        if self.args.ref_adapter_name_or_path is not None:
-            return {"kind": "adapter", "name": self.args.ref_adapter_name_or_path}
-        return {"kind": "none"}
+        return self.reference.describe()
 
-    def token_losses(self, dataset: Dataset, role: str) -> np.ndarray:
+    def token_losses(self, dataset: Dataset, role: str) -> np.ndarray | None:
         """
         Per-token losses over a dataset prepared by this trainer (e.g. `trainer.eval_dataset`), through the same
-        scoring path and score cache as the train set.
+        scoring path and score cache as the train set. Under several processes, every process must call it; the rows
+        are scored sharded over them and the result is returned on the main process (None on the others).
 
         Args:
             dataset ([`~datasets.Dataset`]):
@@ -890,52 +1038,81 @@ class TokenCleanSFTTrainer(SFTTrainer):
             raise ValueError(f"`role` must be 'base', 'ref' or 'model', got {role!r}.")
         if role == "ref" and not self._has_reference():
             raise ValueError("`role='ref'` needs a reference model; none is configured.")
-        lengths, _ = flat_list_column(dataset, "input_ids")
-        return self._token_losses(dataset, lengths, role)[0]
+        self._prepare_model_for_scoring()
+        return self._token_losses(dataset, role)[0]
 
-    def _token_losses(self, dataset: Dataset, lengths: np.ndarray, role: str) -> tuple[np.ndarray, dict[str, int]]:
-        """Per-token losses of one side (`"base"`, `"ref"`, `"model"`) over the dataset, flat, via the cache."""
-        with self._scoring_model(role) as (model, forward_context, model_key):
-            cache = TokenLossCache(self.args.score_cache_dir, model_key)
-            shard_rows = self.args.score_shard_rows
-            bounds = [(s, min(s + shard_rows, len(dataset))) for s in range(0, len(dataset), shard_rows)]
-            shards: list[list[np.ndarray] | None] = []
-            hashes = []
-            for start, end in bounds:
-                content = rows_content_hash(dataset, start, end)
-                hashes.append(content)
-                shards.append(cache.load(content, lengths[start:end]))
+    # ------------------------------------------------------------------------------------------------------------
+    # The collective-safe scoring driver
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _token_losses(self, dataset: Dataset, role: str) -> tuple[np.ndarray | None, dict[str, int]]:
+        """
+        Per-token losses of one side (`"base"`, `"ref"`, `"model"`) over the dataset, flat, via the score cache; on
+        the main process (None on the others).
+
+        Every process runs this together. Which shards are cached, and whether the disk can hold the rest, is decided
+        on the main process and broadcast; the missing rows are dealt over the processes so that each runs the same
+        number of forwards (FSDP2 and ZeRO-3 forwards are collectives); only the main process receives the losses.
+        With every shard cached, nothing is loaded and no forward runs.
+        """
+        args = self.args
+        collective = self._collective
+        lengths = _row_lengths(dataset)
+        bounds = [
+            (s, min(s + args.score_shard_rows, len(dataset))) for s in range(0, len(dataset), args.score_shard_rows)
+        ]
+        cache = TokenLossCache(args.score_cache_dir, self._role_key(role))
+        shards: list[list[np.ndarray] | None] = [None] * len(bounds)
+        hashes: list[str] = []
+
+        def plan() -> tuple[list[int], list[str]]:
+            hashes.extend(self._shard_hashes(dataset, bounds))
+            for i, (start, end) in enumerate(bounds):
+                shards[i] = cache.load(hashes[i], lengths[start:end])
             missing = [i for i, shard in enumerate(shards) if shard is None]
-            stats = {"reused": len(bounds) - len(missing), "computed": len(missing)}
-            if missing and cache.root is not None and not getattr(self, "_cache_space_checked", False):
+            if missing and cache.root is not None and not self._cache_space_checked:
                 # Once, before the first forward: fail now, with the numbers, rather than on a full disk hours from
                 # now. The base pass is followed by one more pass of the same size (reference, or later rounds). A
                 # disk that fills up later only stops the caching (see `TokenLossCache.save`); the run goes on.
                 self._cache_space_checked = True
-                second_pass = self._has_reference() or self.args.token_cleaning == "self_evolving"
+                second_pass = self._has_reference() or args.token_cleaning == "self_evolving"
                 passes = 2 if role == "base" and second_pass else 1
                 needed = passes * sum(shard_bytes(lengths[bounds[i][0] : bounds[i][1]]) for i in missing)
-                if self.accelerator.is_main_process:
-                    check_free_space(cache.root, needed, f"the losses of {len(missing)} shards x {passes} passes")
-            if missing:
-                self._compute_missing_shards(
-                    model, forward_context, dataset, bounds, missing, shards, hashes, cache, role
+                check_free_space(cache.root, needed, f"the losses of {len(missing)} shards x {passes} passes")
+            hits = [cache.relative_path(hashes[i]) for i in range(len(bounds)) if shards[i] is not None]
+            return missing, hits
+
+        missing, hits = decide_on_main(collective, plan)
+        self._check_cache_shared(cache, hits)
+        stats = {"reused": len(bounds) - len(missing), "computed": len(missing)}
+        if missing:
+            with self._scoring_model(role) as (model, forward_context):
+                collective.together(
+                    lambda: self._score_shards(model, forward_context, dataset, lengths, bounds, missing, shards, role)
                 )
+            if collective.is_main:
+                for i in missing:
+                    cache.save(hashes[i], shards[i])
                 if cache.not_stored:
                     stats["not_stored"] = cache.not_stored
-        return np.concatenate([row for shard in shards for row in shard]).astype(np.float32), stats
+        if not collective.is_main:
+            return None, stats
+        return np.concatenate([row for shard in shards for row in shard]).astype(np.float32, copy=False), stats
 
-    def _compute_missing_shards(self, model, forward_context, dataset, bounds, missing, shards, hashes, cache, role):
-        """Each process scores its contiguous slice of every missing shard; the slices are gathered in order."""
-        accelerator = self.accelerator
-        world, rank = accelerator.num_processes, accelerator.process_index
+    def _score_shards(self, model, forward_context, dataset, lengths, bounds, missing, shards, role) -> None:
+        """Score the missing shards; each process its round-robin share of every shard, the same forward count."""
+        collective = self._collective
+        world, rank = collective.world, collective.rank
         batch_size = self.args.score_batch_size or self.args.per_device_eval_batch_size
-        cuts = {i: np.linspace(*bounds[i], world + 1).round().astype(int) for i in missing}
-        local_total = sum(int(cuts[i][rank + 1] - cuts[i][rank]) for i in missing)
-        progress = _progress_bar(local_total, f"Scoring {role} losses", disable=not accelerator.is_main_process)
+        precision = precision_context(self.accelerator.device.type, self.accelerator.mixed_precision)
+        total = sum(bounds[i][1] - bounds[i][0] for i in missing)
+        progress = _progress_bar(total, f"Scoring {role} losses", disable=not collective.is_main)
         try:
             for i in missing:
-                local_rows = range(cuts[i][rank], cuts[i][rank + 1])
+                rows = list(range(*bounds[i]))
+                row_lengths = lengths[bounds[i][0] : bounds[i][1]]
+                # Alone, a process scores the shard in order; with others, its round-robin share of it.
+                local_rows = deal_rows(rows, row_lengths, world, rank) if world > 1 else rows
                 local = compute_token_losses(
                     model,
                     dataset,
@@ -944,106 +1121,105 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     pad_token_id=self._tokenizer.pad_token_id or 0,
                     forward_context=forward_context,
                     progress=progress,
+                    num_forwards=forwards_needed(len(rows), world, batch_size),
+                    filler_row=rows[int(np.argmin(row_lengths))],
+                    precision=precision,
+                    stats=self.scoring_stats,
+                    role=role,
+                    device=self.accelerator.device,
                 )
                 if world > 1:
-                    # One entry per process, in rank order, so the shard is reassembled in dataset order.
-                    gathered = gather_object([(rank, local)])
-                    local = [row for _, part in sorted(gathered, key=lambda item: item[0]) for row in part]
+                    masks = _scored_row_masks(dataset, local_rows)
+                    parts = collective.gather_to_main(
+                        np.concatenate([row[mask] for row, mask in zip(local, masks)] or [np.zeros(0, np.float32)])
+                    )
+                    local = _reassemble_shard(parts, dataset, rows, row_lengths, world) if collective.is_main else None
                 shards[i] = local
-                if accelerator.is_main_process:
-                    cache.save(hashes[i], local)
-            if world > 1:
-                accelerator.wait_for_everyone()
         finally:
             progress.close()
 
+    def _check_cache_shared(self, cache: TokenLossCache, hits: list[str]) -> None:
+        """Only the main process reads and writes the cache; say so when the others cannot see its folder."""
+        if self._collective.world == 1 or not hits or cache.root is None:
+            return
+        seen = self._collective.all_gather_object(all(os.path.exists(os.path.join(cache.root, p)) for p in hits))
+        if not all(seen) and self._collective.is_main:
+            ranks = [rank for rank, ok in enumerate(seen) if not ok]
+            logger.warning(
+                "The score cache folder `score_cache_dir=%r` is not shared with processes %s (they do not see shards the "
+                "main process found). Only the main process reads and writes the cache, so the scores are right, but "
+                "a run launched from another node would not find them: put the cache on a filesystem every node mounts.",
+                cache.root,
+                ranks,
+            )
+
+    def _shard_hashes(self, dataset: Dataset, bounds: list[tuple[int, int]]) -> list[str]:
+        """Content hashes of the shards of `dataset` (memoised: every pass over the same rows reuses them)."""
+        key = (dataset._fingerprint, tuple(bounds))
+        if key not in self._shard_hash_memo:
+            self._shard_hash_memo[key] = [rows_content_hash(dataset, start, end) for start, end in bounds]
+        return self._shard_hash_memo[key]
+
+    def _dataset_hash(self, dataset: Dataset) -> str:
+        """Content hash of a prepared dataset: the hash of its shard hashes (no full copy of its columns)."""
+        shard = self.args.score_shard_rows
+        bounds = [(s, min(s + shard, len(dataset))) for s in range(0, len(dataset), shard)]
+        return self._collective.broadcast_object(
+            sha256_json(self._shard_hashes(dataset, bounds)) if self._collective.is_main else None
+        )
+
+    def _role_key(self, role: str) -> str:
+        """
+        Cache key of one side of the score, taken on every process (fingerprints gather sharded weights together).
+        The base and a reference given by path are keyed by provenance, so a fully cached run loads nothing.
+        """
+        if role == "model":
+            return sha256_json({"model": fingerprint_module(self.model), "whole_module": True})
+        if self._base_identity is None:
+            # Taken before the first step (the base is the model's initial weights, or its base under PEFT).
+            if self._model_source is not None:
+                init = {k: str(v) for k, v in sorted((self.args.model_init_kwargs or {}).items())}
+                self._base_identity = {"source": file_provenance(self._model_source), "init": init}
+            elif is_peft_model(self.model):
+                self._base_identity = base_weights_key(self.model)
+            else:
+                self._base_identity = fingerprint_module(self.model)
+        if role == "base":
+            return sha256_json({"model": self._base_identity, "adapter": None})
+        return self.reference.identity(base_key=sha256_json(self._base_identity))
+
     @contextlib.contextmanager
     def _scoring_model(self, role: str):
-        """Yield `(model, forward_context, model_key)` for one side of the score, and release what it loaded."""
-        model = self.model
+        """Yield `(module to call, forward context factory)` for one side of the score; release what it loaded."""
+        model = self._prepared_model()
         if role == "model":
+            yield model, contextlib.nullcontext
+        elif role == "base":
+            peft_model = self.model
             yield (
                 model,
-                contextlib.nullcontext,
-                sha256_json({"model": fingerprint_module(model), "whole_module": True}),
+                (lambda: use_adapter(peft_model, None)) if is_peft_model(peft_model) else contextlib.nullcontext,
             )
-            return
-        if role == "base":
-            if is_peft_model(model):
-                key = sha256_json({"model": _base_weights_key(model), "adapter": None})
-                yield model, lambda: use_adapter(model, None), key
-            else:
-                yield model, contextlib.nullcontext, sha256_json({"model": fingerprint_module(model), "adapter": None})
-            return
-
-        if self.args.ref_adapter_name_or_path is not None:
-            yield from self._ref_adapter_scoring(model)
-            return
-
-        ref_model, loaded_here = self._load_ref_model()
-        try:
-            # A PEFT reference is fingerprinted whole (base and adapter weights together).
-            marker = {"whole_module": True} if is_peft_model(ref_model) else {"adapter": None}
-            key = sha256_json({"model": fingerprint_module(ref_model), **marker})
-            yield ref_model, contextlib.nullcontext, key
-        finally:
-            if loaded_here:
-                del ref_model
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-
-    def _ref_adapter_scoring(self, model):
-        path = self.args.ref_adapter_name_or_path
-        trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
-        active_before = model.active_adapter
-        base_key = _base_weights_key(model)  # before the reference adapter exists
-
-        def remove_reference_adapter():
-            # Scores are final (or loading failed): drop the reference so it is neither trained, saved nor kept.
-            model.set_adapter(active_before)
-            if REF_ADAPTER_NAME in model.peft_config:
-                model.delete_adapter(REF_ADAPTER_NAME)
-            for name, param in model.named_parameters():
-                param.requires_grad_(name in trainable_before)
-
-        with preserve_rng_state():  # PEFT initialises the new layers randomly before loading the weights
-            try:
-                model.load_adapter(path, adapter_name=REF_ADAPTER_NAME, is_trainable=False)
-            except (RuntimeError, ValueError, KeyError) as error:
-                remove_reference_adapter()
-                raise ValueError(
-                    f"Cannot load `ref_adapter_name_or_path={path!r}` onto the trained model: {error}. The reference "
-                    "adapter must have been trained on the same base model (same architecture and vocabulary)."
-                ) from error
-        try:
-            adapter_key = fingerprint_module(model, include=lambda n: f".{REF_ADAPTER_NAME}." in n)
-            key = sha256_json({"model": base_key, "adapter": adapter_key})
-            yield model, lambda: use_adapter(model, REF_ADAPTER_NAME), key
-        finally:
-            remove_reference_adapter()
-
-    def _load_ref_model(self) -> tuple[torch.nn.Module, bool]:
-        if self.ref_model is not None:
-            ref_model = self.ref_model
-            loaded_here = False
         else:
-            kwargs = dict(self.args.ref_model_init_kwargs or {})
-            kwargs.setdefault("dtype", next(self.model.parameters()).dtype)
-            kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-            with preserve_rng_state():
-                ref_model = create_model_from_path(self.args.ref_model_name_or_path, **kwargs)
-            self._raise_if_vocab_differs(
-                self._model_vocab_size(ref_model),
-                self._model_vocab_size(self.model),
-                f"`ref_model_name_or_path={self.args.ref_model_name_or_path!r}`",
-            )
-            loaded_here = True
-        device = next(self.model.parameters()).device
-        if next(ref_model.parameters()).device != device and not hasattr(ref_model, "hf_device_map"):
-            ref_model = ref_model.to(device)
-        ref_model.requires_grad_(False)
-        return ref_model, loaded_here
+            dtype = next(unwrap_causal_lm(self.model).parameters()).dtype
+            with self.reference.scoring(self.model, self.accelerator, dtype) as (ref_model, context):
+                yield (model if ref_model is None else ref_model), context
+
+    def _prepared_model(self) -> torch.nn.Module:
+        """The module a scoring forward calls: the DeepSpeed engine, the FSDP2 module, or the plain model (DDP)."""
+        if self.is_deepspeed_enabled and self.model_wrapped is not self.model:
+            return self.model_wrapped
+        return self.model
+
+    def _reshard_after_scoring(self) -> None:
+        """FSDP2 modules that keep their parameters unsharded after a forward give the memory back before training."""
+        if not self.is_fsdp_enabled:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     # ------------------------------------------------------------------------------------------------------------
     # Logging
@@ -1065,10 +1241,20 @@ class TokenCleanSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def _base_weights_key(model) -> str:
-    """Fingerprint of a PEFT model's base weights: every tensor except those of its adapters."""
-    adapter_names = tuple(model.peft_config)
-    return fingerprint_module(model, include=lambda name: not any(f".{a}." in name for a in adapter_names))
+@dataclass
+class _SelfEvolvingRun:
+    """State of one self-evolving run, shared by its rounds (masks on every process; losses on the main one)."""
+
+    dataset: Dataset
+    positions: tuple | None  # (lengths, labels, offsets, response) on the main process
+    offsets: np.ndarray
+    bounds: list[tuple[int, int]]
+    needs_scores: bool
+    keep_all: np.ndarray
+    ref_all: np.ndarray | None
+    base_losses: np.ndarray | None = None
+    base_done: bool = False
+    cache_stats: dict[str, Any] = field(default_factory=dict)
 
 
 class _SaveAtRoundEnd(TrainerCallback):
@@ -1130,6 +1316,42 @@ def _log_fields(report: dict[str, Any]) -> dict[str, float]:
         if scores.get(name) is not None:
             fields[f"token_cleaning/score_{name}"] = scores[name]
     return fields
+
+
+def _row_lengths(dataset: Dataset) -> np.ndarray:
+    """Token count of every row of a prepared dataset, read from Arrow (no Python object per row)."""
+    table = dataset.with_format("arrow").select_columns(["input_ids"])[:]
+    return (
+        pc.list_value_length(table.column("input_ids").combine_chunks())
+        .to_numpy(zero_copy_only=False)
+        .astype(np.int64)
+    )
+
+
+def _scored_row_masks(dataset: Dataset, rows: list[int]) -> list[np.ndarray]:
+    """Per row, the positions a scoring forward scores (label not -100, not position 0): what a process sends."""
+    if not rows:
+        return []
+    column = "labels" if "labels" in dataset.column_names else "input_ids"
+    lengths, labels = flat_list_column(dataset.select(rows), column)
+    masks = np.split(labels != -100, np.cumsum(lengths)[:-1])
+    for mask in masks:
+        mask[:1] = False
+    return masks
+
+
+def _reassemble_shard(parts, dataset: Dataset, rows: list[int], row_lengths: np.ndarray, world: int):
+    """The main process's view of one shard: every process's scored values put back into per-row arrays, in order."""
+    masks = dict(zip(rows, _scored_row_masks(dataset, rows)))
+    out: dict[int, np.ndarray] = {}
+    for rank in range(world):
+        rank_rows = deal_rows(rows, row_lengths, world, rank)
+        counts = [int(masks[row].sum()) for row in rank_rows]
+        for row, values in zip(rank_rows, np.split(parts[rank], np.cumsum(counts)[:-1]) if rank_rows else []):
+            full = np.full(masks[row].size, np.nan, dtype=np.float32)
+            full[masks[row]] = values
+            out[row] = full
+    return [out[row] for row in rows]
 
 
 def _progress_bar(total: int, desc: str, disable: bool):

@@ -27,26 +27,51 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
+@contextlib.contextmanager
+def full_parameter(tensor: torch.Tensor):
+    """
+    The whole tensor behind a parameter, for reading: the gathered value of an FSDP2 `DTensor`, the gathered
+    partition of a ZeRO-3 parameter, or the tensor itself. Gathering is a collective: every process must enter this
+    for the same tensors in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        yield tensor.full_tensor()
+    elif hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            yield tensor.data
+    else:
+        yield tensor
+
+
 def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
-    tensor = tensor.detach()
-    h.update(f"{tuple(tensor.shape)}|{tensor.dtype}".encode())
-    flat = tensor.reshape(-1)
-    if flat.numel() > _FULL_HASH_MAX_NUMEL:
-        step = flat.numel() // _SAMPLE_SIZE
-        sums = torch.stack([flat.double().sum(), flat.double().abs().sum()])
-        h.update(sums.cpu().numpy().tobytes())
-        flat = flat[::step]
-    if flat.dtype in (torch.bfloat16, torch.float16) or not flat.dtype.is_floating_point:
-        flat = flat.float() if flat.dtype.is_floating_point else flat.long()
-    h.update(flat.cpu().contiguous().numpy().tobytes())
+    with full_parameter(tensor.detach() if not hasattr(tensor, "ds_id") else tensor) as full:
+        full = full.detach()
+        h.update(f"{tuple(full.shape)}|{full.dtype}".encode())
+        flat = full.reshape(-1)
+        if flat.numel() > _FULL_HASH_MAX_NUMEL:
+            # Exact float64 sums without a float64 copy of the tensor, then a strided sample.
+            sums = torch.stack(
+                [flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, ord=1, dtype=torch.float64)]
+            )
+            h.update(sums.cpu().numpy().tobytes())
+            flat = flat[:: flat.numel() // _SAMPLE_SIZE]
+        if flat.dtype in (torch.bfloat16, torch.float16) or not flat.dtype.is_floating_point:
+            flat = flat.float() if flat.dtype.is_floating_point else flat.long()
+        h.update(flat.cpu().contiguous().numpy().tobytes())
 
 
 def fingerprint_module(module: torch.nn.Module, include: Callable[[str], bool] = lambda name: True) -> str:
     """
-    Content fingerprint of a module's parameters and buffers (names, shapes, dtypes, values).
+    Content fingerprint of a module's parameters and buffers (names, full shapes, dtypes, values).
 
     Identifies a model by what it computes with, not by its name or path, so two checkpoints with the same basename
-    never share cached scores. Large tensors are fingerprinted by exact float64 sums and a strided sample.
+    never share cached scores. Sharded parameters (FSDP2 `DTensor`s, ZeRO-3 partitions) are gathered one tensor at a
+    time, so two different sharded models never hash alike; every process must call this together. Large tensors are
+    fingerprinted by exact float64 sums and a strided sample.
 
     Args:
         module (`torch.nn.Module`):
@@ -62,6 +87,24 @@ def fingerprint_module(module: torch.nn.Module, include: Callable[[str], bool] =
             h.update(name.encode())
             _hash_tensor(h, tensors[name])
     return h.hexdigest()
+
+
+def file_provenance(path: str) -> dict[str, Any]:
+    """
+    Identity of a model or adapter folder without reading its weights: the resolved path and the name, size and
+    modification time of every file in it (a retrained or replaced checkpoint changes at least one of them). A
+    non-local name (a Hub id) is its own identity.
+    """
+    if not os.path.isdir(path):
+        return {"name": path}
+    real = os.path.realpath(path)
+    files = []
+    for name in sorted(os.listdir(real)):
+        full = os.path.join(real, name)
+        if os.path.isfile(full):
+            stat = os.stat(full)
+            files.append([name, stat.st_size, stat.st_mtime_ns])
+    return {"path": real, "files": files}
 
 
 def sha256_json(payload: Any) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from token_clean_trainer.scoring import align_token_losses, compute_token_losses, fp32_fused_head
+from token_clean_trainer.scoring import align_token_losses, compute_token_losses, token_losses
 
 nan = float("nan")
 EOS = PAD = 2
@@ -67,7 +67,7 @@ def test_fused_scoring_matches_cross_entropy_for_right_and_left_padding(tokenize
     for row, losses in zip(rows, got):
         np.testing.assert_allclose(losses, _reference_losses(model, row["input_ids"], row["labels"]), atol=1e-5)
 
-    # The same rows left-padded by hand (pad == eos), through the alignment function.
+    # The same rows left-padded by hand (pad == eos): the first real token is never scored, padding never is.
     length = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((3, length), eos)
     labels = torch.full((3, length), -100)
@@ -79,11 +79,7 @@ def test_fused_scoring_matches_cross_entropy_for_right_and_left_padding(tokenize
         labels[i, length - n :] = torch.tensor(r["labels"])
         attention[i, length - n :] = 1
         position_ids[i, length - n :] = torch.arange(n)
-    with torch.no_grad(), fp32_fused_head(model):
-        out = model(
-            input_ids=ids, attention_mask=attention, position_ids=position_ids, labels=labels, fused_lm_head=True
-        )
-    aligned = align_token_losses(out.log_probs, labels, attention).numpy()
+    aligned = token_losses(model, ids, attention, labels, position_ids=position_ids).numpy()
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         np.testing.assert_allclose(
