@@ -168,29 +168,6 @@ def run_worker(kind: str, params: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compact_token_losses(model, batch: dict, tile: int = 256):
-    """
-    A prototype of scoring without TRL's fused head: the backbone's hidden states at the scored positions only, through
-    the LM head in tiles of `tile` positions (float32 log-softmax per tile). TRL's head projects only the scored
-    positions on Triton devices but every position elsewhere, in `[4096, 32768]` tiles; this shows what compacting on
-    CPU as well would change. Not used by the package.
-    """
-    import torch
-
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    mask = (targets != -100) & batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
-    states, targets = hidden[:, :-1][mask], targets[mask]
-    weight = model.get_output_embeddings().weight
-    out = torch.empty(len(targets), dtype=torch.float32)
-    for start in range(0, len(targets), tile):
-        logits = states[start : start + tile].float() @ weight.float().t()
-        picked = logits.gather(1, targets[start : start + tile, None]).squeeze(1)
-        out[start : start + tile] = picked - torch.logsumexp(logits, dim=-1)
-        del logits
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # P1: scoring throughput
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +181,7 @@ def bench_p1(args, folder: str) -> dict:
     from trl.trainer.utils import add_fused_lm_head
 
     from token_clean_trainer.assets import default_model_path
-    from token_clean_trainer.scoring import _collate_right_padded, compute_token_losses
+    from token_clean_trainer.scoring import collate_right_padded, compute_token_losses
 
     dataset = load_from_disk(prepared_dataset(folder, args.score_rows, args.max_length))
     model = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
@@ -212,7 +189,7 @@ def bench_p1(args, folder: str) -> dict:
     lengths = np.array([len(ids) for ids in dataset["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # the batches scoring builds
     batches = [
-        _collate_right_padded(list(dataset.select(order[s : s + args.batch_size].tolist())), 0)
+        collate_right_padded(list(dataset.select(order[s : s + args.batch_size].tolist())), 0)
         for s in range(0, len(order), args.batch_size)
     ]
     tokens = int(lengths.sum())
@@ -225,16 +202,11 @@ def bench_p1(args, folder: str) -> dict:
         for batch in batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
-    @torch.no_grad()
-    def compact():
-        for batch in batches:
-            compact_token_losses(model, batch)
-
-    scoring(), plain_forward(), compact()  # warm-up: allocator and thread pools
-    times = {"scoring": [], "plain_forward": [], "compact_prototype": []}
+    scoring(), plain_forward()  # warm-up: allocator and thread pools
+    times = {"scoring": [], "plain_forward": []}
     load = [load_average()]
     for _ in range(args.reps):
-        for name, fn in (("plain_forward", plain_forward), ("scoring", scoring), ("compact_prototype", compact)):
+        for name, fn in (("plain_forward", plain_forward), ("scoring", scoring)):
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)
@@ -243,7 +215,6 @@ def bench_p1(args, folder: str) -> dict:
     ratio = medians["plain_forward"] / medians["scoring"]
     return {
         "ratio": ratio,
-        "ratio_compact_prototype": medians["plain_forward"] / medians["compact_prototype"],
         "goal": GOALS["p1"],
         "met": ratio >= 0.95,
         "tokens_per_s": {name: tokens / t for name, t in medians.items()},
@@ -265,26 +236,22 @@ def worker_p2(params: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from token_clean_trainer.assets import default_model_path
-    from token_clean_trainer.scoring import _collate_right_padded, compute_token_losses
+    from token_clean_trainer.scoring import collate_right_padded, compute_token_losses
 
     torch.set_grad_enabled(False)
     dataset = load_from_disk(params["dataset"])
     model = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
     # Warm-up on one short row, so the baseline includes thread pools and the first allocations.
     compute_token_losses(model, dataset, [len(dataset) - 1], batch_size=1, pad_token_id=0)
-    model(**{k: v for k, v in _collate_right_padded([dataset[len(dataset) - 1]], 0).items() if k != "labels"})
+    model(**{k: v for k, v in collate_right_padded([dataset[len(dataset) - 1]], 0).items() if k != "labels"})
     # Loading the weights peaks well above the loaded model; measure from the loaded model's resident set.
     baseline = reset_peak_rss()
     started = time.perf_counter()
     if params["side"] == "scoring":
         compute_token_losses(model, dataset, range(len(dataset)), batch_size=params["batch_size"], pad_token_id=0)
-    elif params["side"] == "compact_prototype":
-        for start in range(0, len(dataset), params["batch_size"]):
-            batch = _collate_right_padded(list(dataset.select(range(start, start + params["batch_size"]))), 0)
-            compact_token_losses(model, batch)
     else:
         for start in range(0, len(dataset), params["batch_size"]):
-            batch = _collate_right_padded(list(dataset.select(range(start, start + params["batch_size"]))), 0)
+            batch = collate_right_padded(list(dataset.select(range(start, start + params["batch_size"]))), 0)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             losses = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="none", ignore_index=-100
@@ -295,10 +262,10 @@ def worker_p2(params: dict) -> dict:
 
 def bench_p2(args, folder: str) -> dict:
     dataset = prepared_dataset(folder, args.memory_rows, args.max_length)
-    runs = {"scoring": [], "naive": [], "compact_prototype": []}
+    runs = {"scoring": [], "naive": []}
     load = [load_average()]
     for _ in range(args.memory_reps):
-        for side in ("naive", "scoring", "compact_prototype"):
+        for side in ("naive", "scoring"):
             runs[side].append(run_worker("p2", {"dataset": dataset, "side": side, "batch_size": args.memory_batch}))
         load.append(load_average())
     above = {side: statistics.median(r["peak_mb"] - r["baseline_mb"] for r in rs) for side, rs in runs.items()}
@@ -307,7 +274,6 @@ def bench_p2(args, folder: str) -> dict:
     return {
         "ratio": ratio,
         "ratio_whole_process": total["scoring"] / total["naive"],
-        "ratio_compact_prototype": above["compact_prototype"] / above["naive"],
         "goal": GOALS["p2"],
         "met": ratio <= 0.3,
         "peak_above_loaded_model_mb": above,
@@ -583,12 +549,9 @@ NAMES = {
 
 def markdown_row(name: str, result: dict) -> str:
     if name == "p1":
-        figure = f"{result['ratio']:.3f} (compact prototype {result['ratio_compact_prototype']:.3f})"
+        figure = f"{result['ratio']:.3f}"
     elif name == "p2":
-        figure = (
-            f"{result['ratio']:.3f} (whole process {result['ratio_whole_process']:.3f}, compact prototype "
-            f"{result['ratio_compact_prototype']:.3f})"
-        )
+        figure = f"{result['ratio']:.3f} (whole process {result['ratio_whole_process']:.3f})"
     elif name == "p3":
         figure = (
             f"warm {result['ratio_warm']:.3f} (scoring phase {result['ratio_warm_from_scoring_phase']:.3f}), "

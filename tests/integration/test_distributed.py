@@ -56,6 +56,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, tiny_ref_dir):
     np.testing.assert_allclose(a, b, atol=1e-5)  # same rows, same order, nothing duplicated or missing
     assert single["keep"] == double["keep"]
     assert abs(single["threshold"] - double["threshold"]) < 1e-5
+    assert len(set(double["forwards"])) == 1  # the same number of scoring forwards on every process
 
 
 def run_one_and_two(tmp_path, model_dir, ref_dir, script):
@@ -105,3 +106,7 @@ def test_self_evolving_rounds_across_processes(tmp_path, no_dropout_model_dir):
             assert abs(one["threshold"] - two["threshold"]) < 1e-4
     np.testing.assert_allclose(single["losses"], double["losses"], rtol=1e-4)
     assert_same_final_weights(tmp_path, "self_evolving_distributed.py")
+    # 24 rows in 3 rounds of 8: rounds 1 and 2 each score their chunk (8 rows, 5-row shards: 5 + 3 rows), and the
+    # base pass scores chunks 1-2 (16 rows: 5 + 5 + 5 + 1). Each process runs as many forwards, even for the 1-row
+    # shard it has no row of.
+    assert len(set(double["forwards"])) == 1 and double["forwards"][0] > 0

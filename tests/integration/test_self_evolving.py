@@ -39,9 +39,9 @@ class RecordingTrainer(TokenCleanSFTTrainer):
 
         self.add_callback(AtRoundEnd())
 
-    def _token_losses(self, dataset, lengths, role):
+    def _token_losses(self, dataset, role):
         self.scoring_calls.append((role, len(dataset), fingerprint_module(self.model)))
-        return super()._token_losses(dataset, lengths, role)
+        return super()._token_losses(dataset, role)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -70,10 +70,10 @@ def test_rounds_follow_the_paper(tmp_path, tiny_model_dir, tokenizer, peft):
     initial = fingerprint_module(trainer.model)
     trainer.train()
 
-    # Base losses once, over the whole dataset, with the original weights; one reference pass per later chunk,
-    # with the model exactly as it stood at the end of the previous round.
+    # Base losses once, over chunks 1..T (chunk 0 is never scored), with the original weights; one reference pass
+    # per later chunk, with the model exactly as it stood at the end of the previous round.
     roles = [(role, rows) for role, rows, _ in trainer.scoring_calls]
-    assert roles == [("base", ROWS), ("model", 6), ("model", 8)]
+    assert roles == [("base", ROWS - 6), ("model", 6), ("model", 8)]
     assert trainer.scoring_calls[0][2] == initial
     assert [fp for _, _, fp in trainer.scoring_calls[1:]] == trainer.round_end_fingerprints[:2]
 

@@ -24,6 +24,7 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
     )
     scored = trainer.score_tokens()
     trainer.train()  # masks reach every process's dataloader
+    forwards = trainer._collective.all_gather_object(trainer.scoring_stats.forwards)
     if trainer.accelerator.is_main_process:
         scores = np.concatenate(scored["token_scores"]).astype(float)
         with open(result_path, "w") as f:
@@ -33,6 +34,7 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
                     "keep": [bool(x) for row in scored["token_keep"] for x in row],
                     "threshold": trainer.token_cleaning_state.threshold,
                     "processes": trainer.accelerator.num_processes,
+                    "forwards": forwards,
                 },
                 f,
             )

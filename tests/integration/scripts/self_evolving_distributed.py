@@ -39,12 +39,14 @@ def main(model_dir: str, _unused: str, out_dir: str, result_path: str) -> None:
         processing_class=tokenizer,
     )
     trainer.train()
+    # Scoring forwards of every process: under FSDP2/ZeRO-3 each is a collective, so the counts must be equal.
+    forwards = trainer._collective.all_gather_object(trainer.scoring_stats.forwards)
     if trainer.accelerator.is_main_process:
         torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, result_path + ".pt")
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         rounds = trainer.token_cleaning_state.report["rounds"]
         with open(result_path, "w") as f:
-            json.dump({"rounds": rounds, "losses": losses, "processes": world}, f)
+            json.dump({"rounds": rounds, "losses": losses, "processes": world, "forwards": forwards}, f)
 
 
 if __name__ == "__main__":
