@@ -124,7 +124,7 @@ def run(folder: str, launch: str, mode: str) -> None:
         "median_step_s": statistics.median(steps[1:] or steps),
         "steps": len(steps),
         "scoring_forwards": trainer.scoring_stats.forwards,
-        "scoring_dtypes": trainer.scoring_stats.hidden_dtypes,
+        "scoring_dtypes": trainer.scoring_stats.compute_dtypes,
     }
     state = trainer.token_cleaning_state
     if state is not None and state.keep is not None:

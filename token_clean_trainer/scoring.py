@@ -38,7 +38,8 @@ class ScoringStats:
     """Counters of the scoring forwards of one process: tests and logs check them (every rank must run as many)."""
 
     forwards: int = 0
-    hidden_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The dtype the matmuls of the last forward of each role ran in (the autocast dtype, or the activations' dtype).
+    compute_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def scored_positions(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,11 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def _compute_dtype(device_type: str, activations: torch.dtype) -> str:
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else activations
+    return str(dtype).replace("torch.", "")
 
 
 def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -145,7 +151,7 @@ def scoring_head(model: torch.nn.Module, stats: ScoringStats | None = None, role
         hidden = outputs.last_hidden_state
         if stats is not None:
             stats.forwards += 1
-            stats.hidden_dtypes[role] = str(hidden.dtype).replace("torch.", "")
+            stats.compute_dtypes[role] = _compute_dtype(hidden.device.type, hidden.dtype)
         return TokenLossOutput(token_losses=_head_losses(self, hidden, labels, attention_mask))
 
     inner.forward = types.MethodType(forward, inner)

@@ -270,3 +270,40 @@ def test_other_selection_levels(tmp_path, tiny_model_dir, tokenizer, tiny_datase
         assert np.isnan(np.concatenate(scored["token_scores"]).astype(float)).all()  # no reference, no scores
     else:
         assert all(k == n for n, k in counts)
+
+
+def test_fully_cached_run_neither_loads_nor_fingerprints_the_reference(
+    tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch
+):
+    import token_clean_trainer.reference as reference_module
+
+    settings = dict(ref_model_name_or_path=tiny_ref_dir, score_cache_dir=str(tmp_path / "cache"))
+    rows = arithmetic_rows(12)
+    first = TokenCleanSFTTrainer(
+        tiny_model_dir,
+        args=cpu_args(tmp_path / "a", **settings),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    first_scores = np.concatenate(first.score_tokens()["token_scores"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference was loaded or fingerprinted although every score is cached")
+
+    monkeypatch.setattr(reference_module.Reference, "_load", refuse)
+    monkeypatch.setattr(reference_module, "fingerprint_module", refuse)
+    # The model is given by path, so the base side is keyed by provenance too: nothing is fingerprinted.
+    monkeypatch.setattr(trainer_module, "fingerprint_module", refuse)
+    second = TokenCleanSFTTrainer(
+        tiny_model_dir,
+        args=cpu_args(tmp_path / "b", **settings),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    second.train()
+    assert second.scoring_stats.forwards == 0
+    assert second.token_cleaning_state.report["cache"] == {
+        "base": {"reused": 1, "computed": 0},
+        "ref": {"reused": 1, "computed": 0},
+    }
+    np.testing.assert_array_equal(second.token_cleaning_state.scores, first_scores)

@@ -25,10 +25,10 @@ def test_base_and_reference_forwards_share_the_run_precision(
     # Before prepare (score_tokens on an unprepared model) ...
     before = build("before")
     scores_before = np.concatenate(before.score_tokens()["token_scores"])
-    assert before.scoring_stats.hidden_dtypes == {"base": dtype, "ref": dtype}
+    assert before.scoring_stats.compute_dtypes == {"base": dtype, "ref": dtype}
     # ... and inside train(), once accelerate has wrapped the model's forward in its mixed-precision autocast.
     during = build("during")
     during.train()
-    assert during.scoring_stats.hidden_dtypes == {"base": dtype, "ref": dtype}
+    assert during.scoring_stats.compute_dtypes == {"base": dtype, "ref": dtype}
     # The same precision gives the same scores either way.
     np.testing.assert_allclose(during.token_cleaning_state.scores, scores_before, atol=1e-6)
