@@ -1088,19 +1088,23 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if missing:
             with self._scoring_model(role) as (model, forward_context):
                 collective.together(
-                    lambda: self._score_shards(model, forward_context, dataset, lengths, bounds, missing, shards, role)
+                    lambda: self._score_shards(
+                        model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes
+                    )
                 )
-            if collective.is_main:
-                for i in missing:
-                    cache.save(hashes[i], shards[i])
-                if cache.not_stored:
-                    stats["not_stored"] = cache.not_stored
+            if collective.is_main and cache.not_stored:
+                stats["not_stored"] = cache.not_stored
         if not collective.is_main:
             return None, stats
         return np.concatenate([row for shard in shards for row in shard]).astype(np.float32, copy=False), stats
 
-    def _score_shards(self, model, forward_context, dataset, lengths, bounds, missing, shards, role) -> None:
-        """Score the missing shards; each process its round-robin share of every shard, the same forward count."""
+    def _score_shards(
+        self, model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes
+    ) -> None:
+        """
+        Score the missing shards; each process its round-robin share of every shard, the same forward count. The main
+        process stores each shard as soon as it is whole, so a killed run keeps every finished shard.
+        """
         collective = self._collective
         world, rank = collective.world, collective.rank
         batch_size = self.args.score_batch_size or self.args.per_device_eval_batch_size
@@ -1135,6 +1139,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     )
                     local = _reassemble_shard(parts, dataset, rows, row_lengths, world) if collective.is_main else None
                 shards[i] = local
+                if collective.is_main:
+                    cache.save(hashes[i], local)
         finally:
             progress.close()
 
