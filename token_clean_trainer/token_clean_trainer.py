@@ -487,10 +487,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
         positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
         offsets = self._offsets(dataset)
         cache_stats: dict[str, dict[str, int]] = {}
-        base_losses = ref_losses = None
+        # Held only until the masks and the report exist; then only the scores are kept.
+        losses: dict[str, np.ndarray | None] = {"base": None, "ref": None}
         if self._has_reference():
-            base_losses, cache_stats["base"] = self._token_losses(dataset, "base")
-            ref_losses, cache_stats["ref"] = self._token_losses(dataset, "ref")
+            losses["base"], cache_stats["base"] = self._token_losses(dataset, "base")
+            losses["ref"], cache_stats["ref"] = self._token_losses(dataset, "ref")
             self.reference.release()
 
         def select() -> tuple[np.ndarray | None, float | None, dict[str, Any]]:
@@ -498,8 +499,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 return None, None, {}
             _, _, _, response = positions
             scores = None
-            if base_losses is not None:
-                scores = base_losses - ref_losses
+            if losses["base"] is not None:
+                scores = losses["base"] - losses["ref"]
                 self._check_scores(scores, response)
                 ranking = scores
             else:
@@ -515,26 +516,24 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 positions,
                 started,
                 scores=scores,
-                base_losses=base_losses,
-                ref_losses=ref_losses,
+                base_losses=losses["base"],
+                ref_losses=losses["ref"],
                 keep=keep,
                 threshold=threshold,
                 cache_stats=cache_stats,
             )
             self._publish_report(report)
-            return keep, threshold, _log_fields(report) if keep is not None else {}
+            return keep, threshold, _log_fields(report) if keep is not None else {}, scores
 
-        keep, threshold, summary = collective.together(select)
+        keep, threshold, summary, scores = collective.together(select)
+        losses.clear()  # only the scores stay (for `score_tokens()` and per-step ranking)
         threshold, summary = collective.broadcast_object((threshold, summary))
-        if args.token_selection == "batch":
-            scores = base_losses - ref_losses if collective.is_main else None
-            scores = collective.broadcast_array(scores, np.float32) if collective.world > 1 else scores
-            if collective.is_main:
-                return TokenCleaningState(offsets, base_losses, ref_losses, None, None, self._last_report(summary))
-            return TokenCleaningState(offsets, None, None, None, None, self._last_report(summary), score_values=scores)
-        if collective.world > 1:
+        if args.token_selection == "batch" and collective.world > 1:
+            scores = collective.broadcast_array(scores, np.float32)
+        elif collective.world > 1:
             keep = collective.broadcast_bools(keep)
-        return TokenCleaningState(offsets, base_losses, ref_losses, keep, threshold, self._last_report(summary))
+        report = self._last_report(summary)
+        return TokenCleaningState(offsets, None, None, keep, threshold, report, score_values=scores)
 
     def _last_report(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The report on the main process; elsewhere, the fields the training logs show."""

@@ -123,6 +123,7 @@ def test_scoring_writes_the_page_and_its_sample(cleaned_run, tokenizer):
     state = trainer.token_cleaning_state
     assert sample["rows_total"] == sample["rows_shown"] == len(trainer.train_dataset)
     ids = trainer.train_dataset["input_ids"]
+    base_losses = trainer.token_losses(trainer.train_dataset, role="base")  # freed from the state after selection
     for row in sample["rows"]:
         begin, end = state.offsets[row["row"]], state.offsets[row["row"] + 1]
         # Every token of the row, in order, decoding back to the row's text.
@@ -134,7 +135,7 @@ def test_scoring_writes_the_page_and_its_sample(cleaned_run, tokenizer):
         score = np.array([np.nan if v is None else v for v in row["score"]], dtype=np.float64)
         np.testing.assert_allclose(score, state.scores[begin:end], atol=1e-4, equal_nan=True)
         base = np.array([np.nan if v is None else v for v in row["base"]], dtype=np.float64)
-        np.testing.assert_allclose(base, state.base_losses[begin:end], atol=1e-4, equal_nan=True)
+        np.testing.assert_allclose(base, base_losses[begin:end], atol=1e-4, equal_nan=True)
     settings = sample["settings"]
     assert settings["token_keep_ratio"] == 0.5 and settings["token_cleaning"] == "fixed"
 
