@@ -136,3 +136,121 @@ def select_tokens(
     if level == "full":
         return select_full(scores)
     raise ValueError(f"Unknown token selection level {level!r}; expected 'global', 'sample', 'random' or 'full'.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Span-aware scoring: junk arrives in runs (spam lines, signatures, garbled spans), so score runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Positions processed per block by `window_mean` (plus a halo of `window // 2` on each side): bounded temporaries.
+_WINDOW_BLOCK = 1 << 22
+
+
+def window_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """
+    Mean of `values` over a centred window of `window` positions, within each run of consecutive non-NaN positions.
+
+    In the flat per-position arrays every row starts with position 0 (never a response token, so NaN), and prompt or
+    template tokens are NaN too: a run of non-NaN positions is one contiguous response span of one row. The window
+    never leaves its span, so it never mixes rows, prompts or padding; at a span's edges it shrinks (the first token
+    of a span averages itself and the `window // 2` tokens after it). NaN positions stay NaN. `window=1` returns
+    `values` unchanged (the same array).
+
+    Args:
+        values (`np.ndarray`):
+            Flat float scores (or losses), NaN where a position is not a response token.
+        window (`int`):
+            Odd window length, at least 1.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"`window` must be a positive odd integer, got {window}.")
+    values = np.asarray(values)
+    if window == 1:
+        return values
+    half = window // 2
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    n = values.size
+    for start in range(0, n, _WINDOW_BLOCK):
+        end = min(start + _WINDOW_BLOCK, n)
+        lo, hi = max(start - half, 0), min(end + half, n)
+        block = values[lo:hi]
+        valid = ~np.isnan(block)
+        # Span id of every position of the block: a new span starts at a valid position after an invalid one.
+        starts = valid & ~np.concatenate([[False], valid[:-1]])
+        span = np.cumsum(starts)
+        filled = np.where(valid, block, 0).astype(np.float64)
+        total = filled.copy()
+        count = valid.astype(np.int32)
+        for shift in range(1, half + 1):
+            for sign in (1, -1):
+                # The neighbour at distance `shift` on one side counts when it is valid and in the same span.
+                if sign > 0:
+                    same = valid[shift:] & (span[shift:] == span[:-shift])
+                    total[:-shift] += np.where(same, filled[shift:], 0)
+                    count[:-shift] += same
+                else:
+                    same = valid[:-shift] & (span[:-shift] == span[shift:])
+                    total[shift:] += np.where(same, filled[:-shift], 0)
+                    count[shift:] += same
+        mean = np.where(valid, total / np.maximum(count, 1), np.nan).astype(np.float32)
+        out[start:end] = mean[start - lo : start - lo + (end - start)]
+    return out
+
+
+def select_junk_gate(
+    scores: np.ndarray, ref_losses: np.ndarray, offsets: np.ndarray, ratio: float, level: str
+) -> Selection:
+    """
+    The junk gate: among the response tokens in the lower half by score, mask those the reference finds least likely
+    (highest reference loss) until `N - floor(ratio * N)` response tokens are masked; keep every other response token.
+
+    A junk token scores low (the reference learned nothing the base did not know about it) *and* stays unlikely
+    under the reference; a hard but clean token scores low too but the reference has learned to predict it better.
+    The lower half is the `N - floor(N / 2)` lowest scores (ties: the later position is lower); among them the highest
+    reference losses are masked first (ties: the earlier position first). `ratio` must be at least 0.5, since no
+    more than the lower half can be masked.
+
+    Args:
+        scores (`np.ndarray`):
+            Flat scores (possibly window-averaged), NaN where a position is not a response token.
+        ref_losses (`np.ndarray`):
+            Flat reference losses (possibly window-averaged) at the same positions.
+        offsets (`np.ndarray`):
+            Row start offsets, length `rows + 1` (used by `level="sample"`).
+        ratio (`float`):
+            Fraction of response tokens to keep, in `[0.5, 1]`.
+        level (`str`):
+            `"global"`: over the whole array; `"sample"`: within each row.
+    """
+    if ratio < 0.5:
+        raise ValueError(
+            f"The junk gate masks only tokens of the lower half by score, so it keeps at least half of them; "
+            f"`token_keep_ratio={ratio}` would need more. Use a ratio of at least 0.5."
+        )
+    scores, ref_losses = np.asarray(scores), np.asarray(ref_losses)
+    if level == "global":
+        return Selection(_gate(scores, ref_losses, ratio), None)
+    if level == "sample":
+        keep = np.zeros(scores.shape, dtype=bool)
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            keep[start:end] = _gate(scores[start:end], ref_losses[start:end], ratio)
+        return Selection(keep, None)
+    raise ValueError(f"The junk gate ranks at the 'global' or 'sample' level, not {level!r}.")
+
+
+def _gate(scores: np.ndarray, ref_losses: np.ndarray, ratio: float) -> np.ndarray:
+    valid = ~np.isnan(scores)
+    positions = np.flatnonzero(valid)
+    n = positions.size
+    n_mask = n - keep_count(ratio, n)
+    keep = valid.copy()
+    if n_mask == 0:
+        return keep
+    # Lower half by score: the complement of the top floor(n / 2) (ties go to the earlier position, as in
+    # `select_global`), so exactly n - floor(n / 2) candidates.
+    upper = select_global(np.where(valid, scores, np.nan), 0.5).keep
+    candidates = positions[~upper[positions]]
+    # Highest reference loss first; a stable sort of the negated losses keeps position order among ties.
+    order = np.argsort(-ref_losses[candidates], kind="stable")[:n_mask]
+    keep[candidates[order]] = False
+    return keep
