@@ -201,14 +201,16 @@ class Reference:
     @contextlib.contextmanager
     def scoring(self, model, accelerator, dtype: torch.dtype) -> Iterator[tuple[torch.nn.Module, Any]]:
         """
-        Yield `(module to call, forward context factory)` for the reference pass, and release what was loaded.
+        Yield `(module to call, forward context factory)` for the reference pass, and release what was loaded. The
+        module is None for an adapter reference: the trained model, as prepared, runs with the adapter selected.
 
         `model` is the trained model as prepared (the adapter reference lives on it); `dtype` the dtype the trained
         model's weights were loaded in (a full reference is loaded in the same one unless its init kwargs say so).
         """
         if self.args.ref_adapter_name_or_path is not None:
+            # The adapter lives on the trained model: the caller runs its own prepared module with it selected.
             with self._adapter_on_base(model) as context:
-                yield model, context
+                yield None, context
             return
         if self.ref_model is not None:
             ref_model = prepare_reference(self.ref_model, accelerator)

@@ -203,7 +203,6 @@ class TokenCleanSFTTrainer(SFTTrainer):
         self._round_records: list[dict[str, Any]] = []
         self._checkpoint_payload: dict[str, Any] | None = None
         self._checkpoint_arrays: dict[str, np.ndarray] | None = None
-        self._resume_steps = False
         self._step_identity: dict[str, Any] = {}
         self._self_evolving_dataset: Dataset | None = None
         if not self.token_cleaning_enabled:
@@ -349,7 +348,6 @@ class TokenCleanSFTTrainer(SFTTrainer):
         check_resume_matches(payload, self._resume_identity(), folder)
         if self._selects_per_step:
             self._step_records = list(payload.get("steps", []))
-            self._resume_steps = True
             return
         offsets = self._offsets(self._without_token_columns(self.train_dataset))
         summary = payload.get("summary", {})
