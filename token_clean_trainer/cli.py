@@ -559,7 +559,14 @@ def version_text() -> str:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, not a bug: printed as one line (the traceback with TOKEN_CLEAN_DEBUG=1)."""
-    types: list[type[BaseException]] = [LaunchError, ValueError, FileNotFoundError, NotADirectoryError]
+    # ModuleNotFoundError: a missing optional package, whose message names the extra that installs it.
+    types: list[type[BaseException]] = [
+        LaunchError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ModuleNotFoundError,
+    ]
     try:
         from .recipe import RecipeError
 
