@@ -71,16 +71,20 @@ def _peek_launch_settings(argv: list[str]) -> tuple[str | None, int | None]:
     return values.get("accelerate_config"), processes
 
 
-def _default_launch_config(processes: int) -> str:
-    """The config `--num_processes N` uses without `--accelerate_config`: DDP on GPUs, or CPU processes over gloo."""
+def _gpu_count() -> int:
     import torch
 
-    if torch.cuda.is_available():
-        if torch.cuda.device_count() < processes:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _default_launch_config(processes: int) -> str:
+    """The config `--num_processes N` uses without `--accelerate_config`: DDP on GPUs, or CPU processes over gloo."""
+    gpus = _gpu_count()
+    if gpus:
+        if gpus < processes:
             raise LaunchError(
-                f"`--num_processes {processes}` asks for {processes} processes but this machine has "
-                f"{torch.cuda.device_count()} GPU(s). Pass a smaller count, or `--accelerate_config NAME` for another "
-                "layout (e.g. several machines)."
+                f"`--num_processes {processes}` asks for {processes} processes but this machine has {gpus} GPU(s). "
+                "Pass a smaller count, or `--accelerate_config NAME` for another layout (e.g. several machines)."
             )
         return "multi_gpu"
     return "cpu_multi_process"

@@ -210,8 +210,11 @@ def parse_recipe(argv: list[str], prog: str | None = None, description: str | No
         problems = validate_recipe(config_path, overrides=_overrides_without_config(argv), check_values=False)
         if problems:
             raise RecipeError(config_path, problems)
+    argv = list(argv)
+    if config_path is not None:
+        argv[argv.index("--config") + 1] = config_path  # `~` and `$VAR` expanded
     parser = make_parser(prog, description)
-    parsed = parser.parse_args_and_config(list(argv))
+    parsed = parser.parse_args_and_config(argv)
     parsed = list(parsed)
     return Recipe(*parsed[:5], purge_mix=parsed[5] if len(parsed) > 5 else None)
 
