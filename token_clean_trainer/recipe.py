@@ -553,7 +553,13 @@ def check_recipe(
 
 def _check_streaming(script, training, recipe: RecipeArguments, mixture) -> list[str]:
     """`dataset_streaming` (or a mixture's `streaming`) is honoured for plain SFT and refused where rows are ranked."""
-    key = "dataset_streaming" if script.dataset_streaming else "streaming" if getattr(mixture, "streaming", False) else None
+    key = (
+        "dataset_streaming"
+        if script.dataset_streaming
+        else "streaming"
+        if getattr(mixture, "streaming", False)
+        else None
+    )
     if key is None:
         return []
     problems = []

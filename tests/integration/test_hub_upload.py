@@ -53,7 +53,9 @@ class UploadRecorder:
             for name in names
         )
         return list(
-            filter_repo_objects(files, allow_patterns=call.get("allow_patterns"), ignore_patterns=call["ignore_patterns"])
+            filter_repo_objects(
+                files, allow_patterns=call.get("allow_patterns"), ignore_patterns=call["ignore_patterns"]
+            )
         )
 
 
@@ -105,7 +107,9 @@ def test_push_to_hub_uploads_the_model_and_card_but_no_data(tiny_model_dir, tiny
     for name in PRIVATE_FILES:
         assert name not in uploaded, name
     # What a model repository needs is still there.
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"} <= set(uploaded), uploaded
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"} <= set(uploaded), (
+        uploaded
+    )
     # TRL's own ignore patterns are kept (checkpoint folders, private `_*` files).
     assert "checkpoint-*" in call["ignore_patterns"] and "_*" in call["ignore_patterns"]
 

@@ -214,7 +214,9 @@ def test_streaming_is_refused_with_cleaning_and_honoured_for_plain_sft(tmp_path)
     problems = validate_recipe(cleaning)
     assert any("`dataset_streaming: true` cannot be combined with `token_cleaning: fixed`" in p for p in problems)
     plain = {k: v for k, v in BASE.items() if k not in ("ref_warmup_split", "dataset_name")}
-    no_steps = write(tmp_path, "nosteps.yaml", **plain, dataset_name=data, token_cleaning="none", dataset_streaming=True)
+    no_steps = write(
+        tmp_path, "nosteps.yaml", **plain, dataset_name=data, token_cleaning="none", dataset_streaming=True
+    )
     assert any("sized with `max_steps`" in p for p in validate_recipe(no_steps))
     path = write(
         tmp_path, "plain.yaml", **plain, dataset_name=data, token_cleaning="none", dataset_streaming=True, max_steps=5
