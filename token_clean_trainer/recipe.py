@@ -696,6 +696,29 @@ def load_recipe_dataset(script, recipe: RecipeArguments | None, splits: list[str
     `dataset_streaming: true` returns `IterableDataset`s (plain SFT only; see [`check_recipe`]). `~` and environment
     variables are expanded in local paths. `recipe` and `purge_mix` are accepted for callers that pass a whole recipe.
     """
+    from datasets import Dataset
+
+    data, name, streaming, _ = load_dataset_dict(script, mixture)
+    out = {}
+    for split in splits:
+        if split not in data:
+            raise ValueError(
+                f"`{split}` is not a split of {name if name.startswith('the ') else f'`dataset_name: {name}`'}; its "
+                f"splits are {list(data)}. Set `dataset_train_split` / `dataset_test_split` / `ref_warmup_split` to "
+                "one of them."
+            )
+        split_data = data[split]
+        if streaming and isinstance(split_data, Dataset):
+            split_data = split_data.to_iterable_dataset()  # embedded or `save_to_disk` data, streamed as asked
+        out[split] = split_data
+    return out
+
+
+def load_dataset_dict(script, mixture=None):
+    """
+    `(DatasetDict, description, streaming, single)` of a recipe's data. `single` is True when the source has no splits
+    of its own (a data file or a saved `Dataset`), which then becomes split `train`.
+    """
     from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
     if mixture is not None and mixture.datasets:
@@ -740,28 +763,19 @@ def load_recipe_dataset(script, recipe: RecipeArguments | None, splits: list[str
             data = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=path, streaming=streaming)
         elif _looks_local(path):
             raise FileNotFoundError(
-                f"`dataset_name: {name}` does not exist. Point it to a `save_to_disk` folder, a .json/.jsonl/.parquet/"
+                f"`dataset_name: {name}` not found (no such file or folder). Point it to a `save_to_disk` folder, a .json/.jsonl/.parquet/"
                 ".csv file, a Hub id (`org/name`), or `embedded:chatterbot`."
             )
         else:
             data = load_dataset(name, name=script.dataset_config, streaming=streaming)
+    single = isinstance(data, (Dataset, IterableDataset)) or (
+        not (mixture is not None and mixture.datasets) and os.path.isfile(expand_path(name))
+    )
     if isinstance(data, Dataset):
         data = DatasetDict({"train": data})
     elif isinstance(data, IterableDataset):
         data = IterableDatasetDict({"train": data})
-    out = {}
-    for split in splits:
-        if split not in data:
-            raise ValueError(
-                f"`{split}` is not a split of {name if name.startswith('the ') else f'`dataset_name: {name}`'}; its "
-                f"splits are {list(data)}. Set `dataset_train_split` / `dataset_test_split` / `ref_warmup_split` to "
-                "one of them."
-            )
-        split_data = data[split]
-        if streaming and isinstance(split_data, Dataset):
-            split_data = split_data.to_iterable_dataset()  # embedded or `save_to_disk` data, streamed as asked
-        out[split] = split_data
-    return out
+    return data, name, streaming, single
 
 
 def _expand_data_files(value):
