@@ -32,6 +32,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 LAUNCHED_ENV = "TOKEN_CLEAN_LAUNCHED"
 # Set to 1 to see the traceback behind a one-line error.
 DEBUG_ENV = "TOKEN_CLEAN_DEBUG"
+# Trainers of this process, referenced until it ends. In a multi-process run, freeing one frees its DDP reducer,
+# whose gloo process group joins a thread that waits for the peers: once a faster rank has exited, that join never
+# returns (seen in `~ProcessGroupGloo`). `_exit` ends the process without running those destructors.
+_KEEP_UNTIL_EXIT: list = []
 
 _RECIPE_EPILOG = (
     "A recipe is one flat YAML file of `key: value` pairs, keys being the options above; flags given after "
@@ -385,6 +389,7 @@ def _train(argv: list[str]) -> int:
 
     def body(recipe) -> int:
         trainer = build_trainer(recipe)
+        _KEEP_UNTIL_EXIT.append(trainer)
         trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
         trainer.save_model(recipe.training.output_dir)
         if trainer.accelerator.is_main_process:
@@ -415,6 +420,7 @@ def _score(argv: list[str]) -> int:
             )
             return 2
         trainer = build_trainer(recipe)
+        _KEEP_UNTIL_EXIT.append(trainer)
         scored = trainer.score_tokens()
         scored = scored.add_column("input_ids", trainer.train_dataset["input_ids"])
         if trainer.accelerator.is_main_process:
