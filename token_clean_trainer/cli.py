@@ -4,12 +4,15 @@
     token-clean score     --config recipe.yaml [--key value ...]   score and select only; write scores and the report
     token-clean validate  recipe.yaml [...]                        check recipes without loading a model
     token-clean purge-mix --config recipe.yaml [--key value ...]   ENTP purge-mix on the recipe's train split
+    token-clean eval      --model M [--adapter A] --dataset D      held-out response NLL and perplexity
     token-clean report    OUTPUT_DIR                               print a run's token-cleaning report
     token-clean demo      [--option value ...]                     the fixed-model pipeline on the embedded default
 
-`train` and `score` run the same under `accelerate launch --config_file accelerate_configs/<name>.yaml -m
-token_clean_trainer.cli train --config recipe.yaml`; `--accelerate_config NAME` does that launch for you.
+`train` and `score` run the same under `accelerate launch --config_file <config.yaml> -m token_clean_trainer.cli
+train --config recipe.yaml`; `--accelerate_config NAME` (and `--num_processes N`) does that launch for you.
 Other modules may add subcommands to `COMMANDS` (name -> function(argv) -> exit code).
+
+This module imports nothing heavy at the top: `token-clean --help` and `--version` answer without torch or TRL.
 """
 
 import argparse
@@ -27,6 +30,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Set in the processes that `--accelerate_config` starts, so they do not launch again.
 LAUNCHED_ENV = "TOKEN_CLEAN_LAUNCHED"
+# Set to 1 to see the traceback behind a one-line error.
+DEBUG_ENV = "TOKEN_CLEAN_DEBUG"
+# Trainers of this process, referenced until it ends. In a multi-process run, freeing one frees its DDP reducer,
+# whose gloo process group joins a thread that waits for the peers: once a faster rank has exited, that join never
+# returns (seen in `~ProcessGroupGloo`). `_exit` ends the process without running those destructors.
+_KEEP_UNTIL_EXIT: list = []
 
 _RECIPE_EPILOG = (
     "A recipe is one flat YAML file of `key: value` pairs, keys being the options above; flags given after "
@@ -55,7 +64,34 @@ def _peek_launch_settings(argv: list[str]) -> tuple[str | None, int | None]:
             elif item.startswith(f"--{key}="):
                 values[key] = item.split("=", 1)[1]
     processes = values.get("num_processes")
-    return values.get("accelerate_config"), int(processes) if processes not in (None, "None") else None
+    if processes in (None, "None"):
+        return values.get("accelerate_config"), None
+    try:
+        processes = int(processes)
+    except (TypeError, ValueError):
+        raise LaunchError(f"`--num_processes` takes a positive integer, got {processes!r}") from None
+    if processes < 1:
+        raise LaunchError(f"`--num_processes` takes a positive integer, got {processes}")
+    return values.get("accelerate_config"), processes
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _default_launch_config(processes: int) -> str:
+    """The config `--num_processes N` uses without `--accelerate_config`: DDP on GPUs, or CPU processes over gloo."""
+    gpus = _gpu_count()
+    if gpus:
+        if gpus < processes:
+            raise LaunchError(
+                f"`--num_processes {processes}` asks for {processes} processes but this machine has {gpus} GPU(s). "
+                "Pass a smaller count, or `--accelerate_config NAME` for another layout (e.g. several machines)."
+            )
+        return "multi_gpu"
+    return "cpu_multi_process"
 
 
 def _already_launched() -> bool:
@@ -69,7 +105,10 @@ def _relaunch(command: str, argv: list[str], config_name: str, num_processes: in
     """Run this subcommand again under `accelerate launch --config_file <config>` and return its exit code."""
     from .recipe import resolve_accelerate_config
 
-    config_file = resolve_accelerate_config(config_name)
+    try:
+        config_file = resolve_accelerate_config(config_name)
+    except ValueError as error:
+        raise LaunchError(f"`--accelerate_config`: {error}") from None
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
     if num_processes is not None:
         launch += ["--num_processes", str(num_processes)]
@@ -170,7 +209,7 @@ def _load_splits(recipe):
         wanted.append(script.dataset_test_split)
     if settings.ref_warmup_split is not None and settings.ref_warmup_split not in wanted:
         wanted.append(settings.ref_warmup_split)
-    data = load_recipe_dataset(script, settings, wanted)
+    data = load_recipe_dataset(script, settings, wanted, mixture=recipe.mixture)
     seed = settings.dataset_shuffle_seed
     train = take_rows(data[script.dataset_train_split], settings.dataset_train_rows, seed)
     evaluation = take_rows(data[script.dataset_test_split], settings.dataset_test_rows, seed) if use_eval else None
@@ -180,6 +219,10 @@ def _load_splits(recipe):
         else None
     )
     return train, evaluation, warmup
+
+
+def _processes(count: int) -> str:
+    return "1 process" if count == 1 else f"{count} processes"
 
 
 def _print_main(message: str) -> None:
@@ -298,16 +341,43 @@ def build_trainer(recipe):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _run_recipe_command(command: str, argv: list[str], description: str, body) -> int:
-    if not any(a in ("-h", "--help") for a in argv) and not _already_launched():
+def _run_recipe_command(command: str, argv: list[str], description: str, body, checked: bool = True) -> int:
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if not argv:
+        raise LaunchError(
+            "needs a recipe: `--config recipes/<model>/<method>/config_<variant>.yaml` (or `--model_name_or_path` and "
+            f"`--dataset_name` flags); `token-clean {command} --help` lists every option"
+        )
+    if not asks_help and not _already_launched():
         config_name, processes = _peek_launch_settings(argv)
+        if config_name is None and processes is not None and processes > 1:
+            # `--num_processes N` alone: launch N processes with the matching default config rather than run one.
+            config_name = _default_launch_config(processes)
+            _print_main(f"token-clean: --num_processes {processes} without --accelerate_config: using {config_name!r}")
         if config_name is not None:
             # Check the recipe before starting any process: its problems are then printed once, not per rank.
-            _parse_or_exit(argv, f"token-clean {command}", description)
+            recipe = _parse_or_exit(argv, f"token-clean {command}", description)
+            if checked:
+                _check_or_exit(recipe, f"token-clean {command}")
             return _relaunch(command, argv, config_name, processes)
     _cpu_only_distributed_fallback()
     recipe = _parse_or_exit(argv, f"token-clean {command}", description)
+    if checked:
+        _check_or_exit(recipe, f"token-clean {command}")
     return body(recipe)
+
+
+def _check_or_exit(recipe, prog: str) -> None:
+    """The recipe's cross-field checks (a dataset, a reference for the mode, ...) before anything is loaded."""
+    from .recipe import check_recipe
+
+    notes: list[str] = []
+    problems = check_recipe(recipe.script, recipe.training, recipe.model, recipe.recipe, recipe.mixture, notes=notes)
+    if problems:
+        if os.environ.get("RANK", "0") == "0":
+            for problem in problems:
+                print(f"{prog}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _train(argv: list[str]) -> int:
@@ -318,19 +388,14 @@ def _train(argv: list[str]) -> int:
     )
 
     def body(recipe) -> int:
-        from .report import print_summary
-        from .token_clean_trainer import load_report
-
         trainer = build_trainer(recipe)
+        _KEEP_UNTIL_EXIT.append(trainer)
         trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
         trainer.save_model(recipe.training.output_dir)
         if trainer.accelerator.is_main_process:
-            processes = trainer.accelerator.num_processes
-            print(
-                f"token-clean train: model saved to {recipe.training.output_dir} ({processes} processes)", flush=True
-            )
-            if trainer.token_cleaning_enabled:
-                print_summary(load_report(recipe.training.output_dir))
+            # The trainer printed the cleaning summary when the selection was made; it is not repeated here.
+            processes = _processes(trainer.accelerator.num_processes)
+            print(f"token-clean train: model saved to {recipe.training.output_dir} ({processes})", flush=True)
         trainer.accelerator.wait_for_everyone()
         trainer.end()
         return 0
@@ -346,8 +411,6 @@ def _score(argv: list[str]) -> int:
     )
 
     def body(recipe) -> int:
-        from .report import print_summary
-
         if recipe.training.token_cleaning != "fixed":
             print(
                 f"token-clean score: scores are static only with `token_cleaning: fixed` (got "
@@ -357,6 +420,7 @@ def _score(argv: list[str]) -> int:
             )
             return 2
         trainer = build_trainer(recipe)
+        _KEEP_UNTIL_EXIT.append(trainer)
         scored = trainer.score_tokens()
         scored = scored.add_column("input_ids", trainer.train_dataset["input_ids"])
         if trainer.accelerator.is_main_process:
@@ -367,9 +431,9 @@ def _score(argv: list[str]) -> int:
             else:
                 path = os.path.join(output_dir, "token_scores")
                 scored.save_to_disk(path)
-            processes = trainer.accelerator.num_processes
-            print(f"token-clean score: {len(scored)} rows of token scores written to {path} ({processes} processes)")
-            print_summary(trainer.token_cleaning_state.report)
+            # `score_tokens` printed the cleaning summary (once, on the main process); only the output is added here.
+            processes = _processes(trainer.accelerator.num_processes)
+            print(f"token-clean score: {len(scored)} rows of token scores written to {path} ({processes})")
         trainer.accelerator.wait_for_everyone()
         trainer.end()
         return 0
@@ -437,7 +501,8 @@ def _purge_mix(argv: list[str]) -> int:
         )
         return 0
 
-    return _run_recipe_command("purge-mix", argv, description, body)
+    # Purge-mix trains nothing, so the training checks (a reference for the mode, ...) do not apply.
+    return _run_recipe_command("purge-mix", argv, description, body, checked=False)
 
 
 def _demo(argv: list[str]) -> int:
@@ -479,20 +544,76 @@ COMMANDS = {
 }
 
 
+def _usage() -> str:
+    table = __doc__.split("\n\n")[1] if __doc__ else ""
+    return (
+        f"{table}\n\nusage: token-clean {{{','.join(COMMANDS)}}} [options]   (token-clean <command> --help)\n"
+        "       token-clean --version"
+    )
+
+
+def version_text() -> str:
+    """`token-clean --version`: this package and the stack it runs on, read from the installed metadata only."""
+    from importlib import metadata
+
+    from . import __version__
+
+    parts = []
+    for name in ("trl", "transformers", "torch", "peft", "accelerate", "datasets"):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return f"token-clean {__version__} ({', '.join(parts)})"
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, not a bug: printed as one line (the traceback with TOKEN_CLEAN_DEBUG=1)."""
+    # ModuleNotFoundError: a missing optional package, whose message names the extra that installs it.
+    types: list[type[BaseException]] = [
+        LaunchError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ModuleNotFoundError,
+    ]
+    try:
+        from .recipe import RecipeError
+
+        types.append(RecipeError)
+    except ImportError:  # pragma: no cover - yaml is a dependency
+        pass
+    return tuple(types)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.split("\n\n")[1] if __doc__ else "")
-        print("usage: token-clean {" + ",".join(COMMANDS) + "} [options]   (token-clean <command> --help)")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"token-clean: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(version_text())
+        return 0
+    if argv[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        print(
+            f"token-clean: unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)} (token-clean --help)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except LaunchError as error:
+    except _user_error_types() as error:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
         if os.environ.get("RANK", "0") == "0":
-            print(f"token-clean {argv[0]}: {error}", file=sys.stderr)
+            message = " ".join(str(error).split()) if not isinstance(error, LaunchError) else str(error)
+            print(f"token-clean {argv[0]}: {message}", file=sys.stderr)
+            if not isinstance(error, LaunchError):
+                print(f"token-clean {argv[0]}: (set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,7 @@ class DemoSettings:
     heldout_rows: int = 120
     max_length: int = 128
     keep_ratio: float = 0.6
-    # A weak reference makes the selection nearly random (shared/METHOD.md), so the short warm-up uses a high LoRA
+    # A weak reference makes the selection nearly random (docs/faq.md), so the short warm-up uses a high LoRA
     # learning rate; the report's share of |score| < 0.01 shows whether it separated.
     warmup_epochs: float = 1.0
     warmup_learning_rate: float = 1e-3

@@ -54,11 +54,12 @@ def response_losses(trainer, role: str = "model", dataset=None) -> np.ndarray:
 
 def load_eval_dataset(spec: str, split: str = "heldout", rows: int = 0, seed: int = 42):
     """
-    A dataset split from `embedded:chatterbot`, a JSON/JSONL file or a `save_to_disk` folder.
+    A dataset split, loaded as `token-clean train` loads a recipe's `dataset_name`.
 
     Args:
         spec (`str`):
-            `"embedded:chatterbot"`, a `.json`/`.jsonl` path (one split) or a folder written by `save_to_disk`.
+            `"embedded:chatterbot"`, a `.json`/`.jsonl`/`.parquet`/`.csv` path (one split), a folder written by
+            `save_to_disk`, or a Hub id.
         split (`str`, *optional*, defaults to `"heldout"`):
             Split of a `DatasetDict` (ignored for a single file or a single saved `Dataset`).
         rows (`int`, *optional*, defaults to `0`):
@@ -66,25 +67,22 @@ def load_eval_dataset(spec: str, split: str = "heldout", rows: int = 0, seed: in
         seed (`int`, *optional*, defaults to `42`):
             Seed of the subset.
     """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    from types import SimpleNamespace
 
-    if spec == EMBEDDED_DATASET:
-        from .assets import load_chatterbot_dataset
+    from datasets import Dataset
 
-        data = load_chatterbot_dataset()
-    elif os.path.isdir(spec):
-        data = load_from_disk(spec)
-    elif os.path.isfile(spec) and spec.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=spec, split="train")
-    else:
-        raise ValueError(
-            f"`--dataset {spec!r}`: not found. Pass {EMBEDDED_DATASET!r}, a .json/.jsonl file, or a folder written by "
-            "`Dataset.save_to_disk`."
-        )
-    if isinstance(data, DatasetDict):
-        if split not in data:
-            raise ValueError(f"`--split {split!r}` is not in {spec!r}; its splits are {sorted(data)}.")
+    from .recipe import load_dataset_dict
+
+    # The loader of `train`, `score` and `purge-mix`: `embedded:chatterbot`, a `save_to_disk` folder, a local
+    # .json/.jsonl/.parquet/.csv file or a Hub id.
+    script = SimpleNamespace(dataset_name=spec, dataset_config=None, dataset_streaming=False)
+    data, _, _, single = load_dataset_dict(script)
+    if single:  # a data file or a saved Dataset: its one split
+        data = data["train"]
+    elif split in data:
         data = data[split]
+    else:
+        raise ValueError(f"`--split {split!r}` is not in {spec!r}; its splits are {sorted(data)}.")
     if not isinstance(data, Dataset) or len(data) == 0:
         raise ValueError(f"`--dataset {spec!r}` (split {split!r}) has no rows to evaluate.")
     if 0 < rows < len(data):

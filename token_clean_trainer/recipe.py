@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from .utils import expand_path
+
 EMBEDDED_MODELS = ("embedded:smollm2",)
 EMBEDDED_DATASETS = ("embedded:chatterbot",)
 # Chat templates shipped with the package, usable by name in `chat_template_path`.
@@ -70,8 +72,8 @@ class RecipeArguments:
         > Parameters that control the launch
 
         accelerate_config (`str`, *optional*):
-            Name of a shipped accelerate config (`single_gpu`, `multi_gpu`, `zero2`, `zero3`, `fsdp2`,
-            `cpu_multi_process`) or a path to one. `token-clean train` then re-executes itself under
+            Name of an accelerate config (ours: `cpu_multi_process`, `single_gpu`, `fsdp2`, `zero3`; TRL's:
+            `multi_gpu`, `zero1`, `zero2`, `fsdp1`) or a path to one. `token-clean train` then re-executes itself under
             `accelerate launch --config_file <config>`. Ignored inside a run already started by `accelerate launch`.
         num_processes (`int`, *optional*):
             Number of processes for `accelerate_config` (overrides the config's `num_processes`, e.g. 4 GPUs with
@@ -116,8 +118,9 @@ class RecipeArguments:
     accelerate_config: str | None = field(
         default=None,
         metadata={
-            "help": "Shipped accelerate config name (single_gpu, multi_gpu, zero2, zero3, fsdp2, cpu_multi_process) "
-            "or a path; `token-clean train` re-executes itself under `accelerate launch --config_file <config>`."
+            "help": "Accelerate config name (cpu_multi_process, single_gpu, fsdp2, zero3; TRL's multi_gpu, zero1, "
+            "zero2, fsdp1) or a path; `token-clean train` re-executes itself under `accelerate launch "
+            "--config_file <config>`."
         },
     )
     num_processes: int | None = field(
@@ -166,11 +169,13 @@ def purge_mix_config_class():
 
 def recipe_dataclasses() -> tuple[type, ...]:
     """The dataclasses a recipe is parsed into, in the order [`parse_recipe`] returns them."""
-    from trl import ModelConfig, ScriptArguments
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
     from .token_clean_config import TokenCleanConfig
 
-    types = [ScriptArguments, TokenCleanConfig, ModelConfig, RecipeArguments]
+    # `DatasetMixtureConfig` is TRL's own: a recipe may list `datasets:` (with `streaming`, `test_split_size`) exactly
+    # as a `trl sft` config does, and they are loaded with TRL's `get_dataset`.
+    types = [ScriptArguments, TokenCleanConfig, ModelConfig, RecipeArguments, DatasetMixtureConfig]
     purge_mix = purge_mix_config_class()
     if purge_mix is not None:
         types.append(purge_mix)
@@ -185,6 +190,7 @@ class Recipe:
     training: Any
     model: Any
     recipe: RecipeArguments
+    mixture: Any = None
     purge_mix: Any = None
 
 
@@ -204,10 +210,13 @@ def parse_recipe(argv: list[str], prog: str | None = None, description: str | No
         problems = validate_recipe(config_path, overrides=_overrides_without_config(argv), check_values=False)
         if problems:
             raise RecipeError(config_path, problems)
+    argv = list(argv)
+    if config_path is not None:
+        argv[argv.index("--config") + 1] = config_path  # `~` and `$VAR` expanded
     parser = make_parser(prog, description)
-    parsed = parser.parse_args_and_config(list(argv))
+    parsed = parser.parse_args_and_config(argv)
     parsed = list(parsed)
-    return Recipe(*parsed[:4], purge_mix=parsed[4] if len(parsed) > 4 else None)
+    return Recipe(*parsed[:5], purge_mix=parsed[5] if len(parsed) > 5 else None)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -215,7 +224,7 @@ def _config_path(argv: list[str]) -> str | None:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise RecipeError("<command line>", ["`--config` needs a recipe path: --config recipes/.../config.yaml"])
-        return argv[index + 1]
+        return expand_path(argv[index + 1])
     return None
 
 
@@ -243,6 +252,7 @@ class RecipeError(ValueError):
 
 
 def load_recipe_file(path: str) -> dict[str, Any]:
+    path = expand_path(path)
     if not os.path.isfile(path):
         raise RecipeError(path, [f"no such recipe file: {path}"])
     with open(path, encoding="utf-8") as f:
@@ -288,6 +298,10 @@ def _check_value(action: argparse.Action, key: str, value: Any) -> str | None:
                 name = "boolean (true/false)" if name == "string_to_bool" else name
                 return f"`{key}: {value!r}` is not a valid {name} ({error})"
     elif action.nargs in ("+", "*"):
+        # A single string is what TRL's own parser passes on for a list of strings (`lora_target_modules:
+        # all-linear`, which `ModelConfig` keeps as the string PEFT expects).
+        if isinstance(value, str) and action.type in (str, None):
+            return None
         if not isinstance(value, list):
             return f"`{key}` takes a list (e.g. `{key}: [a, b]`), got {value!r}"
         return None
@@ -440,27 +454,43 @@ def _build_instances(parser, actions, values, owners, problems, notes):
         if instance is None:
             return None
         instances.append(instance)
-    script, training, model, recipe = instances[:4]
-    return script, training, model, recipe
+    return tuple(instances[:5])
 
 
 def check_recipe(
-    script, training, model, recipe: RecipeArguments, base_dir: str | None = None, notes: list[str] | None = None
+    script,
+    training,
+    model,
+    recipe: RecipeArguments,
+    mixture=None,
+    base_dir: str | None = None,
+    notes: list[str] | None = None,
 ) -> list[str]:
     """Checks across configs that no single `__post_init__` can make; loads nothing. Missing local paths are notes."""
     problems = []
     notes = notes if notes is not None else []
     base_dir = base_dir or os.getcwd()
+    mixed = bool(mixture is not None and mixture.datasets)
+    problems += _check_streaming(script, training, recipe, mixture)
     if not model.model_name_or_path:
         problems.append("`model_name_or_path` is required (a local folder, a Hub id, or `embedded:smollm2`)")
     else:
         problems += _check_model_ref("model_name_or_path", model.model_name_or_path, base_dir, notes)
     if training.ref_model_name_or_path:
         problems += _check_model_ref("ref_model_name_or_path", training.ref_model_name_or_path, base_dir, notes)
-    if not script.dataset_name:
+    if mixed and script.dataset_name:
+        problems.append(
+            "the recipe sets both `dataset_name` and a `datasets:` mixture; keep one (TRL's `sft` script would ignore "
+            "`dataset_name`, which hides a mistake)"
+        )
+    elif mixed:
+        for entry in mixture.datasets:
+            if _looks_local(expand_path(entry.path)):
+                notes += _check_local_path("datasets[].path", entry.path, base_dir)
+    elif not script.dataset_name:
         problems.append(
             "`dataset_name` is required (a Hub id, a local .json/.jsonl/.parquet/.csv file, a `save_to_disk` folder, "
-            "or `embedded:chatterbot`)"
+            "or `embedded:chatterbot`), or a `datasets:` list (TRL's dataset mixture)"
         )
     else:
         problems += _check_dataset_ref(script.dataset_name, base_dir, notes)
@@ -521,13 +551,42 @@ def check_recipe(
     return problems
 
 
+def _check_streaming(script, training, recipe: RecipeArguments, mixture) -> list[str]:
+    """`dataset_streaming` (or a mixture's `streaming`) is honoured for plain SFT and refused where rows are ranked."""
+    key = (
+        "dataset_streaming"
+        if script.dataset_streaming
+        else "streaming"
+        if getattr(mixture, "streaming", False)
+        else None
+    )
+    if key is None:
+        return []
+    problems = []
+    if training.token_cleaning != "none":
+        problems.append(
+            f"`{key}: true` cannot be combined with `token_cleaning: {training.token_cleaning}`: token cleaning scores "
+            "and ranks every response token of the train set before (or while) training, which needs a map-style "
+            f"dataset with a length. Set `{key}: false` (use `dataset_train_rows` to train on a part of a large set), "
+            "or `token_cleaning: none` to stream plain SFT"
+        )
+    if recipe.ref_warmup_split is not None:
+        problems.append(f"`{key}: true` cannot be combined with `ref_warmup_split`; set `{key}: false`")
+    if training.max_steps is None or training.max_steps <= 0:
+        problems.append(
+            f"`{key}: true` gives the trainer a dataset without a length, so the run must be sized with `max_steps` "
+            "(a positive number of optimizer steps); `num_train_epochs` cannot be used"
+        )
+    return problems
+
+
 def _looks_local(value: str) -> bool:
     """A local path rather than a Hub id (`org/name`): write local folders as `./data/...` to be unambiguous."""
     return value.startswith((".", "/", "~")) or value.count("/") > 1 or os.path.exists(value)
 
 
 def _check_local_path(key: str, value: str, base_dir: str) -> list[str]:
-    path = os.path.join(base_dir, os.path.expanduser(value))
+    path = os.path.join(base_dir, expand_path(value))
     return [] if os.path.exists(path) else [f"`{key}: {value}` does not exist on this machine (yet)"]
 
 
@@ -556,30 +615,65 @@ def _check_dataset_ref(value: str, base_dir: str, notes: list[str]) -> list[str]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _trl_accelerate_config_folder():
+    """TRL's own shipped accelerate configs (`trl/accelerate_configs/`), found without importing TRL."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "accelerate_configs")
+    return folder if os.path.isdir(folder) else None
+
+
+def accelerate_config_sources() -> dict[str, str]:
+    """
+    `{name: path}` of every accelerate config usable by name.
+
+    Ours come first: `cpu_multi_process` (TRL has none), `single_gpu` (TRL's says 8 processes) and the sharded
+    `fsdp2` and `zero3` we tune for token cleaning. Every other name resolves to the config TRL ships (`multi_gpu`,
+    `zero1`, `zero2`, `fsdp1`), so a copy of TRL's file is never kept here.
+    """
+    sources = {}
+    trl_folder = _trl_accelerate_config_folder()
+    if trl_folder is not None:
+        for name in sorted(os.listdir(trl_folder)):
+            if name.endswith(".yaml"):
+                sources[name[: -len(".yaml")]] = os.path.join(trl_folder, name)
+    folder = resources.files("token_clean_trainer") / "accelerate_configs"
+    for p in folder.iterdir():
+        if p.name.endswith(".yaml"):
+            sources[p.name[: -len(".yaml")]] = str(p)
+    return dict(sorted(sources.items()))
+
+
 def shipped_accelerate_configs() -> list[str]:
+    """Names of the accelerate configs shipped in this package (see [`accelerate_config_sources`] for TRL's)."""
     folder = resources.files("token_clean_trainer") / "accelerate_configs"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def resolve_accelerate_config(name_or_path: str) -> str:
-    """The path of a shipped accelerate config given its name (`zero3`), or the given path if it is a file."""
-    if os.path.isfile(name_or_path):
-        return os.path.abspath(name_or_path)
+    """The path of an accelerate config given its name (`zero3`: ours, then TRL's), or the given path if a file."""
+    path = expand_path(name_or_path)
+    if os.path.isfile(path):
+        return os.path.abspath(path)
     name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
-    shipped = shipped_accelerate_configs()
-    if name not in shipped:
+    sources = accelerate_config_sources()
+    if name not in sources:
+        known = list(sources)
         raise ValueError(
-            f"{name_or_path!r} is neither a file nor a shipped accelerate config; shipped: {shipped}"
-            f"{_did_you_mean(name, shipped)}"
+            f"{name_or_path!r} is neither a file nor a known accelerate config{_did_you_mean(name, known)}; known: "
+            f"{', '.join(known)}"
         )
-    return str(resources.files("token_clean_trainer") / "accelerate_configs" / f"{name}.yaml")
+    return sources[name]
 
 
 def resolve_chat_template(value: str | None) -> str | None:
     """`chat_template_path` with a shipped template name (`tulu`) replaced by the packaged `.jinja` file."""
     if value in NAMED_CHAT_TEMPLATES:
         return str(resources.files("token_clean_trainer") / "chat_templates" / f"{value}.jinja")
-    return value
+    return expand_path(value)
 
 
 def resolve_model(value: str | None) -> str | None:
@@ -588,57 +682,120 @@ def resolve_model(value: str | None) -> str | None:
         from .assets import default_model_path
 
         return default_model_path()
-    return value
+    return expand_path(value)
 
 
-def load_recipe_dataset(script, recipe: RecipeArguments, splits: list[str]):
+def load_recipe_dataset(script, recipe: RecipeArguments | None, splits: list[str], mixture=None, purge_mix=None):
     """
-    Load the recipe's dataset and return `{split: Dataset}` for the requested splits (row limits applied).
+    Load the recipe's dataset and return `{split: Dataset}` for the requested splits.
 
-    `dataset_name` may be `embedded:chatterbot`, a `save_to_disk` folder, a local `.json`/`.jsonl`/`.parquet`/`.csv`
-    file (one split, `train`) or a Hub id (loaded with `datasets.load_dataset`).
+    The one loader of `train`, `score`, `eval` and `purge-mix`. With a `datasets:` mixture ([`~trl.DatasetMixtureConfig`])
+    the data comes from TRL's own [`~trl.get_dataset`], exactly as `trl sft` loads it (`streaming`, `fraction`,
+    `test_split_size`). Otherwise `dataset_name` may be `embedded:chatterbot`, a `save_to_disk` folder, a local
+    `.json`/`.jsonl`/`.parquet`/`.csv` file (one split, `train`) or a Hub id (loaded with `datasets.load_dataset`).
+    `dataset_streaming: true` returns `IterableDataset`s (plain SFT only; see [`check_recipe`]). `~` and environment
+    variables are expanded in local paths. `recipe` and `purge_mix` are accepted for callers that pass a whole recipe.
     """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    from datasets import Dataset
 
-    name = script.dataset_name
-    if name in EMBEDDED_DATASETS:
-        from .assets import load_chatterbot_dataset
-
-        data = load_chatterbot_dataset()
-    elif os.path.isdir(name) and (
-        os.path.isfile(os.path.join(name, "dataset_dict.json")) or os.path.isfile(os.path.join(name, "state.json"))
-    ):
-        data = load_from_disk(name)
-    elif os.path.isfile(name):
-        extension = os.path.splitext(name)[1]
-        if extension not in LOCAL_DATA_FORMATS:
-            raise ValueError(
-                f"`dataset_name: {name}`: unsupported file type {extension!r}; use one of {sorted(LOCAL_DATA_FORMATS)} "
-                "or a `save_to_disk` folder."
-            )
-        data = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=name)
-    elif _looks_local(name):
-        raise FileNotFoundError(
-            f"`dataset_name: {name}` does not exist. Point it to a `save_to_disk` folder, a .json/.jsonl/.parquet/.csv "
-            "file, a Hub id (`org/name`), or `embedded:chatterbot`."
-        )
-    else:
-        data = load_dataset(name, name=script.dataset_config)
-    if isinstance(data, Dataset):
-        data = DatasetDict({"train": data})
+    data, name, streaming, _ = load_dataset_dict(script, mixture)
     out = {}
     for split in splits:
         if split not in data:
             raise ValueError(
-                f"`{split}` is not a split of `dataset_name: {name}`; its splits are {list(data)}. Set "
-                "`dataset_train_split` / `dataset_test_split` / `ref_warmup_split` to one of them."
+                f"`{split}` is not a split of {name if name.startswith('the ') else f'`dataset_name: {name}`'}; its "
+                f"splits are {list(data)}. Set `dataset_train_split` / `dataset_test_split` / `ref_warmup_split` to "
+                "one of them."
             )
-        out[split] = data[split]
+        split_data = data[split]
+        if streaming and isinstance(split_data, Dataset):
+            split_data = split_data.to_iterable_dataset()  # embedded or `save_to_disk` data, streamed as asked
+        out[split] = split_data
     return out
+
+
+def load_dataset_dict(script, mixture=None):
+    """
+    `(DatasetDict, description, streaming, single)` of a recipe's data. `single` is True when the source has no splits
+    of its own (a data file or a saved `Dataset`), which then becomes split `train`.
+    """
+    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+
+    if mixture is not None and mixture.datasets:
+        from trl import get_dataset
+
+        entries = [
+            dataclasses.replace(
+                entry,
+                path=expand_path(entry.path),
+                data_dir=expand_path(entry.data_dir),
+                data_files=_expand_data_files(entry.data_files),
+            )
+            for entry in mixture.datasets
+        ]
+        streaming = bool(mixture.streaming or script.dataset_streaming)
+        data = get_dataset(dataclasses.replace(mixture, datasets=entries, streaming=streaming))
+        name = "the `datasets:` mixture"
+    else:
+        streaming = bool(script.dataset_streaming)
+        name = script.dataset_name
+        if not name:
+            raise ValueError(
+                "`dataset_name` is required (a Hub id, a local .json/.jsonl/.parquet/.csv file, a `save_to_disk` "
+                "folder, or `embedded:chatterbot`), or a `datasets:` list (TRL's dataset mixture)."
+            )
+        path = expand_path(name)
+        if name in EMBEDDED_DATASETS:
+            from .assets import load_chatterbot_dataset
+
+            data = load_chatterbot_dataset()
+        elif os.path.isdir(path) and (
+            os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
+        ):
+            data = load_from_disk(path)
+        elif os.path.isfile(path):
+            extension = os.path.splitext(path)[1]
+            if extension not in LOCAL_DATA_FORMATS:
+                raise ValueError(
+                    f"`dataset_name: {name}`: unsupported file type {extension!r}; use one of "
+                    f"{sorted(LOCAL_DATA_FORMATS)} or a `save_to_disk` folder."
+                )
+            data = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=path, streaming=streaming)
+        elif _looks_local(path):
+            raise FileNotFoundError(
+                f"`dataset_name: {name}` not found (no such file or folder). Point it to a `save_to_disk` folder, a .json/.jsonl/.parquet/"
+                ".csv file, a Hub id (`org/name`), or `embedded:chatterbot`."
+            )
+        else:
+            data = load_dataset(name, name=script.dataset_config, streaming=streaming)
+    single = isinstance(data, (Dataset, IterableDataset)) or (
+        not (mixture is not None and mixture.datasets) and os.path.isfile(expand_path(name))
+    )
+    if isinstance(data, Dataset):
+        data = DatasetDict({"train": data})
+    elif isinstance(data, IterableDataset):
+        data = IterableDatasetDict({"train": data})
+    return data, name, streaming, single
+
+
+def _expand_data_files(value):
+    if isinstance(value, str):
+        return expand_path(value)
+    if isinstance(value, list):
+        return [expand_path(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_data_files(v) for k, v in value.items()}
+    return value
 
 
 def take_rows(dataset, rows: int, seed: int | None):
     """The first `rows` rows (after a seeded shuffle when `seed` is set); all of them when `rows` is 0."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):  # streamed: a shuffle buffer and `take`, never a full read
+        if seed is not None:
+            dataset = dataset.shuffle(seed=seed, buffer_size=10_000)
+        return dataset.take(rows) if rows else dataset
     if seed is not None:
         dataset = dataset.shuffle(seed=seed)
     if rows and rows < len(dataset):

@@ -6,6 +6,16 @@ from typing import Any
 
 from trl import SFTConfig
 
+# Settings that name a local file or folder: `~` and environment variables are expanded in each (a Hub id has neither).
+PATH_SETTINGS = (
+    "output_dir",
+    "score_cache_dir",
+    "ref_model_name_or_path",
+    "ref_adapter_name_or_path",
+    "chat_template_path",
+    "resume_from_checkpoint",
+    "deepspeed",
+)
 TOKEN_CLEANING_MODES = ("none", "fixed", "self_evolving", "online")
 TOKEN_SELECTION_LEVELS = ("global", "sample", "batch", "random", "full")
 # Which selection levels each mode accepts, and the level it uses when `token_selection` is left unset. Online scores
@@ -162,6 +172,7 @@ class TokenCleanConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        self._expand_path_settings()
         super().__post_init__()
         if self.token_cleaning not in TOKEN_CLEANING_MODES:
             raise ValueError(
@@ -248,3 +259,12 @@ class TokenCleanConfig(SFTConfig):
                 "to the rows of the prepared dataset, which packing merges and padding-free collation flattens. Set "
                 "`packing=False` and `padding_free=False`, or `token_cleaning='none'`."
             )
+
+    def _expand_path_settings(self) -> None:
+        """`~` and `$VAR` in every path setting, so `score_cache_dir="~/.cache/x"` never creates a literal `./~`."""
+        from .utils import expand_path
+
+        for name in PATH_SETTINGS:
+            value = getattr(self, name, None)
+            if isinstance(value, str):
+                setattr(self, name, expand_path(value))

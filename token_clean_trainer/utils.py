@@ -1,4 +1,4 @@
-"""Small helpers shared across modules: PEFT detection, model fingerprints, atomic file writes."""
+"""Small helpers shared across modules: PEFT detection, model fingerprints, atomic file writes, path settings."""
 
 import contextlib
 import hashlib
@@ -111,8 +111,38 @@ def sha256_json(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def expand_path(value: str | os.PathLike | None) -> str | None:
+    """
+    A path setting as the user meant it: `~` and `$VAR` / `${VAR}` expanded, `None` kept.
+
+    Every path field of the configs and recipes goes through this, so `score_cache_dir="~/.cache/scores"` lands in the
+    home folder instead of a literal `./~` folder. Values that are not paths (Hub ids such as `org/model`) pass
+    unchanged, since they contain neither `~` nor `$`.
+    """
+    if value is None:
+        return None
+    return os.path.expandvars(os.path.expanduser(os.fspath(value)))
+
+
+def _file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 without the process umask (0o644 usually)."""
+    try:  # Linux reports the umask without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the whole new one, never a part."""
+    """
+    Write `data` to `path` so that a reader sees either the old file or the whole new one, never a part.
+
+    The file gets the permissions a plain `open(path, "w")` would give it (`0o666` minus the umask, `0o644` by
+    default), not `mkstemp`'s private `0o600`: reports and caches on a shared filesystem stay readable by the team
+    unless the umask says otherwise.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -120,6 +150,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _file_mode())
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:

@@ -8,7 +8,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FOLDERS = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "eval")))
-# METHOD.md: MMLU 5-shot; TruthfulQA mc2, HellaSwag, ARC-C, BoolQ, LogiQA 0-shot; TyDiQA 1-shot F1.
+# The paper's evaluation (docs/method.md): MMLU 5-shot; TruthfulQA mc2, HellaSwag, ARC-C, BoolQ, LogiQA 0-shot; TyDiQA 1-shot F1.
 PAPER_TASKS = {
     "mmlu": 5,
     "truthfulqa_mc2": 0,

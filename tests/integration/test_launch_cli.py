@@ -100,7 +100,7 @@ def test_fixed_scores_and_masks_match_across_processes(setup):
     out_one = _run(_cli("score", "--config", recipe, "--output_dir", one))
     # By name: `--accelerate_config` resolves the shipped config and re-executes under `accelerate launch`.
     out_two = _run(_cli("score", "--config", recipe, "--output_dir", two, "--accelerate_config", "cpu_multi_process"))
-    assert "(1 processes)" in out_one and "(2 processes)" in out_two
+    assert "(1 process)" in out_one and "(2 processes)" in out_two
     a, b = load_from_disk(os.path.join(one, "token_scores")), load_from_disk(os.path.join(two, "token_scores"))
     assert len(a) == len(b) == ROWS
     assert a["input_ids"] == b["input_ids"]  # same rows in the same order: nothing duplicated or missing
@@ -131,7 +131,7 @@ def test_online_training_matches_across_processes(setup):
     out_one = _run(_cli("train", "--config", recipe, "--output_dir", one))
     # The same global batch of 4 rows on 2 processes: 2 per device (global_batch_size would refuse 4 per device).
     out_two = _run(_launch("train", "--config", recipe, "--output_dir", two, "--per_device_train_batch_size", "2"))
-    assert "(1 processes)" in out_one and "(2 processes)" in out_two
+    assert "(1 process)" in out_one and "(2 processes)" in out_two
     steps_a = json.load(open(os.path.join(one, "token_cleaning", "report.json")))["steps"]
     steps_b = json.load(open(os.path.join(two, "token_cleaning", "report.json")))["steps"]
     assert len(steps_a) == len(steps_b) == 3

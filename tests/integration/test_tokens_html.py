@@ -20,7 +20,13 @@ INJECTION = "<script>document.title='pwned'</script><img src=x onerror=\"documen
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.fail("Headless Chromium is missing: `make install` installs the Debian `chromium` package.")
+        reason = (
+            "headless Chromium is not installed (`make test` installs Debian's `chromium` when it runs as root with "
+            "apt-get); the page's rendering is not checked here"
+        )
+        if os.environ.get("TOKEN_CLEAN_REQUIRE_BROWSER") == "1":  # CI: a browser is expected
+            pytest.fail(reason)
+        pytest.skip(reason)
     return path
 
 

@@ -29,7 +29,9 @@ RECIPES = sorted(
 # Recipes with the standard header (purge-mix recipes are another engineer's and document their own run).
 TRAIN_RECIPES = [p for p in RECIPES if "/purge_mix" not in p]
 PAPER_MODELS = ("llama-3.2-3b", "llama-3.1-8b", "mistral-7b-v0.3")
-EXPECTED_CONFIGS = ["cpu_multi_process", "fsdp2", "multi_gpu", "single_gpu", "zero2", "zero3"]
+# Ours: configs TRL does not ship or that differ from TRL's; every other name resolves to TRL's own file.
+EXPECTED_CONFIGS = ["cpu_multi_process", "fsdp2", "single_gpu", "zero3"]
+TRL_CONFIGS = ["fsdp1", "multi_gpu", "zero1", "zero2"]
 
 
 def _rel(path: str) -> str:
@@ -115,6 +117,22 @@ def test_accelerate_configs_are_shipped_once():
     assert cpu["num_processes"] == 2 and cpu["mixed_precision"] == "no" and cpu["use_cpu"] is True
     assert _load(resolve_accelerate_config("fsdp2"))["fsdp_config"]["fsdp_version"] == 2
     assert _load(resolve_accelerate_config("zero3"))["deepspeed_config"]["zero_stage"] == 3
+
+
+def test_trl_accelerate_configs_resolve_by_name_and_ours_are_not_copies():
+    import trl
+
+    trl_folder = os.path.join(os.path.dirname(trl.__file__), "accelerate_configs")
+    for name in TRL_CONFIGS:
+        assert resolve_accelerate_config(name) == os.path.join(trl_folder, f"{name}.yaml")
+    # Ours differ from TRL's file of the same name (else TRL's would be used), or TRL has none.
+    for name in EXPECTED_CONFIGS:
+        theirs = os.path.join(trl_folder, f"{name}.yaml")
+        if os.path.isfile(theirs) and name not in ("fsdp2", "zero3"):  # the sharded ones are tuned here on purpose
+            assert _load(resolve_accelerate_config(name)) != _load(theirs), name
+    assert _load(resolve_accelerate_config("single_gpu"))["num_processes"] == 1
+    with pytest.raises(ValueError, match="did you mean `zero2`"):
+        resolve_accelerate_config("zero_2")
 
 
 def test_pyproject_ships_configs_and_templates_as_package_data():
