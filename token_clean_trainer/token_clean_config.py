@@ -1,7 +1,8 @@
 """`TokenCleanConfig`: `SFTConfig` plus the fields that control token cleaning."""
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import SFTConfig
@@ -248,3 +249,15 @@ class TokenCleanConfig(SFTConfig):
                 "to the rows of the prepared dataset, which packing merges and padding-free collation flattens. Set "
                 "`packing=False` and `padding_free=False`, or `token_cleaning='none'`."
             )
+
+
+def config_values(args) -> dict[str, Any]:
+    """
+    The init fields of a `TrainingArguments` / `SFTConfig` that [`TokenCleanConfig`] also has, as keyword arguments.
+
+    Read field by field rather than through `TrainingArguments.to_dict()`, which replaces every `*_token` value (e.g.
+    `eos_token`, `pad_token`, `hub_token`) with a placeholder such as `"<EOS_TOKEN>"`. Values are deep-copied, so the
+    new config never shares a mutable object (a dict, the accelerator config) with the one it came from.
+    """
+    accepted = {f.name for f in fields(TokenCleanConfig) if f.init}
+    return {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init and f.name in accepted}

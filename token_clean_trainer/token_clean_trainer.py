@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 from accelerate.utils import DistributedType, gather_object
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from datasets.table import InMemoryTable
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
-from trl.trainer.utils import create_model_from_path, use_adapter
+from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from .cache import TokenLossCache, check_cache_dir_writable, check_free_space, rows_content_hash, shard_bytes
 from .collator import (
@@ -28,6 +29,14 @@ from .collator import (
     TOKEN_REF_LOSSES_COLUMN,
     TOKEN_SCORES_COLUMN,
     TokenCleaningCollator,
+)
+from .positions import (
+    RESPONSE_MASK_COLUMN,
+    assistant_token_mask,
+    keep_context,
+    only_response,
+    response_positions,
+    truncate_like_trl,
 )
 from .report import add_step_summary, build_report, print_summary, write_report
 from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
@@ -49,8 +58,8 @@ from .self_evolving import (
     round_output_dir,
     save_checkpoint_state,
 )
-from .step_selection import apply_keep, select_step
-from .token_clean_config import TokenCleanConfig
+from .step_selection import apply_keep, response_mask, select_step
+from .token_clean_config import TokenCleanConfig, config_values
 from .utils import fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
 from .validation import DatasetValidationError, validate_raw_dataset
 
@@ -149,6 +158,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 "The train dataset is empty (0 rows). Pass a dataset with at least one example; check the split name "
                 "and any `filter` applied before the trainer."
             )
+        if args.token_cleaning != "none":
+            self._refuse_unscorable_dataset(train_dataset, args)
         super().__init__(
             model=model,
             args=args,
@@ -191,10 +202,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "new engine and optimizer for every `train()` call. Use `self_evolving_schedule='restart'` (the "
                     "paper's setting) under DeepSpeed."
                 )
-        if not isinstance(self.train_dataset, Dataset):
+        if "input_ids" not in self.train_dataset.column_names:
             raise ValueError(
-                "Token cleaning needs a map-style `datasets.Dataset` (global selection ranks every token of the "
-                f"dataset before training); got {type(self.train_dataset).__name__}. Materialise the data first."
+                "Token cleaning scores the tokenised rows SFTTrainer prepares, but the prepared train dataset has no "
+                f"`input_ids` column (its columns: {self.train_dataset.column_names}). Pass text, conversational or "
+                "pre-tokenised data that SFTTrainer tokenises before training, or set `token_cleaning='none'`."
             )
         self._check_reference_source()
         self._check_reference_compatibility()
@@ -208,16 +220,61 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _to_token_clean_config(args, model) -> TokenCleanConfig:
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            return TokenCleanConfig(f"{str(name).rstrip('/').split('/')[-1]}-TokenClean")
+        """
+        The config the trainer runs with. A [`TokenCleanConfig`] is used as given. `None`, a plain
+        [`~transformers.TrainingArguments`] or an [`~trl.SFTConfig`] keep every field they hold (tokens included) and get
+        `token_cleaning="none"`: swapping the class name alone trains exactly like `SFTTrainer`.
+        """
         if isinstance(args, TokenCleanConfig):
             return args
-        if isinstance(args, TrainingArguments):
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub token
-            return TokenCleanConfig(**dict_args)
-        raise TypeError(f"`args` must be a `TokenCleanConfig`, got {type(args).__name__}.")
+        if args is not None and not isinstance(args, TrainingArguments):
+            raise TypeError(
+                f"`args` must be a `TokenCleanConfig`, an `SFTConfig` or a `TrainingArguments`, got {type(args).__name__}."
+            )
+        if args is None:
+            # SFTTrainer's own default, so the run lands in the same folder.
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            values = {"output_dir": f"{name.split('/')[-1]}-SFT"}
+        else:
+            values = config_values(args)
+        logger.info(
+            "TokenCleanSFTTrainer got %s, so token cleaning is off and it trains exactly like SFTTrainer. To clean "
+            "tokens, pass `args=TokenCleanConfig(..., token_cleaning='fixed', ref_model_name_or_path=...)`.",
+            "no `args`" if args is None else f"a plain `{type(args).__name__}`",
+        )
+        with warnings.catch_warnings():
+            # Deprecated fields (e.g. `pad_token`) already warned when `args` was built; SFTTrainer warns only once.
+            warnings.simplefilter("ignore", FutureWarning)
+            return TokenCleanConfig(**values, token_cleaning="none")
+
+    @staticmethod
+    def _refuse_unscorable_dataset(train_dataset, args: TokenCleanConfig) -> None:
+        """Refuse, before SFTTrainer tokenises anything, a train dataset that token cleaning cannot score."""
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                f"`token_cleaning={args.token_cleaning!r}` needs a map-style `datasets.Dataset`: the scores (or, in "
+                "online mode, the reference losses) of every row are computed before the first step, which a "
+                "streamed `IterableDataset` cannot provide. Materialise it first, e.g. "
+                "`Dataset.from_generator(lambda: (yield from stream))`, or `Dataset.from_list(list(stream.take(n)))`; "
+                "or set `token_cleaning='none'` to stream it as SFTTrainer does."
+            )
+        if not isinstance(train_dataset, Dataset) or len(train_dataset) == 0:
+            return  # SFTTrainer's own errors apply
+        columns = train_dataset.column_names
+        if "input_ids" in columns:
+            return
+        if "image" in columns or "images" in columns:
+            raise ValueError(
+                "Token cleaning does not support vision datasets (columns 'image'/'images'): SFTTrainer tokenises them "
+                "on the fly in the collator, so there are no prepared token rows to score before training. Set "
+                "`token_cleaning='none'`."
+            )
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+            raise ValueError(
+                "`dataset_kwargs={'skip_prepare_dataset': True}` leaves the train dataset untokenised, but token "
+                "cleaning scores the rows SFTTrainer prepares (it needs `input_ids` and `labels`). Pass a pre-tokenised "
+                "dataset, let SFTTrainer prepare the data, or set `token_cleaning='none'`."
+            )
 
     def _has_reference(self) -> bool:
         return (
@@ -317,6 +374,14 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 assistant_only_loss=args.assistant_only_loss,
             )
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if (
+            getattr(args, "token_cleaning", "none") != "none"
+            and dataset_name == "train"
+            and isinstance(prepared, Dataset)
+            and not packing
+            and formatting_func is None
+        ):
+            prepared = self._add_response_mask(prepared, dataset, processing_class, args)
         if rows_in is not None and isinstance(prepared, Dataset) and not packing:
             self._prepare_stats[dataset_name] = {
                 "rows_in": rows_in,
@@ -331,6 +396,51 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "check that the `completion` (or assistant) field is not empty."
                 )
         return prepared
+
+    def _add_response_mask(self, prepared: Dataset, raw, processing_class, args) -> Dataset:
+        """
+        Mark the response tokens when the labels do not: the assistant turns of a `messages` conversation trained with
+        `assistant_only_loss=False`, the completion of a prompt-completion row trained with `completion_only_loss=False`.
+        Only these are ranked; the other trained tokens stay trained (see `positions.py`).
+        """
+        columns = prepared.column_names
+        cut = {"max_length": args.max_length, "truncation_mode": args.truncation_mode}
+        if "completion_mask" in columns:  # TRL keeps it when it did not fold it into the labels
+            return prepared.map(
+                lambda row: {RESPONSE_MASK_COLUMN: truncate_like_trl(row["completion_mask"], **cut)},
+                desc="Marking the completion tokens",
+            )
+        raw_columns = raw.column_names if isinstance(raw, Dataset) else []
+        if "messages" not in columns or "input_ids" in raw_columns or args.assistant_only_loss:
+            return prepared  # the labels already mark exactly the response tokens
+        template = self.chat_template
+
+        def mark(row, index):
+            try:
+                ids, mask = assistant_token_mask(
+                    processing_class,
+                    row["messages"],
+                    tools=row.get("tools"),
+                    chat_template=template,
+                    **(row.get("chat_template_kwargs") or {}),
+                )
+            except ValueError as error:
+                raise ValueError(
+                    f"Row {index} of the train dataset: {error} Token cleaning ranks only the assistant's tokens. Set "
+                    "`assistant_only_loss=True` (TRL then masks the assistant turns with the template's generation "
+                    "markers), or give the data as `prompt`/`completion` columns."
+                ) from error
+            if truncate_like_trl(ids, **cut) != row["input_ids"]:
+                raise ValueError(
+                    f"Row {index} of the train dataset: rendering its `messages` again does not give the tokens "
+                    "SFTTrainer prepared, so its assistant turns cannot be located. Set `assistant_only_loss=True`, or "
+                    "give the data as `prompt`/`completion` columns."
+                )
+            return {RESPONSE_MASK_COLUMN: truncate_like_trl(mask, **cut)}
+
+        return prepared.map(
+            mark, with_indices=True, num_proc=args.dataset_num_proc, desc="Marking the assistant turns"
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -448,12 +558,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return self.token_cleaning_state
 
     def _response_positions(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset."""
+        """
+        `(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset (see
+        `positions.response_positions`). `response` marks the response tokens, the only ones ranked; trained positions
+        outside it (`positions.context_positions`) stay trained and are never dropped.
+        """
         # Read through Arrow: no Python object per token, even at 300k rows.
         lengths, labels = flat_list_column(dataset, "labels" if "labels" in dataset.column_names else "input_ids")
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        response = labels != -100
-        response[offsets[:-1][lengths > 0]] = False  # position 0 of a row has no prediction
+        mask = None
+        if RESPONSE_MASK_COLUMN in dataset.column_names:
+            mask = flat_list_column(dataset, RESPONSE_MASK_COLUMN)[1].astype(bool)
+        lengths, labels, offsets, response = response_positions(lengths, labels, mask)
         if not response.any():
             raise ValueError(
                 f"The prepared train dataset ({len(lengths)} rows) has no response token to score: every label is "
@@ -472,6 +587,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if self._has_reference():
             base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
             ref_losses, cache_stats["ref"] = self._token_losses(dataset, lengths, role="ref")
+            base_losses, ref_losses = only_response(base_losses, response), only_response(ref_losses, response)
             scores = base_losses - ref_losses
             self._check_scores(scores, response)
             ranking = scores
@@ -482,7 +598,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         keep = threshold = None
         if args.token_selection != "batch":
             selection = select_tokens(args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed)
-            keep, threshold = selection.keep, selection.threshold
+            keep, threshold = keep_context(selection.keep, labels, offsets, response), selection.threshold
         report = self._build_report(
             (lengths, labels, offsets, response),
             started,
@@ -501,6 +617,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         started = time.perf_counter()
         lengths, labels, offsets, response = self._response_positions(dataset)
         ref_losses, ref_stats = self._token_losses(dataset, lengths, role="ref")
+        ref_losses = only_response(ref_losses, response)
         self._check_scores(ref_losses, response)
         report = self._build_report(
             (lengths, labels, offsets, response),
@@ -602,7 +719,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
     def _select_step_tokens(self, batch_samples: list[dict[str, Any]]) -> None:
         online = self.args.token_cleaning == "online"
         column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
-        scores = []
+        scores, responses = [], []
         for batch in batch_samples:
             if column not in batch:
                 raise ValueError(
@@ -610,6 +727,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "after scoring. Let the trainer prepare the dataset it trains on."
                 )
             values = batch.pop(column).float()
+            # The stored column is NaN wherever a position is not a response token (see `positions.py`).
+            responses.append(response_mask(batch["labels"].cpu()) & ~torch.isnan(values.cpu()))
             if online:
                 # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
                 values = self._current_token_losses(batch).to(values.device) - values
@@ -620,9 +739,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
             level="batch" if self.args.token_selection == "batch" else "sample",
             ratio=self.args.token_keep_ratio,
             gather=self._gather_step_arrays,
+            responses=responses,
         )
-        for batch, keep in zip(batch_samples, selection.keep):
-            batch["labels"] = apply_keep(batch["labels"], keep)
+        for batch, keep, response in zip(batch_samples, selection.keep, responses):
+            # Trained tokens that are not response tokens stay trained.
+            context = response_mask(batch["labels"].cpu()) & ~response
+            batch["labels"] = apply_keep(batch["labels"], keep | context)
         record = selection.record(step=self.state.global_step + 1)
         self._step_records.append(record)
         self._step_log_window.append(record)
@@ -701,6 +823,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if needs_scores and scored_rounds:
             # Static: the original model's losses over the whole dataset, computed (or read from the cache) once.
             base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
+            base_losses = only_response(base_losses, response)
         ref_all = np.full(response.shape, np.nan, dtype=np.float32)
         outputs, log_history = [], []
         for t in range(start_round, len(bounds)):
@@ -721,7 +844,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
                         ref_losses, cache_stats[f"ref_round_{t}"] = self._token_losses(
                             chunk, lengths[start:end], "model"
                         )
-                        ref_all[begin:finish] = ref_losses
+                        ref_all[begin:finish] = ref_losses = only_response(ref_losses, chunk_response)
                         scores = base_losses[begin:finish] - ref_losses
                         self._check_scores(scores, chunk_response)
                         ranking = scores
@@ -731,7 +854,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
                         args.token_selection, ranking, chunk_offsets, args.token_keep_ratio, seed=self._seed + t
                     )
                     keep, threshold = selection.keep, selection.threshold
-                keep_all[begin:finish] = keep
+                keep_all[begin:finish] = keep = keep_context(keep, labels[begin:finish], chunk_offsets, chunk_response)
                 self._round_records = self._round_records[:t] + [
                     _round_record(t, (start, end), chunk_response, keep, threshold, scores)
                 ]
@@ -1081,7 +1204,7 @@ class _SaveAtRoundEnd(TrainerCallback):
 
 
 def _round_record(round_index, rows, response, keep, threshold, scores) -> dict[str, Any]:
-    n_response, n_kept = int(response.sum()), int(keep.sum())
+    n_response, n_kept = int(response.sum()), int((keep & response).sum())
     record: dict[str, Any] = {
         "round": round_index,
         "rows": [int(rows[0]), int(rows[1])],
