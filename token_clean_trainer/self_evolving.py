@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file, save
 
 from .utils import atomic_write_bytes, atomic_write_json
@@ -117,6 +118,70 @@ def load_checkpoint_state(folder: str) -> tuple[dict[str, Any], np.ndarray | Non
     return payload, keep
 
 
+def merge_and_reset_adapter(model, seed: int) -> None:
+    """
+    Merge the active LoRA adapter of a `PeftModel` into its base weights, in place, then give the adapter fresh weights.
+
+    This is how the paper's self-evolving rounds use LoRA: after round `t` the round's adapter becomes part of the
+    weights, so the model (and the reference of round `t + 1`) is unchanged, and round `t + 1` trains a new adapter on
+    top of it. The module objects and their parameters stay the same (the trainer, its accelerator and any wrapping
+    keep working); only their values change. Layers saved whole (`modules_to_save`) are copied into the base too.
+
+    After this call the model with its adapters disabled is no longer the original base: losses of the original
+    weights must have been computed before the first merge.
+
+    Args:
+        model (`peft.PeftModel`):
+            Model with one active LoRA adapter (LoRA initialised with `init_lora_weights` `True` or `"gaussian"`).
+        seed (`int`):
+            Seed of the fresh adapter's random initialisation; the global random state is left as it was.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    name = model.active_adapter
+    config = model.peft_config[name]
+    if not isinstance(config, LoraConfig) or config.use_dora or config.init_lora_weights not in (True, "gaussian"):
+        raise ValueError(
+            "`self_evolving_lora='merge'` merges a plain LoRA adapter (init_lora_weights True or 'gaussian', no DoRA) "
+            f"after every round; the adapter {name!r} is {type(config).__name__}"
+            f"(use_dora={getattr(config, 'use_dora', None)}, init_lora_weights={getattr(config, 'init_lora_weights', None)!r}). "
+            "Use `self_evolving_lora='continue'` to train one adapter across the rounds."
+        )
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and (name in module.lora_A or name in module.lora_embedding_A):
+                module.merge(adapter_names=[name])
+                # The delta now belongs to the base weights for good: never unmerge it.
+                module.merged_adapters.remove(name)
+                module.reset_lora_parameters(name, config.init_lora_weights)
+            elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+                module.original_module.load_state_dict(module.modules_to_save[name].state_dict())
+
+
+def replay_round_merges(model, output_dir: str, rounds: int, seed: int) -> None:
+    """
+    Rebuild, on a resumed run, the weights of the `rounds` finished rounds: load each round's last adapter checkpoint
+    (under `<output_dir>/self_evolving/round-<t>/`) and merge it, in order, as [`merge_and_reset_adapter`] did.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    for t in range(rounds):
+        folder = latest_complete_checkpoint(round_output_dir(output_dir, t))
+        if folder is None:
+            raise FileNotFoundError(
+                f"Cannot resume with `self_evolving_lora='merge'`: round {t} has no complete checkpoint under "
+                f"{round_output_dir(output_dir, t)}, and its adapter is part of the weights of every later round. "
+                "Restart the run, or resume one saved with `save_strategy` other than 'no'."
+            )
+        set_peft_model_state_dict(model, load_peft_weights(folder), adapter_name=model.active_adapter)
+        merge_and_reset_adapter(model, seed=seed + t)
+
+
 def check_resume_matches(payload: dict[str, Any], expected: dict[str, Any], folder: str) -> None:
     """Refuse to resume a checkpoint taken with other data, base model or cleaning settings; name what differs."""
     for key, value in expected.items():
@@ -134,6 +199,8 @@ __all__ = [
     "latest_complete_checkpoint",
     "latest_round_checkpoint",
     "load_checkpoint_state",
+    "merge_and_reset_adapter",
+    "replay_round_merges",
     "round_output_dir",
     "save_checkpoint_state",
 ]

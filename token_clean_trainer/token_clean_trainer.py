@@ -55,6 +55,8 @@ from .self_evolving import (
     latest_complete_checkpoint,
     latest_round_checkpoint,
     load_checkpoint_state,
+    merge_and_reset_adapter,
+    replay_round_merges,
     round_output_dir,
     save_checkpoint_state,
 )
@@ -201,6 +203,13 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "`self_evolving_schedule='continuous'` keeps one optimizer across rounds, but DeepSpeed builds a "
                     "new engine and optimizer for every `train()` call. Use `self_evolving_schedule='restart'` (the "
                     "paper's setting) under DeepSpeed."
+                )
+        if args.token_cleaning == "self_evolving" and self._merges_lora:
+            zero3 = self.is_deepspeed_enabled and getattr(args.deepspeed_plugin, "zero_stage", None) == 3
+            if self.is_fsdp_enabled or zero3:
+                raise ValueError(
+                    "`self_evolving_lora='merge'` merges each round's LoRA into the weights in place, which sharded "
+                    "parameters (FSDP, DeepSpeed ZeRO-3) do not allow. Use `self_evolving_lora='continue'` there."
                 )
         if "input_ids" not in self.train_dataset.column_names:
             raise ValueError(
@@ -800,6 +809,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             # The base side is the original model; a resumed run must start from the same one.
             "base": _base_weights_key(self.model) if is_peft_model(self.model) else fingerprint_module(self.model),
         }
+        if is_peft_model(self.model):
+            identity["lora"] = args.self_evolving_lora
 
         start_round, resume_path, keep_all = 0, None, np.zeros(response.shape, dtype=bool)
         self._round_records = []
@@ -825,6 +836,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
             base_losses, cache_stats["base"] = self._token_losses(dataset, lengths, role="base")
             base_losses = only_response(base_losses, response)
         ref_all = np.full(response.shape, np.nan, dtype=np.float32)
+        if self._merges_lora and start_round > 0:
+            # After the base pass: the base losses are the original weights'. Then the merges of the finished rounds.
+            replay_round_merges(self.model, args.output_dir, start_round, seed=args.seed)
         outputs, log_history = [], []
         for t in range(start_round, len(bounds)):
             start, end = bounds[t]
@@ -876,6 +890,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             log_history += [{**entry, "token_cleaning/round": t} for entry in self.state.log_history]
             if t < len(bounds) - 1:
                 self._end_round_optimizer()
+                self._merge_round_adapter(t, base_done=base_losses is not None or not needs_scores)
             # The report covers the rounds done so far: a prefix of the rows, since the chunks are contiguous.
             prefix_rows, prefix = end, finish
             report = self._build_report(
@@ -931,6 +946,25 @@ class TokenCleanSFTTrainer(SFTTrainer):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    @property
+    def _merges_lora(self) -> bool:
+        return self.args.self_evolving_lora == "merge" and is_peft_model(self.model)
+
+    def _merge_round_adapter(self, round_index: int, base_done: bool) -> None:
+        """`self_evolving_lora='merge'`: fold the round's LoRA into the weights and start a fresh adapter (the paper)."""
+        if not self._merges_lora:
+            return
+        if not base_done:
+            # Merging changes the weights the adapters-off forward sees; the base side must be the original model.
+            raise RuntimeError("The base losses must be computed before the first LoRA merge of a self-evolving run.")
+        merge_and_reset_adapter(self.model, seed=self.args.seed + round_index)
+        if round_index == 0:
+            logger.warning(
+                "Self-evolving with `self_evolving_lora='merge'`: each round's LoRA is merged into the weights, so the "
+                "adapter left after training holds the last round only. Save the whole model with "
+                "`trainer.model.merge_and_unload().save_pretrained(path)`."
+            )
 
     def _round_update_steps(self, rows: int) -> int:
         """Optimizer steps one round of `rows` rows takes, computed the way Trainer sizes a run."""
