@@ -162,14 +162,23 @@ def merge_and_reset_adapter(model, seed: int) -> None:
                 module.original_module.load_state_dict(module.modules_to_save[name].state_dict())
 
 
-def replay_round_merges(model, output_dir: str, rounds: int, seed: int) -> None:
+def replay_round_merges(model, resume_path: str, rounds: int, seed: int) -> None:
     """
     Rebuild, on a resumed run, the weights of the `rounds` finished rounds: load each round's last adapter checkpoint
-    (under `<output_dir>/self_evolving/round-<t>/`) and merge it, in order, as [`merge_and_reset_adapter`] did.
+    and merge it, in order, as [`merge_and_reset_adapter`] did. The rounds are read from the run the checkpoint
+    `resume_path` (`<run>/self_evolving/round-<t>/checkpoint-<step>`) belongs to.
     """
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
+    round_dir = os.path.dirname(os.path.normpath(resume_path))
+    if not re.fullmatch(r"round-\d+", os.path.basename(round_dir)):
+        raise ValueError(
+            f"Cannot resume with `self_evolving_lora='merge'` from {resume_path}: it is not a self-evolving round "
+            "checkpoint (`<output_dir>/self_evolving/round-<t>/checkpoint-<step>`), so the adapters of the earlier "
+            "rounds, which are part of the weights, cannot be found."
+        )
+    output_dir = os.path.dirname(os.path.dirname(round_dir))
     for t in range(rounds):
         folder = latest_complete_checkpoint(round_output_dir(output_dir, t))
         if folder is None:

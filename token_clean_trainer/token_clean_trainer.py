@@ -838,7 +838,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         ref_all = np.full(response.shape, np.nan, dtype=np.float32)
         if self._merges_lora and start_round > 0:
             # After the base pass: the base losses are the original weights'. Then the merges of the finished rounds.
-            replay_round_merges(self.model, args.output_dir, start_round, seed=args.seed)
+            replay_round_merges(self.model, resume_path, start_round, seed=args.seed)
         outputs, log_history = [], []
         for t in range(start_round, len(bounds)):
             start, end = bounds[t]

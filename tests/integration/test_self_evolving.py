@@ -256,3 +256,20 @@ def test_lora_merge_rounds(tmp_path, tiny_model_dir, tokenizer):
     assert [r["kept_tokens"] for r in report["rounds"][1:]] == [
         keep_count(0.6, r["response_tokens"]) for r in report["rounds"][1:]
     ]
+
+
+@pytest.mark.slow
+def test_resume_with_lora_merge_replays_the_finished_rounds(tmp_path, tiny_model_dir, tokenizer):
+    settings = dict(save_strategy="steps", save_steps=2)
+    whole = build(tmp_path / "whole", tiny_model_dir, tokenizer, peft=True, **settings)
+    whole.train()
+    mid_round = tmp_path / "whole" / "self_evolving" / "round-2" / "checkpoint-2"  # round 2 has 4 steps
+    assert mid_round.is_dir()
+
+    resumed = build(tmp_path / "resumed", tiny_model_dir, tokenizer, peft=True, **settings)
+    resumed.train(resume_from_checkpoint=str(mid_round))
+    # Rounds 0 and 1 were merged again from their last checkpoints, so round 2 continues on the same weights.
+    whole_params = dict(whole.model.named_parameters())
+    for name, value in resumed.model.named_parameters():
+        torch.testing.assert_close(value, whole_params[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(resumed.token_cleaning_state.keep, whole.token_cleaning_state.keep)
