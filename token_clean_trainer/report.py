@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .positions import context_positions
 from .utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def build_report(
     n_response = int(response.sum())
     n_kept = rows_all_masked = None
     if keep is not None:
+        keep = keep & response  # trained tokens that are not responses are always kept; they are counted apart
         n_kept = int(keep.sum())
         starts = offsets[:-1]
         response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
@@ -108,6 +110,9 @@ def build_report(
         "rows_all_masked": rows_all_masked,
         "rows_without_response": int(prepare_stats.get("rows_without_response", 0)),
         "rows_response_truncated": rows_response_truncated,
+        # Tokens TRL trains that are not response tokens (e.g. user turns with `assistant_only_loss=False`): never
+        # ranked, never dropped.
+        "trained_non_response_tokens": int(context_positions(labels, offsets, response).sum()),
         "max_length": max_length,
         "scores": score_statistics(scores, keep) if scores is not None else None,
         "base_loss_mean": _nanmean(base_losses),

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
@@ -139,6 +140,79 @@ def load_base_losses(folder: str) -> np.ndarray | None:
         return f.get_tensor("base_losses") if "base_losses" in f.keys() else None
 
 
+def merge_and_reset_adapter(model, seed: int) -> None:
+    """
+    Merge the active LoRA adapter of a `PeftModel` into its base weights, in place, then give the adapter fresh weights.
+
+    This is how the paper's self-evolving rounds use LoRA: after round `t` the round's adapter becomes part of the
+    weights, so the model (and the reference of round `t + 1`) is unchanged, and round `t + 1` trains a new adapter on
+    top of it. The module objects and their parameters stay the same (the trainer, its accelerator and any wrapping
+    keep working); only their values change. Layers saved whole (`modules_to_save`) are copied into the base too.
+
+    After this call the model with its adapters disabled is no longer the original base: losses of the original
+    weights must have been computed before the first merge.
+
+    Args:
+        model (`peft.PeftModel`):
+            Model with one active LoRA adapter (LoRA initialised with `init_lora_weights` `True` or `"gaussian"`).
+        seed (`int`):
+            Seed of the fresh adapter's random initialisation; the global random state is left as it was.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    name = model.active_adapter
+    config = model.peft_config[name]
+    if not isinstance(config, LoraConfig) or config.use_dora or config.init_lora_weights not in (True, "gaussian"):
+        raise ValueError(
+            "`self_evolving_lora='merge'` merges a plain LoRA adapter (init_lora_weights True or 'gaussian', no DoRA) "
+            f"after every round; the adapter {name!r} is {type(config).__name__}"
+            f"(use_dora={getattr(config, 'use_dora', None)}, init_lora_weights={getattr(config, 'init_lora_weights', None)!r}). "
+            "Use `self_evolving_lora='continue'` to train one adapter across the rounds."
+        )
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and (name in module.lora_A or name in module.lora_embedding_A):
+                module.merge(adapter_names=[name])
+                # The delta now belongs to the base weights for good: never unmerge it.
+                module.merged_adapters.remove(name)
+                module.reset_lora_parameters(name, config.init_lora_weights)
+            elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+                module.original_module.load_state_dict(module.modules_to_save[name].state_dict())
+
+
+def replay_round_merges(model, resume_path: str, rounds: int, seed: int) -> None:
+    """
+    Rebuild, on a resumed run, the weights of the `rounds` finished rounds: load each round's last adapter checkpoint
+    and merge it, in order, as [`merge_and_reset_adapter`] did. The rounds are read from the run the checkpoint
+    `resume_path` (`<run>/self_evolving/round-<t>/checkpoint-<step>`) belongs to.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    round_dir = os.path.dirname(os.path.normpath(resume_path))
+    if not re.fullmatch(r"round-\d+", os.path.basename(round_dir)):
+        raise ValueError(
+            f"Cannot resume with `self_evolving_lora='merge'` from {resume_path}: it is not a self-evolving round "
+            "checkpoint (`<output_dir>/self_evolving/round-<t>/checkpoint-<step>`), so the adapters of the earlier "
+            "rounds, which are part of the weights, cannot be found."
+        )
+    output_dir = os.path.dirname(os.path.dirname(round_dir))
+    for t in range(rounds):
+        folder = latest_complete_checkpoint(round_output_dir(output_dir, t))
+        if folder is None:
+            raise FileNotFoundError(
+                f"Cannot resume with `self_evolving_lora='merge'`: round {t} has no complete checkpoint under "
+                f"{round_output_dir(output_dir, t)}, and its adapter is part of the weights of every later round. "
+                "Restart the run, or resume one saved with `save_strategy` other than 'no'."
+            )
+        set_peft_model_state_dict(model, load_peft_weights(folder), adapter_name=model.active_adapter)
+        merge_and_reset_adapter(model, seed=seed + t)
+
+
 def check_resume_matches(payload: dict[str, Any], expected: dict[str, Any], folder: str) -> None:
     """Refuse to resume a checkpoint taken with other data, base model or cleaning settings; name what differs."""
     for key, value in expected.items():
@@ -157,6 +231,8 @@ __all__ = [
     "latest_round_checkpoint",
     "load_base_losses",
     "load_checkpoint_state",
+    "merge_and_reset_adapter",
+    "replay_round_merges",
     "round_output_dir",
     "save_checkpoint_state",
 ]

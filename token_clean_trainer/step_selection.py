@@ -92,6 +92,7 @@ def select_step(
     level: str,
     ratio: float,
     gather: GatherFn = single_process_gather,
+    responses: Sequence[torch.Tensor] | None = None,
 ) -> StepSelection:
     """
     Choose the kept response tokens of one optimizer step.
@@ -111,13 +112,19 @@ def select_step(
             Fraction of response tokens kept, in `(0, 1]`.
         gather (`GatherFn`):
             Collective that returns every process's array in rank order (identity on one process).
+        responses (`Sequence[torch.Tensor]`, *optional*):
+            Bool `(B, T)` masks of the response tokens, the only ones ranked. Defaults to every trained position
+            ([`response_mask`]); trained positions outside it are neither ranked nor marked kept.
 
     Returns:
         [`StepSelection`] with one bool keep mask per micro-batch (True only on kept response positions).
     """
     if level not in ("batch", "sample"):
         raise ValueError(f"Per-step selection level must be 'batch' or 'sample', got {level!r}.")
-    responses = [response_mask(lab.cpu()) for lab in labels]
+    if responses is None:
+        responses = [response_mask(lab.cpu()) for lab in labels]
+    else:
+        responses = [response.cpu() & response_mask(lab.cpu()) for response, lab in zip(responses, labels)]
     flat_scores, row_sizes = [], []
     for score, response in zip(scores, responses):
         score = score.detach().float().cpu()

@@ -1,7 +1,8 @@
 """`TokenCleanConfig`: `SFTConfig` plus the fields that control token cleaning."""
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import SFTConfig
@@ -29,6 +30,7 @@ SELECTION_LEVELS_BY_MODE = {
 }
 DEFAULT_SELECTION_BY_MODE = {"none": "global", "fixed": "global", "self_evolving": "global", "online": "batch"}
 SELF_EVOLVING_SCHEDULES = ("restart", "continuous")
+SELF_EVOLVING_LORA = ("merge", "continue")
 
 
 @dataclass
@@ -95,6 +97,13 @@ class TokenCleanConfig(SFTConfig):
         self_evolving_schedule (`str`, *optional*, defaults to `"restart"`):
             `"restart"`: every round gets a fresh optimizer and learning-rate schedule (warm-up included), as in the
             paper. `"continuous"`: one optimizer and one schedule span all rounds.
+        self_evolving_lora (`str`, *optional*, defaults to `"merge"`):
+            What happens to a LoRA adapter between self-evolving rounds (ignored without PEFT). `"merge"`: the round's
+            adapter is merged into the weights and the next round trains a fresh adapter on top, so round `t`'s
+            reference is the merged model (the paper's setting); the base side of the score stays the original
+            weights. The saved adapter then holds the last round only: save the whole model with
+            `trainer.model.merge_and_unload().save_pretrained(path)`. `"continue"`: one adapter trains through every
+            round.
         self_evolving_shuffle (`bool`, *optional*, defaults to `False`):
             Shuffle the rows within each round (with the trainer's usual sampler). By default each round reads its
             chunk in dataset order, like the paper's runs.
@@ -164,6 +173,14 @@ class TokenCleanConfig(SFTConfig):
             "choices": list(SELF_EVOLVING_SCHEDULES),
         },
     )
+    self_evolving_lora: str = field(
+        default="merge",
+        metadata={
+            "help": "LoRA between self-evolving rounds: 'merge' (merge the round's adapter into the weights and train a "
+            "fresh one next round, the paper) or 'continue' (one adapter through every round).",
+            "choices": list(SELF_EVOLVING_LORA),
+        },
+    )
     self_evolving_shuffle: bool = field(
         default=False,
         metadata={
@@ -201,6 +218,10 @@ class TokenCleanConfig(SFTConfig):
             raise ValueError(
                 f"`self_evolving_schedule` must be one of {list(SELF_EVOLVING_SCHEDULES)}, got "
                 f"{self.self_evolving_schedule!r}."
+            )
+        if self.self_evolving_lora not in SELF_EVOLVING_LORA:
+            raise ValueError(
+                f"`self_evolving_lora` must be one of {list(SELF_EVOLVING_LORA)}, got {self.self_evolving_lora!r}."
             )
         ratio = self.token_keep_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
@@ -268,3 +289,14 @@ class TokenCleanConfig(SFTConfig):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 setattr(self, name, expand_path(value))
+
+def config_values(args) -> dict[str, Any]:
+    """
+    The init fields of a `TrainingArguments` / `SFTConfig` that [`TokenCleanConfig`] also has, as keyword arguments.
+
+    Read field by field rather than through `TrainingArguments.to_dict()`, which replaces every `*_token` value (e.g.
+    `eos_token`, `pad_token`, `hub_token`) with a placeholder such as `"<EOS_TOKEN>"`. Values are deep-copied, so the
+    new config never shares a mutable object (a dict, the accelerator config) with the one it came from.
+    """
+    accepted = {f.name for f in fields(TokenCleanConfig) if f.init}
+    return {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init and f.name in accepted}

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.utils import DistributedType
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from datasets.table import InMemoryTable
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .cache import TokenLossCache, check_cache_dir_writable, check_free_space, rows_content_hash, shard_bytes
 from .collator import (
@@ -42,6 +43,14 @@ from .hub import (
     read_report,
 )
 from .hub import hub_ignore_patterns as _hub_ignore_patterns
+from .positions import (
+    RESPONSE_MASK_COLUMN,
+    assistant_token_mask,
+    keep_context,
+    only_response,
+    response_positions,
+    truncate_like_trl,
+)
 from .reference import Reference, base_weights_key
 from .report import add_step_summary, build_report, print_summary, write_report
 from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
@@ -65,11 +74,13 @@ from .self_evolving import (
     latest_round_checkpoint,
     load_base_losses,
     load_checkpoint_state,
+    merge_and_reset_adapter,
+    replay_round_merges,
     round_output_dir,
     save_checkpoint_state,
 )
-from .step_selection import apply_keep, select_step
-from .token_clean_config import TokenCleanConfig
+from .step_selection import apply_keep, response_mask, select_step
+from .token_clean_config import TokenCleanConfig, config_values
 from .utils import file_provenance, fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
 from .validation import DatasetValidationError, validate_raw_dataset
 
@@ -170,6 +181,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 "The train dataset is empty (0 rows). Pass a dataset with at least one example; check the split name "
                 "and any `filter` applied before the trainer."
             )
+        if args.token_cleaning != "none":
+            self._refuse_unscorable_dataset(train_dataset, args)
         super().__init__(
             model=model,
             args=args,
@@ -224,10 +237,18 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "new engine and optimizer for every `train()` call. Use `self_evolving_schedule='restart'` (the "
                     "paper's setting) under DeepSpeed."
                 )
-        if not isinstance(self.train_dataset, Dataset):
+        if args.token_cleaning == "self_evolving" and self._merges_lora:
+            zero3 = self.is_deepspeed_enabled and getattr(args.deepspeed_plugin, "zero_stage", None) == 3
+            if self.is_fsdp_enabled or zero3:
+                raise ValueError(
+                    "`self_evolving_lora='merge'` merges each round's LoRA into the weights in place, which sharded "
+                    "parameters (FSDP, DeepSpeed ZeRO-3) do not allow. Use `self_evolving_lora='continue'` there."
+                )
+        if "input_ids" not in self.train_dataset.column_names:
             raise ValueError(
-                "Token cleaning needs a map-style `datasets.Dataset` (global selection ranks every token of the "
-                f"dataset before training); got {type(self.train_dataset).__name__}. Materialise the data first."
+                "Token cleaning scores the tokenised rows SFTTrainer prepares, but the prepared train dataset has no "
+                f"`input_ids` column (its columns: {self.train_dataset.column_names}). Pass text, conversational or "
+                "pre-tokenised data that SFTTrainer tokenises before training, or set `token_cleaning='none'`."
             )
         # The same checks on every process (they read configs only); the cache folder is probed on the main one and
         # a failure is raised on all, so no process goes on alone into a collective.
@@ -249,16 +270,61 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _to_token_clean_config(args, model) -> TokenCleanConfig:
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            return TokenCleanConfig(f"{str(name).rstrip('/').split('/')[-1]}-TokenClean")
+        """
+        The config the trainer runs with. A [`TokenCleanConfig`] is used as given. `None`, a plain
+        [`~transformers.TrainingArguments`] or an [`~trl.SFTConfig`] keep every field they hold (tokens included) and get
+        `token_cleaning="none"`: swapping the class name alone trains exactly like `SFTTrainer`.
+        """
         if isinstance(args, TokenCleanConfig):
             return args
-        if isinstance(args, TrainingArguments):
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub token
-            return TokenCleanConfig(**dict_args)
-        raise TypeError(f"`args` must be a `TokenCleanConfig`, got {type(args).__name__}.")
+        if args is not None and not isinstance(args, TrainingArguments):
+            raise TypeError(
+                f"`args` must be a `TokenCleanConfig`, an `SFTConfig` or a `TrainingArguments`, got {type(args).__name__}."
+            )
+        if args is None:
+            # SFTTrainer's own default, so the run lands in the same folder.
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            values = {"output_dir": f"{name.split('/')[-1]}-SFT"}
+        else:
+            values = config_values(args)
+        logger.info(
+            "TokenCleanSFTTrainer got %s, so token cleaning is off and it trains exactly like SFTTrainer. To clean "
+            "tokens, pass `args=TokenCleanConfig(..., token_cleaning='fixed', ref_model_name_or_path=...)`.",
+            "no `args`" if args is None else f"a plain `{type(args).__name__}`",
+        )
+        with warnings.catch_warnings():
+            # Deprecated fields (e.g. `pad_token`) already warned when `args` was built; SFTTrainer warns only once.
+            warnings.simplefilter("ignore", FutureWarning)
+            return TokenCleanConfig(**values, token_cleaning="none")
+
+    @staticmethod
+    def _refuse_unscorable_dataset(train_dataset, args: TokenCleanConfig) -> None:
+        """Refuse, before SFTTrainer tokenises anything, a train dataset that token cleaning cannot score."""
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                f"`token_cleaning={args.token_cleaning!r}` needs a map-style `datasets.Dataset`: the scores (or, in "
+                "online mode, the reference losses) of every row are computed before the first step, which a "
+                "streamed `IterableDataset` cannot provide. Materialise it first, e.g. "
+                "`Dataset.from_generator(lambda: (yield from stream))`, or `Dataset.from_list(list(stream.take(n)))`; "
+                "or set `token_cleaning='none'` to stream it as SFTTrainer does."
+            )
+        if not isinstance(train_dataset, Dataset) or len(train_dataset) == 0:
+            return  # SFTTrainer's own errors apply
+        columns = train_dataset.column_names
+        if "input_ids" in columns:
+            return
+        if "image" in columns or "images" in columns:
+            raise ValueError(
+                "Token cleaning does not support vision datasets (columns 'image'/'images'): SFTTrainer tokenises them "
+                "on the fly in the collator, so there are no prepared token rows to score before training. Set "
+                "`token_cleaning='none'`."
+            )
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+            raise ValueError(
+                "`dataset_kwargs={'skip_prepare_dataset': True}` leaves the train dataset untokenised, but token "
+                "cleaning scores the rows SFTTrainer prepares (it needs `input_ids` and `labels`). Pass a pre-tokenised "
+                "dataset, let SFTTrainer prepare the data, or set `token_cleaning='none'`."
+            )
 
     def _has_reference(self) -> bool:
         return self.reference.configured
@@ -277,6 +343,14 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 assistant_only_loss=args.assistant_only_loss,
             )
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if (
+            getattr(args, "token_cleaning", "none") != "none"
+            and dataset_name == "train"
+            and isinstance(prepared, Dataset)
+            and not packing
+            and formatting_func is None
+        ):
+            prepared = self._add_response_mask(prepared, dataset, processing_class, args)
         if rows_in is not None and isinstance(prepared, Dataset) and not packing:
             self._prepare_stats[dataset_name] = {
                 "rows_in": rows_in,
@@ -291,6 +365,51 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "check that the `completion` (or assistant) field is not empty."
                 )
         return prepared
+
+    def _add_response_mask(self, prepared: Dataset, raw, processing_class, args) -> Dataset:
+        """
+        Mark the response tokens when the labels do not: the assistant turns of a `messages` conversation trained with
+        `assistant_only_loss=False`, the completion of a prompt-completion row trained with `completion_only_loss=False`.
+        Only these are ranked; the other trained tokens stay trained (see `positions.py`).
+        """
+        columns = prepared.column_names
+        cut = {"max_length": args.max_length, "truncation_mode": args.truncation_mode}
+        if "completion_mask" in columns:  # TRL keeps it when it did not fold it into the labels
+            return prepared.map(
+                lambda row: {RESPONSE_MASK_COLUMN: truncate_like_trl(row["completion_mask"], **cut)},
+                desc="Marking the completion tokens",
+            )
+        raw_columns = raw.column_names if isinstance(raw, Dataset) else []
+        if "messages" not in columns or "input_ids" in raw_columns or args.assistant_only_loss:
+            return prepared  # the labels already mark exactly the response tokens
+        template = self.chat_template
+
+        def mark(row, index):
+            try:
+                ids, mask = assistant_token_mask(
+                    processing_class,
+                    row["messages"],
+                    tools=row.get("tools"),
+                    chat_template=template,
+                    **(row.get("chat_template_kwargs") or {}),
+                )
+            except ValueError as error:
+                raise ValueError(
+                    f"Row {index} of the train dataset: {error} Token cleaning ranks only the assistant's tokens. Set "
+                    "`assistant_only_loss=True` (TRL then masks the assistant turns with the template's generation "
+                    "markers), or give the data as `prompt`/`completion` columns."
+                ) from error
+            if truncate_like_trl(ids, **cut) != row["input_ids"]:
+                raise ValueError(
+                    f"Row {index} of the train dataset: rendering its `messages` again does not give the tokens "
+                    "SFTTrainer prepared, so its assistant turns cannot be located. Set `assistant_only_loss=True`, or "
+                    "give the data as `prompt`/`completion` columns."
+                )
+            return {RESPONSE_MASK_COLUMN: truncate_like_trl(mask, **cut)}
+
+        return prepared.map(
+            mark, with_indices=True, num_proc=args.dataset_num_proc, desc="Marking the assistant turns"
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -468,12 +587,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return self.token_cleaning_state
 
     def _response_positions(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset."""
+        """
+        `(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset (see
+        `positions.response_positions`). `response` marks the response tokens, the only ones ranked; trained positions
+        outside it (`positions.context_positions`) stay trained and are never dropped.
+        """
         # Read through Arrow: no Python object per token, even at 300k rows.
         lengths, labels = flat_list_column(dataset, "labels" if "labels" in dataset.column_names else "input_ids")
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        response = labels != -100
-        response[offsets[:-1][lengths > 0]] = False  # position 0 of a row has no prediction
+        mask = None
+        if RESPONSE_MASK_COLUMN in dataset.column_names:
+            mask = flat_list_column(dataset, RESPONSE_MASK_COLUMN)[1].astype(bool)
+        lengths, labels, offsets, response = response_positions(lengths, labels, mask)
         if not response.any():
             raise ValueError(
                 f"The prepared train dataset ({len(lengths)} rows) has no response token to score: every label is "
@@ -503,9 +627,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         def select() -> tuple[np.ndarray | None, float | None, dict[str, Any]]:
             if not collective.is_main:
                 return None, None, {}
-            _, _, _, response = positions
+            _, labels, _, response = positions
             scores = None
             if losses["base"] is not None:
+                # Trained tokens that are not response tokens are never ranked (NaN) and never dropped.
+                losses["base"] = only_response(losses["base"], response)
+                losses["ref"] = only_response(losses["ref"], response)
                 scores = losses["base"] - losses["ref"]
                 self._check_scores(scores, response)
                 ranking = scores
@@ -517,7 +644,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 selection = select_tokens(
                     args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed
                 )
-                keep, threshold = selection.keep, selection.threshold
+                keep, threshold = keep_context(selection.keep, labels, offsets, response), selection.threshold
             report = self._build_report(
                 positions,
                 started,
@@ -553,6 +680,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
         offsets = self._offsets(dataset)
         ref_losses, ref_stats = self._token_losses(dataset, "ref")
         self.reference.release()
+        if collective.is_main:
+            # Only response tokens are ranked per step: the stored losses are NaN everywhere else.
+            ref_losses = only_response(ref_losses, positions[3])
 
         def report() -> None:
             if not collective.is_main:
@@ -665,7 +795,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
     def _select_step_tokens(self, batch_samples: list[dict[str, Any]]) -> None:
         online = self.args.token_cleaning == "online"
         column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
-        scores = []
+        scores, responses = [], []
         for batch in batch_samples:
             if column not in batch:
                 raise ValueError(
@@ -673,6 +803,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "after scoring. Let the trainer prepare the dataset it trains on."
                 )
             values = batch.pop(column).float()
+            # The stored column is NaN wherever a position is not a response token (see `positions.py`).
+            responses.append(response_mask(batch["labels"].cpu()) & ~torch.isnan(values.cpu()))
             if online:
                 # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
                 values = self._current_token_losses(batch).to(values.device) - values
@@ -683,9 +815,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
             level="batch" if self.args.token_selection == "batch" else "sample",
             ratio=self.args.token_keep_ratio,
             gather=self._gather_step_arrays,
+            responses=responses,
         )
-        for batch, keep in zip(batch_samples, selection.keep):
-            batch["labels"] = apply_keep(batch["labels"], keep)
+        for batch, keep, response in zip(batch_samples, selection.keep, responses):
+            # Trained tokens that are not response tokens stay trained.
+            context = response_mask(batch["labels"].cpu()) & ~response
+            batch["labels"] = apply_keep(batch["labels"], keep | context)
         record = selection.record(step=self.state.global_step + 1)
         self._step_records.append(record)
         self._step_log_window.append(record)
@@ -756,6 +891,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             keep_all=np.zeros(int(offsets[-1]), dtype=bool),
             ref_all=np.full(int(offsets[-1]), np.nan, dtype=np.float32) if collective.is_main else None,
         )
+        if is_peft_model(self.model):
+            identity["lora"] = args.self_evolving_lora
         start_round, resume_path = 0, None
         self._round_records = []
         if resume_from_checkpoint:
@@ -774,6 +911,10 @@ class TokenCleanSFTTrainer(SFTTrainer):
             run.base_done = run.base_losses is not None or start_round >= len(bounds) - 1
         run.base_done = run.base_done or not needs_scores or len(bounds) < 2
 
+        if self._merges_lora and start_round > 0:
+            # The finished rounds' LoRA merges, replayed from their checkpoints. The base losses come from the
+            # checkpoint or the score cache: the adapters-off model is no longer the original after a merge.
+            replay_round_merges(self.model, resume_path, start_round, seed=args.seed)
         outputs, log_history = [], []
         report: dict[str, Any] = {}
         for t in range(start_round, len(bounds)):
@@ -800,6 +941,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             log_history += [{**entry, "token_cleaning/round": t} for entry in self.state.log_history]
             if t < len(bounds) - 1:
                 self._end_round_optimizer()
+                self._merge_round_adapter(t, base_done=run.base_done or not needs_scores)
             if collective.is_main:
                 report = self._self_evolving_report(run, t, started)
                 write_report(os.path.join(args.output_dir, "token_cleaning"), report)
@@ -842,22 +984,24 @@ class TokenCleanSFTTrainer(SFTTrainer):
             if not collective.is_main:
                 return None, None
             chunk_response = run.positions[3][begin:finish]
+            chunk_offsets = run.offsets[start : end + 1] - begin
             scores = threshold = None
             if t == 0 or args.token_selection == "full":
                 keep = chunk_response.copy()
             else:
                 if ref_losses is not None:
-                    run.ref_all[begin:finish] = ref_losses
-                    scores = run.base_losses[begin:finish] - ref_losses
+                    run.ref_all[begin:finish] = only_response(ref_losses, chunk_response)
+                    scores = run.base_losses[begin:finish] - run.ref_all[begin:finish]
                     self._check_scores(scores, chunk_response)
                     ranking = scores
                 else:
                     ranking = np.where(chunk_response, np.float32(0), np.float32(np.nan))
-                chunk_offsets = run.offsets[start : end + 1] - begin
                 selection = select_tokens(
                     args.token_selection, ranking, chunk_offsets, args.token_keep_ratio, seed=self._seed + t
                 )
                 keep, threshold = selection.keep, selection.threshold
+            # Trained tokens that are not response tokens are never ranked and never dropped.
+            keep = keep_context(keep, run.positions[1][begin:finish], chunk_offsets, chunk_response)
             return keep, _round_record(t, (start, end), chunk_response, keep, threshold, scores)
 
         keep, record = collective.together(select)
@@ -880,11 +1024,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if self._collective.is_main:
             run.base_losses = np.full(int(run.offsets[-1]), np.nan, dtype=np.float32)
             run.base_losses[int(run.offsets[first]) :] = losses
+            run.base_losses = only_response(run.base_losses, run.positions[3])
         run.base_done = True
 
     def _base_recomputable(self) -> bool:
         """Whether the base is still in memory after training began: a PEFT model whose adapters can be switched off."""
-        return is_peft_model(self.model) and not getattr(self.args, "self_evolving_merge_lora", False)
+        return is_peft_model(self.model) and not self._merges_lora
 
     def _require_cached(self, dataset: Dataset, role: str) -> None:
         args = self.args
@@ -961,6 +1106,25 @@ class TokenCleanSFTTrainer(SFTTrainer):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    @property
+    def _merges_lora(self) -> bool:
+        return self.args.self_evolving_lora == "merge" and is_peft_model(self.model)
+
+    def _merge_round_adapter(self, round_index: int, base_done: bool) -> None:
+        """`self_evolving_lora='merge'`: fold the round's LoRA into the weights and start a fresh adapter (the paper)."""
+        if not self._merges_lora:
+            return
+        if not base_done:
+            # Merging changes the weights the adapters-off forward sees; the base side must be the original model.
+            raise RuntimeError("The base losses must be computed before the first LoRA merge of a self-evolving run.")
+        merge_and_reset_adapter(self.model, seed=self.args.seed + round_index)
+        if round_index == 0:
+            logger.warning(
+                "Self-evolving with `self_evolving_lora='merge'`: each round's LoRA is merged into the weights, so the "
+                "adapter left after training holds the last round only. Save the whole model with "
+                "`trainer.model.merge_and_unload().save_pretrained(path)`."
+            )
 
     def _round_update_steps(self, rows: int) -> int:
         """Optimizer steps one round of `rows` rows takes, computed the way Trainer sizes a run."""
@@ -1312,7 +1476,7 @@ class _SaveAtRoundEnd(TrainerCallback):
 
 
 def _round_record(round_index, rows, response, keep, threshold, scores) -> dict[str, Any]:
-    n_response, n_kept = int(response.sum()), int(keep.sum())
+    n_response, n_kept = int(response.sum()), int((keep & response).sum())
     record: dict[str, Any] = {
         "round": round_index,
         "rows": [int(rows[0]), int(rows[1])],

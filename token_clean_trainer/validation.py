@@ -14,6 +14,7 @@ The scan reads the columns in Arrow record batches (bounded memory at any datase
 offending rows with their index, field and fix, plus the total count.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -153,7 +154,7 @@ def validate_raw_dataset(
             )
         elif checked == ["prompt", "completion"]:
             prompt, completion = table.column("prompt"), table.column("completion")
-            if _is_list(prompt.type) or _is_list(completion.type):
+            if any(_is_list(c.type) or _is_json(c.type) for c in (prompt, completion)):
                 _check_conversation(scan, prompt, start, "prompt", role="prompt")
                 _check_conversation(scan, completion, start, "completion", role="completion")
             else:
@@ -167,6 +168,70 @@ def validate_raw_dataset(
 
 def _is_list(type_: pa.DataType) -> bool:
     return pa.types.is_list(type_) or pa.types.is_large_list(type_)
+
+
+def _is_json(type_: pa.DataType) -> bool:
+    """Arrow's canonical JSON extension type (`datasets.Json()`): JSON text stored as strings."""
+    return getattr(type_, "extension_name", None) == "arrow.json"
+
+
+# The message fields the checks read. A JSON-typed column (`datasets.Json()`, e.g. tool calls whose `arguments` differ
+# in type from row to row) is decoded into this shape, so the same Arrow checks apply to it.
+_MESSAGE_TYPE = pa.struct(
+    [
+        ("role", pa.string()),
+        ("content", pa.string()),
+        ("tool_calls", pa.bool_()),  # only whether the message calls tools matters
+        ("thinking", pa.string()),
+    ]
+)
+_REASONING_KEYS = ("thinking", "reasoning_content", "reasoning")
+
+
+def _decoded_message(message):
+    if not isinstance(message, dict):
+        return None
+    role = message.get("role")
+    content = message.get("content")
+    if isinstance(content, list):  # multimodal parts: only whether there is any matters here
+        content = (
+            "".join(str(part.get("text", "")) if isinstance(part, dict) else str(part) for part in content) or "-"
+        )
+    elif content is not None and not isinstance(content, str):
+        content = json.dumps(content)
+    reasoning = next((message[key] for key in _REASONING_KEYS if isinstance(message.get(key), str)), None)
+    return {
+        "role": role if isinstance(role, str) or role is None else str(role),
+        "content": content,
+        "tool_calls": True if message.get("tool_calls") else None,
+        "thinking": reasoning,
+    }
+
+
+def _decode_json_conversation(array: pa.Array) -> pa.Array:
+    """A conversation column stored as JSON (the whole list, or each message) as a list of `_MESSAGE_TYPE` structs."""
+    if _is_json(array.type):
+        rows = [None if text is None else json.loads(text) for text in array.storage.to_pylist()]
+    else:
+        rows = [
+            None if row is None else [None if m is None else json.loads(m) for m in row] for row in _json_rows(array)
+        ]
+    return pa.array(
+        [None if row is None or not isinstance(row, list) else [_decoded_message(m) for m in row] for row in rows],
+        type=pa.list_(_MESSAGE_TYPE),
+    )
+
+
+def _json_rows(array: pa.Array) -> list:
+    """The rows of a `list<json>` array as Python lists of JSON texts (None where a row or message is None)."""
+    texts = pc.list_flatten(array).storage.to_pylist()
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    rows, start = [], 0
+    for length, ok in zip(lengths, valid):
+        rows.append(texts[start : start + length] if ok else None)
+        start += int(length)
+    return rows
 
 
 def _chunked_to_array(column) -> pa.Array:
@@ -222,6 +287,8 @@ def _check_text(scan: _Scan, column, start: int, name: str, response: bool) -> N
 def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, assistant_only_loss: bool = False):
     """`role`: "conversation" (`messages`), "prompt" or "completion"; what each must contain differs."""
     array = _chunked_to_array(column)
+    if _is_json(array.type) or (_is_list(array.type) and _is_json(array.type.value_type)):
+        array = _decode_json_conversation(array)
     n = len(array)
     rows = np.arange(start, start + n)
     if pa.types.is_null(array.type):
@@ -331,9 +398,17 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
 
     content = pc.struct_field(flat, "content")
     # An assistant message that calls tools may have no content (OpenAI format); it is not a missing content.
-    tool_call = np.zeros(len(flat), bool)
+    answered_otherwise = np.zeros(len(flat), bool)
     if "tool_calls" in names:
-        tool_call = pc.struct_field(flat, "tool_calls").is_valid().to_numpy(zero_copy_only=False)
+        answered_otherwise = pc.struct_field(flat, "tool_calls").is_valid().to_numpy(zero_copy_only=False)
+    # Harmony (GPT-OSS) and other reasoning templates: an assistant turn may hold only its reasoning (`thinking`), with
+    # the final answer in a later turn or after a tool call. Its reasoning is what it says, so it is not a missing reply.
+    for key in (k for k in _REASONING_KEYS if k in names):
+        reasoning = pc.struct_field(flat, key)
+        if pa.types.is_string(reasoning.type) or pa.types.is_large_string(reasoning.type):
+            answered_otherwise |= (
+                pc.utf8_length(pc.utf8_trim_whitespace(reasoning)).fill_null(0).to_numpy(zero_copy_only=False) > 0
+            )
     content_fields = np.char.add(field_names, ".content")
     if pa.types.is_null(content.type):
         content_null = np.ones(len(flat), bool)
@@ -341,7 +416,7 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
         content_null = content.is_null().to_numpy(zero_copy_only=False)
         blank = pc.utf8_length(pc.utf8_trim_whitespace(content)).fill_null(1).to_numpy(zero_copy_only=False) == 0
         scan.flag(
-            blank & assistant & ~tool_call,
+            blank & assistant & ~answered_otherwise,
             message_rows,
             content_fields,
             crash=False,
@@ -361,7 +436,7 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
         )
         content_null = np.zeros(len(flat), bool)
     scan.flag(
-        content_null & ~null_message & ~tool_call,
+        content_null & ~null_message & ~answered_otherwise,
         message_rows,
         content_fields,
         crash=True,

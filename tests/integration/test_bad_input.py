@@ -356,3 +356,56 @@ def test_disk_full_mid_scoring_keeps_the_run_and_the_written_shards(
     again, stats = cached_scores(tmp_path, "b", tiny_model_dir, tiny_ref_dir, tokenizer, arithmetic_rows(8), cache)
     assert stats == {"base": {"reused": 2, "computed": 0}, "ref": {"reused": 1, "computed": 1}}
     np.testing.assert_array_equal(again, full)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "online"])
+def test_iterable_dataset_is_refused_before_any_tokenisation(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, mode):
+    from datasets import IterableDataset
+
+    read = []
+
+    def rows():
+        for row in arithmetic_rows(8):
+            read.append(row)
+            yield row
+
+    stream = IterableDataset.from_generator(rows)
+    with pytest.raises(ValueError, match=r"map-style.*Dataset\.from_generator.*token_cleaning='none'"):
+        build(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            dataset=stream,
+            token_cleaning=mode,
+            ref_model_name_or_path=tiny_ref_dir,
+        )
+    assert read == []  # not a single row was read, let alone tokenised
+
+
+def test_vision_dataset_gets_a_message_not_a_key_error(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    rows = [
+        {
+            "images": [[[0, 0, 0]]],
+            "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}],
+        }
+    ]
+    with pytest.raises(ValueError, match="vision datasets"):
+        build(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            dataset=Dataset.from_list(rows * 4),
+            ref_model_name_or_path=tiny_ref_dir,
+        )
+
+
+def test_unprepared_dataset_gets_a_message_not_a_key_error(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    # SFTTrainer leaves the rows untokenised with `skip_prepare_dataset`: there is no `input_ids` to score.
+    with pytest.raises(ValueError, match=r"skip_prepare_dataset.*input_ids"):
+        build(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            ref_model_name_or_path=tiny_ref_dir,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )

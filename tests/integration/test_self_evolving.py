@@ -64,9 +64,13 @@ def build(output_dir, model_dir, tokenizer, peft=False, cls=TokenCleanSFTTrainer
     )
 
 
-@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora-continue"])
 def test_rounds_follow_the_paper(tmp_path, tiny_model_dir, tokenizer, peft):
-    trainer = build(tmp_path, tiny_model_dir, tokenizer, peft=peft, cls=RecordingTrainer)
+    # One adapter through every round, so the whole-module fingerprints of round ends and references compare directly;
+    # the paper's merge is covered by `test_lora_merge_rounds`.
+    trainer = build(
+        tmp_path, tiny_model_dir, tokenizer, peft=peft, cls=RecordingTrainer, self_evolving_lora="continue"
+    )
     initial = fingerprint_module(trainer.model)
     trainer.train()
 
@@ -183,3 +187,93 @@ def test_resume_refuses_another_base_model(tmp_path, tiny_model_dir, tiny_ref_di
     other = build(tmp_path, tiny_ref_dir, tokenizer, **settings)
     with pytest.raises(ValueError, match="Cannot resume.*`base`.*same original model"):
         other.train(resume_from_checkpoint=True)
+
+
+class MergeRecordingTrainer(RecordingTrainer):
+    """Also records the model's logits on a fixed input at each round end and at each scoring pass."""
+
+    probe = None
+
+    def _logits(self):
+        with torch.no_grad():
+            was_training = self.model.training
+            self.model.eval()
+            out = self.model(input_ids=self.probe).logits.clone()
+            self.model.train(was_training)
+        return out
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.probe = torch.tensor([self.train_dataset[0]["input_ids"]])
+        self.round_end_logits, self.scoring_logits, self.fresh_adapter = [], [], []
+        trainer = self
+
+        class AtRoundEnd(TrainerCallback):
+            def on_train_end(self, args, state, control, **kwargs):
+                trainer.round_end_logits.append(trainer._logits())
+
+        self.add_callback(AtRoundEnd())
+
+    def _token_losses(self, dataset, role):
+        self.scoring_logits.append((role, self._logits()))
+        lora_b = [p for n, p in self.model.named_parameters() if "lora_B" in n]
+        self.fresh_adapter.append(all(torch.count_nonzero(p) == 0 for p in lora_b))
+        return super()._token_losses(dataset, role)
+
+
+def test_lora_merge_rounds(tmp_path, tiny_model_dir, tokenizer):
+    """The paper's LoRA rounds: merge the round's adapter, train a fresh one; the base side stays the original."""
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, peft=True, cls=MergeRecordingTrainer)
+    assert trainer.args.self_evolving_lora == "merge"
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        original_logits = original(input_ids=trainer.probe).logits
+    trainer.train()
+
+    roles = [role for role, _ in trainer.scoring_logits]
+    assert roles == ["base", "model", "model"]
+    # The base pass ran on the original weights, before any merge.
+    torch.testing.assert_close(trainer.scoring_logits[0][1], original_logits, rtol=1e-5, atol=1e-5)
+    # Round t's reference is the model at the end of round t - 1 (merged, with a fresh adapter that adds nothing yet).
+    for t in (1, 2):
+        torch.testing.assert_close(trainer.scoring_logits[t][1], trainer.round_end_logits[t - 1], rtol=1e-5, atol=1e-5)
+        assert trainer.fresh_adapter[t]
+    # The merges changed the weights the adapters-off forward sees: they hold rounds 0 and 1.
+    with torch.no_grad(), trainer.model.disable_adapter():
+        trainer.model.eval()
+        merged_base = trainer.model(input_ids=trainer.probe).logits
+    torch.testing.assert_close(merged_base, trainer.round_end_logits[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged_base, original_logits, atol=1e-4)
+    # The base losses the rounds ranked with are the original model's (row 6, the first of chunk 1, by hand; chunk 0
+    # is never scored).
+    state = trainer.token_cleaning_state
+    row = trainer._self_evolving_dataset[6]
+    with torch.no_grad():
+        row_logits = original(input_ids=torch.tensor([row["input_ids"]])).logits
+    labels = torch.tensor(row["labels"])
+    by_hand = torch.nn.functional.cross_entropy(row_logits[0, :-1], labels[1:], reduction="none")
+    row0 = state.base_losses[state.offsets[6] : state.offsets[7]][1:]
+    scored = ~np.isnan(row0)
+    assert scored.any()
+    np.testing.assert_allclose(row0[scored], by_hand.numpy()[scored], rtol=1e-4, atol=1e-4)
+    report = state.report
+    assert [r["kept_tokens"] for r in report["rounds"][1:]] == [
+        keep_count(0.6, r["response_tokens"]) for r in report["rounds"][1:]
+    ]
+
+
+@pytest.mark.slow
+def test_resume_with_lora_merge_replays_the_finished_rounds(tmp_path, tiny_model_dir, tokenizer):
+    settings = dict(save_strategy="steps", save_steps=2)
+    whole = build(tmp_path / "whole", tiny_model_dir, tokenizer, peft=True, **settings)
+    whole.train()
+    mid_round = tmp_path / "whole" / "self_evolving" / "round-2" / "checkpoint-2"  # round 2 has 4 steps
+    assert mid_round.is_dir()
+
+    resumed = build(tmp_path / "resumed", tiny_model_dir, tokenizer, peft=True, **settings)
+    resumed.train(resume_from_checkpoint=str(mid_round))
+    # Rounds 0 and 1 were merged again from their last checkpoints, so round 2 continues on the same weights.
+    whole_params = dict(whole.model.named_parameters())
+    for name, value in resumed.model.named_parameters():
+        torch.testing.assert_close(value, whole_params[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(resumed.token_cleaning_state.keep, whole.token_cleaning_state.keep)

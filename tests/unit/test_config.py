@@ -15,6 +15,28 @@ def test_defaults_follow_the_paper(tmp_path):
     args = make(tmp_path)
     assert (args.token_cleaning, args.token_selection, args.token_keep_ratio) == ("fixed", "global", 0.6)
     assert args.self_evolving_rounds == 5
+    assert args.self_evolving_lora == "merge"  # the paper: merge each round's LoRA, train a fresh one
+
+
+def test_self_evolving_lora_values(tmp_path):
+    assert make(tmp_path, self_evolving_lora="continue").self_evolving_lora == "continue"
+    with pytest.raises(ValueError, match="self_evolving_lora.*'merged'"):
+        make(tmp_path, self_evolving_lora="merged")
+
+
+def test_plain_configs_convert_with_every_field_and_cleaning_off(tmp_path):
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    from token_clean_trainer.token_clean_config import config_values
+
+    for args in (
+        SFTConfig(str(tmp_path), bf16=False, eos_token="<|im_end|>", pad_token="<|endoftext|>", hub_token="x"),
+        TrainingArguments(str(tmp_path), hub_token="y", save_strategy="epoch"),
+    ):
+        converted = TokenCleanConfig(**config_values(args), token_cleaning="none")
+        for name in ("eos_token", "pad_token", "hub_token", "save_strategy", "bf16", "gradient_checkpointing"):
+            assert getattr(converted, name) == getattr(args, name, getattr(converted, name)), name
 
 
 @pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.0001, 2, math.nan, math.inf, "0.6", True, None])

@@ -146,3 +146,76 @@ def test_ref_model_init_kwargs_must_be_a_json_object(tmp_path, value):
 
     with pytest.raises(ValueError, match="`ref_model_init_kwargs` must be a"):
         TokenCleanConfig(str(tmp_path), bf16=False, report_to="none", ref_model_init_kwargs=value)
+
+
+def tool_call_rows(n=4):
+    """OpenAI-style tool calls whose `arguments` differ in type between rows, so `datasets` types them as JSON."""
+    rows = []
+    for i in range(n):
+        arguments = {"a": i} if i % 2 else {"a": str(i)}
+        call = {
+            "role": "assistant",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}],
+        }
+        rows.append(
+            {"messages": [user(f"{i}?"), call, {"role": "tool", "name": "f", "content": str(i)}, assistant("ok")]}
+        )
+    return rows
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["cleaning_off", "cleaning_on"])
+def test_json_typed_tool_call_conversations_are_understood(strict):
+    from datasets import Features, Json, List
+
+    for dataset in (
+        Dataset.from_list(tool_call_rows(), on_mixed_types="use_json"),  # list<extension<arrow.json>>
+        Dataset.from_list(tool_call_rows(), features=Features({"messages": Json()})),  # the whole list as JSON
+    ):
+        assert "arrow.json" in str(dataset.data.schema.field("messages").type)
+        result = validate_raw_dataset(dataset, strict=strict)
+        assert result.errors == {} and result.warnings == {}
+    typed = Dataset.from_list(tool_call_rows(), features=Features({"messages": List(Json())}))
+    assert validate_raw_dataset(typed, strict=strict).errors == {}
+
+
+def test_json_typed_rows_still_get_the_checks():
+    from datasets import Features, Json, List
+
+    rows = tool_call_rows() + [{"messages": [user("hi"), {"role": "assistant", "content": None}]}]
+    dataset = Dataset.from_list(rows, features=Features({"messages": List(Json())}))
+    with pytest.raises(DatasetValidationError, match=r"row 4 \(`messages\[1\]\.content`\)"):
+        validate_raw_dataset(dataset, strict=False)
+    rows = tool_call_rows() + [{"messages": [user("hi"), {"role": "bot", "content": "hello"}]}]
+    with pytest.raises(DatasetValidationError, match="unknown `role`"):
+        validate_raw_dataset(Dataset.from_list(rows, features=Features({"messages": List(Json())})), strict=True)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["cleaning_off", "cleaning_on"])
+def test_harmony_conversations_are_understood(strict):
+    # GPT-OSS (harmony) style: a developer turn, an assistant turn holding only its analysis (`thinking`), a tool call
+    # whose reasoning is in `thinking`, and a final answer with both.
+    rows = [
+        {
+            "messages": [
+                {"role": "developer", "content": "Use the tools."},
+                user("What is 2 plus 2?"),
+                {"role": "assistant", "thinking": "I should add the numbers."},
+                {
+                    "role": "assistant",
+                    "thinking": "Call add.",
+                    "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{}"}}],
+                },
+                {"role": "tool", "content": "4"},
+                {"role": "assistant", "thinking": "Done.", "content": "4."},
+            ]
+        }
+    ] * 3
+    for dataset in (Dataset.from_list(rows), Dataset.from_list(rows, on_mixed_types="use_json")):
+        result = validate_raw_dataset(dataset, strict=strict)
+        assert result.errors == {} and result.warnings == {}
+
+
+def test_an_empty_assistant_turn_without_reasoning_is_still_flagged():
+    rows = [{"messages": [user("hi"), {"role": "assistant", "thinking": "", "content": ""}]}]
+    with pytest.raises(DatasetValidationError, match="assistant `content` is empty"):
+        validate_raw_dataset(Dataset.from_list(rows), strict=True)
