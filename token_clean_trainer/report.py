@@ -102,6 +102,9 @@ def build_report(
         "mode": args.token_cleaning,
         "selection": args.token_selection,
         "ratio": args.token_keep_ratio,
+        # The ranking rule: the paper's per-token excess ("excess", window 1) or the span-aware variants.
+        "score_rule": getattr(args, "token_score_rule", "excess"),
+        "score_window": getattr(args, "token_score_window", 1),
         "threshold": threshold,
         "response_tokens": n_response,
         "kept_tokens": n_kept,

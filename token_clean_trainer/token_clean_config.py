@@ -69,6 +69,17 @@ class TokenCleanConfig(SFTConfig):
         token_selection_seed (`int`, *optional*):
             Seed of the generator used by `token_selection="random"`. Defaults to `seed`. Selection uses its own
             generator and never consumes the global random state, so training randomness is unchanged.
+        token_score_window (`int`, *optional*, defaults to `1`):
+            Odd number of response tokens over which each token's score (and, for the junk gate, its reference loss)
+            is averaged before ranking: a centred window inside the token's contiguous response span, never across
+            rows, prompts or template tokens; it shrinks at a span's edges. `1` is the paper's per-token ranking.
+            Junk comes in runs (spam lines, signatures, garbled spans), and averaging over neighbours separates it
+            from hard but clean tokens. Fixed and self-evolving modes.
+        token_score_rule (`str`, *optional*, defaults to `"excess"`):
+            `"excess"`: keep the top `token_keep_ratio` by score (the paper). `"junk_gate"`: among the response tokens
+            in the lower half by score, mask those the reference finds least likely (highest reference loss) until
+            `1 - token_keep_ratio` of the response tokens are masked; needs `token_keep_ratio >= 0.5`. Fixed and
+            self-evolving modes, `token_selection` `"global"` or `"sample"`.
 
         > Parameters that control the reference model
 
@@ -133,6 +144,21 @@ class TokenCleanConfig(SFTConfig):
     token_selection_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of token_selection='random'. Defaults to `seed`."},
+    )
+    token_score_window: int = field(
+        default=1,
+        metadata={
+            "help": "Odd number of response tokens each score is averaged over (within its response span) before "
+            "ranking. 1 is the paper's per-token ranking."
+        },
+    )
+    token_score_rule: str = field(
+        default="excess",
+        metadata={
+            "help": "'excess': keep the top token_keep_ratio by score (the paper). 'junk_gate': among the lower half "
+            "by score, mask the tokens with the highest reference loss until 1 - token_keep_ratio are masked.",
+            "choices": ["excess", "junk_gate"],
+        },
     )
     ref_model_name_or_path: str | None = field(
         default=None,
@@ -223,6 +249,7 @@ class TokenCleanConfig(SFTConfig):
             raise ValueError(
                 f"`self_evolving_lora` must be one of {list(SELF_EVOLVING_LORA)}, got {self.self_evolving_lora!r}."
             )
+        self._check_span_settings()
         ratio = self.token_keep_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
             raise ValueError(
@@ -281,6 +308,42 @@ class TokenCleanConfig(SFTConfig):
                 "`packing=False` and `padding_free=False`, or `token_cleaning='none'`."
             )
 
+    def _check_span_settings(self) -> None:
+        """`token_score_window` and `token_score_rule`: refuse what is meaningless, naming the field."""
+        window = self.token_score_window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(
+                f"`token_score_window` must be a positive odd integer (a centred window of response tokens), got "
+                f"{window!r}. Use 1 for the paper's per-token ranking, or e.g. 5."
+            )
+        if self.token_score_rule not in ("excess", "junk_gate"):
+            raise ValueError(f"`token_score_rule` must be 'excess' or 'junk_gate', got {self.token_score_rule!r}.")
+        span_aware = window > 1 or self.token_score_rule == "junk_gate"
+        if not span_aware or self.token_cleaning == "none":
+            return
+        if self.token_selection in ("random", "full"):
+            raise ValueError(
+                f"`token_score_window={window}` / `token_score_rule={self.token_score_rule!r}` reshape how scores are "
+                f"ranked, but `token_selection={self.token_selection!r}` ranks no score. Drop them, or use 'global' or "
+                "'sample'."
+            )
+        if self.token_cleaning == "online" or self.token_selection == "batch":
+            raise ValueError(
+                "`token_score_window` > 1 and `token_score_rule='junk_gate'` are available in fixed and self-evolving "
+                "modes with `token_selection` 'global' or 'sample'; per-step ranking (online mode, "
+                "`token_selection='batch'`) does not support them yet."
+            )
+        if (
+            self.token_score_rule == "junk_gate"
+            and isinstance(self.token_keep_ratio, float)
+            and self.token_keep_ratio < 0.5
+        ):
+            raise ValueError(
+                f"`token_score_rule='junk_gate'` masks only tokens of the lower half by score, so it keeps at least "
+                f"half of the response tokens; `token_keep_ratio={self.token_keep_ratio}` would need more. Use a ratio "
+                "of at least 0.5 (e.g. 0.8), or `token_score_rule='excess'`."
+            )
+
     def _expand_path_settings(self) -> None:
         """`~` and `$VAR` in every path setting, so `score_cache_dir="~/.cache/x"` never creates a literal `./~`."""
         from .utils import expand_path
@@ -289,6 +352,7 @@ class TokenCleanConfig(SFTConfig):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 setattr(self, name, expand_path(value))
+
 
 def config_values(args) -> dict[str, Any]:
     """

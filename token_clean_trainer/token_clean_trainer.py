@@ -65,7 +65,7 @@ from .scoring import (
     token_losses,
     unwrap_causal_lm,
 )
-from .selection import select_tokens
+from .selection import select_junk_gate, select_tokens, window_mean
 from .self_evolving import (
     STATE_JSON,
     check_resume_matches,
@@ -488,6 +488,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             "selection": self.args.token_selection,
             "ratio": self.args.token_keep_ratio,
             "dataset": self._dataset_hash(dataset),
+            **self._rule_identity(),
         }
 
     def score_tokens(self) -> Dataset:
@@ -641,9 +642,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 ranking = np.where(response, np.float32(0), np.float32(np.nan))
             keep = threshold = None
             if args.token_selection != "batch":
-                selection = select_tokens(
-                    args.token_selection, ranking, offsets, args.token_keep_ratio, seed=self._seed
-                )
+                selection = self._select(ranking, losses["ref"], offsets, seed=self._seed)
                 keep, threshold = keep_context(selection.keep, labels, offsets, response), selection.threshold
             report = self._build_report(
                 positions,
@@ -667,6 +666,34 @@ class TokenCleanSFTTrainer(SFTTrainer):
             keep = collective.broadcast_bools(keep)
         report = self._last_report(summary)
         return TokenCleaningState(offsets, None, None, keep, threshold, report, score_values=scores)
+
+    def _select(self, ranking: np.ndarray, ref_losses: np.ndarray | None, offsets: np.ndarray, seed: int):
+        """
+        The configured selection over one ranking (NaN off the response tokens): the paper's top-k of the scores, or,
+        with `token_score_window > 1` and/or `token_score_rule="junk_gate"`, the span-aware variants (see
+        `selection.window_mean` and `selection.select_junk_gate`).
+        """
+        args = self.args
+        window = args.token_score_window
+        if args.token_score_rule == "junk_gate":
+            if ref_losses is None:
+                raise ValueError("`token_score_rule='junk_gate'` needs the reference losses; configure a reference.")
+            return select_junk_gate(
+                window_mean(ranking, window),
+                window_mean(ref_losses, window),
+                offsets,
+                args.token_keep_ratio,
+                args.token_selection,
+            )
+        return select_tokens(
+            args.token_selection, window_mean(ranking, window), offsets, args.token_keep_ratio, seed=seed
+        )
+
+    def _rule_identity(self) -> dict[str, Any]:
+        """The span-aware settings in a checkpoint's identity, only when they differ from the paper's (so checkpoints
+        of earlier versions still resume)."""
+        rule, window = self.args.token_score_rule, self.args.token_score_window
+        return {} if (rule, window) == ("excess", 1) else {"score_rule": rule, "score_window": window}
 
     def _last_report(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The report on the main process; elsewhere, the fields the training logs show."""
@@ -879,6 +906,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             "rounds_total": args.self_evolving_rounds,
             "schedule": args.self_evolving_schedule,
             "dataset": self._dataset_hash(dataset),
+            **self._rule_identity(),
             # The base side is the original model (taken now, before any round trains or a checkpoint is loaded).
             "base": self._role_key("base"),
         }
@@ -996,9 +1024,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     ranking = scores
                 else:
                     ranking = np.where(chunk_response, np.float32(0), np.float32(np.nan))
-                selection = select_tokens(
-                    args.token_selection, ranking, chunk_offsets, args.token_keep_ratio, seed=self._seed + t
-                )
+                selection = self._select(ranking, run.ref_all[begin:finish], chunk_offsets, seed=self._seed + t)
                 keep, threshold = selection.keep, selection.threshold
             # Trained tokens that are not response tokens are never ranked and never dropped.
             keep = keep_context(keep, run.positions[1][begin:finish], chunk_offsets, chunk_response)
