@@ -214,6 +214,21 @@ class PurgeMixConfig:
     purge_mix_min_fused_response_chars: int = field(
         default=20, metadata={"help": "A fused response shorter than this is a defect."}
     )
+    purge_mix_key_term_coverage: float = field(
+        default=0.3,
+        metadata={
+            "help": "Share of each source's key terms (its 6 most salient content words and acronyms, compared on "
+            "normalised forms) that the fused pair must use, with at least one term that source does not share with "
+            "the other; every source must be covered (0..1)."
+        },
+    )
+    purge_mix_max_copied_words: int = field(
+        default=12,
+        metadata={
+            "help": "A fused response that repeats this many consecutive words of a source verbatim is a defect "
+            "(copied passage). 0 disables the check."
+        },
+    )
 
     # --- generator backend -------------------------------------------------------------------------------------------
     purge_mix_generator_backend: str = field(
@@ -279,7 +294,12 @@ class PurgeMixConfig:
         for op in self.purge_mix_operators:
             _choice("purge_mix_operators", op, OPERATORS)
 
-        for name in ("purge_mix_max_repetition", "purge_mix_max_noise_ratio", "purge_mix_mmr_lambda"):
+        for name in (
+            "purge_mix_max_repetition",
+            "purge_mix_max_noise_ratio",
+            "purge_mix_mmr_lambda",
+            "purge_mix_key_term_coverage",
+        ):
             _fraction(name, getattr(self, name))
         if not 0.0 < self.purge_mix_curation_confidence <= 1.0:
             raise ValueError(
@@ -291,6 +311,7 @@ class PurgeMixConfig:
             "purge_mix_max_html_tags",
             "purge_mix_max_fusions",
             "purge_mix_min_fused_response_chars",
+            "purge_mix_max_copied_words",
             "purge_mix_max_retries",
         ):
             _integer(name, getattr(self, name), minimum=0)

@@ -59,14 +59,31 @@ class GenerationStats:
         return {**asdict(self), "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def _request_payload(messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
-    return {
+def _request_payload(
+    messages: list[dict],
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    json_schema: dict | None = None,
+) -> dict:
+    payload = {
         "messages": messages,
         "max_tokens": int(max_tokens),
         "temperature": float(temperature),
         "top_p": float(top_p),
         "seed": int(seed),
     }
+    if json_schema is not None:  # only then: requests without a schema keep their cache keys
+        payload["json_schema"] = json_schema
+    return payload
+
+
+def schema_kwargs(generator, schema: dict) -> dict[str, Any]:
+    """`{"json_schema": schema}` when the generator's backend can constrain its output to a JSON schema, else `{}`
+    (the reply is then parsed leniently, as always)."""
+    backend = getattr(generator, "backend", generator)
+    return {"json_schema": schema} if getattr(backend, "supports_json_schema", False) else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

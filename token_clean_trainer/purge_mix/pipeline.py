@@ -39,7 +39,7 @@ EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_DATASET = "embedded:chatterbot"
 # Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
 # (cached LLM replies are still replayed); the statistics have their own version.
-_PIPELINE_VERSION = 3
+_PIPELINE_VERSION = 4
 _STATS_VERSION = 1
 # Settings that do not change the output, so they stay out of the result key.
 _NOT_IN_KEY = ("purge_mix_enabled", "purge_mix_output", "purge_mix_cache_dir", "purge_mix_max_concurrency")
@@ -474,7 +474,9 @@ def run_purge_mix(
                         "cycles": r.cycles,
                         "accepted": r.accepted,
                         "defects": r.defects,
+                        "problems": r.problems,
                         "candidate": r.candidate,
+                        "review_flags": r.review_flags,
                         "llm_checklist": r.checklist,
                     },
                     ensure_ascii=False,
@@ -511,6 +513,13 @@ def run_purge_mix(
         entry = by_operator.setdefault(r.operators[0] if r.operators else "", {"attempted": 0, "accepted": 0})
         entry["attempted"] += 1
         entry["accepted"] += int(r.accepted)
+    # Every attempt's defects by the operator that attempt used: which template fails how.
+    defects_by_operator: dict[str, dict[str, int]] = {}
+    for r in results:
+        for op, found in zip(r.operators, r.defects):
+            counts = defects_by_operator.setdefault(op, {})
+            for code in found:
+                counts[code] = counts.get(code, 0) + 1
     report = {
         "input_rows": input_rows,
         "rows_used": n,
@@ -534,6 +543,8 @@ def run_purge_mix(
             "cycles_of_accepted": dict(Counter(str(r.cycles) for r in accepted)),
             "by_operator": by_operator,
             "rejection_reasons": dict(rejection.most_common()),
+            "attempt_defects_by_operator": defects_by_operator,
+            "flagged_for_review": sum(1 for r in accepted if r.review_flags),
             "checklist": config.purge_mix_checklist,
             "max_repair_cycles": config.purge_mix_max_repair_cycles,
         },
