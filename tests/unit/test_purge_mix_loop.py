@@ -58,6 +58,26 @@ def test_plan_jobs_is_deterministic_and_uses_silhouette():
     assert [j.operator for j in jobs_a[:4]] == list(config.purge_mix_operators)
 
 
+def test_plan_scales_with_pool_and_budget():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (6, 16))
+    emb = np.concatenate([c + rng.normal(0, 0.5, (1000, 16)) for c in centres]).astype(np.float32)
+    config = PurgeMixConfig(purge_mix_max_fusions=100_000, purge_mix_num_clusters=6, purge_mix_representatives=4)
+    jobs, summary = plan_jobs(emb, config, seed=0)
+    assert len(jobs) >= 1000  # the old planner stopped at 6 clusters x 4 representatives / 2 = 12 pairs
+    assert len(jobs) == 3000  # every row of 6,000 used once, since the budget allows it
+    used = [i for j in jobs for i in j.sources]
+    assert len(used) == len(set(used))
+    for job in jobs:  # pairs still come from one cluster
+        assert job.sources[0] // 1000 == job.sources[1] // 1000
+    # The budget binds when it is the smaller limit, and clusters share it by size.
+    small, _ = plan_jobs(emb, PurgeMixConfig(purge_mix_max_fusions=1500, purge_mix_num_clusters=6), seed=0)
+    assert len(small) == 1500
+    per_cluster = np.bincount([j.sources[0] // 1000 for j in small], minlength=6)
+    assert per_cluster.min() >= 200 and per_cluster.max() <= 300
+    assert summary["num_clusters"] == 6
+
+
 def test_plan_jobs_ablations():
     emb = _blobs()
     rewrite, _ = plan_jobs(emb, PurgeMixConfig(purge_mix_fusion_mode="rewrite", purge_mix_max_fusions=4), seed=0)

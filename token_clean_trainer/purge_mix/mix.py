@@ -89,9 +89,12 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
     """
     The fusion jobs within the budget, and the clustering summary for the report.
 
-    `pairing="cluster"`: k-means (k by silhouette unless fixed), `purge_mix_representatives` MMR picks per cluster,
-    consecutive picks paired; clusters take turns (largest first) until the budget is spent. `pairing="random"`:
-    random pairs of the whole pool (ablation). `fusion_mode="rewrite"` uses single rows instead of pairs.
+    `pairing="cluster"`: k-means (k by silhouette unless fixed); each cluster gets a quota of MMR representatives,
+    consecutive picks are paired, and clusters take turns (largest first) until the budget is spent. The quota is
+    `purge_mix_representatives`, raised to the cluster's share of the rows the budget needs (`size / n * 2 * target`,
+    target = min(budget, n // 2)), so the number of pairs follows the pool and the budget instead of stopping at
+    `clusters x representatives / 2`. `pairing="random"`: random pairs of the whole pool (ablation).
+    `fusion_mode="rewrite"` uses single rows instead of pairs. No row is used twice.
     """
     n = len(embeddings)
     budget = config.purge_mix_max_fusions
@@ -122,16 +125,16 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
     labels, centroids = cluster(embeddings, k, seed)
     per_cluster: list[tuple[int, list[list[int]]]] = []
     sizes = np.bincount(labels, minlength=len(centroids)).tolist()
+    needed = min(budget, n // group) * group  # rows the budget can use
     representatives = {}
     for c in sorted(range(len(centroids)), key=lambda c: (-sizes[c], c)):
         members = np.flatnonzero(labels == c)
         if len(members) < group:
             continue
+        quota = max(config.purge_mix_representatives, math.ceil(len(members) * needed / n))
+        quota = min(quota, len(members))
         picks = [
-            int(members[i])
-            for i in mmr_select(
-                embeddings[members], centroids[c], config.purge_mix_representatives, config.purge_mix_mmr_lambda
-            )
+            int(members[i]) for i in mmr_select(embeddings[members], centroids[c], quota, config.purge_mix_mmr_lambda)
         ]
         representatives[c] = picks
         groups = [picks[i : i + group] for i in range(0, len(picks) - group + 1, group)]
