@@ -83,3 +83,50 @@ def test_curation_ignores_unrated_rows():
     scores[0] = -1
     out = curate_scores(scores, embeddings, k=10)
     assert out["curated"][0] == -1 and not out["changed"][0]
+
+
+def test_llm_rater_rates_every_row(tmp_path, monkeypatch):
+    """`purge_mix_rater="llm"` rates every row, also the ones the filters drop (the paper rates the whole pool); the
+    filters still keep those rows out of HQ."""
+    import json as _json
+
+    from datasets import Dataset
+
+    from token_clean_trainer.purge_mix import PurgeMixConfig, pipeline, run_purge_mix
+    from token_clean_trainer.purge_mix.generators import Completion
+
+    class Rater:
+        identity = "scripted-rater"
+        supports_json_schema = True
+
+        def __init__(self):
+            self.payloads = []
+
+        def generate(self, payloads, on_result):
+            for i, payload in enumerate(payloads):
+                self.payloads.append(payload)
+                on_result(
+                    i,
+                    Completion(_json.dumps({"rarity": 5, "complexity": 5, "informativeness": 9, "overall": 9}), 3, 3),
+                )
+
+    rater = Rater()
+    monkeypatch.setattr(pipeline._Models, "generator", lambda self: rater)
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(5)] + [
+        {"prompt": "Show the page", "completion": "<div>Hello</div> &nbsp; <p>World</p>"}
+    ]
+    config = PurgeMixConfig(
+        purge_mix_rater="llm",
+        purge_mix_perplexity=False,
+        purge_mix_curation=False,
+        purge_mix_output_mode="hq",
+    )
+    result = run_purge_mix(Dataset.from_list(rows), config, str(tmp_path), seed=0)
+    assert len(rater.payloads) == 6  # every row, the dropped one included
+    assert all(
+        p["json_schema"]["required"] == ["rarity", "complexity", "informativeness", "overall"] for p in rater.payloads
+    )
+    scored = result.scored
+    assert scored["purge_mix_score_raw"] == [5] * 6
+    assert scored["purge_mix_split"] == ["hq"] * 5 + ["lq"]
+    assert scored["purge_mix_reasons"][5] == ["html_markup"]

@@ -130,9 +130,9 @@ class PurgeMixConfig:
     purge_mix_rater: str = field(
         default="priors",
         metadata={
-            "help": "Quality score of rows that pass the filters: 'priors' (IFD rank mapped to 0-5, no LLM) or 'llm' "
-            "(DS2-style rating of rarity, complexity, informativeness and overall 1-10 through the generator; "
-            "overall compressed to 0-5).",
+            "help": "Quality score of the rows: 'priors' (IFD rank of the rows passing the filters mapped to 0-5, no "
+            "LLM; departs from the paper) or 'llm' (the paper's: every row rated DS2-style on rarity, complexity, "
+            "informativeness and overall 1-10 through the generator; overall compressed to 0-5).",
             "choices": list(RATERS),
         },
     )

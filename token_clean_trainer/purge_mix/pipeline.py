@@ -28,10 +28,10 @@ import numpy as np
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
 from .embedding import embed_texts, embedding_identity
-from .generators import CachedGenerator, OpenAIGenerator, TransformersGenerator
+from .generators import CachedGenerator, OpenAIGenerator, TransformersGenerator, schema_kwargs
 from .mix import plan_jobs, result_row, run_fusions
 from .priors import MODEL_STATS, TEXT_STATS, apply_filters, perplexity_and_ifd, prior_scores, text_stats
-from .rating import compress_overall, curate_scores, parse_rating, rater_messages
+from .rating import RATING_SCHEMA, compress_overall, curate_scores, parse_rating, rater_messages
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _embeddings(columns, config, models, folder, data_key) -> tuple[np.ndarray, 
 
 def _llm_ratings(columns, rows: np.ndarray, generator) -> tuple[np.ndarray, list[dict | None]]:
     messages = [rater_messages(columns["prompt_text"][i], columns["response_text"][i]) for i in rows]
-    replies = generator.generate(messages, stage="rating", temperature=0.0)
+    replies = generator.generate(messages, stage="rating", temperature=0.0, **schema_kwargs(generator, RATING_SCHEMA))
     scores = np.full(len(columns["prompt_text"]), -1, dtype=np.int64)
     parsed: list[dict | None] = [None] * len(columns["prompt_text"])
     for i, reply in zip(rows, replies):
@@ -403,9 +403,9 @@ def run_purge_mix(
     start = time.perf_counter()
     rating_details: list[dict | None] = [None] * n
     if config.purge_mix_rater == "llm":
-        raw = np.full(n, -1, dtype=np.int64)
-        rated, rating_details = _llm_ratings(columns, np.flatnonzero(passed), generator)
-        raw[passed] = rated[passed]
+        # The paper rates every row: the filters decide HQ eligibility, not which rows the rater sees, so curation
+        # has every row's score as a neighbour and the report shows the rating of the rows the filters dropped.
+        raw, rating_details = _llm_ratings(columns, np.arange(n), generator)
     else:
         raw = np.where(passed, prior_scores(stats["stat_ifd"], passed), -1)
     timings["rating_s"] = round(time.perf_counter() - start, 2)

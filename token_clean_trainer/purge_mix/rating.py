@@ -7,6 +7,12 @@ from typing import Any
 import numpy as np
 
 RATING_KEYS = ("rarity", "complexity", "informativeness", "overall")
+# For backends that constrain output to a JSON schema (llama.cpp, vLLM, OpenAI structured output).
+RATING_SCHEMA = {
+    "type": "object",
+    "properties": {key: {"type": "integer", "minimum": 1, "maximum": 10} for key in RATING_KEYS},
+    "required": list(RATING_KEYS),
+}
 
 RATER_SYSTEM = (
     "You are a strict data-quality reviewer for instruction-tuning data. You rate one instruction-response pair and "
