@@ -249,6 +249,11 @@ _DEMO_SOURCES = [
     {"instruction": "What is ice?", "response": "Ice is frozen water."},
     {"instruction": "At what temperature does water boil?", "response": "At 100 degrees Celsius at sea level."},
 ]
+# Two small sources for tests and examples.
+SOURCES_FOR_TESTS = [
+    {"instruction": "What is Python?", "response": "Python is a programming language."},
+    {"instruction": "What is a compiler?", "response": "A compiler translates source code into machine code."},
+]
 _DEMO_PAIR = {
     "instruction": "At what temperatures does water turn into ice and boil at sea level?",
     "response": "At sea level, water freezes into ice at 0 degrees Celsius and boils at 100 degrees Celsius.",

@@ -56,7 +56,9 @@ def extract_json_object(text: str) -> dict[str, Any] | None:
         candidate = match.group(0)
         for attempt in (candidate, _loosen(candidate)):
             try:
-                value = json.loads(attempt)
+                # strict=False: raw newlines inside strings, which small models (and llama.cpp's schema-constrained
+                # sampling) write, are accepted.
+                value = json.loads(attempt, strict=False)
             except ValueError:
                 continue
             if isinstance(value, dict):
