@@ -1,10 +1,13 @@
 """Generator backends for the LLM steps of purge-mix, and the persistent request cache in front of them.
 
 - `TransformersGenerator`: local batched `generate()` with any causal LM (default: the embedded SmolLM2).
-- `OpenAIGenerator`: an OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, hosted APIs) over stdlib HTTP,
-  with bounded concurrency and bounded retries with exponential backoff on timeouts, connection errors, 5xx, 429 and
-  malformed replies. The API key is read from a named environment variable at call time and is never written to a
-  log, an exception message, a report or the cache.
+- `LlamaCppGenerator`: any local GGUF through llama.cpp (`llama-cpp-python`), the fast CPU path.
+- `VLLMGenerator`: offline batches through `vllm.LLM` where vLLM is installed.
+- `OpenAIGenerator`: an OpenAI-compatible `/chat/completions` endpoint (vLLM, TGI, llama.cpp's server, hosted APIs)
+  through the official `openai` client, with bounded concurrency, its bounded retries with exponential backoff and
+  `Retry-After` on timeouts, connection errors, 5xx and 429, our own bounded retries of malformed replies, and
+  structured JSON output where the server supports it. The API key is read from a named environment variable at call
+  time and is never written to a log, an exception message, a report or the cache.
 - `CachedGenerator`: the request cache, keyed by the sha256 of the payload (backend identity + messages + sampling
   settings). Every completion is appended (fsync'd) as soon as it arrives, so a killed run repeats no completed
   request when it restarts.
@@ -16,8 +19,6 @@ import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -304,28 +305,40 @@ class VLLMGenerator:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+class _Malformed(Exception):
+    """A 200 reply the client could not read, or one without a message: retried by our own bounded loop (the client
+    retries only transport faults and status codes)."""
+
+
+# Ways to ask an OpenAI-compatible server for schema-constrained JSON, tried in this order: the OpenAI/vLLM form, then
+# the llama.cpp server's (`json_object` with a `schema`), then none (the reply is parsed leniently in every case).
+_SCHEMA_MODES = ("json_schema", "json_object", "none")
 
 
 class OpenAIGenerator:
     """
-    Client of an OpenAI-compatible chat-completions endpoint.
+    Client of an OpenAI-compatible chat-completions endpoint (vLLM, TGI, `llama_cpp.server`, hosted APIs) through the
+    official `openai` client, which retries timeouts, connection errors, 408/409/429 and 5xx with exponential
+    backoff and honours `Retry-After`. Replies that arrive but cannot be read (malformed JSON, no message) are retried
+    here with the same bound. Requests run `max_concurrency` at a time.
+
+    Structured output: a request with a JSON schema asks for `response_format={"type": "json_schema", ...}`; a server
+    that refuses it (400/422) is asked with `{"type": "json_object", "schema": ...}` (llama.cpp's form), then without a
+    format; the first form that works is kept.
 
     Args:
-        base_url (`str`): e.g. `http://127.0.0.1:8000/v1` (`/chat/completions` is appended).
+        base_url (`str`): e.g. `http://127.0.0.1:8000/v1`.
         model (`str`): The served model name.
-        api_key_env (`str`): NAME of the environment variable holding the key; unset means no `Authorization`.
+        api_key_env (`str`): NAME of the environment variable holding the key, read at call time. It is never
+            written to a log, an exception message, a report or the cache; an unset variable sends a placeholder.
         timeout (`float`): Seconds per request.
         max_retries (`int`): Retries per request after a retryable failure.
-        backoff (`float`): First retry delay in seconds, doubled per retry (capped at 30 s); a 429's `Retry-After`
-            is honoured up to the same cap.
+        backoff (`float`): First delay before retrying an unreadable reply, doubled per retry (capped at 30 s).
         max_concurrency (`int`): Requests in flight at most.
     """
 
     name = "openai"
+    supports_json_schema = True
 
     def __init__(
         self,
@@ -337,16 +350,19 @@ class OpenAIGenerator:
         backoff: float = 1.0,
         max_concurrency: int = 8,
     ):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_concurrency = max_concurrency
-        self.identity = f"openai:{base_url.rstrip('/')}|{model}"
+        self.identity = f"openai:{self.base_url}|{model}"
         self.retries = 0
+        self._schema_mode = 0
         self._lock = threading.Lock()
+        self._clients: dict[str | None, Any] = {}
 
     def _key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None
@@ -356,56 +372,121 @@ class OpenAIGenerator:
         key = self._key()
         return text.replace(key, "***") if key else text
 
-    def _post_once(self, payload: dict) -> Completion:
-        body = json.dumps({"model": self.model, **payload}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
+    def _client(self):
+        """One `openai.OpenAI` per key value (the key is read at call time, so a rotated key takes effect)."""
+        import openai
+
         key = self._key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                factory = getattr(openai, "DefaultHttpx2Client", None) or openai.DefaultHttpxClient
+                http = factory(event_hooks={"request": [self._on_request], "response": [self._on_response]})
+                client = openai.OpenAI(
+                    base_url=self.base_url,
+                    api_key=key or "EMPTY",  # servers without keys ignore it
+                    timeout=self.timeout,
+                    max_retries=self.max_retries,
+                    http_client=http,
+                )
+                self._clients[key] = client
+        return client
+
+    def _on_request(self, request) -> None:
+        # The client marks each of its retries; counting them here covers timeouts too (they have no response).
+        if int(request.headers.get("x-stainless-retry-count", "0") or 0) > 0:
+            with self._lock:
+                self.retries += 1
+
+    def _on_response(self, response) -> None:
+        if response.status_code >= 400:
+            response.read()
+            detail = self.redact(response.text[:300])
+            logger.warning("LLM request got HTTP %d (%s)", response.status_code, detail)
+
+    def _response_format(self, schema: dict) -> dict | None:
+        mode = _SCHEMA_MODES[self._schema_mode]
+        if mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+        if mode == "json_object":
+            return {"type": "json_object", "schema": schema}
+        return None
+
+    def _create(self, payload: dict):
+        import openai
+
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": payload["messages"],
+            "max_tokens": payload["max_tokens"],
+            "temperature": payload["temperature"],
+            "top_p": payload["top_p"],
+            "seed": payload["seed"],
+        }
+        schema = payload.get("json_schema")
+        while True:
+            mode = self._schema_mode
+            fmt = self._response_format(schema) if schema is not None else None
+            try:
+                return self._client().chat.completions.create(**kwargs, **({"response_format": fmt} if fmt else {}))
+            except (openai.BadRequestError, openai.UnprocessableEntityError):
+                if fmt is None:
+                    raise
+                with self._lock:  # this server refuses this form of structured output: try the next one
+                    if self._schema_mode == mode:
+                        self._schema_mode += 1
+                logger.info("%s refused response_format %s; trying %s", self.url, fmt["type"], _SCHEMA_MODES[mode + 1])
+
+    def _post_once(self, payload: dict) -> Completion:
+        import openai
+
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            detail = self.redact(error.read(300).decode("utf-8", "replace"))
-            if error.code == 429 or error.code == 408 or error.code >= 500:
-                retry_after = error.headers.get("Retry-After") if error.headers else None
-                try:
-                    delay = float(retry_after) if retry_after is not None else None
-                except ValueError:
-                    delay = None
-                raise _Retryable(f"HTTP {error.code}: {detail}", delay) from None
-            hint = f" Check that ${self.api_key_env} holds a valid key." if error.code in (401, 403) else ""
-            raise GenerationError(f"{self.url} answered HTTP {error.code}: {detail}.{hint}") from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise _Retryable(f"{type(error).__name__}: {self.redact(str(reason))}") from None
+            reply = self._create(payload)
+        except openai.APIStatusError as error:
+            detail = self.redact(_error_text(error))
+            code = error.status_code
+            if code in (408, 409, 429) or code >= 500:  # the client retried these already
+                raise GenerationError(
+                    f"{self.url}: request failed after {self.max_retries + 1} attempts; last error: HTTP {code}: "
+                    f"{detail}"
+                ) from None
+            hint = f" Check that ${self.api_key_env} holds a valid key." if code in (401, 403) else ""
+            raise GenerationError(f"{self.url} answered HTTP {code}: {detail}.{hint}") from None
+        except (openai.APITimeoutError, openai.APIConnectionError) as error:
+            raise GenerationError(
+                f"{self.url}: request failed after {self.max_retries + 1} attempts; last error: "
+                f"{type(error).__name__}: {self.redact(str(error))}"
+            ) from None
+        except openai.APIResponseValidationError as error:
+            raise _Malformed(f"unreadable reply: {self.redact(str(error))[:200]}") from None
+        except ValueError as error:  # the body is not JSON
+            raise _Malformed(f"unreadable reply ({type(error).__name__}): {self.redact(str(error))[:200]}") from None
         try:
-            reply = json.loads(raw)
-            choice = reply["choices"][0]
-            text = choice["message"]["content"]
+            text = reply.choices[0].message.content
             if not isinstance(text, str):
                 raise TypeError("content is not a string")
-        except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise _Retryable(
-                f"malformed reply ({type(error).__name__}): {self.redact(raw[:200].decode('utf-8', 'replace'))}"
-            ) from None
-        usage = reply.get("usage") or {}
-        return Completion(text.strip(), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        except (AttributeError, IndexError, TypeError, KeyError) as error:
+            raise _Malformed(f"reply without a message ({type(error).__name__}: {error})") from None
+        usage = getattr(reply, "usage", None)
+        return Completion(
+            text.strip(),
+            int(getattr(usage, "prompt_tokens", 0) or 0),
+            int(getattr(usage, "completion_tokens", 0) or 0),
+        )
 
     def _post(self, payload: dict) -> Completion:
         delay = self.backoff
         for attempt in range(self.max_retries + 1):
             try:
                 return self._post_once(payload)
-            except _Retryable as error:
+            except _Malformed as error:
                 if attempt == self.max_retries:
                     raise GenerationError(
                         f"{self.url}: request failed after {self.max_retries + 1} attempts; last error: {error}"
                     ) from None
-                wait = min(error.retry_after if error.retry_after is not None else delay, _MAX_BACKOFF)
+                wait = min(delay, _MAX_BACKOFF)
                 logger.warning(
-                    "LLM request failed (%s); retry %d/%d in %.1f s", error, attempt + 1, self.max_retries, wait
+                    "LLM reply unreadable (%s); retry %d/%d in %.1f s", error, attempt + 1, self.max_retries, wait
                 )
                 with self._lock:
                     self.retries += 1
@@ -435,6 +516,14 @@ class OpenAIGenerator:
                 f"LLM requests failed ({len(errors)} after every retry; requests not yet sent were skipped): "
                 f"{errors[0]} Completed requests are cached: fix the endpoint and rerun the same command."
             )
+
+
+def _error_text(error) -> str:
+    response = getattr(error, "response", None)
+    try:
+        return response.text[:300] if response is not None else str(error)[:300]
+    except Exception:  # a streamed or closed body
+        return str(error)[:300]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
