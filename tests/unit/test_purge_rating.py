@@ -1,5 +1,7 @@
 """The DS2-style rater's parsing and compression, and k-NN score curation on a planted example."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,30 @@ def test_llm_rater_rates_every_row(tmp_path, monkeypatch):
     assert scored["purge_mix_score_raw"] == [5] * 6
     assert scored["purge_mix_split"] == ["hq"] * 5 + ["lq"]
     assert scored["purge_mix_reasons"][5] == ["html_markup"]
+
+
+def _exact_knn(x, k):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k], sim
+
+
+def _same_neighbours(found, expected, sim):
+    """Equal up to the order of neighbours whose similarities differ by float32 noise only."""
+    rows = np.arange(len(found))[:, None]
+    return np.allclose(sim[rows, found], sim[rows, expected], atol=1e-5)
+
+
+def test_knn_engines_agree_with_brute_force(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 24)).astype(np.float32)
+    expected, sim = _exact_knn(x, 10)
+    pytest.importorskip("faiss")
+    assert _same_neighbours(knn_indices(x, 10), expected, sim)  # faiss, exact flat index
+    # HNSW (forced here by a zero exact limit): approximate, but recall stays high on this size.
+    approx = knn_indices(x, 10, exact_max_rows=0)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), expected.tolist())])
+    assert recall >= 0.95 and (approx != np.arange(600)[:, None]).all()
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed: scikit-learn's exact neighbours
+    assert _same_neighbours(knn_indices(x, 10), expected, sim)
