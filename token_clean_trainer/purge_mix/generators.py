@@ -374,7 +374,13 @@ class OpenAIGenerator:
 
     def _client(self):
         """One `openai.OpenAI` per key value (the key is read at call time, so a rotated key takes effect)."""
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise GenerationError(
+                "The 'openai' generator backend needs the official client: pip install 'token-clean-trainer[purge]' "
+                "(or pip install openai)."
+            ) from None
 
         key = self._key()
         with self._lock:
