@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	# purge-mix's llama.cpp backend, tested on the SmolLM2 GGUF: an sdist built from source (~5 min on 2 cores), with
 	# portable flags (a -march=native build segfaults in AMX kernels on VMs that do not enable AMX).
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-		$(PY) -m pip install -q "llama-cpp-python==0.3.36"
+		$(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
 	# Headless Chromium renders tokens.html in the report tests (Debian package; CI runs as root).
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
