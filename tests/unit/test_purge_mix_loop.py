@@ -369,6 +369,14 @@ def test_repair_prompt_names_the_missing_terms_and_switches_operator():
     assert "What is Python used for?" in repair  # the previous attempt is shown
 
 
+def test_a_resent_attempt_is_named_as_such():
+    # The checklist rejects attempt 1; the model resends it verbatim: a defect of its own, first in the next prompt.
+    result, backend, _ = _run([GOOD_PAIR, GOOD_PAIR, GOOD_PAIR_2], [FAIL, PASS])
+    assert result.accepted and result.defects[1][0] == "repeats_previous_attempt"
+    assert [k for k, _ in backend.calls] == ["fusion", "checklist", "fusion", "fusion", "checklist"]
+    assert "repeats the rejected previous attempt word for word" in backend.calls[3][1]
+
+
 def test_factual_conflicts_are_flagged_not_rejected():
     conflict = json.dumps({**FIVE_TRUE, "source_conflicts": ["Example A calls Python compiled"], "defects": []})
     result, _, _ = _run([GOOD_PAIR], [conflict])

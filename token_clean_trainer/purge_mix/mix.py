@@ -222,6 +222,7 @@ REPAIR_OPERATOR = {
     "unparseable_output": "direct_answer",
     "template_placeholder": "direct_answer",
     "response_repeats_instruction": "direct_answer",
+    "repeats_previous_attempt": "merged_corpus",
     # A rambling answer: a structured template gives it a shape.
     "repetitive_response": "multi_step",
     # Operator not followed: retry the same operator, now told which part is missing.
@@ -505,6 +506,10 @@ def key_term_coverage(
 
 def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _same_pair(a: dict[str, str], b: dict[str, str]) -> bool:
+    return _norm(a["instruction"]) == _norm(b["instruction"]) and _norm(a["response"]) == _norm(b["response"])
 
 
 def copied_passage(text: str, source: str, min_words: int) -> str | None:
@@ -830,6 +835,16 @@ def run_fusions(
             )
             for j in open_jobs
         }
+        for j in open_jobs:  # small models often resend the rejected attempt: say so, it is the first thing to fix
+            if previous[j] is not None and candidates[j] is not None and _same_pair(candidates[j], previous[j]):
+                findings[j].insert(
+                    0,
+                    (
+                        "repeats_previous_attempt",
+                        "the new attempt repeats the rejected previous attempt word for word; write a different "
+                        "example that fixes the problems",
+                    ),
+                )
         defects = {j: list(dict.fromkeys(code for code, _ in findings[j])) for j in open_jobs}
         problems = {j: [message for _, message in findings[j]] for j in open_jobs}
         if config.purge_mix_checklist:

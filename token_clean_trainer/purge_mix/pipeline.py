@@ -47,7 +47,7 @@ EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_DATASET = "embedded:chatterbot"
 # Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
 # (cached LLM replies are still replayed); the statistics have their own version.
-_PIPELINE_VERSION = 4
+_PIPELINE_VERSION = 5
 _STATS_VERSION = 1
 # Settings that do not change the output, so they stay out of the result key.
 _NOT_IN_KEY = ("purge_mix_enabled", "purge_mix_output", "purge_mix_cache_dir", "purge_mix_max_concurrency")
