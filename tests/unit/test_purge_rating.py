@@ -1,5 +1,7 @@
 """The DS2-style rater's parsing and compression, and k-NN score curation on a planted example."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,77 @@ def test_curation_ignores_unrated_rows():
     scores[0] = -1
     out = curate_scores(scores, embeddings, k=10)
     assert out["curated"][0] == -1 and not out["changed"][0]
+
+
+def test_llm_rater_rates_every_row(tmp_path, monkeypatch):
+    """`purge_mix_rater="llm"` rates every row, also the ones the filters drop (the paper rates the whole pool); the
+    filters still keep those rows out of HQ."""
+    import json as _json
+
+    from datasets import Dataset
+
+    from token_clean_trainer.purge_mix import PurgeMixConfig, pipeline, run_purge_mix
+    from token_clean_trainer.purge_mix.generators import Completion
+
+    class Rater:
+        identity = "scripted-rater"
+        supports_json_schema = True
+
+        def __init__(self):
+            self.payloads = []
+
+        def generate(self, payloads, on_result):
+            for i, payload in enumerate(payloads):
+                self.payloads.append(payload)
+                on_result(
+                    i,
+                    Completion(_json.dumps({"rarity": 5, "complexity": 5, "informativeness": 9, "overall": 9}), 3, 3),
+                )
+
+    rater = Rater()
+    monkeypatch.setattr(pipeline._Models, "generator", lambda self: rater)
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(5)] + [
+        {"prompt": "Show the page", "completion": "<div>Hello</div> &nbsp; <p>World</p>"}
+    ]
+    config = PurgeMixConfig(
+        purge_mix_rater="llm",
+        purge_mix_perplexity=False,
+        purge_mix_curation=False,
+        purge_mix_output_mode="hq",
+    )
+    result = run_purge_mix(Dataset.from_list(rows), config, str(tmp_path), seed=0)
+    assert len(rater.payloads) == 6  # every row, the dropped one included
+    assert all(
+        p["json_schema"]["required"] == ["rarity", "complexity", "informativeness", "overall"] for p in rater.payloads
+    )
+    scored = result.scored
+    assert scored["purge_mix_score_raw"] == [5] * 6
+    assert scored["purge_mix_split"] == ["hq"] * 5 + ["lq"]
+    assert scored["purge_mix_reasons"][5] == ["html_markup"]
+
+
+def _exact_knn(x, k):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k], sim
+
+
+def _same_neighbours(found, expected, sim):
+    """Equal up to the order of neighbours whose similarities differ by float32 noise only."""
+    rows = np.arange(len(found))[:, None]
+    return np.allclose(sim[rows, found], sim[rows, expected], atol=1e-5)
+
+
+def test_knn_engines_agree_with_brute_force(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 24)).astype(np.float32)
+    expected, sim = _exact_knn(x, 10)
+    pytest.importorskip("faiss")
+    assert _same_neighbours(knn_indices(x, 10), expected, sim)  # faiss, exact flat index
+    # HNSW (forced here by a zero exact limit): approximate, but recall stays high on this size.
+    approx = knn_indices(x, 10, exact_max_rows=0)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), expected.tolist())])
+    assert recall >= 0.95 and (approx != np.arange(600)[:, None]).all()
+    monkeypatch.setitem(sys.modules, "faiss", None)  # not installed: scikit-learn's exact neighbours
+    assert _same_neighbours(knn_indices(x, 10), expected, sim)

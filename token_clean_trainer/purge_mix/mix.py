@@ -9,6 +9,7 @@ item true; an unreadable checklist is a defect, never a pass.
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,23 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Above this many rows k-means runs in mini-batches (sklearn's MiniBatchKMeans): linear in n per pass, so the
+# silhouette search and the final clustering stay in minutes at 300k rows.
+MINIBATCH_KMEANS_ROWS = 20_000
+
+
+def _kmeans(k: int, n: int, seed: int):
+    if n > MINIBATCH_KMEANS_ROWS:
+        from sklearn.cluster import MiniBatchKMeans
+
+        return MiniBatchKMeans(n_clusters=k, n_init=3, batch_size=4096, random_state=seed)
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=3, random_state=seed)
+
+
 def choose_num_clusters(embeddings: np.ndarray, k_min: int, k_max: int, seed: int) -> tuple[int, dict[int, float]]:
     """The k in `[k_min, k_max]` (capped at n - 1) with the highest average silhouette; ties go to the smaller k."""
-    from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
     n = len(embeddings)
@@ -37,7 +52,7 @@ def choose_num_clusters(embeddings: np.ndarray, k_min: int, k_max: int, seed: in
         return 1, {}
     scores: dict[int, float] = {}
     for k in range(k_min, k_max + 1):
-        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(embeddings)
+        labels = _kmeans(k, n, seed).fit_predict(embeddings)
         if len(set(labels.tolist())) < 2:
             continue
         sample = min(n, 5000)  # silhouette is O(n^2): sample large pools
@@ -52,9 +67,7 @@ def cluster(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.n
     """k-means labels and centroids (k = 1: one cluster, its mean)."""
     if k <= 1 or len(embeddings) <= 1:
         return np.zeros(len(embeddings), dtype=np.int64), embeddings.mean(0, keepdims=True)
-    from sklearn.cluster import KMeans
-
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(embeddings)
+    km = _kmeans(k, len(embeddings), seed).fit(embeddings)
     return km.labels_.astype(np.int64), km.cluster_centers_
 
 
@@ -88,9 +101,12 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
     """
     The fusion jobs within the budget, and the clustering summary for the report.
 
-    `pairing="cluster"`: k-means (k by silhouette unless fixed), `purge_mix_representatives` MMR picks per cluster,
-    consecutive picks paired; clusters take turns (largest first) until the budget is spent. `pairing="random"`:
-    random pairs of the whole pool (ablation). `fusion_mode="rewrite"` uses single rows instead of pairs.
+    `pairing="cluster"`: k-means (k by silhouette unless fixed); each cluster gets a quota of MMR representatives,
+    consecutive picks are paired, and clusters take turns (largest first) until the budget is spent. The quota is
+    `purge_mix_representatives`, raised to the cluster's share of the rows the budget needs (`size / n * 2 * target`,
+    target = min(budget, n // 2)), so the number of pairs follows the pool and the budget instead of stopping at
+    `clusters x representatives / 2`. `pairing="random"`: random pairs of the whole pool (ablation).
+    `fusion_mode="rewrite"` uses single rows instead of pairs. No row is used twice.
     """
     n = len(embeddings)
     budget = config.purge_mix_max_fusions
@@ -121,16 +137,16 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
     labels, centroids = cluster(embeddings, k, seed)
     per_cluster: list[tuple[int, list[list[int]]]] = []
     sizes = np.bincount(labels, minlength=len(centroids)).tolist()
+    needed = min(budget, n // group) * group  # rows the budget can use
     representatives = {}
     for c in sorted(range(len(centroids)), key=lambda c: (-sizes[c], c)):
         members = np.flatnonzero(labels == c)
         if len(members) < group:
             continue
+        quota = max(config.purge_mix_representatives, math.ceil(len(members) * needed / n))
+        quota = min(quota, len(members))
         picks = [
-            int(members[i])
-            for i in mmr_select(
-                embeddings[members], centroids[c], config.purge_mix_representatives, config.purge_mix_mmr_lambda
-            )
+            int(members[i]) for i in mmr_select(embeddings[members], centroids[c], quota, config.purge_mix_mmr_lambda)
         ]
         representatives[c] = picks
         groups = [picks[i : i + group] for i in range(0, len(picks) - group + 1, group)]
@@ -187,20 +203,47 @@ OUTPUT_FORMAT = (
     "### Instruction\n...\n### Response\n..."
 )
 
-# Which operator a repair attempt switches to, by the first defect found (the checklist steers the template).
+# Which operator a repair attempt switches to, by the defect found (the checklist steers the template). Keys are the
+# exact defect codes that `check_candidate` and `checklist_verdict` produce; the first defect with an entry decides.
 REPAIR_OPERATOR = {
+    # Sources not covered: a template whose task is to use both sources.
     "key_terms_missing": "merged_corpus",
     "keeps_key_terms": "merged_corpus",
+    "copied_source": "merged_corpus",
+    "copied_passage": "merged_corpus",
+    "copied_demonstration": "merged_corpus",
+    # An answer that is vague, cut off or off the question: the plainest template.
     "complete": "direct_answer",
     "answers_instruction": "direct_answer",
     "response_too_short": "direct_answer",
+    "instruction_too_short": "direct_answer",
     "instruction_clear": "direct_answer",
-    "consistent": "direct_answer",
+    "consistent_with_instruction": "direct_answer",
     "unparseable_output": "direct_answer",
-    "repetitive_response": "multi_step",
     "template_placeholder": "direct_answer",
-    "copied_demonstration": "merged_corpus",
+    "response_repeats_instruction": "direct_answer",
+    "repeats_previous_attempt": "merged_corpus",
+    # A rambling answer: a structured template gives it a shape.
+    "repetitive_response": "multi_step",
+    # Operator not followed: retry the same operator, now told which part is missing.
+    "steps_missing": "multi_step",
+    "comparison_missing": "compare_contrast",
+    "answer_not_direct": "direct_answer",
 }
+
+
+def repair_operator(defects: list[str], current: str) -> str:
+    """The operator of the next attempt: the table entry of the first defect that has one, else `current`.
+
+    Checklist items the reviewer left out come back as `<item>_missing`; they steer like the item itself.
+    """
+    for code in defects:
+        target = REPAIR_OPERATOR.get(code)
+        if target is None and code.endswith("_missing"):
+            target = REPAIR_OPERATOR.get(code.removesuffix("_missing"))
+        if target is not None:
+            return target
+    return current
 
 
 def _format_sources(sources: list[dict[str, str]], max_chars: int = 1500) -> str:
@@ -218,6 +261,11 @@ def _format_sources(sources: list[dict[str, str]], max_chars: int = 1500) -> str
 _DEMO_SOURCES = [
     {"instruction": "What is ice?", "response": "Ice is frozen water."},
     {"instruction": "At what temperature does water boil?", "response": "At 100 degrees Celsius at sea level."},
+]
+# Two small sources for tests and examples.
+SOURCES_FOR_TESTS = [
+    {"instruction": "What is Python?", "response": "Python is a programming language."},
+    {"instruction": "What is a compiler?", "response": "A compiler translates source code into machine code."},
 ]
 _DEMO_PAIR = {
     "instruction": "At what temperatures does water turn into ice and boil at sea level?",
@@ -239,25 +287,42 @@ def fusion_messages(
     sources: list[dict[str, str]],
     operator: str,
     previous: dict[str, str] | None = None,
-    defects: list[str] | None = None,
+    problems: list[str] | None = None,
 ) -> list[dict[str, str]]:
+    """
+    The chat request of one fusion attempt. A repair attempt (`problems` given) says exactly what failed (the missing
+    key terms by name, the copied passage, the missing parts) and shows the previous attempt.
+    """
     task = REWRITE_TASK if len(sources) == 1 else OPERATOR_TASKS[operator]
     content = f"{_format_sources(sources)}\n\nTask: {task}\n\n"
-    if defects is not None:  # a repair attempt: name the defects (this also makes the request differ from the last)
-        content += "A previous attempt had these defects: " + "; ".join(defects) + ".\n"
+    if problems is not None:  # a repair attempt
+        content += "Your previous attempt was rejected. What failed:\n"
+        content += "".join(f"- {problem}\n" for problem in problems)
         if previous is not None:
             content += f"Previous attempt:\n### Instruction\n{previous['instruction']}\n### Response\n{previous['response']}\n"
-        content += "Write a corrected version that fixes every defect.\n\n"
+        content += "Write a new example that fixes every problem listed above; do not resend the previous attempt.\n\n"
     content += OUTPUT_FORMAT
     return [{"role": "system", "content": FUSION_SYSTEM}, *FUSION_DEMO, {"role": "user", "content": content}]
 
 
+# The five judged items. Factual disagreement with a source is deliberately not among them: low-quality sources are
+# often wrong, and a correct fused answer must be allowed to correct them; the reviewer lists such conflicts under
+# `source_conflicts`, which flags the pair for human review without rejecting it.
 CHECKLIST_ITEMS = {
     "instruction_clear": "the new instruction is a clear, self-contained request",
     "answers_instruction": "the new response answers that instruction",
     "complete": "the new response is complete, not cut off or vague",
     "keeps_key_terms": "the new example keeps the key terms of the source examples",
-    "consistent": "the new example states nothing false and does not contradict the sources",
+    "consistent_with_instruction": "the new response stays consistent with the new instruction and with itself",
+}
+CHECKLIST_SCHEMA = {
+    "type": "object",
+    "properties": {
+        **{key: {"type": "boolean"} for key in CHECKLIST_ITEMS},
+        "source_conflicts": {"type": "array", "items": {"type": "string"}},
+        "defects": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": [*CHECKLIST_ITEMS, "source_conflicts", "defects"],
 }
 
 
@@ -275,7 +340,10 @@ def _checklist_request(sources: list[dict[str, str]], candidate: dict[str, str])
     return (
         f"Source examples:\n\n{_format_sources(sources)}\n\nNew example:\n### Instruction\n{candidate['instruction']}\n"
         f"### Response\n{candidate['response']}\n\nCheck the new example. Answer with one JSON object with these keys:\n"
-        f'{items}\n- "defects": a list of short strings naming every problem (empty list if none).\n'
+        f"{items}\n"
+        '- "source_conflicts": a list of facts on which the new example disagrees with a source example (empty list '
+        "if none; disagreeing is allowed when the source is wrong)\n"
+        '- "defects": a list of short strings naming every problem of the new example (empty list if none).\n'
         "Answer with the JSON object only."
     )
 
@@ -285,13 +353,14 @@ CHECKLIST_DEMO = [
     {
         "role": "user",
         "content": _checklist_request(
-            _DEMO_SOURCES, {**_DEMO_PAIR, "response": "Water freezes at 0 degrees Celsius and boils at 50 degrees."}
+            _DEMO_SOURCES, {**_DEMO_PAIR, "response": "At sea level, water boils at 100 degrees Celsius."}
         ),
     },
     {
         "role": "assistant",
-        "content": '{"instruction_clear": true, "answers_instruction": true, "complete": true, "keeps_key_terms": '
-        'true, "consistent": false, "defects": ["the boiling point is wrong: 100 degrees Celsius, not 50"]}',
+        "content": '{"instruction_clear": true, "answers_instruction": false, "complete": false, "keeps_key_terms": '
+        'false, "consistent_with_instruction": true, "source_conflicts": [], "defects": ["the freezing point asked '
+        'for is not given", "ice is not mentioned"]}',
     },
 ]
 
@@ -338,62 +407,324 @@ _STOPWORDS = frozenset(
     "about above after again also because been before being below between both could does doing down during each "
     "from further have having here into just more most only other over same should some such than that their them "
     "then there these they this those through under until very were what when where which while will with would "
-    "your yours you're it's don't".split()
+    "your yours you're it's don't the and for are but not you all any can had her was one our out has his how its "
+    "may new now see two way who did get got let put say she too use yes why own off per via yet "
+    # Words of the task itself: every fusion says them, so they prove nothing about the sources.
+    "example examples instruction instructions response responses answer answers question questions thing things "
+    "like well many much make makes made need needs used using".split()
 )
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9+#]*(?:'[A-Za-z]+)?")
+_ACRONYM = re.compile(r"^[A-Z][A-Z0-9+#]+(?:s)?$")
+
+
+def normalize_term(word: str) -> str:
+    """
+    The matching form of a word: lower case, possessive and plural removed, a light stem of "-ing"/"-ed"
+    ("Printers" -> "printer", "GPUs" -> "gpu", "compiled", "compiles" and "compiling" -> "compil").
+    """
+    if _ACRONYM.match(word) and sum(c.isupper() for c in word) >= 2:
+        return word.lower().removesuffix("s") if word.endswith("s") and word[:-1].isupper() else word.lower()
+    w = word.lower()
+    if w.endswith("'s"):
+        w = w[:-2]
+    if w.endswith("ies") and len(w) > 4:
+        w = w[:-3] + "y"
+    elif w.endswith(("sses", "shes", "ches", "xes", "zes")):
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        w = w[:-1]
+    for suffix in ("ing", "ed"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: -len(suffix)]
+            if len(w) > 3 and w[-1] == w[-2] and w[-1] not in "lsz":  # "programming" -> "program"
+                w = w[:-1]
+            break
+    if w.endswith("e") and len(w) > 3:  # "compile"/"compiled" and "code"/"coded" meet
+        w = w[:-1]
+    return w
+
+
+def _term_forms(text: str) -> list[tuple[str, str]]:
+    """`(normalised, surface)` of every content word of `text`: >= 3 letters and not a stop word, or an acronym of
+    >= 2 capitals ("AI", "GPU", "USB3")."""
+    out = []
+    for word in _TOKEN.findall(text or ""):
+        acronym = _ACRONYM.match(word) is not None and sum(c.isupper() for c in word) >= 2
+        if not acronym and (len(word) < 3 or word.lower() in _STOPWORDS):
+            continue
+        norm = normalize_term(word)
+        if norm and (acronym or norm not in _STOPWORDS):
+            out.append((norm, word))
+    return out
 
 
 def key_terms(text: str, limit: int = 12) -> list[str]:
-    """Content words (>= 4 letters, not stop words) of `text`, most frequent first, ties in order of appearance."""
-    words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9_'-]{3,}", text)]
+    """Normalised content words of `text` (see `normalize_term`), most frequent first, ties in order of appearance."""
     counts: dict[str, int] = {}
-    for w in words:
-        if w not in _STOPWORDS:
-            counts[w] = counts.get(w, 0) + 1
+    for norm, _ in _term_forms(text):
+        counts[norm] = counts.get(norm, 0) + 1
     return sorted(counts, key=lambda w: -counts[w])[:limit]
+
+
+def source_key_terms(source: dict[str, str], limit: int = 6) -> list[tuple[str, str]]:
+    """The `limit` key terms of one source row as `(normalised, surface)`: instruction words count twice (they name
+    the topic), then frequency, then first appearance."""
+    counts: dict[str, int] = {}
+    surface: dict[str, str] = {}
+    for weight, text in ((2, source["instruction"]), (1, source["response"])):
+        for norm, word in _term_forms(text):
+            counts[norm] = counts.get(norm, 0) + weight
+            surface.setdefault(norm, word)
+    return [(w, surface[w]) for w in sorted(counts, key=lambda w: -counts[w])[:limit]]
+
+
+def key_term_coverage(
+    text: str, sources: list[dict[str, str]], coverage: float, limit: int = 6
+) -> list[tuple[int, list[str], int]]:
+    """
+    The sources `text` does not cover, as `(source index, missing surface terms, terms required)`.
+
+    A source is covered when `text` holds at least `max(1, ceil(coverage * n))` of its `n` key terms (normalised
+    forms), and, when the source has key terms that the other sources lack, at least one of those: one generic word
+    shared by both sources never covers both.
+    """
+    present = {norm for norm, _ in _term_forms(text)}
+    terms = [source_key_terms(src, limit) for src in sources]
+    out = []
+    for i, mine in enumerate(terms):
+        if not mine:
+            continue
+        others = {norm for j, theirs in enumerate(terms) if j != i for norm, _ in theirs}
+        distinct = [norm for norm, _ in mine if norm not in others]
+        found = [norm for norm, _ in mine if norm in present]
+        required = min(len(mine), max(1, math.ceil(coverage * len(mine))))
+        if len(found) < required or (distinct and not any(norm in present for norm in distinct)):
+            missing = [word for norm, word in mine if norm not in present]
+            out.append((i, missing, required))
+    return out
 
 
 def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def code_defects(candidate: dict[str, str] | None, sources: list[dict[str, str]], config: PurgeMixConfig) -> list[str]:
-    """Deterministic checks of a fused pair (no LLM); an empty list means it passes."""
+def _same_pair(a: dict[str, str], b: dict[str, str]) -> bool:
+    return _norm(a["instruction"]) == _norm(b["instruction"]) and _norm(a["response"]) == _norm(b["response"])
+
+
+def copied_passage(text: str, source: str, min_words: int) -> str | None:
+    """The longest run of at least `min_words` consecutive words of `source` that `text` repeats verbatim (case and
+    punctuation ignored), else `None`."""
+    a, b = _norm(text).split(), _norm(source).split()
+    if min_words <= 0 or len(a) < min_words or len(b) < min_words:
+        return None
+    starts: dict[tuple[str, ...], list[int]] = {}
+    for j in range(len(b) - min_words + 1):
+        starts.setdefault(tuple(b[j : j + min_words]), []).append(j)
+    best = (0, 0)
+    for i in range(len(a) - min_words + 1):
+        for j in starts.get(tuple(a[i : i + min_words]), ()):
+            n = min_words
+            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n]:
+                n += 1
+            if n > best[1]:
+                best = (j, n)
+    return " ".join(b[best[0] : best[0] + best[1]]) if best[1] else None
+
+
+_CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
+_PART = re.compile(r"(?:^|\n|[\s(])(?:part\s+|step\s+)?\(?([1-9])[.):]\s", re.IGNORECASE)
+_ORDINAL = {"first": "1", "second": "2", "third": "3", "firstly": "1", "secondly": "2"}
+_COMPARE_ASK = re.compile(r"\b(?:compar\w*|contrast\w*|differ\w*|distinguish\w*|versus|vs\.?|similar\w*)", re.I)
+_COMPARE_SAY = re.compile(
+    r"\b(?:both|while|whereas|unlike|however|in contrast|differ\w*|similar\w*|same|whilst|on the other hand|but)\b",
+    re.IGNORECASE,
+)
+_NOT_DIRECT = re.compile(
+    r"^\W*(?:sure|certainly|of course|okay|ok|here is|here's|as an ai|i can|i'd be happy|i would be happy|great "
+    r"question)\b",
+    re.IGNORECASE,
+)
+
+
+def numbered_parts(text: str) -> set[str]:
+    """The part numbers a text marks ("1." / "2)" / "Part 2:" / "Step 1:" / "First," ...)."""
+    found = set(_PART.findall(text or ""))
+    for word, number in _ORDINAL.items():
+        if re.search(rf"(?:^|\n|\.\s)\W*{word}\b", text or "", re.IGNORECASE):
+            found.add(number)
+    return found
+
+
+def operator_findings(candidate: dict[str, str], sources: list[dict[str, str]], operator: str, config):
+    """Whether the candidate follows its operator's task; `(code, what failed)` for each way it does not."""
+    instruction, response = candidate["instruction"], candidate["response"]
+    out: list[tuple[str, str]] = []
+    if operator == "multi_step":
+        asked, answered = numbered_parts(instruction), numbered_parts(response)
+        if not {"1", "2"} <= asked:
+            out.append(("steps_missing", "the instruction must have two numbered parts, marked 1. and 2."))
+        if not {"1", "2"} <= answered:
+            missing = sorted({"1", "2"} - answered)
+            out.append(
+                (
+                    "steps_missing",
+                    "the response must answer the parts in order, marked 1. and 2.; missing: "
+                    + ", ".join(f"part {n}" for n in missing),
+                )
+            )
+    elif operator == "compare_contrast":
+        if not _COMPARE_ASK.search(instruction):
+            out.append(("comparison_missing", "the instruction must ask to compare the two subjects"))
+        if not _COMPARE_SAY.search(response):
+            out.append(("comparison_missing", "the response must say what the subjects share and how they differ"))
+    elif operator == "direct_answer":
+        if _NOT_DIRECT.match(response):
+            opening = " ".join(response.split()[:4])
+            out.append(("answer_not_direct", f'the response must start with the answer, not with "{opening}"'))
+    elif operator == "merged_corpus" and len(sources) > 1:
+        for i, missing, _ in key_term_coverage(response, sources, 0.0):
+            label = chr(ord("A") + i)
+            out.append(
+                (
+                    "key_terms_missing",
+                    f"the response must use the information of both examples; it uses nothing of Example {label} "
+                    f"(for example: {', '.join(missing[:4])})",
+                )
+            )
+    return out
+
+
+def check_candidate(
+    candidate: dict[str, str] | None,
+    sources: list[dict[str, str]],
+    config: PurgeMixConfig,
+    operator: str | None = None,
+) -> list[tuple[str, str]]:
+    """
+    Deterministic checks of a fused pair (no LLM): `(code, what failed)` for every defect; empty means it passes.
+    The second element is written for the model and goes into the repair prompt as it is.
+    """
     if candidate is None:
-        return ["unparseable_output"]
-    defects = []
+        return [
+            (
+                "unparseable_output",
+                "the reply did not follow the format: a line '### Instruction', the instruction, a line "
+                "'### Response', the response",
+            )
+        ]
+    out: list[tuple[str, str]] = []
     instruction, response = candidate["instruction"], candidate["response"]
     if len(instruction.split()) < 3:
-        defects.append("instruction_too_short")
-    if len("".join(response.split())) < config.purge_mix_min_fused_response_chars:
-        defects.append("response_too_short")
-    if repetition_ratio(response, config.purge_mix_ngram_size) > config.purge_mix_max_repetition:
-        defects.append("repetitive_response")
+        out.append(("instruction_too_short", "the instruction has fewer than 3 words"))
+    chars = len("".join(response.split()))
+    if chars < config.purge_mix_min_fused_response_chars:
+        out.append(
+            (
+                "response_too_short",
+                f"the response is too short ({chars} characters; at least {config.purge_mix_min_fused_response_chars})",
+            )
+        )
+    repeated = repetition_ratio(response, config.purge_mix_ngram_size)
+    if repeated > config.purge_mix_max_repetition:
+        out.append(("repetitive_response", f"the response repeats itself ({repeated:.0%} of its phrases are repeats)"))
+    # Markup inside code spans is content (an answer about HTML shows tags), not scraping noise.
+    prose = _CODE.sub(" ", instruction + "\n" + response)
     if (
-        html_tag_count(instruction + response) > config.purge_mix_max_html_tags
+        html_tag_count(prose) > config.purge_mix_max_html_tags
         or noise_ratio(response) > config.purge_mix_max_noise_ratio
     ):
-        defects.append("markup_noise")
+        out.append(("markup_noise", "the text holds stray HTML tags or broken characters outside code blocks"))
     if _PLACEHOLDER.search(instruction) or _PLACEHOLDER.search(response):
-        defects.append("template_placeholder")
+        out.append(("template_placeholder", "the text holds a placeholder ('...' or '<new ...>') instead of content"))
     if instruction.strip().lower() == response.strip().lower():
-        defects.append("response_repeats_instruction")
-    for src in sources:
-        if instruction.strip() == src["instruction"].strip() and response.strip() == src["response"].strip():
-            defects.append("copied_source")
+        out.append(("response_repeats_instruction", "the response only repeats the instruction"))
+    for n, src in enumerate(sources):
+        if _norm(instruction) == _norm(src["instruction"]) and _norm(response) == _norm(src["response"]):
+            out.append(("copied_source", f"the new example is a copy of Example {chr(ord('A') + n)}"))
             break
+    else:
+        for n, src in enumerate(sources):
+            passage = copied_passage(response, src["response"], config.purge_mix_max_copied_words)
+            if passage is not None:
+                out.append(
+                    (
+                        "copied_passage",
+                        f'the response copies this passage of Example {chr(ord("A") + n)} word for word: "{passage}"; '
+                        "say it in your own words",
+                    )
+                )
+                break
     if _norm(instruction) == _norm(_DEMO_PAIR["instruction"]) or _norm(response) == _norm(_DEMO_PAIR["response"]):
-        defects.append("copied_demonstration")  # the prompt's worked example, not a fusion of the sources
-    fused_words = set(key_terms(instruction + " " + response, limit=10_000))
-    for src in sources:
-        terms = key_terms(src["instruction"] + " " + src["response"])
-        if terms and not fused_words.intersection(terms):
-            defects.append("key_terms_missing")
-            break
-    return defects
+        out.append(
+            (
+                "copied_demonstration",
+                "the example copies the worked example about ice and boiling water instead of using Examples A and B",
+            )
+        )
+    for i, missing, required in key_term_coverage(
+        instruction + "\n" + response, sources, config.purge_mix_key_term_coverage
+    ):
+        label = chr(ord("A") + i) if len(sources) > 1 else "the example"
+        out.append(
+            (
+                "key_terms_missing",
+                f"the new example must use at least {required} key term(s) of Example {label}; missing: "
+                + ", ".join(missing),
+            )
+        )
+    if operator is not None and len(sources) > 1:
+        out.extend(operator_findings(candidate, sources, operator, config))
+    return out
+
+
+def code_defects(
+    candidate: dict[str, str] | None,
+    sources: list[dict[str, str]],
+    config: PurgeMixConfig,
+    operator: str | None = None,
+) -> list[str]:
+    """The defect codes of [`check_candidate`] (each code once, in order); an empty list means it passes."""
+    return list(dict.fromkeys(code for code, _ in check_candidate(candidate, sources, config, operator)))
+
+
+_NONE_LIKE = re.compile(
+    r"^\W*(?:none|nothing|null|n/?a|no|-|no (?:defects?|issues?|problems?|errors?)(?: (?:found|detected|identified))?"
+    r"|there are no (?:defects?|issues?|problems?)|all good|looks good)\W*$",
+    re.IGNORECASE,
+)
+
+
+def _listed(value) -> list[str]:
+    """A reviewer's free-text list with none-like entries ("None.", "No defects found", "n/a") removed."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        text = str(item).strip() if item is not None else ""
+        if text and not _NONE_LIKE.match(text):
+            out.append(text[:200])
+    return out
+
+
+def _truth(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return {"true": True, "yes": True, "false": False, "no": False}.get(value.strip().strip(".").lower())
+    return None
 
 
 def checklist_verdict(text: str) -> tuple[bool, list[str], dict[str, Any] | None]:
-    """`(passed, defects, parsed)` of an LLM checklist reply. Unreadable or incomplete is a failure."""
+    """
+    `(passed, defects, parsed)` of an LLM checklist reply. Only the five items of `CHECKLIST_ITEMS` are judged: the
+    pair passes when each is true. An item answered neither true nor false is `<item>_missing`; an unreadable reply
+    is `checklist_unparsed`: neither is ever a pass. The free-text `defects` and `source_conflicts` lists never
+    reject a pair (a nitpick beside five trues is not a failure); they are read by [`checklist_notes`].
+    """
     obj = extract_json_object(text)
     if obj is None:
         return False, ["checklist_unparsed"], None
@@ -402,23 +733,38 @@ def checklist_verdict(text: str) -> tuple[bool, list[str], dict[str, Any] | None
     lowered = {str(k).strip().lower(): v for k, v in obj.items()}
     defects = []
     for key in CHECKLIST_ITEMS:
-        value = lowered.get(key)
-        if isinstance(value, str):
-            value = {"true": True, "yes": True, "false": False, "no": False}.get(value.strip().lower(), value)
+        value = _truth(lowered.get(key))
         if value is not True:
             defects.append(key if value is False else f"{key}_missing")
-    listed = lowered.get("defects")
-    if isinstance(listed, list):
-        for item in listed:
-            item = str(item).strip()
-            if item and item.lower() not in ("none", "no defects", "n/a", "null", "-"):
-                defects.append(f"llm: {item[:120]}")
-    elif listed is not None and not isinstance(listed, list):
-        defects.append("defects_not_a_list")
     return not defects, defects, obj
 
 
+def checklist_notes(parsed: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """`(defects, source_conflicts)`: the reviewer's free-text lists, none-like entries removed."""
+    if not parsed:
+        return [], []
+    lowered = {str(k).strip().lower(): v for k, v in parsed.items()}
+    return _listed(lowered.get("defects")), _listed(lowered.get("source_conflicts"))
+
+
 _CHECKLIST_DEMO_ANSWER = json.loads(CHECKLIST_DEMO[1]["content"])
+
+
+def checklist_problems(defects: list[str], parsed: dict[str, Any] | None) -> list[str]:
+    """What the reviewer found, in words, for the repair prompt."""
+    out = []
+    for code in defects:
+        item = code.removesuffix("_missing")
+        if code == "checklist_unparsed":
+            out.append("the reviewer could not read the example; write it plainly in the required format")
+        elif code == "checklist_copied_demonstration":
+            out.append("the reviewer could not judge the example; write it plainly in the required format")
+        elif item in CHECKLIST_ITEMS:
+            out.append(f"the reviewer found that it is not true that {CHECKLIST_ITEMS[item]}")
+    notes, _ = checklist_notes(parsed)
+    out.extend(f"reviewer's note: {note}" for note in notes)
+    return out
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The fusion loop
@@ -433,8 +779,10 @@ class FusionResult:
     candidate: dict[str, str] | None = None
     accepted: bool = False
     cycles: int = 0  # repair cycles used (0 = accepted or rejected at the first attempt)
-    defects: list[list[str]] = field(default_factory=list)  # defects of each attempt
+    defects: list[list[str]] = field(default_factory=list)  # defect codes of each attempt
+    problems: list[list[str]] = field(default_factory=list)  # what failed, in words, per attempt (repair prompts)
     checklist: dict[str, Any] | None = None  # the last parsed LLM checklist
+    review_flags: list[str] = field(default_factory=list)  # source conflicts the reviewer listed (not a rejection)
 
     @property
     def verdict(self) -> str:
@@ -449,13 +797,16 @@ def run_fusions(
     """
     Run every job through generate -> check -> (repair, at most `purge_mix_max_repair_cycles` times).
 
-    All jobs advance together, one wave per attempt, so the local backend batches and the HTTP backend runs them
-    concurrently. Every LLM call goes through `generator` (a `CachedGenerator`), so a rerun replays completed calls
-    and reaches the same results.
+    A repair attempt switches operator by [`repair_operator`] and its prompt says what failed (from
+    [`check_candidate`] and the reviewer's checklist). All jobs advance together, one wave per attempt, so the local
+    backend batches and the HTTP backend runs them concurrently. Every LLM call goes through `generator` (a
+    `CachedGenerator`), so a rerun replays completed calls and reaches the same results.
 
     Args:
         pool (`list[dict]`): The LQ rows as `{"instruction", "response"}`; jobs index into it.
     """
+    from .generators import schema_kwargs
+
     results = [FusionResult(sources=list(j.sources), cluster=j.cluster) for j in jobs]
     operator = [j.operator for j in jobs]
     previous: list[dict[str, str] | None] = [None] * len(jobs)
@@ -468,14 +819,34 @@ def run_fusions(
         prompts = []
         for j in open_jobs:
             sources = [pool[i] for i in jobs[j].sources]
-            defects = results[j].defects[-1] if results[j].defects else None
-            prompts.append(fusion_messages(sources, operator[j], previous[j], defects))
+            problems = results[j].problems[-1] if results[j].problems else None
+            prompts.append(fusion_messages(sources, operator[j], previous[j], problems))
             results[j].operators.append(operator[j] if len(sources) > 1 else "rewrite")
         # The attempt number goes into the request seed: a repair whose prompt happens to equal the previous one (same
         # candidate, same defects) is a new sample, not a replay of the cached reply.
         replies = generator.generate(prompts, stage="fusion", seed=generator.defaults["seed"] + cycle)
         candidates = {j: parse_pair(r.text) for j, r in zip(open_jobs, replies)}
-        defects = {j: code_defects(candidates[j], [pool[i] for i in jobs[j].sources], config) for j in open_jobs}
+        findings = {
+            j: check_candidate(
+                candidates[j],
+                [pool[i] for i in jobs[j].sources],
+                config,
+                results[j].operators[-1] if len(jobs[j].sources) > 1 else None,
+            )
+            for j in open_jobs
+        }
+        for j in open_jobs:  # small models often resend the rejected attempt: say so, it is the first thing to fix
+            if previous[j] is not None and candidates[j] is not None and _same_pair(candidates[j], previous[j]):
+                findings[j].insert(
+                    0,
+                    (
+                        "repeats_previous_attempt",
+                        "the new attempt repeats the rejected previous attempt word for word; write a different "
+                        "example that fixes the problems",
+                    ),
+                )
+        defects = {j: list(dict.fromkeys(code for code, _ in findings[j])) for j in open_jobs}
+        problems = {j: [message for _, message in findings[j]] for j in open_jobs}
         if config.purge_mix_checklist:
             to_check = [j for j in open_jobs if not defects[j]]
             if to_check:
@@ -483,16 +854,20 @@ def run_fusions(
                     [checklist_messages([pool[i] for i in jobs[j].sources], candidates[j]) for j in to_check],
                     stage="checklist",
                     temperature=0.0,
+                    **schema_kwargs(generator, CHECKLIST_SCHEMA),
                 )
                 for j, reply in zip(to_check, checks):
                     passed, llm_defects, parsed = checklist_verdict(reply.text)
                     results[j].checklist = parsed
+                    results[j].review_flags = checklist_notes(parsed)[1]
                     if not passed:
                         defects[j] = llm_defects
+                        problems[j] = checklist_problems(llm_defects, parsed)
         still_open = []
         for j in open_jobs:
             result = results[j]
             result.defects.append(defects[j])
+            result.problems.append(problems[j])
             result.cycles = cycle
             if candidates[j] is not None:
                 result.candidate = candidates[j]
@@ -501,8 +876,7 @@ def run_fusions(
             elif cycle < max_cycles:
                 if candidates[j] is not None:
                     previous[j] = candidates[j]
-                first = defects[j][0].removesuffix("_missing")
-                operator[j] = REPAIR_OPERATOR.get(first, operator[j])
+                operator[j] = repair_operator(defects[j], operator[j])
                 still_open.append(j)
         open_jobs = still_open
     return results
@@ -519,6 +893,8 @@ def result_row(result: FusionResult, pool_ids: list[str]) -> dict[str, Any]:
         "purge_mix_operator": result.operators[-1],
         "purge_mix_cycles": result.cycles,
         "purge_mix_checklist": json.dumps(
-            {"verdict": result.verdict, "llm_checklist": result.checklist}, ensure_ascii=False, sort_keys=True
+            {"verdict": result.verdict, "llm_checklist": result.checklist, "review_flags": result.review_flags},
+            ensure_ascii=False,
+            sort_keys=True,
         ),
     }

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,10 +29,17 @@ import numpy as np
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
 from .embedding import embed_texts, embedding_identity
-from .generators import CachedGenerator, OpenAIGenerator, TransformersGenerator
+from .generators import (
+    CachedGenerator,
+    LlamaCppGenerator,
+    OpenAIGenerator,
+    TransformersGenerator,
+    VLLMGenerator,
+    schema_kwargs,
+)
 from .mix import plan_jobs, result_row, run_fusions
 from .priors import MODEL_STATS, TEXT_STATS, apply_filters, perplexity_and_ifd, prior_scores, text_stats
-from .rating import compress_overall, curate_scores, parse_rating, rater_messages
+from .rating import RATING_SCHEMA, compress_overall, curate_scores, parse_rating, rater_messages
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +47,7 @@ EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_DATASET = "embedded:chatterbot"
 # Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
 # (cached LLM replies are still replayed); the statistics have their own version.
-_PIPELINE_VERSION = 3
+_PIPELINE_VERSION = 5
 _STATS_VERSION = 1
 # Settings that do not change the output, so they stay out of the result key.
 _NOT_IN_KEY = ("purge_mix_enabled", "purge_mix_output", "purge_mix_cache_dir", "purge_mix_max_concurrency")
@@ -99,13 +107,66 @@ def load_input_dataset(name: str, split: str = "train", config_name: str | None 
     return datasets.load_dataset(name, config_name, split=split)
 
 
+def is_gguf_generator(name: str | None) -> bool:
+    """Whether a generator name is a GGUF model: an embedded one or a `.gguf` file."""
+    if not name:
+        return False
+    return name.startswith("embedded:") or str(name).lower().endswith(".gguf")
+
+
+def resolve_gguf(name: str) -> str:
+    """The GGUF file of `embedded:smollm2`, `embedded:qwen2.5-coder-1.5b` (fetched on first use) or a path."""
+    if name.startswith("embedded:"):
+        from ..assets import embedded_gguf_path
+
+        return embedded_gguf_path(name)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"`purge_mix_model_name_or_path` {name!r} is not a file; give a local GGUF file.")
+    return name
+
+
+def choose_backend(config: PurgeMixConfig) -> tuple[str, str]:
+    """The generator backend `purge_mix_generator_backend` resolves to, and why (printed at the start of a run)."""
+    backend = config.purge_mix_generator_backend
+    name = config.purge_mix_model_name_or_path
+    if backend != "auto":
+        return backend, "set by purge_mix_generator_backend"
+    from .generators import llama_cpp_available, vllm_available
+
+    if name is None:
+        return "transformers", "no purge_mix_model_name_or_path: the scoring model generates"
+    if is_gguf_generator(name) and name != EMBEDDED_MODEL:
+        if llama_cpp_available():
+            return "llama_cpp", f"{name} is a GGUF model and llama-cpp-python is installed"
+        return "transformers", (
+            f"{name} is a GGUF model but llama-cpp-python is not installed (`pip install token-clean-trainer[llama]` "
+            "is ~25x faster on CPU); dequantizing it for transformers"
+        )
+    if name == EMBEDDED_MODEL:
+        if llama_cpp_available():
+            return "llama_cpp", "the embedded SmolLM2 GGUF, and llama-cpp-python is installed"
+        return "transformers", "llama-cpp-python is not installed; the converted SmolLM2 runs on transformers"
+    if vllm_available():
+        return "vllm", "vLLM is installed"
+    return "transformers", "vLLM is not installed"
+
+
 def _load_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if is_gguf_generator(path) and path != EMBEDDED_MODEL:
+        # A GGUF generator on the transformers fallback: dequantized on load (slow for a 1.5B model on CPU).
+        gguf = resolve_gguf(path)
+        folder, file = os.path.dirname(gguf), os.path.basename(gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    path = resolve_model_path(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -154,7 +215,18 @@ class _Models:
     def generator(self):
         if self._generator is None:
             c = self.config
-            if c.purge_mix_generator_backend == "openai":
+            choice, reason = choose_backend(c)
+            print(f"purge-mix: generator backend {choice} ({reason})", file=sys.stderr, flush=True)
+            logger.info("purge-mix: generator backend %s (%s)", choice, reason)
+            if choice == "llama_cpp":
+                backend = LlamaCppGenerator(
+                    resolve_gguf(c.purge_mix_model_name_or_path or EMBEDDED_MODEL),
+                    n_ctx=c.purge_mix_llama_context,
+                    n_threads=c.purge_mix_llama_threads,
+                )
+            elif choice == "vllm":
+                backend = VLLMGenerator(c.purge_mix_model_name_or_path)
+            elif choice == "openai":
                 backend = OpenAIGenerator(
                     c.purge_mix_base_url,
                     c.purge_mix_model_name_or_path,
@@ -294,7 +366,7 @@ def _embeddings(columns, config, models, folder, data_key) -> tuple[np.ndarray, 
 
 def _llm_ratings(columns, rows: np.ndarray, generator) -> tuple[np.ndarray, list[dict | None]]:
     messages = [rater_messages(columns["prompt_text"][i], columns["response_text"][i]) for i in rows]
-    replies = generator.generate(messages, stage="rating", temperature=0.0)
+    replies = generator.generate(messages, stage="rating", temperature=0.0, **schema_kwargs(generator, RATING_SCHEMA))
     scores = np.full(len(columns["prompt_text"]), -1, dtype=np.int64)
     parsed: list[dict | None] = [None] * len(columns["prompt_text"])
     for i, reply in zip(rows, replies):
@@ -403,9 +475,9 @@ def run_purge_mix(
     start = time.perf_counter()
     rating_details: list[dict | None] = [None] * n
     if config.purge_mix_rater == "llm":
-        raw = np.full(n, -1, dtype=np.int64)
-        rated, rating_details = _llm_ratings(columns, np.flatnonzero(passed), generator)
-        raw[passed] = rated[passed]
+        # The paper rates every row: the filters decide HQ eligibility, not which rows the rater sees, so curation
+        # has every row's score as a neighbour and the report shows the rating of the rows the filters dropped.
+        raw, rating_details = _llm_ratings(columns, np.arange(n), generator)
     else:
         raw = np.where(passed, prior_scores(stats["stat_ifd"], passed), -1)
     timings["rating_s"] = round(time.perf_counter() - start, 2)
@@ -474,7 +546,9 @@ def run_purge_mix(
                         "cycles": r.cycles,
                         "accepted": r.accepted,
                         "defects": r.defects,
+                        "problems": r.problems,
                         "candidate": r.candidate,
+                        "review_flags": r.review_flags,
                         "llm_checklist": r.checklist,
                     },
                     ensure_ascii=False,
@@ -511,6 +585,13 @@ def run_purge_mix(
         entry = by_operator.setdefault(r.operators[0] if r.operators else "", {"attempted": 0, "accepted": 0})
         entry["attempted"] += 1
         entry["accepted"] += int(r.accepted)
+    # Every attempt's defects by the operator that attempt used: which template fails how.
+    defects_by_operator: dict[str, dict[str, int]] = {}
+    for r in results:
+        for op, found in zip(r.operators, r.defects):
+            counts = defects_by_operator.setdefault(op, {})
+            for code in found:
+                counts[code] = counts.get(code, 0) + 1
     report = {
         "input_rows": input_rows,
         "rows_used": n,
@@ -534,6 +615,8 @@ def run_purge_mix(
             "cycles_of_accepted": dict(Counter(str(r.cycles) for r in accepted)),
             "by_operator": by_operator,
             "rejection_reasons": dict(rejection.most_common()),
+            "attempt_defects_by_operator": defects_by_operator,
+            "flagged_for_review": sum(1 for r in accepted if r.review_flags),
             "checklist": config.purge_mix_checklist,
             "max_repair_cycles": config.purge_mix_max_repair_cycles,
         },
@@ -608,8 +691,9 @@ def _stat_summary(stats: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 def _generator_summary(config: PurgeMixConfig, generator) -> dict[str, Any] | None:
     if generator is None:
         return None
-    summary = {"backend": config.purge_mix_generator_backend, "identity": generator.backend.identity}
-    if config.purge_mix_generator_backend == "openai":
+    name = getattr(generator.backend, "name", config.purge_mix_generator_backend)
+    summary = {"backend": name, "identity": generator.backend.identity}
+    if name == "openai":
         # The variable's name only: the key itself is never written anywhere.
         summary["api_key_env"] = config.purge_mix_api_key_env
     return summary

@@ -7,6 +7,12 @@ from typing import Any
 import numpy as np
 
 RATING_KEYS = ("rarity", "complexity", "informativeness", "overall")
+# For backends that constrain output to a JSON schema (llama.cpp, vLLM, OpenAI structured output).
+RATING_SCHEMA = {
+    "type": "object",
+    "properties": {key: {"type": "integer", "minimum": 1, "maximum": 10} for key in RATING_KEYS},
+    "required": list(RATING_KEYS),
+}
 
 RATER_SYSTEM = (
     "You are a strict data-quality reviewer for instruction-tuning data. You rate one instruction-response pair and "
@@ -50,7 +56,9 @@ def extract_json_object(text: str) -> dict[str, Any] | None:
         candidate = match.group(0)
         for attempt in (candidate, _loosen(candidate)):
             try:
-                value = json.loads(attempt)
+                # strict=False: raw newlines inside strings, which small models (and llama.cpp's schema-constrained
+                # sampling) write, are accepted.
+                value = json.loads(attempt, strict=False)
             except ValueError:
                 continue
             if isinstance(value, dict):
@@ -103,23 +111,59 @@ def compress_overall(overall: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def knn_indices(embeddings: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the `k` most cosine-similar other rows of each row (ties: lower index first)."""
-    x = np.asarray(embeddings, dtype=np.float32)
+# Pools up to this size get an exact (flat) index; larger pools an HNSW graph (approximate, ~O(n log n)).
+EXACT_KNN_MAX_ROWS = 20_000
+
+
+def knn_indices(embeddings: np.ndarray, k: int, exact_max_rows: int = EXACT_KNN_MAX_ROWS) -> np.ndarray:
+    """
+    Indices of the `k` most cosine-similar other rows of each row (ties: lower index first).
+
+    On faiss (`faiss-cpu`): an exact inner-product index on the normalised vectors up to `exact_max_rows` rows, an
+    HNSW graph above (M=32, efSearch >= 128: approximate, minutes for 300k 384-d rows on 2 cores, see
+    benchmarks/README.md). Without faiss: scikit-learn's exact brute-force neighbours (fine for small pools).
+    """
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     n = len(x)
     k = min(k, n - 1)
+    if k <= 0:
+        return np.empty((n, 0), dtype=np.int64)
+    # A few extra candidates: the row itself, and equal-similarity rows beyond k for the tie order below.
+    fetch = min(n, k + 1 + 4)
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        if n <= exact_max_rows:
+            index = faiss.IndexFlatIP(x.shape[1])
+        else:
+            index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 64
+            index.hnsw.efSearch = max(128, 2 * fetch)
+        index.add(x)
+        sim, idx = index.search(x, fetch)
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        dist, idx = NearestNeighbors(n_neighbors=fetch, metric="cosine", algorithm="brute").fit(x).kneighbors(x)
+        sim = 1.0 - dist
     out = np.empty((n, k), dtype=np.int64)
-    block = 256  # rows per block: memory stays at block x n floats
-    for start in range(0, n, block):
-        rows = np.arange(start, min(start + block, n))
-        sim = x[rows] @ x.T
-        sim[rows - start, rows] = -np.inf
-        # Top k by partition, then a stable sort of those k on (-similarity, index): deterministic on ties.
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(rows), 1))
-        top_sim = np.take_along_axis(sim, top, axis=1)
-        order = np.lexsort((top, -top_sim), axis=1)
-        out[start : start + len(rows)] = np.take_along_axis(top, order, axis=1)
+    rows = np.arange(n)[:, None]
+    valid = (idx >= 0) & (idx != rows)
+    # Stable order on (-similarity rounded to float32 noise, index): deterministic among equal similarities.
+    key_sim = np.where(valid, -np.round(sim.astype(np.float64), 5), np.inf)
+    key_idx = np.where(valid, idx, np.iinfo(np.int64).max)
+    order = np.lexsort((key_idx, key_sim), axis=1)
+    ranked = np.take_along_axis(key_idx, order, axis=1)[:, :k]
+    if (ranked == np.iinfo(np.int64).max).any():  # an approximate search found too few: exact search for those rows
+        for r in np.flatnonzero((ranked == np.iinfo(np.int64).max).any(axis=1)):
+            s = x @ x[r]
+            s[r] = -np.inf
+            top = np.lexsort((np.arange(n), -np.round(s.astype(np.float64), 5)))[:k]
+            ranked[r] = top
+    out[:] = ranked
     return out
 
 
