@@ -279,6 +279,10 @@ def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
         "kept fraction": report.get("kept_fraction"),
         "score p10 / p50 / p90": " / ".join(_fmt(scores.get(k)) for k in ("p10", "p50", "p90")) if scores else None,
         "|score| < 0.01": scores.get("share_abs_below_0.01"),
+        "within ±0.01 of threshold": scores.get("share_within_0.01_of_threshold"),
+        "row numbers": {"dataset": "rows of your dataset", "prepared": "rows of the prepared dataset"}.get(
+            report.get("row_ids")
+        ),
         "base loss mean": report.get("base_loss_mean"),
         "reference loss mean": report.get("ref_loss_mean"),
         "reference": report.get("reference"),
@@ -301,16 +305,57 @@ def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
     return f'<div class="tables">{table(summary, "result")}{table(settings, "settings")}</div>'
 
 
+def _warnings_html(report: dict[str, Any]) -> str:
+    return "".join(f'<p class="warning">{html.escape(w)}</p>' for w in report.get("warnings") or [])
+
+
+def _token_tables_html(report: dict[str, Any]) -> str:
+    """The report's token summary: most often kept, most often dropped (or most frequent), and special tokens."""
+    tokens = report.get("tokens")
+    if not tokens:
+        return ""
+    tables = []
+    for name, caption in (
+        ("kept", "most often kept"),
+        ("dropped", "most often dropped"),
+        ("frequent", "most frequent"),
+        ("special", "special tokens"),
+    ):
+        entries = tokens.get(name)
+        if not entries:
+            continue
+        cells = "".join(
+            "<tr><td class='t'>{}</td><td>{}</td><td>{:,}</td><td>{}</td><td>{}</td></tr>".format(
+                html.escape(json.dumps(e["token"], ensure_ascii=False)),
+                e["id"],
+                e["count"],
+                "–" if e["kept_share"] is None else f"{100 * e['kept_share']:.1f}%",
+                "–" if e["mean_score"] is None else f"{e['mean_score']:+.4f}",
+            )
+            for e in entries
+        )
+        tables.append(
+            f'<table class="tokstats"><caption>{caption}</caption><tr><th>token</th><th>id</th><th>count</th>'
+            f"<th>kept</th><th>mean score</th></tr>{cells}</table>"
+        )
+    return (
+        f"<details open><summary>response tokens by token string ({tokens['distinct']:,} distinct)</summary>"
+        f'<div class="tables">{"".join(tables)}</div></details>'
+    )
+
+
 def render_tokens_html(sample: dict[str, Any], report: dict[str, Any]) -> str:
     """The whole page as one string: settings (escaped here), then the sample as inert JSON rendered by the script."""
     title = f"token cleaning: {report.get('mode')} / {report.get('selection')}"
     parts = {
         "TITLE": html.escape(title),
         "SETTINGS": _settings_table(sample, report),
+        "WARNINGS": _warnings_html(report),
+        "TOKENS": _token_tables_html(report),
         "DATA": _json_for_script(sample),
     }
     # One pass, so text substituted in is never scanned for placeholders again.
-    return re.sub(r"__(TITLE|SETTINGS|DATA)__", lambda m: parts[m.group(1)], _PAGE)
+    return re.sub(r"__(TITLE|SETTINGS|WARNINGS|TOKENS|DATA)__", lambda m: parts[m.group(1)], _PAGE)
 
 
 def write_tokens_html(folder: str, sample: dict[str, Any], report: dict[str, Any]) -> str:
@@ -353,6 +398,12 @@ _PAGE = """<!DOCTYPE html>
   table.settings th { text-align: left; font-weight: 600; padding: 1px 14px 1px 0; color: #555; white-space: nowrap; }
   table.settings td { padding: 1px 18px 1px 0; font-family: ui-monospace, Menlo, Consolas, monospace; word-break: break-all; }
   details { margin-top: 6px; }
+  .warning { margin: 4px 0 8px; padding: 6px 10px; background: #fff4d6; border: 1px solid #e6b800; border-radius: 4px;
+             font-size: 13px; }
+  table.tokstats { border-collapse: collapse; font-size: 12px; margin-top: 4px; }
+  table.tokstats caption { text-align: left; font-weight: 700; }
+  table.tokstats th, table.tokstats td { padding: 1px 10px 1px 0; text-align: right; }
+  table.tokstats td.t { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
   .controls { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 12px; align-items: center;
               padding: 8px 20px; background: #f0f0f3; border-bottom: 1px solid #ddd; }
   .controls input[type=search] { width: 280px; padding: 4px 6px; }
@@ -380,7 +431,9 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <header>
   <h1>__TITLE__</h1>
+  __WARNINGS__
   __SETTINGS__
+  __TOKENS__
 </header>
 <div class="controls">
   <label>Sort <select id="sort">
@@ -419,7 +472,7 @@ _PAGE = """<!DOCTYPE html>
     return x >= 0 ? "hsl(140,60%," + light + "%)" : "hsl(4,85%," + light + "%)";
   }
   function describe(r, i) {
-    const parts = ["row " + r.row, "token " + i];
+    const parts = [(r.dataset_row !== undefined ? "dataset row " + r.dataset_row : "row " + r.row), "token " + i];
     if (!r.response[i]) parts.push("prompt (not trained)");
     if (r.base) parts.push("base loss " + num(r.base[i]));
     if (r.ref) parts.push("ref loss " + num(r.ref[i]));
@@ -442,7 +495,8 @@ _PAGE = """<!DOCTYPE html>
     badge.textContent = r.group;
     head.appendChild(badge);
     const info = document.createElement("span");
-    let text = "row " + r.row + "  \\u00b7  " + r.text.length + " tokens, " + r.response_tokens + " response";
+    let text = (r.dataset_row !== undefined ? "dataset row " + r.dataset_row + " (prepared row " + r.row + ")" :
+      "row " + r.row) + "  \\u00b7  " + r.text.length + " tokens, " + r.response_tokens + " response";
     if (r.kept_tokens !== undefined) {
       text += "  \\u00b7  kept " + r.kept_tokens + " (" + (100 * keptFraction(r)).toFixed(1) + "%)";
     } else if (r.rank !== null) {
@@ -496,7 +550,7 @@ _PAGE = """<!DOCTYPE html>
     let shown = rows.filter(function (r) { return !query || r.joined.indexOf(query) >= 0; });
     const how = sortBox.value;
     shown.sort(function (a, b) {
-      if (how === "row") return a.row - b.row;
+      if (how === "row") return (a.dataset_row ?? a.row) - (b.dataset_row ?? b.row);
       if (how === "longest") return b.text.length - a.text.length || a.row - b.row;
       const d = keptFraction(b) - keptFraction(a);
       return (how === "least" ? -d : d) || a.row - b.row;
