@@ -12,6 +12,7 @@ script builds every node with `textContent`.
 import codecs
 import html
 import json
+import math
 import os
 import re
 from typing import Any
@@ -344,7 +345,64 @@ def _token_tables_html(report: dict[str, Any]) -> str:
     )
 
 
-def render_tokens_html(sample: dict[str, Any], report: dict[str, Any]) -> str:
+_SVG_WIDTH, _SVG_HEIGHT, _SVG_LEFT, _SVG_BOTTOM = 640, 150, 48, 22
+
+
+def _histogram_panel_svg(panel: dict[str, Any]) -> str:
+    counts, edges = panel.get("counts") or [], panel.get("edges") or []
+    if not counts:
+        return ""
+    width, height, left, bottom = _SVG_WIDTH, _SVG_HEIGHT, _SVG_LEFT, _SVG_BOTTOM
+    top = max(math.log10(max(counts)), 1.0)
+    x0, x1 = edges[0], edges[-1]
+
+    def x(value: float) -> float:
+        return left + (width - left - 8) * (value - x0) / ((x1 - x0) or 1.0)
+
+    def y(count: float) -> float:
+        return (height - bottom) * (1 - math.log10(count) / top) if count >= 1 else height - bottom
+
+    bars = "".join(
+        f'<rect x="{x(lo):.1f}" y="{y(c):.1f}" width="{max(x(hi) - x(lo) - 0.3, 0.5):.1f}" '
+        f'height="{height - bottom - y(c):.1f}"/>'
+        for c, lo, hi in zip(counts, edges[:-1], edges[1:])
+        if c >= 1
+    )
+    ticks = "".join(
+        f'<line x1="{left - 4}" x2="{width - 8}" y1="{y(10**k):.1f}" y2="{y(10**k):.1f}" class="grid"/>'
+        f'<text x="{left - 6}" y="{y(10**k) + 4:.1f}" text-anchor="end">{10**k:,}</text>'
+        for k in range(int(top) + 1)
+    )
+    threshold = panel.get("threshold")
+    line = ""
+    if threshold is not None and x0 <= threshold <= x1:
+        line = (
+            f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="0" y2="{height - bottom}" class="thr"/>'
+            f'<text x="{x(threshold) + 3:.1f}" y="10" class="thr">threshold {threshold:+.4f}</text>'
+        )
+    axis = (
+        f'<text x="{left}" y="{height - 6}">{x0:+.2f}</text>'
+        f'<text x="{width - 8}" y="{height - 6}" text-anchor="end">{x1:+.2f}</text>'
+        f'<text x="{(left + width) / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+        f"{html.escape(str(panel.get('label', '')))}: score = L_base - L_ref (nats), "
+        f"{panel.get('count', 0):,} tokens, log count</text>"
+    )
+    return (
+        f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+        f"{ticks}<g class='bars'>{bars}</g>{line}{axis}</svg>"
+    )
+
+
+def histogram_svg(histogram: dict[str, Any] | None) -> str:
+    """
+    The score histogram (`score_histogram.json`) as inline SVG, counts on a log axis: one panel per entry of
+    `panels`, the threshold as a dashed red line. Empty when there is no histogram.
+    """
+    panels = "".join(_histogram_panel_svg(panel) for panel in (histogram or {}).get("panels", []))
+    return f"<details open><summary>score histogram</summary>{panels}</details>" if panels else ""
+
+
+def render_tokens_html(sample: dict[str, Any], report: dict[str, Any], histogram: dict[str, Any] | None = None) -> str:
     """The whole page as one string: settings (escaped here), then the sample as inert JSON rendered by the script."""
     title = f"token cleaning: {report.get('mode')} / {report.get('selection')}"
     parts = {
@@ -352,10 +410,11 @@ def render_tokens_html(sample: dict[str, Any], report: dict[str, Any]) -> str:
         "SETTINGS": _settings_table(sample, report),
         "WARNINGS": _warnings_html(report),
         "TOKENS": _token_tables_html(report),
+        "HISTOGRAM": histogram_svg(histogram),
         "DATA": _json_for_script(sample),
     }
     # One pass, so text substituted in is never scanned for placeholders again.
-    return re.sub(r"__(TITLE|SETTINGS|WARNINGS|TOKENS|DATA)__", lambda m: parts[m.group(1)], _PAGE)
+    return re.sub(r"__(TITLE|SETTINGS|WARNINGS|TOKENS|HISTOGRAM|DATA)__", lambda m: parts[m.group(1)], _PAGE)
 
 
 def write_tokens_html(folder: str, sample: dict[str, Any], report: dict[str, Any]) -> str:
@@ -377,8 +436,15 @@ def rewrite_tokens_html(folder: str, report: dict[str, Any], sample: dict[str, A
                 f"{path} has format {sample.get('format')!r}; this version reads format {FORMAT_VERSION}. Re-run the "
                 "scoring with this version to rebuild it."
             )
+    from .report import HISTOGRAM_DATA_FILE
+
+    histogram = None
+    path = os.path.join(folder, HISTOGRAM_DATA_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            histogram = json.load(f)
     page = os.path.join(folder, HTML_FILE)
-    atomic_write_bytes(page, render_tokens_html(sample, report).encode("utf-8"))
+    atomic_write_bytes(page, render_tokens_html(sample, report, histogram).encode("utf-8"))
     return page
 
 
@@ -400,6 +466,10 @@ _PAGE = """<!DOCTYPE html>
   details { margin-top: 6px; }
   .warning { margin: 4px 0 8px; padding: 6px 10px; background: #fff4d6; border: 1px solid #e6b800; border-radius: 4px;
              font-size: 13px; }
+  svg.hist { display: block; margin: 4px 0; font: 10px system-ui, sans-serif; }
+  svg.hist .bars rect { fill: #4c78a8; }
+  svg.hist .grid { stroke: #e4e4e4; }
+  svg.hist .thr { stroke: #e45756; stroke-dasharray: 4 3; fill: #e45756; }
   table.tokstats { border-collapse: collapse; font-size: 12px; margin-top: 4px; }
   table.tokstats caption { text-align: left; font-weight: 700; }
   table.tokstats th, table.tokstats td { padding: 1px 10px 1px 0; text-align: right; }
@@ -433,6 +503,7 @@ _PAGE = """<!DOCTYPE html>
   <h1>__TITLE__</h1>
   __WARNINGS__
   __SETTINGS__
+  __HISTOGRAM__
   __TOKENS__
 </header>
 <div class="controls">

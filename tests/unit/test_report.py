@@ -346,3 +346,30 @@ def test_histogram_uses_a_log_count_axis(tmp_path, monkeypatch):
     )
     data = histogram_data(np.array([0.0] * 1000 + [1.0, 2.0], dtype=np.float32), None, 0.5, build())
     assert draw_histogram(str(tmp_path / "h.png"), data) and scales == ["log"]
+
+
+def test_page_draws_the_histogram_on_a_log_axis_with_the_threshold(tmp_path):
+    from token_clean_trainer.report_html import histogram_svg
+
+    scores = np.array([0.0] * 999 + [1.0, 2.0, np.nan], dtype=np.float32)
+    data = histogram_data(scores, None, 0.5, build())
+    svg = histogram_svg(data)
+    bars = re.findall(r'<rect x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)"/>', svg)
+    # 999 scores at 0; 1.0 and 2.0 share the top bin (the extreme 0.1% go into the end bins).
+    assert len(bars) == sum(1 for c in data["panels"][0]["counts"] if c) == 2
+    heights = sorted(float(h) for _, h in bars)
+    # Log axis: the bar of 2 tokens is log(2)/log(999) of the tallest, not 2/999 of it.
+    assert heights[-1] == pytest.approx(128.0) and heights[0] == pytest.approx(
+        128 * np.log10(2) / np.log10(999), abs=0.1
+    )
+    assert "threshold +0.5000" in svg and 'class="thr"' in svg and "1,000" not in svg and ">100<" in svg
+    assert histogram_svg(None) == "" and histogram_svg({"panels": [{"counts": []}]}) == ""
+    # Written into the page with the report.
+    offsets, response, base, ref, keep = sample_arrays()
+    report = {**build(), "_histogram": {"scores": scores, "threshold": 0.5, "offsets": None}}
+    report["_tokens"] = build_token_sample(
+        input_ids=[[0, 1, 2, 3], [4, 5, 6]], tokenizer=FakeTokenizer(), offsets=offsets, response=response,
+        base_losses=base, ref_losses=ref, keep=keep, settings={},
+    )  # fmt: skip
+    write_report(str(tmp_path), report)
+    assert '<svg class="hist"' in (tmp_path / "tokens.html").read_text()
