@@ -64,11 +64,13 @@ def threshold_band(scores: np.ndarray | None, threshold: float | None) -> dict[s
     """
     if scores is None or threshold is None:
         return None
-    values = scores[~np.isnan(scores)]
-    if values.size == 0:
+    n_scored = int(np.count_nonzero(~np.isnan(scores)))
+    if n_scored == 0:
         return None
-    share = float((np.abs(values.astype(np.float64) - threshold) <= NEAR_ZERO).mean())
-    return {"in_near_zero_band": bool(abs(threshold) < NEAR_ZERO), "share_within_0.01": share}
+    # Comparisons only (NaN compares False): no float copy of the scores, which can be hundreds of millions long.
+    low, high = np.float32(threshold - NEAR_ZERO), np.float32(threshold + NEAR_ZERO)
+    within = int(np.count_nonzero((scores >= low) & (scores <= high)))
+    return {"in_near_zero_band": bool(abs(threshold) < NEAR_ZERO), "share_within_0.01": within / n_scored}
 
 
 def threshold_warning(report: dict[str, Any]) -> str | None:
