@@ -57,6 +57,8 @@ class DemoSettings:
     reference_adapter: str = ""
     # Score cache shared by the cleaning rows; empty: <output_dir>/score_cache.
     score_cache_dir: str = ""
+    # 1: the table starts with the base and the reference rows; 0 leaves them out (when splitting rows over runs).
+    baselines: int = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,6 +265,7 @@ def _random_keep(x: MaskInputs) -> np.ndarray:
 
 
 PLAIN_LABEL = "plain SFT (every token)"
+REFERENCE_LABEL = "reference (warm-up, clean rows)"
 ARMS: dict[str, CleaningArm | MaskArm] = {
     "plain": MaskArm(PLAIN_LABEL, lambda x: x.response),
     "paper": CleaningArm("paper: global top 60% of L_base - L_ref"),
@@ -450,9 +453,10 @@ def run_demo(settings: DemoSettings) -> dict:
         }
 
     rows: dict[str, dict[str, Any]] = {}
-    rows["base (not trained)"] = heldout_nll(probe, "base")
-    rows["reference (warm-up, clean rows)"] = heldout_nll(probe, "ref")
-    t = lap("held-out NLL of base and reference", t)
+    if settings.baselines:
+        rows["base (not trained)"] = heldout_nll(probe, "base")
+        rows[REFERENCE_LABEL] = heldout_nll(probe, "ref")
+        t = lap("held-out NLL of base and reference", t)
 
     for name in arms:
         arm = ARMS[name]
@@ -510,9 +514,11 @@ def _load_average() -> list[float] | None:
 
 def reference_sentence(rows: dict[str, dict[str, Any]], warmup_rows: int) -> str:
     """Why the reference scores what it scores on clean held-out answers, attributed with the run's own rows."""
-    ref = rows["reference (warm-up, clean rows)"]["clean_nll"]
+    ref = rows.get(REFERENCE_LABEL, {}).get("clean_nll")
     plain = rows.get(PLAIN_LABEL, {}).get("clean_nll")
     bound = rows.get(ARMS["bound"].label, {}).get("clean_nll")
+    if ref is None:
+        return "(no reference row: run with baselines=1)"
     if plain is None:
         return f"The reference is the same recipe trained on {warmup_rows} junk-free warm-up rows (run 'plain' to compare)."
     head = (
