@@ -536,7 +536,9 @@ def reference_sentence(rows: dict[str, dict[str, Any]], warmup_rows: int) -> str
 
 def format_table(results: dict) -> str:
     def cell(value, fmt):
-        return f"{value:{fmt}}" if isinstance(value, int | float) and value == value else "-"
+        if isinstance(value, int | float) and value == value:
+            return f"{value:{fmt}}"
+        return "-".rjust(int(fmt.split(".")[0]))
 
     width = max(len(name) for name in results["table"]) + 2
     lines = [
