@@ -26,6 +26,185 @@ QUANTILES = {
 }
 # A score this close to zero means the reference barely differs from the base on that token.
 NEAR_ZERO = 0.01
+# Rows in each table of the token summary (most often kept, most often dropped); special tokens are all listed.
+TOKEN_TABLE_ROWS = 20
+# The user's row index, added to the raw dataset before TRL prepares it and taken off afterwards: TRL's maps keep extra
+# columns, its filter (rows left without a response) and shuffle move them with their row.
+RAW_ROW_COLUMN = "_token_clean_raw_row"
+# Positions read per chunk when counting tokens, so the summary needs little memory at hundreds of millions of tokens.
+_CHUNK = 1 << 24
+
+
+def with_raw_row_column(dataset):
+    """
+    `dataset` with a column holding each row's index in it, for [`pop_raw_row_column`] to read after preparation.
+    Returned unchanged when it is not a map-style `datasets.Dataset` or already has the column.
+    """
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or RAW_ROW_COLUMN in dataset.column_names:
+        return dataset
+    return dataset.add_column(RAW_ROW_COLUMN, np.arange(len(dataset), dtype=np.int64))
+
+
+def pop_raw_row_column(prepared):
+    """`(prepared without the column, raw row index of each prepared row)`; the index is None without the column."""
+    from datasets import Dataset
+
+    if not isinstance(prepared, Dataset) or RAW_ROW_COLUMN not in prepared.column_names:
+        return prepared, None
+    raw_rows = np.asarray(prepared[RAW_ROW_COLUMN], dtype=np.int64)
+    return prepared.remove_columns(RAW_ROW_COLUMN), raw_rows
+
+
+def threshold_band(scores: np.ndarray | None, threshold: float | None) -> dict[str, Any] | None:
+    """
+    Whether the selection threshold lies in the near-zero band (`|threshold| < 0.01`, where the reference barely
+    differs from the base) and the share of scored tokens within +-0.01 of it: tokens whose keep/drop decision turns
+    on differences the reference hardly makes.
+    """
+    if scores is None or threshold is None:
+        return None
+    n_scored = int(np.count_nonzero(~np.isnan(scores)))
+    if n_scored == 0:
+        return None
+    # Comparisons only (NaN compares False): no float copy of the scores, which can be hundreds of millions long.
+    low, high = np.float32(threshold - NEAR_ZERO), np.float32(threshold + NEAR_ZERO)
+    within = int(np.count_nonzero((scores >= low) & (scores <= high)))
+    return {"in_near_zero_band": bool(abs(threshold) < NEAR_ZERO), "share_within_0.01": within / n_scored}
+
+
+def threshold_warning(report: dict[str, Any]) -> str | None:
+    """The warning line for a threshold inside the near-zero band, or None."""
+    band = report.get("threshold_band") or {}
+    if not band.get("in_near_zero_band"):
+        return None
+    return (
+        f"WARNING: the threshold {report['threshold']:+.4f} lies in the near-zero band (|score| < {NEAR_ZERO}): "
+        f"{100 * band['share_within_0.01']:.1f}% of scored tokens are within +-{NEAR_ZERO} of it, so whether they are "
+        "kept turns on differences the reference barely makes. A stronger reference (more warm-up rows or steps, a "
+        "higher warm-up learning rate) separates them."
+    )
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
+
+
+def token_summary(
+    labels: np.ndarray,
+    response: np.ndarray,
+    keep: np.ndarray | None,
+    scores: np.ndarray | None,
+    tokenizer,
+    rows: int = TOKEN_TABLE_ROWS,
+) -> dict[str, Any] | None:
+    """
+    Response tokens grouped by token id: the `rows` ids most often kept, the `rows` most often dropped, and every special
+    token (e.g. the end-of-turn token) separately, each with its count, kept share and mean score.
+
+    Args:
+        labels (`np.ndarray`):
+            Flat label ids over the label positions (the id of the token each position predicts).
+        response (`np.ndarray`):
+            Flat bool, True on the scored response positions.
+        keep (`np.ndarray`, *optional*):
+            Flat bool keep mask; None when tokens are chosen per optimizer step (the tables then rank by count).
+        scores (`np.ndarray`, *optional*):
+            Flat float scores; None for selections that score nothing (`random`, `full`).
+        tokenizer (`PreTrainedTokenizerBase`):
+            Turns ids into the text they stand for.
+        rows (`int`, *optional*, defaults to `20`):
+            Rows per table.
+    """
+    from .report_html import token_texts
+
+    labels = np.asarray(labels)
+    if not response.any():
+        return None
+    size = int(labels[response].max()) + 1
+    count = np.zeros(size, dtype=np.int64)
+    kept = np.zeros(size, dtype=np.int64) if keep is not None else None
+    score_sum = np.zeros(size, dtype=np.float64)
+    scored = np.zeros(size, dtype=np.int64)
+    for start in range(0, len(labels), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        where = response[part]
+        ids = labels[part][where]
+        count += np.bincount(ids, minlength=size)
+        if kept is not None:
+            kept += np.bincount(ids[keep[part][where]], minlength=size)
+        if scores is not None:
+            values = scores[part][where].astype(np.float64)
+            finite = np.isfinite(values)
+            score_sum += np.bincount(ids[finite], weights=values[finite], minlength=size)
+            scored += np.bincount(ids[finite], minlength=size)
+    present = np.flatnonzero(count)
+    special_ids = _special_ids(tokenizer)
+    is_special = np.isin(present, np.fromiter(special_ids, dtype=np.int64, count=len(special_ids)))
+
+    def entries(ids: np.ndarray) -> list[dict[str, Any]]:
+        out = []
+        for token_id in ids.tolist():
+            texts, _ = token_texts(tokenizer, [token_id])
+            n, k = int(count[token_id]), None if kept is None else int(kept[token_id])
+            out.append(
+                {
+                    "token": texts[0],
+                    "id": token_id,
+                    "count": n,
+                    "kept": k,
+                    "kept_share": None if k is None else k / n,
+                    "mean_score": float(score_sum[token_id] / scored[token_id]) if scored[token_id] else None,
+                }
+            )
+        return out
+
+    def top(ids: np.ndarray, by: np.ndarray) -> np.ndarray:
+        order = np.lexsort((ids, -by[ids]))  # most first; ties by id, so the tables are deterministic
+        return ids[order][:rows]
+
+    regular = present[~is_special]
+    summary: dict[str, Any] = {"distinct": int(present.size), "rows_per_table": rows}
+    if kept is not None:
+        dropped = count - kept
+        summary["kept"] = entries(top(regular[kept[regular] > 0], kept))
+        summary["dropped"] = entries(top(regular[dropped[regular] > 0], dropped))
+    else:
+        summary["frequent"] = entries(top(regular, count))
+    summary["special"] = entries(top(present[is_special], count))
+    return summary
+
+
+def token_table_lines(tokens: dict[str, Any] | None, rows: int = 8) -> list[str]:
+    """The token summary as terminal lines: the first `rows` of each table."""
+    if not tokens:
+        return []
+    width = 18
+    lines = []
+    for name, title in (
+        ("special", "special tokens"),
+        ("kept", "most often kept"),
+        ("dropped", "most often dropped"),
+        ("frequent", "most frequent"),
+    ):
+        entries = tokens.get(name)
+        if not entries:
+            continue
+        lines.append(f"  {title:<{width + 2}}{'count':>9} {'kept %':>7} {'mean score':>11}")
+        for e in entries[:rows]:
+            share = "-" if e["kept_share"] is None else f"{100 * e['kept_share']:.1f}%"
+            score = "-" if e["mean_score"] is None else f"{e['mean_score']:+.4f}"
+            lines.append(f"    {visible_token(e['token'], width):<{width}}{e['count']:>9,} {share:>7} {score:>11}")
+    return lines
+
+
+def visible_token(text: str, width: int | None = None) -> str:
+    """A token's text quoted, with newlines and tabs escaped, so whitespace tokens are visible; cut to `width`."""
+    shown = json.dumps(text, ensure_ascii=False)
+    if width is not None and len(shown) > width:
+        shown = shown[: width - 2] + '…"'
+    return shown
 
 
 def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
@@ -71,12 +250,15 @@ def build_report(
     cache_stats: dict[str, dict[str, int]],
     reference: dict[str, Any],
     seconds: float,
+    tokenizer=None,
 ) -> dict[str, Any]:
     """
     Everything a reader needs to judge a cleaning run; the first keys are the package's report contract.
 
     With `keep=None` (tokens chosen per optimizer step) the kept counts are None here and are filled in from the step
-    records by [`add_step_summary`] once training has run.
+    records by [`add_step_summary`] once training has run. With a `tokenizer`, the report also summarises the response
+    tokens by token string ([`token_summary`]). When `prepare_stats["raw_rows"]` holds each prepared row's index in the
+    user's dataset (see [`with_raw_row_column`]), row numbers in the report and on the page are the user's.
     """
     from . import __version__
 
@@ -89,7 +271,8 @@ def build_report(
         response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
         kept_per_row = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
         # reduceat on an empty row returns the next element; empty rows cannot occur (every row has a token).
-        rows_all_masked = int(((response_per_row > 0) & (kept_per_row == 0)).sum())
+        all_masked = (response_per_row > 0) & (kept_per_row == 0)
+        rows_all_masked = int(all_masked.sum())
     max_length = args.max_length
     rows_response_truncated = 0
     if max_length is not None:
@@ -127,9 +310,30 @@ def build_report(
         "score_seconds": round(seconds, 3),
         "version": __version__,
     }
+    raw_rows = prepare_stats.get("raw_rows")
+    report["row_ids"] = "dataset" if raw_rows is not None else "prepared"
+    if raw_rows is not None:
+        rows_in = int(prepare_stats.get("rows_in", len(raw_rows)))
+        report["rows_without_response_ids"] = np.setdiff1d(np.arange(rows_in), raw_rows)[:ROW_ID_LIST].tolist()
+    if n_kept is not None:
+        ids = np.flatnonzero(all_masked)[:ROW_ID_LIST]
+        report["rows_all_masked_ids"] = (raw_rows[ids] if raw_rows is not None else ids).tolist()
+    report["threshold_band"] = threshold_band(scores, threshold)
+    if report["threshold_band"] is not None and report["scores"]:
+        report["scores"]["share_within_0.01_of_threshold"] = report["threshold_band"]["share_within_0.01"]
+    report["tokens"] = (
+        token_summary(labels, response, keep, scores, tokenizer) if tokenizer is not None and n_response else None
+    )
+    report["warnings"] = [w for w in (threshold_warning(report),) if w]
+    if raw_rows is not None:
+        report["_raw_rows"] = raw_rows  # numbers the rows of tokens.html; popped by `write_report`
     if scores is not None:
         report["_histogram"] = {"scores": scores, "threshold": threshold, "offsets": offsets}
     return report
+
+
+# Row ids listed in the report (rows TRL dropped, rows with every response token dropped): at most this many.
+ROW_ID_LIST = 1000
 
 
 def _nanmean(values: np.ndarray | None) -> float | None:
@@ -177,6 +381,10 @@ def write_report(folder: str, report: dict[str, Any]) -> str:
     os.makedirs(folder, exist_ok=True)
     histogram = report.pop("_histogram", None)
     tokens = report.pop("_tokens", None)
+    raw_rows = report.pop("_raw_rows", None)
+    if tokens is not None and raw_rows is not None:
+        for row in tokens["rows"]:
+            row["dataset_row"] = int(raw_rows[row["row"]])
     path = os.path.join(folder, "report.json")
     atomic_write_json(path, report)
     if histogram is not None:
@@ -255,13 +463,16 @@ def draw_histogram(path: str, data: dict[str, Any]) -> bool:
     for ax, panel in zip(axes[:, 0], panels):
         if panel["counts"]:
             edges = np.asarray(panel["edges"])
-            ax.stairs(panel["counts"], edges, fill=True, color="#4c78a8")
+            # Log counts: the spike of near-zero scores would otherwise flatten the tails where the threshold sits.
+            ax.stairs(np.maximum(panel["counts"], 0.5), edges, fill=True, color="#4c78a8", baseline=0.5)
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=0.5)
         if panel["threshold"] is not None:
             ax.axvline(
                 panel["threshold"], color="#e45756", linestyle="--", label=f"threshold {panel['threshold']:+.4f}"
             )
             ax.legend(fontsize=8)
-        ax.set_ylabel("tokens")
+        ax.set_ylabel("tokens (log scale)")
         ax.set_title(f"{panel['label']} ({panel['count']:,} scored)", fontsize=9)
     axes[-1, 0].set_xlabel("score = L_base - L_ref (nats)")
     fig.suptitle(data["title"], fontsize=9)
@@ -323,6 +534,13 @@ def summary_lines(report: dict[str, Any], folder: str | None = None) -> list[str
     if scores.get("count"):
         rows.append(("score p10 / p50 / p90", f"{scores['p10']:+.4f} / {scores['p50']:+.4f} / {scores['p90']:+.4f}"))
         rows.append(("|score| < 0.01", f"{100 * scores['share_abs_below_0.01']:.1f}% of scored tokens"))
+        if scores.get("share_within_0.01_of_threshold") is not None:
+            rows.append(
+                (
+                    "within +-0.01 of threshold",
+                    f"{100 * scores['share_within_0.01_of_threshold']:.1f}% of scored tokens",
+                )
+            )
         if scores.get("kept_mean") is not None:
             dropped = scores.get("dropped_mean")
             rows.append(("mean score kept / dropped", f"{scores['kept_mean']:+.4f} / {_num(dropped, '+.4f')}"))
@@ -349,6 +567,8 @@ def summary_lines(report: dict[str, Any], folder: str | None = None) -> list[str
     width = max(len(label) for label, _ in rows)
     lines = [f"Token cleaning: mode={report['mode']} selection={report['selection']} ratio={report['ratio']}"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    lines += token_table_lines(report.get("tokens"))
+    lines += [f"  {warning}" for warning in report.get("warnings") or []]
     if report.get("rounds"):
         lines.append(f"  {'round':>5} {'rows':>13} {'response':>9} {'kept':>9} {'kept %':>7} {'threshold':>10}")
         for r in report["rounds"]:

@@ -12,6 +12,7 @@ script builds every node with `textContent`.
 import codecs
 import html
 import json
+import math
 import os
 import re
 from typing import Any
@@ -279,6 +280,10 @@ def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
         "kept fraction": report.get("kept_fraction"),
         "score p10 / p50 / p90": " / ".join(_fmt(scores.get(k)) for k in ("p10", "p50", "p90")) if scores else None,
         "|score| < 0.01": scores.get("share_abs_below_0.01"),
+        "within ±0.01 of threshold": scores.get("share_within_0.01_of_threshold"),
+        "row numbers": {"dataset": "rows of your dataset", "prepared": "rows of the prepared dataset"}.get(
+            report.get("row_ids")
+        ),
         "base loss mean": report.get("base_loss_mean"),
         "reference loss mean": report.get("ref_loss_mean"),
         "reference": report.get("reference"),
@@ -301,16 +306,115 @@ def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
     return f'<div class="tables">{table(summary, "result")}{table(settings, "settings")}</div>'
 
 
-def render_tokens_html(sample: dict[str, Any], report: dict[str, Any]) -> str:
+def _warnings_html(report: dict[str, Any]) -> str:
+    return "".join(f'<p class="warning">{html.escape(w)}</p>' for w in report.get("warnings") or [])
+
+
+def _token_tables_html(report: dict[str, Any]) -> str:
+    """The report's token summary: most often kept, most often dropped (or most frequent), and special tokens."""
+    tokens = report.get("tokens")
+    if not tokens:
+        return ""
+    tables = []
+    for name, caption in (
+        ("kept", "most often kept"),
+        ("dropped", "most often dropped"),
+        ("frequent", "most frequent"),
+        ("special", "special tokens"),
+    ):
+        entries = tokens.get(name)
+        if not entries:
+            continue
+        cells = "".join(
+            "<tr><td class='t'>{}</td><td>{}</td><td>{:,}</td><td>{}</td><td>{}</td></tr>".format(
+                html.escape(json.dumps(e["token"], ensure_ascii=False)),
+                e["id"],
+                e["count"],
+                "–" if e["kept_share"] is None else f"{100 * e['kept_share']:.1f}%",
+                "–" if e["mean_score"] is None else f"{e['mean_score']:+.4f}",
+            )
+            for e in entries
+        )
+        tables.append(
+            f'<table class="tokstats"><caption>{caption}</caption><tr><th>token</th><th>id</th><th>count</th>'
+            f"<th>kept</th><th>mean score</th></tr>{cells}</table>"
+        )
+    return (
+        f"<details open><summary>response tokens by token string ({tokens['distinct']:,} distinct)</summary>"
+        f'<div class="tables">{"".join(tables)}</div></details>'
+    )
+
+
+_SVG_WIDTH, _SVG_HEIGHT, _SVG_LEFT, _SVG_BOTTOM = 640, 150, 48, 22
+
+
+def _histogram_panel_svg(panel: dict[str, Any]) -> str:
+    counts, edges = panel.get("counts") or [], panel.get("edges") or []
+    if not counts:
+        return ""
+    width, height, left, bottom = _SVG_WIDTH, _SVG_HEIGHT, _SVG_LEFT, _SVG_BOTTOM
+    top = max(math.log10(max(counts)), 1.0)
+    x0, x1 = edges[0], edges[-1]
+
+    def x(value: float) -> float:
+        return left + (width - left - 8) * (value - x0) / ((x1 - x0) or 1.0)
+
+    def y(count: float) -> float:
+        return (height - bottom) * (1 - math.log10(count) / top) if count >= 1 else height - bottom
+
+    bars = "".join(
+        f'<rect x="{x(lo):.1f}" y="{y(c):.1f}" width="{max(x(hi) - x(lo) - 0.3, 0.5):.1f}" '
+        f'height="{height - bottom - y(c):.1f}"/>'
+        for c, lo, hi in zip(counts, edges[:-1], edges[1:])
+        if c >= 1
+    )
+    ticks = "".join(
+        f'<line x1="{left - 4}" x2="{width - 8}" y1="{y(10**k):.1f}" y2="{y(10**k):.1f}" class="grid"/>'
+        f'<text x="{left - 6}" y="{y(10**k) + 4:.1f}" text-anchor="end">{10**k:,}</text>'
+        for k in range(int(top) + 1)
+    )
+    threshold = panel.get("threshold")
+    line = ""
+    if threshold is not None and x0 <= threshold <= x1:
+        line = (
+            f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="0" y2="{height - bottom}" class="thr"/>'
+            f'<text x="{x(threshold) + 3:.1f}" y="10" class="thr">threshold {threshold:+.4f}</text>'
+        )
+    axis = (
+        f'<text x="{left}" y="{height - 6}">{x0:+.2f}</text>'
+        f'<text x="{width - 8}" y="{height - 6}" text-anchor="end">{x1:+.2f}</text>'
+        f'<text x="{(left + width) / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+        f"{html.escape(str(panel.get('label', '')))}: score = L_base - L_ref (nats), "
+        f"{panel.get('count', 0):,} tokens, log count</text>"
+    )
+    return (
+        f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+        f"{ticks}<g class='bars'>{bars}</g>{line}{axis}</svg>"
+    )
+
+
+def histogram_svg(histogram: dict[str, Any] | None) -> str:
+    """
+    The score histogram (`score_histogram.json`) as inline SVG, counts on a log axis: one panel per entry of
+    `panels`, the threshold as a dashed red line. Empty when there is no histogram.
+    """
+    panels = "".join(_histogram_panel_svg(panel) for panel in (histogram or {}).get("panels", []))
+    return f"<details open><summary>score histogram</summary>{panels}</details>" if panels else ""
+
+
+def render_tokens_html(sample: dict[str, Any], report: dict[str, Any], histogram: dict[str, Any] | None = None) -> str:
     """The whole page as one string: settings (escaped here), then the sample as inert JSON rendered by the script."""
     title = f"token cleaning: {report.get('mode')} / {report.get('selection')}"
     parts = {
         "TITLE": html.escape(title),
         "SETTINGS": _settings_table(sample, report),
+        "WARNINGS": _warnings_html(report),
+        "TOKENS": _token_tables_html(report),
+        "HISTOGRAM": histogram_svg(histogram),
         "DATA": _json_for_script(sample),
     }
     # One pass, so text substituted in is never scanned for placeholders again.
-    return re.sub(r"__(TITLE|SETTINGS|DATA)__", lambda m: parts[m.group(1)], _PAGE)
+    return re.sub(r"__(TITLE|SETTINGS|WARNINGS|TOKENS|HISTOGRAM|DATA)__", lambda m: parts[m.group(1)], _PAGE)
 
 
 def write_tokens_html(folder: str, sample: dict[str, Any], report: dict[str, Any]) -> str:
@@ -332,8 +436,15 @@ def rewrite_tokens_html(folder: str, report: dict[str, Any], sample: dict[str, A
                 f"{path} has format {sample.get('format')!r}; this version reads format {FORMAT_VERSION}. Re-run the "
                 "scoring with this version to rebuild it."
             )
+    from .report import HISTOGRAM_DATA_FILE
+
+    histogram = None
+    path = os.path.join(folder, HISTOGRAM_DATA_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            histogram = json.load(f)
     page = os.path.join(folder, HTML_FILE)
-    atomic_write_bytes(page, render_tokens_html(sample, report).encode("utf-8"))
+    atomic_write_bytes(page, render_tokens_html(sample, report, histogram).encode("utf-8"))
     return page
 
 
@@ -353,6 +464,16 @@ _PAGE = """<!DOCTYPE html>
   table.settings th { text-align: left; font-weight: 600; padding: 1px 14px 1px 0; color: #555; white-space: nowrap; }
   table.settings td { padding: 1px 18px 1px 0; font-family: ui-monospace, Menlo, Consolas, monospace; word-break: break-all; }
   details { margin-top: 6px; }
+  .warning { margin: 4px 0 8px; padding: 6px 10px; background: #fff4d6; border: 1px solid #e6b800; border-radius: 4px;
+             font-size: 13px; }
+  svg.hist { display: block; margin: 4px 0; font: 10px system-ui, sans-serif; }
+  svg.hist .bars rect { fill: #4c78a8; }
+  svg.hist .grid { stroke: #e4e4e4; }
+  svg.hist .thr { stroke: #e45756; stroke-dasharray: 4 3; fill: #e45756; }
+  table.tokstats { border-collapse: collapse; font-size: 12px; margin-top: 4px; }
+  table.tokstats caption { text-align: left; font-weight: 700; }
+  table.tokstats th, table.tokstats td { padding: 1px 10px 1px 0; text-align: right; }
+  table.tokstats td.t { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
   .controls { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 12px; align-items: center;
               padding: 8px 20px; background: #f0f0f3; border-bottom: 1px solid #ddd; }
   .controls input[type=search] { width: 280px; padding: 4px 6px; }
@@ -380,7 +501,10 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <header>
   <h1>__TITLE__</h1>
+  __WARNINGS__
   __SETTINGS__
+  __HISTOGRAM__
+  __TOKENS__
 </header>
 <div class="controls">
   <label>Sort <select id="sort">
@@ -419,7 +543,7 @@ _PAGE = """<!DOCTYPE html>
     return x >= 0 ? "hsl(140,60%," + light + "%)" : "hsl(4,85%," + light + "%)";
   }
   function describe(r, i) {
-    const parts = ["row " + r.row, "token " + i];
+    const parts = [(r.dataset_row !== undefined ? "dataset row " + r.dataset_row : "row " + r.row), "token " + i];
     if (!r.response[i]) parts.push("prompt (not trained)");
     if (r.base) parts.push("base loss " + num(r.base[i]));
     if (r.ref) parts.push("ref loss " + num(r.ref[i]));
@@ -442,7 +566,8 @@ _PAGE = """<!DOCTYPE html>
     badge.textContent = r.group;
     head.appendChild(badge);
     const info = document.createElement("span");
-    let text = "row " + r.row + "  \\u00b7  " + r.text.length + " tokens, " + r.response_tokens + " response";
+    let text = (r.dataset_row !== undefined ? "dataset row " + r.dataset_row + " (prepared row " + r.row + ")" :
+      "row " + r.row) + "  \\u00b7  " + r.text.length + " tokens, " + r.response_tokens + " response";
     if (r.kept_tokens !== undefined) {
       text += "  \\u00b7  kept " + r.kept_tokens + " (" + (100 * keptFraction(r)).toFixed(1) + "%)";
     } else if (r.rank !== null) {
@@ -496,7 +621,7 @@ _PAGE = """<!DOCTYPE html>
     let shown = rows.filter(function (r) { return !query || r.joined.indexOf(query) >= 0; });
     const how = sortBox.value;
     shown.sort(function (a, b) {
-      if (how === "row") return a.row - b.row;
+      if (how === "row") return (a.dataset_row ?? a.row) - (b.dataset_row ?? b.row);
       if (how === "longest") return b.text.length - a.text.length || a.row - b.row;
       const d = keptFraction(b) - keptFraction(a);
       return (how === "least" ? -d : d) || a.row - b.row;

@@ -54,6 +54,7 @@ from .positions import (
 from .reference import Reference, base_weights_key
 from .report import add_step_summary, build_report, print_summary, write_report
 from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
+from .report_integrations import publish_to_integrations
 from .scoring import (
     ScoringStats,
     compute_token_losses,
@@ -342,7 +343,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 strict=getattr(args, "token_cleaning", "none") != "none" and dataset_name == "train",
                 assistant_only_loss=args.assistant_only_loss,
             )
+        from .report import pop_raw_row_column, with_raw_row_column
+
+        if rows_in is not None and not packing and dataset_name == "train" and args.token_cleaning != "none":
+            dataset = with_raw_row_column(dataset)  # the user's row index, carried through TRL's maps/filter/shuffle
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        prepared, raw_rows = pop_raw_row_column(prepared)
         if (
             getattr(args, "token_cleaning", "none") != "none"
             and dataset_name == "train"
@@ -355,6 +361,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             self._prepare_stats[dataset_name] = {
                 "rows_in": rows_in,
                 "rows_prepared": len(prepared),
+                "raw_rows": raw_rows,
                 # TRL drops rows whose every label is -100 after truncation to `max_length`
                 "rows_without_response": rows_in - len(prepared),
             }
@@ -746,6 +753,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             response=response,
             prepare_stats=self._prepare_stats.get("train", {}),
             seconds=time.perf_counter() - started,
+            tokenizer=self._tokenizer,
             **fields,
         )
         if self.accelerator.is_main_process:
@@ -794,6 +802,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             folder = os.path.join(self.args.output_dir, "token_cleaning")
             write_report(folder, report)
             print_summary(report, folder)
+            publish_to_integrations(self, folder)  # report_to: W&B, TensorBoard
         self._warn_if_weak_reference(report)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -212,3 +212,164 @@ def test_report_command_without_a_report(argv, capsys):
 
     assert report_command(argv) == 2
     assert "no report at" in capsys.readouterr().err
+
+
+# --- the report explains itself: token table, near-zero band, user row ids, log-count histogram -------------------
+
+
+class WordTokenizer(FakeTokenizer):
+    """Ids 0..6 as words; 0 and 4 are special (e.g. the end-of-turn token)."""
+
+    words = ["<eot>", " the", " cat", "\n", "<pad>", " sat", " mat"]
+    all_special_ids = [0, 4]
+
+
+def token_arrays():
+    # Two rows; label 0 is the special end-of-turn token. Position 0 of each row is never a response token.
+    offsets = np.array([0, 6, 11])
+    labels = np.array([-100, 1, 2, 1, 3, 0, -100, -100, 1, 5, 0])
+    response = labels != -100
+    scores = np.array([np.nan, 0.5, -1.0, 0.25, 0.0, 2.0, np.nan, np.nan, 1.0, -0.5, 3.0])
+    keep = np.array([0, 1, 0, 1, 0, 1, 0, 0, 1, 0, 1], dtype=bool)
+    return offsets, labels, response, scores, keep
+
+
+def test_token_summary_counts_kept_share_and_mean_score_per_token_string():
+    from token_clean_trainer.report import token_summary
+
+    _, labels, response, scores, keep = token_arrays()
+    summary = token_summary(labels, response, keep, scores, WordTokenizer())
+    by_token = {e["token"]: e for table in ("kept", "dropped", "special") for e in summary[table]}
+    the = by_token[" the"]  # three times, all kept: scores 0.5, 0.25, 1.0
+    assert (the["count"], the["kept"], the["kept_share"]) == (3, 3, 1.0)
+    assert the["mean_score"] == pytest.approx(1.75 / 3)
+    assert [e["token"] for e in summary["kept"]] == [" the"]  # regular tokens only, most kept first
+    assert [e["token"] for e in summary["dropped"]] == [" cat", "\n", " sat"]  # one drop each: ties by id
+    assert by_token[" cat"]["kept_share"] == 0.0 and by_token[" cat"]["mean_score"] == -1.0
+    special = summary["special"]  # listed apart, however often kept
+    assert [(e["token"], e["count"], e["kept"], e["mean_score"]) for e in special] == [("<eot>", 2, 2, 2.5)]
+    assert summary["distinct"] == 5
+    # Per-step selection (no keep mask): one table by count, no kept share.
+    per_step = token_summary(labels, response, None, scores, WordTokenizer())
+    assert "kept" not in per_step and per_step["frequent"][0]["token"] == " the"
+    assert per_step["frequent"][0]["kept_share"] is None
+    # Chunked counting gives the same tables as one pass.
+    import token_clean_trainer.report as report_module
+
+    chunk = report_module._CHUNK
+    report_module._CHUNK = 3
+    try:
+        assert token_summary(labels, response, keep, scores, WordTokenizer()) == summary
+    finally:
+        report_module._CHUNK = chunk
+
+
+def test_threshold_inside_the_near_zero_band_warns_with_the_share_around_it():
+    from token_clean_trainer.report import threshold_band, threshold_warning
+
+    scores = np.array([np.nan, -0.5, 0.001, 0.004, 0.009, 0.02, 1.0, np.nan, -0.006])
+    band = threshold_band(scores, 0.004)
+    # Within +-0.01 of 0.004: 0.001, 0.004, 0.009 and -0.006 -> 4 of 7 scored tokens.
+    assert band == {"in_near_zero_band": True, "share_within_0.01": pytest.approx(4 / 7)}
+    warning = threshold_warning({"threshold": 0.004, "threshold_band": band})
+    assert warning.startswith("WARNING: the threshold +0.0040 lies in the near-zero band") and "57.1%" in warning
+    outside = threshold_band(scores, 0.5)
+    assert (
+        not outside["in_near_zero_band"] and threshold_warning({"threshold": 0.5, "threshold_band": outside}) is None
+    )
+    assert threshold_band(scores, None) is None
+
+
+def build(tokenizer=None, threshold=0.0, raw_rows=None, rows_in=2):
+    from types import SimpleNamespace
+
+    from token_clean_trainer.report import build_report
+
+    offsets, labels, response, scores, keep = token_arrays()
+    args = SimpleNamespace(
+        max_length=None, token_cleaning="fixed", token_selection="global", token_keep_ratio=0.6,
+        token_selection_seed=None, seed=0,
+    )  # fmt: skip
+    stats = {"rows_in": rows_in, "rows_without_response": rows_in - 2}
+    if raw_rows is not None:
+        stats["raw_rows"] = np.asarray(raw_rows)
+    return build_report(
+        args=args, lengths=np.diff(offsets), offsets=offsets, labels=labels, response=response, scores=scores,
+        base_losses=scores, ref_losses=np.zeros_like(scores), keep=keep, threshold=threshold, prepare_stats=stats,
+        cache_stats={}, reference={"kind": "adapter"}, seconds=0.0, tokenizer=tokenizer,
+    )  # fmt: skip
+
+
+def test_summary_and_page_show_the_warning_and_the_token_tables():
+    report = build(tokenizer=WordTokenizer(), threshold=0.0)
+    assert report["threshold_band"]["in_near_zero_band"] and len(report["warnings"]) == 1
+    text = "\n".join(summary_lines(report))
+    assert "WARNING: the threshold +0.0000 lies in the near-zero band" in text
+    assert re.search(r'"<eot>"\s+2\s+100\.0%\s+\+2\.5000', text)  # special tokens, listed apart
+    assert re.search(r'most often dropped.*\n\s+" cat"\s+1\s+0\.0%\s+-1\.0000', text)
+    assert "within +-0.01 of threshold" in text
+    page = render_tokens_html({"rows": [], "rows_total": 0, "sampling": {}}, report)
+    assert '<p class="warning">WARNING: the threshold' in page
+    assert "most often kept" in page and "special tokens" in page and "&quot;\\n&quot;" in page
+    quiet = build(tokenizer=WordTokenizer(), threshold=0.75)
+    assert quiet["warnings"] == [] and "WARNING" not in "\n".join(summary_lines(quiet))
+    assert "warning" not in render_tokens_html({"rows": [], "rows_total": 0, "sampling": {}}, quiet).split("<body>")[1]
+
+
+def test_row_ids_name_the_users_rows(tmp_path):
+    # Prepared rows 0 and 1 are the user's rows 3 and 1 (TRL dropped rows 0 and 2 and shuffled the rest).
+    offsets, labels, response, scores, keep = token_arrays()
+    report = build(raw_rows=[3, 1], rows_in=4)
+    assert report["row_ids"] == "dataset" and report["rows_without_response_ids"] == [0, 2]
+    report["_tokens"] = build_token_sample(
+        input_ids=[[0, 1, 2, 1, 3, 0], [4, 1, 1, 5, 0]], tokenizer=WordTokenizer(), offsets=offsets,
+        response=response, base_losses=scores, ref_losses=np.zeros_like(scores), keep=keep, settings={},
+    )  # fmt: skip
+    write_report(str(tmp_path), report)
+    stored = json.loads((tmp_path / "report.json").read_text())
+    assert "_raw_rows" not in stored and stored["row_ids"] == "dataset"
+    sample = json.loads((tmp_path / "tokens_sample.json").read_text())
+    assert {r["row"]: r["dataset_row"] for r in sample["rows"]} == {0: 3, 1: 1}
+    # Without the mapping (e.g. packing) row numbers are the prepared dataset's, and the report says so.
+    assert build()["row_ids"] == "prepared" and "rows_without_response_ids" not in build()
+
+
+def test_histogram_uses_a_log_count_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from token_clean_trainer.report import draw_histogram
+
+    scales = []
+    original = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_yscale", lambda ax, v, **kw: (scales.append(v), original(ax, v, **kw))
+    )
+    data = histogram_data(np.array([0.0] * 1000 + [1.0, 2.0], dtype=np.float32), None, 0.5, build())
+    assert draw_histogram(str(tmp_path / "h.png"), data) and scales == ["log"]
+
+
+def test_page_draws_the_histogram_on_a_log_axis_with_the_threshold(tmp_path):
+    from token_clean_trainer.report_html import histogram_svg
+
+    scores = np.array([0.0] * 999 + [1.0, 2.0, np.nan], dtype=np.float32)
+    data = histogram_data(scores, None, 0.5, build())
+    svg = histogram_svg(data)
+    bars = re.findall(r'<rect x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)"/>', svg)
+    # 999 scores at 0; 1.0 and 2.0 share the top bin (the extreme 0.1% go into the end bins).
+    assert len(bars) == sum(1 for c in data["panels"][0]["counts"] if c) == 2
+    heights = sorted(float(h) for _, h in bars)
+    # Log axis: the bar of 2 tokens is log(2)/log(999) of the tallest, not 2/999 of it.
+    assert heights[-1] == pytest.approx(128.0) and heights[0] == pytest.approx(
+        128 * np.log10(2) / np.log10(999), abs=0.1
+    )
+    assert "threshold +0.5000" in svg and 'class="thr"' in svg and "1,000" not in svg and ">100<" in svg
+    assert histogram_svg(None) == "" and histogram_svg({"panels": [{"counts": []}]}) == ""
+    # Written into the page with the report.
+    offsets, response, base, ref, keep = sample_arrays()
+    report = {**build(), "_histogram": {"scores": scores, "threshold": 0.5, "offsets": None}}
+    report["_tokens"] = build_token_sample(
+        input_ids=[[0, 1, 2, 3], [4, 5, 6]], tokenizer=FakeTokenizer(), offsets=offsets, response=response,
+        base_losses=base, ref_losses=ref, keep=keep, settings={},
+    )  # fmt: skip
+    write_report(str(tmp_path), report)
+    assert '<svg class="hist"' in (tmp_path / "tokens.html").read_text()

@@ -1,0 +1,146 @@
+"""The demo's junk injection and accounting, end to end on a tiny random model (the real demo is `make demo`)."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from token_clean_trainer.assets import load_chatterbot_dataset
+from token_clean_trainer.demo import (
+    ARMS,
+    DemoSettings,
+    inject_junk,
+    junk_token_mask,
+    mask_shares,
+    reference_sentence,
+    run_demo,
+)
+from token_clean_trainer.token_clean_trainer import TokenCleanSFTTrainer
+
+from ..conftest import cpu_args
+
+
+@pytest.fixture(scope="module")
+def train_rows():
+    return load_chatterbot_dataset()["train"].shuffle(seed=0).select(range(40))
+
+
+def test_junk_goes_into_half_of_the_rows_at_the_recorded_spans_and_never_repeats(train_rows):
+    dirty, spans = inject_junk(train_rows, 0.5, seed=3)
+    assert len(dirty) == len(train_rows) and sum(s is not None for s in spans) == 20
+    texts = []
+    for before, after, span in zip(train_rows, dirty, spans):
+        assert after["prompt"] == before["prompt"] and after["id"] == before["id"]
+        answer, text = before["completion"][-1]["content"], after["completion"][-1]["content"]
+        if span is None:
+            assert text == answer
+            continue
+        kind, start, end = span
+        # Removing the span gives the original answer back.
+        assert text[:start] + text[end:] == answer
+        texts.append(text[start:end].strip())
+    assert len(set(texts)) == len(texts)  # varied: no junk string repeats
+    assert {s[0] for s in spans if s} == {"spam", "signature", "garbled"}
+    again, spans_again = inject_junk(train_rows, 0.5, seed=3)
+    assert spans_again == spans and again["completion"] == dirty["completion"]
+
+
+def test_junk_token_mask_marks_exactly_the_injected_tokens_of_the_prepared_rows(
+    tmp_path, tiny_model_dir, tokenizer, train_rows
+):
+    dirty, spans = inject_junk(train_rows, 0.5, seed=5)
+    # Row 0 gets a prompt so long that TRL truncates its response away and drops it: the mask must follow the ids.
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    rows = list(dirty)
+    rows[0] = {**rows[0], "prompt": long_prompt}
+    dirty = Dataset.from_list(rows, features=dirty.features)
+    trainer = TokenCleanSFTTrainer(
+        tiny_model_dir,
+        args=cpu_args(tmp_path, token_cleaning="none", max_length=96),
+        train_dataset=dirty,
+        processing_class=tokenizer,
+    )
+    prepared = trainer.train_dataset
+    assert len(prepared) < len(dirty) and rows[0]["id"] not in prepared["id"]
+    mask = junk_token_mask(prepared, list(dirty), spans, tokenizer)
+    lengths = [len(ids) for ids in prepared["input_ids"]]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    assert mask.shape == (offsets[-1],)
+    by_id = {row["id"]: (row, span) for row, span in zip(dirty, spans)}
+    checked = 0
+    for p, row_id in enumerate(prepared["id"]):
+        row, span = by_id[row_id]
+        row_mask = mask[offsets[p] : offsets[p + 1]]
+        labels = np.asarray(prepared[p]["labels"])
+        if span is None:
+            assert not row_mask.any()
+            continue
+        assert row_mask.any() and (labels[row_mask] != -100).all()  # junk lies inside the response
+        junk_text = tokenizer.decode(np.asarray(prepared[p]["input_ids"])[row_mask])
+        _, start, end = span
+        expected = row["completion"][-1]["content"][start:end]
+        if int(np.asarray(lengths[p])) < 96:  # not truncated: the decoded junk tokens cover the whole span
+            assert expected.strip() in junk_text
+            # ... and little else: a token at a span edge may carry one neighbouring character
+            assert len(junk_text) <= len(expected) + 2
+            checked += 1
+    assert checked >= 10
+
+
+def test_mask_shares_on_hand_built_masks():
+    response = np.array([0, 1, 1, 1, 1, 1, 1, 0, 1, 1], dtype=bool)
+    junk = np.array([0, 0, 1, 1, 0, 0, 0, 0, 0, 1], dtype=bool)
+    keep = np.array([0, 1, 0, 1, 1, 0, 1, 0, 1, 0], dtype=bool)
+    # 8 response tokens, 3 dropped (2, 5, 9); junk 2, 3, 9 -> 2 of 3 dropped; clean 1, 4, 5, 6, 8 -> 1 of 5
+    assert mask_shares(keep, response, junk) == pytest.approx(
+        {"masked": 3 / 8, "junk_masked": 2 / 3, "clean_masked": 1 / 5}
+    )
+    assert mask_shares(response, response, junk) == {"masked": 0.0, "junk_masked": 0.0, "clean_masked": 0.0}
+
+
+def test_reference_sentence_splits_the_gap_with_the_bound_row():
+    rows = {
+        "reference (warm-up, clean rows)": {"clean_nll": 1.40},
+        "plain SFT (every token)": {"clean_nll": 1.60},
+        ARMS["bound"].label: {"clean_nll": 1.55},
+    }
+    text = reference_sentence(rows, 256)
+    assert "256 junk-free" in text and "+0.0500 nats" in text and "+0.1500" in text
+
+
+def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
+    settings = DemoSettings(
+        output_dir=str(tmp_path / "demo"),
+        model=tiny_model_dir,
+        warmup_rows=16,
+        train_rows=24,
+        heldout_rows=8,
+        max_length=96,
+        batch_size=8,
+        lora_r=4,
+        learning_rate=5e-3,
+    )
+    results = run_demo(settings)
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["table"].keys() == results["table"].keys()
+    table = results["table"]
+    assert list(table) == [
+        "base (not trained)",
+        "reference (warm-up, clean rows)",
+        "plain SFT (every token)",
+        ARMS["paper"].label,
+        ARMS["random"].label,
+        ARMS["bound"].label,
+    ]
+    assert results["train_junk_rows"] == 12 and results["train_junk_tokens"] > 0
+    plain, paper, random, bound = (table[k] for k in list(table)[2:])
+    assert plain["masked"] == 0 and plain["junk_masked"] == 0
+    assert bound["junk_masked"] == 1.0 and bound["clean_masked"] == 0.0
+    assert paper["masked"] == pytest.approx(0.4, abs=0.01) and random["masked"] == pytest.approx(0.4, abs=0.01)
+    assert "clean_nll" not in random  # mask only
+    for row in (table["base (not trained)"], table["reference (warm-up, clean rows)"], plain, paper, bound):
+        assert np.isfinite(row["clean_nll"]) and np.isfinite(row["junk_nll"])
+    # Every trained model moved away from the base.
+    assert len({round(table[k]["clean_nll"], 6) for k in table if "clean_nll" in table[k]}) == 5
+    assert (tmp_path / "demo" / "paper" / "token_cleaning" / "report.json").is_file()
+    assert "bound" in results["why_reference"] or "Masking exactly the junk" in results["why_reference"]
