@@ -420,10 +420,10 @@ def run_demo(settings: DemoSettings) -> dict:
                 name,
                 token_cleaning="fixed",
                 token_selection="global",
-                token_keep_ratio=settings.keep_ratio,
                 ref_adapter_name_or_path=adapter_dir,
                 score_cache_dir=cache_dir,
-                **arm.overrides,
+                # An arm may change the ratio too (the span rule keeps 0.8).
+                **{"token_keep_ratio": settings.keep_ratio, **arm.overrides},
             ),
             train_dataset=train,
             eval_dataset={"clean": heldout, "junk": heldout_junk},
@@ -442,11 +442,14 @@ def run_demo(settings: DemoSettings) -> dict:
 
     lengths, labels = flat_list_column(prepared_train, "labels")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    response = ~np.isnan(state.base_losses)
+    # The trainer keeps only the scores after selection; both sides come back from the score cache (no forward).
+    base_losses = probe.token_losses(prepared_train, role="base")
+    ref_losses = probe.token_losses(prepared_train, role="ref")
+    response = ~np.isnan(state.scores)
     junk = junk_token_mask(prepared_train, list(train), train_spans, tokenizer) & response
     heldout_junk_mask = junk_token_mask(prepared_junk, list(heldout_junk), heldout_spans, tokenizer)
     inputs = MaskInputs(
-        offsets, response, state.base_losses, state.ref_losses, junk, settings.keep_ratio, settings.seed
+        offsets, response, base_losses, ref_losses, junk, settings.keep_ratio, settings.seed
     )
 
     def heldout_nll(trainer, role: str) -> dict[str, Any]:

@@ -632,9 +632,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
             losses["ref"], cache_stats["ref"] = self._token_losses(dataset, "ref")
             self.reference.release()
 
-        def select() -> tuple[np.ndarray | None, float | None, dict[str, Any]]:
+        def select() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
             if not collective.is_main:
-                return None, None, {}
+                return None, None, {}, None
             _, labels, _, response = positions
             scores = None
             if losses["base"] is not None:

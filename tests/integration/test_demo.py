@@ -129,18 +129,21 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
         "reference (warm-up, clean rows)",
         "plain SFT (every token)",
         ARMS["paper"].label,
+        ARMS["span"].label,
         ARMS["random"].label,
         ARMS["bound"].label,
     ]
     assert results["train_junk_rows"] == 12 and results["train_junk_tokens"] > 0
-    plain, paper, random, bound = (table[k] for k in list(table)[2:])
+    plain, paper, span, random, bound = (table[k] for k in list(table)[2:])
+    # The span rule masks 1 - 0.8 of the response tokens, all from the lower half by score.
+    assert span["masked"] == pytest.approx(0.2, abs=0.01)
     assert plain["masked"] == 0 and plain["junk_masked"] == 0
     assert bound["junk_masked"] == 1.0 and bound["clean_masked"] == 0.0
     assert paper["masked"] == pytest.approx(0.4, abs=0.01) and random["masked"] == pytest.approx(0.4, abs=0.01)
     assert "clean_nll" not in random  # mask only
-    for row in (table["base (not trained)"], table["reference (warm-up, clean rows)"], plain, paper, bound):
+    for row in (table["base (not trained)"], table["reference (warm-up, clean rows)"], plain, paper, span, bound):
         assert np.isfinite(row["clean_nll"]) and np.isfinite(row["junk_nll"])
     # Every trained model moved away from the base.
-    assert len({round(table[k]["clean_nll"], 6) for k in table if "clean_nll" in table[k]}) == 5
+    assert len({round(table[k]["clean_nll"], 6) for k in table if "clean_nll" in table[k]}) == 6
     assert (tmp_path / "demo" / "paper" / "token_cleaning" / "report.json").is_file()
     assert "bound" in results["why_reference"] or "Masking exactly the junk" in results["why_reference"]

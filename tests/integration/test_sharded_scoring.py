@@ -5,54 +5,17 @@ script shards the trained model and the reference with `fully_shard` over gloo a
 on them (see scripts/fsdp2_scoring.py); a hang becomes a timeout, and so a failure.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "tests", "integration", "scripts", "fsdp2_scoring.py")
-
-
-def launch(tmp_path, processes: int, model_dir: str, ref_dir: str) -> dict:
-    result = tmp_path / f"fsdp2_{processes}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *(["--multi_gpu"] if processes > 1 else ["--cpu"]),
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        SCRIPT,
-        model_dir,
-        ref_dir,
-        str(tmp_path / f"out_{processes}"),
-        str(result),
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    try:
-        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{processes} process(es) did not finish in 300 s (a collective hang): {error}")
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(result.read_text())
+from tests.integration.test_distributed import run
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, tiny_model_dir, tiny_ref_dir):
+    # 1 process without sharding, 2 processes over gloo with FSDP2 sharding; a hang ends in the launch's timeout.
     folder = tmp_path_factory.mktemp("fsdp2")
-    return launch(folder, 1, tiny_model_dir, tiny_ref_dir), launch(folder, 2, tiny_model_dir, tiny_ref_dir)
+    return tuple(run(folder, n, tiny_model_dir, tiny_ref_dir, script="fsdp2_scoring.py") for n in (1, 2))
 
 
 def test_sharded_scores_masks_and_threshold_equal_one_process(results):
