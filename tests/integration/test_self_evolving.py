@@ -172,6 +172,8 @@ def test_resume_mid_round_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
     assert [r for r, _ in losses(whole)].count(0) == 3  # every round's logs are kept, not only the last one's
 
 
+# Kept out of `make test` for its time budget (15 min on 2 cores): the mid-round resume test covers resuming.
+@pytest.mark.slow
 def test_resume_true_finds_the_latest_round(tmp_path, tiny_model_dir, tokenizer):
     settings = dict(save_strategy="steps", save_steps=2)
     build(tmp_path, tiny_model_dir, tokenizer, **settings).train()
@@ -181,6 +183,8 @@ def test_resume_true_finds_the_latest_round(tmp_path, tiny_model_dir, tokenizer)
     assert output.global_step == 4  # round 2's steps, restored from its checkpoint
 
 
+# Kept out of `make test` for its time budget (15 min on 2 cores): the mid-round resume test covers resuming.
+@pytest.mark.slow
 def test_resume_refuses_another_base_model(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
     settings = dict(save_strategy="steps", save_steps=2)
     build(tmp_path, tiny_model_dir, tokenizer, **settings).train()
