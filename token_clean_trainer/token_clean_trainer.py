@@ -1068,9 +1068,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _require_cached(self, dataset: Dataset, role: str) -> None:
         args = self.args
-        bounds = [
-            (s, min(s + args.score_shard_rows, len(dataset))) for s in range(0, len(dataset), args.score_shard_rows)
-        ]
+        bounds = self._shard_bounds(len(dataset))
         cache = TokenLossCache(args.score_cache_dir, self._role_key(role))
         lengths = _row_lengths(dataset)
 
@@ -1262,9 +1260,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         args = self.args
         collective = self._collective
         lengths = _row_lengths(dataset)
-        bounds = [
-            (s, min(s + args.score_shard_rows, len(dataset))) for s in range(0, len(dataset), args.score_shard_rows)
-        ]
+        bounds = self._shard_bounds(len(dataset))
         cache = TokenLossCache(args.score_cache_dir, self._role_key(role))
         shards: list[list[np.ndarray] | None] = [None] * len(bounds)
         hashes: list[str] = []
@@ -1363,6 +1359,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 ranks,
             )
 
+    def _shard_bounds(self, rows: int) -> list[tuple[int, int]]:
+        """`(start, end)` of every score shard of `rows` rows (`score_shard_rows` each, the last one shorter)."""
+        size = self.args.score_shard_rows
+        return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
     def _shard_hashes(self, dataset: Dataset, bounds: list[tuple[int, int]]) -> list[str]:
         """Content hashes of the shards of `dataset` (memoised: every pass over the same rows reuses them)."""
         key = (dataset._fingerprint, tuple(bounds))
@@ -1372,8 +1373,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     def _dataset_hash(self, dataset: Dataset) -> str:
         """Content hash of a prepared dataset: the hash of its shard hashes (no full copy of its columns)."""
-        shard = self.args.score_shard_rows
-        bounds = [(s, min(s + shard, len(dataset))) for s in range(0, len(dataset), shard)]
+        bounds = self._shard_bounds(len(dataset))
         return self._collective.broadcast_object(
             sha256_json(self._shard_hashes(dataset, bounds)) if self._collective.is_main else None
         )

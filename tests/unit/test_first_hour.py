@@ -6,30 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from datasets import Dataset, IterableDataset
 
+from tests.unit.test_cli import BASE, write
 from token_clean_trainer import cli
 from token_clean_trainer.recipe import load_recipe_dataset, parse_recipe, take_rows, validate_recipe
 from token_clean_trainer.utils import atomic_write_bytes, expand_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def write(tmp_path, name="recipe.yaml", **values) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return str(path)
-
-
-BASE = dict(
-    model_name_or_path="embedded:smollm2",
-    dataset_name="embedded:chatterbot",
-    bf16=False,
-    activation_checkpointing=False,
-    ref_warmup_split="warmup",
-    use_peft=True,
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
