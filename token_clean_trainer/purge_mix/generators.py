@@ -190,6 +190,13 @@ def gguf_identity(path: str) -> str:
     return f"{os.path.basename(path)}@{size}-{h.hexdigest()[:16]}"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
 class LlamaCppGenerator:
     """
     Chat generation with llama.cpp (`llama-cpp-python`) on a local GGUF file: the fast path on CPU (a 1.5B Q4_K_M
@@ -200,7 +207,9 @@ class LlamaCppGenerator:
     Args:
         model_path (`str`): The GGUF file.
         n_ctx (`int`, *optional*, defaults to `4096`): Context length (prompt + generation).
-        n_threads (`int`, *optional*): CPU threads; `None` uses every core.
+        n_threads (`int`, *optional*): CPU threads for both prompt processing and generation; `None` uses every
+            core this process may run on (its CPU affinity, not the host's core count: llama-cpp-python's own
+            default for prompt processing is the host's count, which oversubscribes a container or a CI runner).
     """
 
     supports_json_schema = True
@@ -212,7 +221,10 @@ class LlamaCppGenerator:
         if llama is None:
             from llama_cpp import Llama
 
-            llama = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+            threads = n_threads or usable_cores()
+            llama = Llama(
+                model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+            )
         self.llm = llama
 
     def generate(self, payloads: list[dict], on_result) -> None:
