@@ -185,34 +185,16 @@ def _response_ids(tokenizer, prompt: list[dict], completion: list[dict]) -> tupl
 
 
 def _response_nll_sums(model, ids, mask, labels):
-    """Per-row sum and count of next-token NLL over positions with a label, in fp32.
-
-    The LM head runs only on the hidden states that predict a labelled token (in chunks), never on the full
-    `(batch, length, vocab)` grid: for a 49k vocabulary that grid is ~1.6 GB at 16 x 512 tokens. Models whose head
-    does more than a linear map (logit soft-capping) fall back to the full logits.
-    """
+    """Per-row sum and count of next-token NLL (fp32) over positions with a label, through the package's one per-token
+    loss function (`scoring.token_losses`: the LM head runs on the labelled positions only, in float32 chunks, with
+    the architecture's logit scaling and soft-capping)."""
     import torch
 
-    shift_labels = labels[:, 1:]
-    valid = shift_labels != -100
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if base is None or head is None or softcap is not None:
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), shift_labels.reshape(-1), reduction="none"
-        ).view(shift_labels.shape)
-        return (nll * valid).sum(1), valid.sum(1)
-    hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    rows, cols = valid.nonzero(as_tuple=True)
-    nll = torch.empty(len(rows), device=ids.device)
-    for start in range(0, len(rows), 1024):
-        r, c = rows[start : start + 1024], cols[start : start + 1024]
-        logits = head(hidden[r, c]).float()
-        nll[start : start + 1024] = torch.nn.functional.cross_entropy(logits, shift_labels[r, c], reduction="none")
-    sums = torch.zeros(ids.size(0), device=ids.device).index_add_(0, rows, nll)
-    return sums, valid.sum(1)
+    from ..scoring import token_losses
+
+    losses = token_losses(model, ids, mask, labels)
+    scored = ~torch.isnan(losses)
+    return torch.where(scored, losses, 0.0).sum(1), scored.sum(1)
 
 
 def _mean_nll(model, sequences: list[list[int]], starts: list[int], batch_size: int, pad_id: int) -> list[float]:
