@@ -276,6 +276,19 @@ def _write_json(path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def _first_of_each_text(index: np.ndarray, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, int]:
+    """`index` without the rows whose (prompt, response), case and whitespace folded, an earlier row already has; and
+    how many were dropped."""
+    seen: set[tuple[str, str]] = set()
+    keep = []
+    for i in index.tolist():
+        key = (" ".join(prompts[i].lower().split()), " ".join(responses[i].lower().split()))
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64), len(index) - len(keep)
+
+
 def _save_dataset(dataset, path: str) -> None:
     """save_to_disk into a temporary sibling, then rename: a kill never leaves a half-written dataset in place."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -521,13 +534,18 @@ def run_purge_mix(
         int((~hq).sum()),
         dict(Counter(r[0] for r in reasons if r)),
     )
-    lq_index = np.flatnonzero(~hq)
+    # Exact duplicates (after case and whitespace folding) would be fused with each other, or spend two jobs on one
+    # source: the pool keeps the first of each.
+    lq_index, lq_duplicates = _first_of_each_text(
+        np.flatnonzero(~hq), columns["prompt_text"], columns["response_text"]
+    )
     pool = [{"instruction": columns["prompt_text"][i], "response": columns["response_text"][i]} for i in lq_index]
     pool_ids = [columns["purge_mix_id"][i] for i in lq_index]
     results, cluster_summary = [], {"num_clusters": 0}
     if config.purge_mix_output_mode != "hq" and len(lq_index):
         start = time.perf_counter()
         jobs, cluster_summary = plan_jobs(embeddings[lq_index], config, seed)
+        cluster_summary["lq_duplicates_skipped"] = lq_duplicates
         timings["clustering_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         results = run_fusions(jobs, pool, generator, config)
