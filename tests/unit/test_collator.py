@@ -1,7 +1,6 @@
 """TokenCleaningCollator on hand-built examples."""
 
 import pytest
-import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from token_clean_trainer import TokenCleaningCollator
@@ -49,5 +48,4 @@ def test_length_mismatch_is_a_clear_error():
 def test_input_examples_are_not_mutated():
     example = {"input_ids": [1, 5, 2], "labels": [-100, 5, 2], "token_keep": [0, 0, 1]}
     make_collator()([example])
-    assert example["labels"] == [-100, 5, 2] and "token_keep" in example
-    assert isinstance(torch.tensor(example["labels"]), torch.Tensor)
+    assert example == {"input_ids": [1, 5, 2], "labels": [-100, 5, 2], "token_keep": [0, 0, 1]}

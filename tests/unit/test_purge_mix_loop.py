@@ -36,12 +36,14 @@ def _blobs(seed=0, per=10, dims=8, clusters=3):
 def test_mmr_prefers_relevance_then_diversity():
     x = np.array([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.7, 0.7]])
     centroid = np.array([1.0, 0.2])
-    assert mmr_select(x, centroid, 1, lam=1.0) == [1] or mmr_select(x, centroid, 1, lam=1.0) == [0]
-    picks = mmr_select(x, centroid, 3, lam=0.5)
-    assert len(set(picks)) == 3
-    # Pure relevance picks the two near-duplicates first; a diversity weight skips the second one.
-    assert set(mmr_select(x, centroid, 2, lam=1.0)) == {0, 1}
-    assert set(mmr_select(x, centroid, 2, lam=0.3)) != {0, 1}
+    # Cosine to the centroid: row 1 0.998, row 0 0.981, row 3 0.832, row 2 0.196.
+    assert mmr_select(x, centroid, 1, lam=1.0) == [1]
+    # Pure relevance takes the near-duplicate of row 1 next.
+    assert mmr_select(x, centroid, 3, lam=1.0) == [1, 0, 3]
+    # lam 0.5, second pick: row 0 scores 0.5 * 0.981 - 0.5 * 0.990 = -0.005 (a near-duplicate of row 1), row 3
+    # 0.5 * 0.832 - 0.5 * 0.799 = 0.017, row 2 0.5 * 0.196 - 0.5 * 0.140 = 0.028: the most distant row wins.
+    assert mmr_select(x, centroid, 3, lam=0.5) == [1, 2, 3]
+    assert mmr_select(x, centroid, 10, lam=0.5) == [1, 2, 3, 0]  # never more rows than there are, none twice
 
 
 def test_plan_jobs_is_deterministic_and_uses_silhouette():

@@ -113,12 +113,6 @@ def test_remote_code_is_never_turned_on_by_the_package():
     assert loaders >= 5 and problems == []
 
 
-def test_config_defaults_remote_code_off(tmp_path):
-    from token_clean_trainer import TokenCleanConfig
-
-    assert TokenCleanConfig(str(tmp_path), bf16=False, report_to="none").trust_remote_code is False
-
-
 @pytest.fixture
 def hostile_model_dir(tmp_path, tiny_model_dir):
     """A model folder whose config asks for custom code that, if ever imported, leaves a marker file."""

@@ -17,7 +17,6 @@ from token_clean_trainer.step_selection import (
     response_mask,
     rows_to_padded,
     select_step,
-    single_process_gather,
 )
 
 NAN = float("nan")
@@ -476,13 +475,6 @@ def test_unknown_level_raises():
     scores, labels = two_micro_batches()
     with pytest.raises(ValueError, match="'global'"):
         select_step(scores, labels, level="global", ratio=0.5)
-
-
-def test_single_process_gather_is_identity():
-    local = np.array([[1.0, 2.0]], dtype=np.float32)
-    parts, rank = single_process_gather(local)
-    assert rank == 0
-    assert len(parts) == 1 and parts[0] is local
 
 
 # ---------------------------------------------------------------------------------------------------------------------

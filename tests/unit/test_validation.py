@@ -107,7 +107,13 @@ def test_valid_formats_pass_untouched():
 def test_a_tool_call_turn_without_content_is_not_missing_content():
     call = {"role": "assistant", "content": None, "tool_calls": [{"name": "add", "arguments": "{}"}]}
     rows = [[user("2+2?"), call, {"role": "tool", "content": "4", "tool_calls": None}, assistant("4.")]]
-    validate_raw_dataset(Dataset.from_dict({"messages": rows}))
+    result = validate_raw_dataset(Dataset.from_dict({"messages": rows}))
+    assert (result.rows, result.errors) == (1, {})
+    # The same turn without its tool call is an assistant turn with no content: refused, naming the field.
+    bare = {"role": "assistant", "content": None, "tool_calls": None}
+    rows = [[user("2+2?"), bare, {"role": "tool", "content": "4", "tool_calls": None}, assistant("4.")]]
+    with pytest.raises(DatasetValidationError, match=r"row 0 \(`messages\[1\].content`\)"):
+        validate_raw_dataset(Dataset.from_dict({"messages": rows}))
 
 
 def test_counts_every_bad_row_but_shows_the_first_five():
