@@ -616,7 +616,7 @@ def load_chatterbot_dataset(
     malformed = too_short = 0
     for path in files:
         with open(path, encoding="utf-8") as f:
-            content = yaml.load(f, Loader=_StringLoader)  # safe: a SafeLoader subclass
+            content = yaml.load(f, Loader=_StringLoader)  # noqa: S506 (a SafeLoader subclass)
         conversations = content.get("conversations") if isinstance(content, dict) else None
         if not isinstance(conversations, list):
             logger.warning("Skipping %s: no `conversations` list", path.name)

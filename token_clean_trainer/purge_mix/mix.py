@@ -884,7 +884,8 @@ def run_fusions(
 
 def result_row(result: FusionResult, pool_ids: list[str]) -> dict[str, Any]:
     """An accepted result as an output row (conversational prompt/completion + provenance)."""
-    assert result.accepted and result.candidate is not None
+    if not result.accepted or result.candidate is None:
+        raise ValueError("Only an accepted fusion with a candidate becomes an output row.")
     return {
         "prompt": [{"role": "user", "content": result.candidate["instruction"]}],
         "completion": [{"role": "assistant", "content": result.candidate["response"]}],
