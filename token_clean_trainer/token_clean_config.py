@@ -1,6 +1,7 @@
 """`TokenCleanConfig`: `SFTConfig` plus the fields that control token cleaning."""
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -120,6 +121,8 @@ class TokenCleanConfig(SFTConfig):
             chunk in dataset order, like the paper's runs.
     """
 
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
+
     token_cleaning: str = field(
         default="fixed",
         metadata={
@@ -216,7 +219,8 @@ class TokenCleanConfig(SFTConfig):
 
     def __post_init__(self):
         self._expand_path_settings()
-        super().__post_init__()
+        self._check_json_dict_fields()
+        super().__post_init__()  # parses the JSON strings of `_VALID_DICT_FIELDS` (TRL's CLI idiom)
         if self.token_cleaning not in TOKEN_CLEANING_MODES:
             raise ValueError(
                 f"`token_cleaning` must be one of {list(TOKEN_CLEANING_MODES)}, got {self.token_cleaning!r}."
@@ -263,16 +267,6 @@ class TokenCleanConfig(SFTConfig):
                 "Set only one of `ref_model_name_or_path` (a full reference model) and `ref_adapter_name_or_path` (a "
                 "PEFT adapter on the trained model's base), not both."
             )
-        if isinstance(self.ref_model_init_kwargs, str):
-            import json
-
-            try:
-                self.ref_model_init_kwargs = json.loads(self.ref_model_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f'`ref_model_init_kwargs` must be a JSON object such as \'{{"dtype": "bfloat16"}}\', got '
-                    f"{self.ref_model_init_kwargs!r} ({error})."
-                ) from error
         if self.ref_model_init_kwargs is not None and not isinstance(self.ref_model_init_kwargs, dict):
             raise ValueError(
                 f"`ref_model_init_kwargs` must be a dict of `from_pretrained` keyword arguments, got "
@@ -343,6 +337,19 @@ class TokenCleanConfig(SFTConfig):
                 f"half of the response tokens; `token_keep_ratio={self.token_keep_ratio}` would need more. Use a ratio "
                 "of at least 0.5 (e.g. 0.8), or `token_score_rule='excess'`."
             )
+
+    def _check_json_dict_fields(self) -> None:
+        """A dict field given as a JSON string from the CLI or a recipe: a malformed one is named here, with an
+        example, before `TrainingArguments` would raise a bare `JSONDecodeError`."""
+        for name in self._VALID_DICT_FIELDS:
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value.startswith("{"):
+                try:
+                    json.loads(value)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f'`{name}` must be a JSON object such as \'{{"dtype": "bfloat16"}}\', got {value!r} ({error}).'
+                    ) from error
 
     def _expand_path_settings(self) -> None:
         """`~` and `$VAR` in every path setting, so `score_cache_dir="~/.cache/x"` never creates a literal `./~`."""

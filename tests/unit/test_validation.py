@@ -146,6 +146,16 @@ def test_assistant_only_loss_makes_a_missing_assistant_turn_an_error_in_every_mo
         validate_raw_dataset(data, strict=False, assistant_only_loss=True)
 
 
+def test_every_json_dict_field_names_itself_when_malformed(tmp_path):
+    from token_clean_trainer import TokenCleanConfig
+
+    # TRL's own dict fields too (parsed by `TrainingArguments` through `_VALID_DICT_FIELDS`).
+    with pytest.raises(ValueError, match="`model_init_kwargs` must be a JSON object"):
+        TokenCleanConfig(str(tmp_path), bf16=False, report_to="none", model_init_kwargs="{dtype: bfloat16}")
+    args = TokenCleanConfig(str(tmp_path), bf16=False, report_to="none", model_init_kwargs='{"dtype": "float32"}')
+    assert args.model_init_kwargs == {"dtype": "float32"}
+
+
 @pytest.mark.parametrize("value", ["{dtype: bfloat16}", "[1, 2]", 3])
 def test_ref_model_init_kwargs_must_be_a_json_object(tmp_path, value):
     from token_clean_trainer import TokenCleanConfig
