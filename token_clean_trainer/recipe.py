@@ -16,8 +16,6 @@ finds (unknown keys with a did-you-mean suggestion, values of the wrong type, in
 import argparse
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .utils import expand_path
+from .utils import expand_path, sha256_json
 
 EMBEDDED_MODELS = ("embedded:smollm2",)
 EMBEDDED_DATASETS = ("embedded:chatterbot",)
@@ -804,4 +802,4 @@ def take_rows(dataset, rows: int, seed: int | None):
 
 
 def settings_hash(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha256_json(payload)[:16]

@@ -159,8 +159,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode())
+def atomic_write_json(path: str, payload: Any, ensure_ascii: bool = True) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str, ensure_ascii=ensure_ascii) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def flat_list_column(dataset, column: str) -> tuple[np.ndarray, np.ndarray]:

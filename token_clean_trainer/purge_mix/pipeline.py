@@ -13,7 +13,7 @@ Stages and what a restart reuses (all under `<output_dir>/purge_mix/` unless `pu
 Thresholds never invalidate stage 2 or 3: change one and rerun, and only the split and what follows are redone.
 """
 
-import hashlib
+import io
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils import atomic_write_bytes, atomic_write_json, fingerprint_module, sha256_json
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
 from .embedding import embed_texts, embedding_identity
@@ -175,15 +176,10 @@ def _load_model(path: str):
 
 
 def model_identity(model) -> str:
-    """Name plus a cheap fingerprint of the weights (the first values of every parameter): two different models that
-    share a folder name never share a cache entry."""
-    h = hashlib.sha256()
-    for name, param in model.named_parameters():
-        h.update(name.encode())
-        h.update(str(tuple(param.shape)).encode())
-        h.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    """Name plus the package's content fingerprint of the weights: two different models that share a folder name
+    never share a cache entry."""
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return f"{os.path.basename(str(name).rstrip('/'))}@{h.hexdigest()[:16]}"
+    return f"{os.path.basename(str(name).rstrip('/'))}@{fingerprint_module(model)[:16]}"
 
 
 class _Models:
@@ -267,15 +263,6 @@ def _check_writable(folder: str) -> None:
         ) from None
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, ensure_ascii=False, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _first_of_each_text(index: np.ndarray, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, int]:
     """`index` without the rows whose (prompt, response), case and whitespace folded, an earlier row already has; and
     how many were dropped."""
@@ -300,7 +287,7 @@ def _save_dataset(dataset, path: str) -> None:
 
 
 def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return sha256_json(list(parts))[:20]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,10 +357,9 @@ def _embeddings(columns, config, models, folder, data_key) -> tuple[np.ndarray, 
     texts = [f"{p}\n{r}" for p, r in zip(columns["prompt_text"], columns["response_text"])]
     model, tokenizer = models.scoring() if config.purge_mix_embedding == "base_model" else (None, None)
     vectors = embed_texts(texts, config.purge_mix_embedding, config.purge_mix_embedding_batch_size, model, tokenizer)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, vectors, allow_pickle=False)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
     return vectors, False
 
 
@@ -553,27 +539,26 @@ def run_purge_mix(
     accepted = [r for r in results if r.accepted]
     synthesized = [result_row(r, pool_ids) for r in accepted]
 
-    with open(os.path.join(folder, "fusions.jsonl.tmp"), "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(
-                json.dumps(
-                    {
-                        "source_ids": [pool_ids[i] for i in r.sources],
-                        "cluster": r.cluster,
-                        "operators": r.operators,
-                        "cycles": r.cycles,
-                        "accepted": r.accepted,
-                        "defects": r.defects,
-                        "problems": r.problems,
-                        "candidate": r.candidate,
-                        "review_flags": r.review_flags,
-                        "llm_checklist": r.checklist,
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-    os.replace(os.path.join(folder, "fusions.jsonl.tmp"), os.path.join(folder, "fusions.jsonl"))
+    fusion_lines = [
+        json.dumps(
+            {
+                "source_ids": [pool_ids[i] for i in r.sources],
+                "cluster": r.cluster,
+                "operators": r.operators,
+                "cycles": r.cycles,
+                "accepted": r.accepted,
+                "defects": r.defects,
+                "problems": r.problems,
+                "candidate": r.candidate,
+                "review_flags": r.review_flags,
+                "llm_checklist": r.checklist,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for r in results
+    ]
+    atomic_write_bytes(os.path.join(folder, "fusions.jsonl"), "".join(fusion_lines).encode("utf-8"))
 
     # --- output ------------------------------------------------------------------------------------------------------
     out_rows: list[dict] = []
@@ -659,8 +644,8 @@ def run_purge_mix(
         "seed": seed,
         "config": asdict(config),
     }
-    _write_json(os.path.join(folder, "report.json"), report)
-    _write_json(result_path, {"key": run_key})
+    atomic_write_json(os.path.join(folder, "report.json"), report, ensure_ascii=False)
+    atomic_write_json(result_path, {"key": run_key})
     logger.info(
         "purge-mix: %d rows -> HQ %d / LQ %d; %d/%d fusions accepted; %d LLM calls; report at %s",
         n,
