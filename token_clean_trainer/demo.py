@@ -359,7 +359,8 @@ def mask_shares(keep: np.ndarray, response: np.ndarray, junk: np.ndarray) -> dic
 def run_demo(settings: DemoSettings) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import default_model_path, load_chatterbot_dataset
+    from .assets import load_chatterbot_dataset
+    from .recipe import resolve_model
     from .token_clean_trainer import TokenCleanSFTTrainer
 
     started = time.perf_counter()
@@ -375,7 +376,7 @@ def run_demo(settings: DemoSettings) -> dict:
     if unknown:
         raise ValueError(f"`arms`: unknown {unknown}; choose from {sorted(ARMS)} (comma-separated).")
     os.makedirs(settings.output_dir, exist_ok=True)
-    model_path = default_model_path() if settings.model == "embedded:smollm2" else settings.model
+    model_path = resolve_model(settings.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = load_chatterbot_dataset()
     warmup_rows = _take(splits["warmup"], settings.warmup_rows, settings.seed)

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-EMBEDDED_MODEL = "embedded:smollm2"
-EMBEDDED_DATASET = "embedded:chatterbot"
+from .assets import EMBEDDED_DATASET, EMBEDDED_MODEL
 
 
 def nll_summary(losses: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
@@ -67,22 +66,11 @@ def load_eval_dataset(spec: str, split: str = "heldout", rows: int = 0, seed: in
         seed (`int`, *optional*, defaults to `42`):
             Seed of the subset.
     """
-    from types import SimpleNamespace
-
     from datasets import Dataset
 
-    from .recipe import load_dataset_dict
+    from .recipe import load_split
 
-    # The loader of `train`, `score` and `purge-mix`: `embedded:chatterbot`, a `save_to_disk` folder, a local
-    # .json/.jsonl/.parquet/.csv file or a Hub id.
-    script = SimpleNamespace(dataset_name=spec, dataset_config=None, dataset_streaming=False)
-    data, _, _, single = load_dataset_dict(script)
-    if single:  # a data file or a saved Dataset: its one split
-        data = data["train"]
-    elif split in data:
-        data = data[split]
-    else:
-        raise ValueError(f"`--split {split!r}` is not in {spec!r}; its splits are {sorted(data)}.")
+    data = load_split(spec, split)
     if not isinstance(data, Dataset) or len(data) == 0:
         raise ValueError(f"`--dataset {spec!r}` (split {split!r}) has no rows to evaluate.")
     if 0 < rows < len(data):
@@ -95,11 +83,9 @@ def load_eval_model(model: str = EMBEDDED_MODEL, adapter: str | None = None, dty
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = model
-    if model == EMBEDDED_MODEL:
-        from .assets import default_model_path
+    from .recipe import resolve_model
 
-        path = default_model_path()
+    path = resolve_model(model)
     tokenizer_path = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))

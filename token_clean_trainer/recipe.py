@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 
+from .assets import EMBEDDED_DATASET, EMBEDDED_MODEL
 from .utils import expand_path, sha256_json
 
-EMBEDDED_MODELS = ("embedded:smollm2",)
-EMBEDDED_DATASETS = ("embedded:chatterbot",)
+EMBEDDED_MODELS = (EMBEDDED_MODEL,)
+EMBEDDED_DATASETS = (EMBEDDED_DATASET,)
 # Chat templates shipped with the package, usable by name in `chat_template_path`.
 NAMED_CHAT_TEMPLATES = ("tulu",)
 LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -774,6 +775,23 @@ def load_dataset_dict(script, mixture=None):
     elif isinstance(data, IterableDataset):
         data = IterableDatasetDict({"train": data})
     return data, name, streaming, single
+
+
+def load_split(spec: str, split: str = "train", config_name: str | None = None, what: str = "--split"):
+    """
+    One split of a dataset named as a recipe's `dataset_name` ([`load_dataset_dict`]): `embedded:chatterbot`, a
+    `save_to_disk` folder, a local `.json`/`.jsonl`/`.parquet`/`.csv` file (its one split, whatever `split` says) or a
+    Hub id. `what` names the option in the error when the split does not exist.
+    """
+    from types import SimpleNamespace
+
+    script = SimpleNamespace(dataset_name=spec, dataset_config=config_name, dataset_streaming=False)
+    data, _, _, single = load_dataset_dict(script)
+    if single:
+        return data["train"]
+    if split not in data:
+        raise ValueError(f"`{what} {split!r}` is not in {spec!r}; its splits are {sorted(data)}.")
+    return data[split]
 
 
 def _expand_data_files(value):

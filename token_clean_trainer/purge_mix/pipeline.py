@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..assets import EMBEDDED_MODEL
 from ..utils import atomic_write_bytes, atomic_write_json, fingerprint_module, sha256_json
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
@@ -44,8 +45,6 @@ from .rating import RATING_SCHEMA, compress_overall, curate_scores, parse_rating
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "embedded:smollm2"
-EMBEDDED_DATASET = "embedded:chatterbot"
 # Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
 # (cached LLM replies are still replayed); the statistics have their own version.
 _PIPELINE_VERSION = 5
@@ -81,31 +80,19 @@ class PurgeMixResult:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`embedded:smollm2` -> the converted embedded SmolLM2 folder; anything else is returned unchanged."""
-    if name_or_path == EMBEDDED_MODEL:
-        from ..assets import default_model_path
+    """`embedded:smollm2` -> the converted embedded SmolLM2 folder; `~` and `$VAR` expanded in anything else (the
+    recipe's resolver)."""
+    from ..recipe import resolve_model
 
-        return default_model_path()
-    return name_or_path
+    return resolve_model(name_or_path)
 
 
 def load_input_dataset(name: str, split: str = "train", config_name: str | None = None):
-    """`embedded:chatterbot` -> the ChatterBot split; a `save_to_disk` folder, a json/jsonl/parquet file or a Hub
-    dataset name otherwise (the Hub only when the cache has it: runs are offline)."""
-    import datasets
+    """One split of `name`, loaded by the package's one loader (`embedded:chatterbot`, a `save_to_disk` folder, a
+    json/jsonl/parquet/csv file or a Hub id; the Hub only when the cache has it: runs are offline)."""
+    from ..recipe import load_split
 
-    if name == EMBEDDED_DATASET:
-        from ..assets import load_chatterbot_dataset
-
-        return load_chatterbot_dataset()[split]
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
-        return datasets.load_from_disk(name)
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
-        return datasets.load_from_disk(name)[split]
-    for suffix, builder in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".csv", "csv")):
-        if name.endswith(suffix):
-            return datasets.load_dataset(builder, data_files=name, split="train")
-    return datasets.load_dataset(name, config_name, split=split)
+    return load_split(name, split, config_name, what="split")
 
 
 def is_gguf_generator(name: str | None) -> bool:
