@@ -298,18 +298,16 @@ def _set_reference(training, target: str, peft_config) -> None:
         training.ref_model_name_or_path = target
 
 
-def _apply_purge_mix(recipe, train_dataset, model_path: str):
-    """With `purge_mix_enabled: true`, the raw train rows go through ENTP purge-mix before TRL tokenises them."""
+def _purge_mix_callbacks(recipe, train_dataset) -> list:
+    """With `purge_mix_enabled: true`, the trainer's `PurgeMixCallback`: the raw train rows go through ENTP purge-mix
+    before TRL tokenises them (the one path for the CLI and the Python API)."""
     config = recipe.purge_mix
     if config is None or not getattr(config, "purge_mix_enabled", False):
-        return train_dataset
+        return []
     from .purge_mix import PurgeMixCallback
 
     _print_main(f"token-clean: purge-mix on {len(train_dataset)} train rows")
-    # The callback computes on the main process first; the others load its content-keyed result.
-    return PurgeMixCallback(config).apply(
-        train_dataset, recipe.training.output_dir, seed=recipe.training.seed, model=model_path
-    )
+    return [PurgeMixCallback(config)]
 
 
 def build_trainer(recipe):
@@ -326,13 +324,17 @@ def build_trainer(recipe):
     training.chat_template_path = resolve_chat_template(training.chat_template_path)
     training.model_init_kwargs = _model_init_kwargs(recipe)
     train, evaluation, warmup = _load_splits(recipe)
-    train = _apply_purge_mix(recipe, train, model_path)
     # With LoRA, the LoraConfig is TRL's own from the recipe's `use_peft` / `lora_*` keys.
     peft_config = get_peft_config(model_args)
     if warmup is not None and training.token_cleaning not in ("none", "self_evolving"):
         _warm_up_reference(recipe, model_path, warmup, peft_config)
     return TokenCleanSFTTrainer(
-        model_path, args=training, train_dataset=train, eval_dataset=evaluation, peft_config=peft_config
+        model_path,
+        args=training,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        peft_config=peft_config,
+        callbacks=_purge_mix_callbacks(recipe, train),
     )
 
 

@@ -46,6 +46,16 @@ def test_parse_recipe_fills_every_config_and_command_line_wins(tmp_path):
         assert recipe.purge_mix.purge_mix_enabled is False
 
 
+def test_purge_mix_reaches_the_trainer_as_its_callback(tmp_path):
+    from token_clean_trainer.purge_mix import PurgeMixCallback
+
+    path = write(tmp_path, **BASE, output_dir=str(tmp_path), purge_mix_enabled=True, purge_mix_max_fusions=3)
+    recipe = parse_recipe(["--config", path])
+    (callback,) = cli._purge_mix_callbacks(recipe, [{"messages": []}] * 4)
+    assert isinstance(callback, PurgeMixCallback) and callback.config.purge_mix_max_fusions == 3
+    assert cli._purge_mix_callbacks(parse_recipe(["--config", write(tmp_path, "off.yaml", **BASE)]), []) == []
+
+
 def test_lora_config_comes_from_trl(tmp_path):
     from trl import get_peft_config
 
