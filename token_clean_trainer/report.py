@@ -32,7 +32,7 @@ TOKEN_TABLE_ROWS = 20
 # columns, its filter (rows left without a response) and shuffle move them with their row.
 RAW_ROW_COLUMN = "_token_clean_raw_row"
 # Positions read per chunk when counting tokens, so the summary needs little memory at hundreds of millions of tokens.
-_CHUNK = 1 << 24
+_CHUNK = 1 << 22
 
 
 def with_raw_row_column(dataset):
@@ -122,7 +122,9 @@ def token_summary(
     labels = np.asarray(labels)
     if not response.any():
         return None
-    size = int(labels[response].max()) + 1
+    size = 1 + max(
+        int(labels[i : i + _CHUNK][response[i : i + _CHUNK]].max(initial=0)) for i in range(0, len(labels), _CHUNK)
+    )
     count = np.zeros(size, dtype=np.int64)
     kept = np.zeros(size, dtype=np.int64) if keep is not None else None
     score_sum = np.zeros(size, dtype=np.float64)
@@ -213,22 +215,45 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     dropped means need `keep`; they are None when tokens are chosen per step.
     """
     valid = ~np.isnan(scores)
-    values = scores[valid].astype(np.float64)
+    every = bool(valid.all())  # compact scores: no NaN, so no float32 copy of the valid ones first
+
+    def float64_values() -> np.ndarray:
+        return scores.astype(np.float64) if every else scores[valid].astype(np.float64)
+
+    values = float64_values()
     if values.size == 0:
         return {"count": 0}
+    mean = values.mean()
     stats: dict[str, Any] = {
         "count": int(values.size),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
+        "mean": float(mean),
+        "std": None,
         "min": float(values.min()),
         "max": float(values.max()),
     }
-    stats.update({name: float(q) for name, q in zip(QUANTILES, np.quantile(values, list(QUANTILES.values())))})
-    stats["share_abs_below_0.01"] = float((np.abs(values) < NEAR_ZERO).mean())
-    stats["share_negative"] = float((values < 0).mean())
+    # Counted in chunks (the same counts as whole-array comparisons, without float64 temporaries).
+    near = negative = 0
+    for start in range(0, values.size, _CHUNK):
+        part = values[start : start + _CHUNK]
+        near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
+        negative += int(np.count_nonzero(part < 0))
+        del part  # a view keeps `values` alive
+    near_zero, negative = near / values.size, negative / values.size
+    # `values.std()` step by step in place (the same operations, so the same number) rather than through a second
+    # float64 temporary; then the quantiles, in place too, on a fresh copy: one float64 copy of the scores at a time.
+    np.subtract(values, mean, out=values)
+    np.multiply(values, values, out=values)
+    stats["std"] = float(np.sqrt(values.sum() / values.size))
+    del values
+    values = float64_values()
+    quantiles = np.quantile(values, list(QUANTILES.values()), overwrite_input=True)
+    del values
+    stats.update({name: float(q) for name, q in zip(QUANTILES, quantiles)})
+    stats["share_abs_below_0.01"] = near_zero
+    stats["share_negative"] = negative
     stats["kept_mean"] = stats["dropped_mean"] = None
     if keep is not None:
-        kept, dropped = scores[keep], scores[valid & ~keep]
+        kept, dropped = scores[keep], scores[~keep if every else valid & ~keep]
         stats["kept_mean"] = float(kept.mean()) if kept.size else None
         stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
     return stats
@@ -251,6 +276,7 @@ def build_report(
     reference: dict[str, Any],
     seconds: float,
     tokenizer=None,
+    layout=None,
 ) -> dict[str, Any]:
     """
     Everything a reader needs to judge a cleaning run; the first keys are the package's report contract.
@@ -259,27 +285,115 @@ def build_report(
     records by [`add_step_summary`] once training has run. With a `tokenizer`, the report also summarises the response
     tokens by token string ([`token_summary`]). When `prepare_stats["raw_rows"]` holds each prepared row's index in the
     user's dataset (see [`with_raw_row_column`]), row numbers in the report and on the page are the user's.
+
+    With a `layout` ([`~compact.ResponseLayout`]), `scores`, `base_losses`, `ref_losses` and `keep` are compact (over
+    the response positions only) and `labels`/`response` are not needed: the numbers are those of the flat layout.
     """
     from . import __version__
 
+    if layout is not None:
+        return _finish_report(
+            args=args,
+            lengths=layout.lengths,
+            offsets=layout.response_offsets,
+            n_response=layout.n_response,
+            response_per_row=np.diff(layout.response_offsets),
+            keep=keep,
+            rows_response_truncated_of=lambda max_length: int(
+                ((layout.lengths >= max_length) & layout.last_trained).sum()
+            ),
+            context_tokens=layout.context_tokens,
+            token_summary_of=lambda: token_summary(
+                layout.response_labels(), np.ones(layout.n_response, dtype=bool), keep, scores, tokenizer
+            ),
+            scores=scores,
+            base_losses=base_losses,
+            ref_losses=ref_losses,
+            threshold=threshold,
+            prepare_stats=prepare_stats,
+            cache_stats=cache_stats,
+            reference=reference,
+            seconds=seconds,
+            tokenizer=tokenizer,
+            version=__version__,
+        )
     n_response = int(response.sum())
-    n_kept = rows_all_masked = None
+    response_per_row = None
     if keep is not None:
         keep = keep & response  # trained tokens that are not responses are always kept; they are counted apart
-        n_kept = int(keep.sum())
         starts = offsets[:-1]
         response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
-        kept_per_row = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
+        kept_rows = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
         # reduceat on an empty row returns the next element; empty rows cannot occur (every row has a token).
-        all_masked = (response_per_row > 0) & (kept_per_row == 0)
-        rows_all_masked = int(all_masked.sum())
-    max_length = args.max_length
-    rows_response_truncated = 0
-    if max_length is not None:
+        keep_counts = (keep, kept_rows)
+    else:
+        keep_counts = None
+
+    def truncated(max_length: int) -> int:
         nonempty = lengths > 0
         last_is_response = np.zeros(len(lengths), dtype=bool)
         last_is_response[nonempty] = labels[offsets[1:][nonempty] - 1] != -100
-        rows_response_truncated = int(((lengths >= max_length) & last_is_response).sum())
+        return int(((lengths >= max_length) & last_is_response).sum())
+
+    return _finish_report(
+        args=args,
+        lengths=lengths,
+        offsets=offsets,
+        n_response=n_response,
+        response_per_row=response_per_row,
+        keep=keep_counts,
+        rows_response_truncated_of=truncated,
+        context_tokens=int(context_positions(labels, offsets, response).sum()),
+        token_summary_of=lambda: token_summary(labels, response, keep, scores, tokenizer),
+        scores=scores,
+        base_losses=base_losses,
+        ref_losses=ref_losses,
+        threshold=threshold,
+        prepare_stats=prepare_stats,
+        cache_stats=cache_stats,
+        reference=reference,
+        seconds=seconds,
+        tokenizer=tokenizer,
+        version=__version__,
+    )
+
+
+def _finish_report(
+    *,
+    args,
+    lengths,
+    offsets,
+    n_response,
+    response_per_row,
+    keep,
+    rows_response_truncated_of,
+    context_tokens,
+    token_summary_of,
+    scores,
+    base_losses,
+    ref_losses,
+    threshold,
+    prepare_stats,
+    cache_stats,
+    reference,
+    seconds,
+    tokenizer,
+    version,
+) -> dict[str, Any]:
+    """The report from per-row counts, shared by the flat and the compact layout (`offsets` index `scores`)."""
+    n_kept = rows_all_masked = None
+    if isinstance(keep, tuple):  # flat layout: (keep & response, kept per row)
+        keep, kept_rows = keep
+    elif keep is not None:  # compact layout
+        from .compact import kept_per_row
+
+        kept_rows = kept_per_row(offsets, keep)
+    if keep is not None:
+        n_kept = int(np.count_nonzero(keep))
+        all_masked = (response_per_row > 0) & (kept_rows == 0)
+        rows_all_masked = int(all_masked.sum())
+    max_length = args.max_length
+    rows_response_truncated = rows_response_truncated_of(max_length) if max_length is not None else 0
 
     report: dict[str, Any] = {
         "mode": args.token_cleaning,
@@ -298,7 +412,7 @@ def build_report(
         "rows_response_truncated": rows_response_truncated,
         # Tokens TRL trains that are not response tokens (e.g. user turns with `assistant_only_loss=False`): never
         # ranked, never dropped.
-        "trained_non_response_tokens": int(context_positions(labels, offsets, response).sum()),
+        "trained_non_response_tokens": context_tokens,
         "max_length": max_length,
         "scores": score_statistics(scores, keep) if scores is not None else None,
         "base_loss_mean": _nanmean(base_losses),
@@ -308,7 +422,7 @@ def build_report(
         "seed": args.token_selection_seed if args.token_selection_seed is not None else args.seed,
         "cache": cache_stats,
         "score_seconds": round(seconds, 3),
-        "version": __version__,
+        "version": version,
     }
     raw_rows = prepare_stats.get("raw_rows")
     report["row_ids"] = "dataset" if raw_rows is not None else "prepared"
@@ -321,9 +435,7 @@ def build_report(
     report["threshold_band"] = threshold_band(scores, threshold)
     if report["threshold_band"] is not None and report["scores"]:
         report["scores"]["share_within_0.01_of_threshold"] = report["threshold_band"]["share_within_0.01"]
-    report["tokens"] = (
-        token_summary(labels, response, keep, scores, tokenizer) if tokenizer is not None and n_response else None
-    )
+    report["tokens"] = token_summary_of() if tokenizer is not None and n_response else None
     report["warnings"] = [w for w in (threshold_warning(report),) if w]
     if raw_rows is not None:
         report["_raw_rows"] = raw_rows  # numbers the rows of tokens.html; popped by `write_report`
@@ -337,9 +449,15 @@ ROW_ID_LIST = 1000
 
 
 def _nanmean(values: np.ndarray | None) -> float | None:
-    if values is None or not (~np.isnan(values)).any():
+    """Mean of the non-NaN values, accumulated in float64 (flat and compact layouts agree to ~1e-15)."""
+    if values is None:
         return None
-    return float(np.nanmean(values))
+    count, total = 0, 0.0
+    for start in range(0, values.size, _CHUNK):  # in chunks: no copy of the whole array
+        part = values[start : start + _CHUNK]
+        count += part.size - int(np.count_nonzero(np.isnan(part)))
+        total += float(np.nansum(part, dtype=np.float64))
+    return total / count if count else None
 
 
 def add_step_summary(report: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -407,10 +525,11 @@ def _panel(values: np.ndarray, label: str, threshold: float | None) -> dict[str,
     if values.size == 0:
         return {"label": label, "count": 0, "threshold": threshold, "edges": [], "counts": []}
     # The extreme 0.1% on each side go into the end bins, so a few outliers do not squeeze the bulk into one bar.
-    low, high = np.quantile(values, [0.001, 0.999])
+    # In place: the counts do not depend on the order of `values`, and no second float64 copy is made.
+    low, high = np.quantile(values, [0.001, 0.999], overwrite_input=True)
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    counts, edges = np.histogram(np.clip(values, low, high), bins=HISTOGRAM_BINS, range=(low, high))
+    counts, edges = np.histogram(np.clip(values, low, high, out=values), bins=HISTOGRAM_BINS, range=(low, high))
     return {
         "label": label,
         "count": int(values.size),
