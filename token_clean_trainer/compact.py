@@ -40,7 +40,7 @@ def _read_chunk(dataset, start: int, end: int) -> tuple[np.ndarray, np.ndarray, 
     column = _label_column(dataset)
     columns = [column] + ([RESPONSE_MASK_COLUMN] if RESPONSE_MASK_COLUMN in dataset.column_names else [])
     table = dataset.with_format("arrow").select_columns(columns)[start:end]
-    array = table.column(column).combine_chunks()
+    array = table.column(column)  # chunked as stored: compared in Arrow, never copied as int64
     lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
     labelled = pc.not_equal(pc.list_flatten(array), -100).to_numpy(zero_copy_only=False)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]
@@ -48,7 +48,7 @@ def _read_chunk(dataset, start: int, end: int) -> tuple[np.ndarray, np.ndarray, 
     trained[starts] = False
     response = trained.copy()
     if RESPONSE_MASK_COLUMN in columns:
-        mask = pc.list_flatten(table.column(RESPONSE_MASK_COLUMN).combine_chunks()).to_numpy(zero_copy_only=False)
+        mask = pc.list_flatten(table.column(RESPONSE_MASK_COLUMN)).to_numpy(zero_copy_only=False)
         if mask.size != response.size:
             raise ValueError(
                 f"The `{RESPONSE_MASK_COLUMN}` column has {mask.size} positions in rows {start}-{end - 1} but the "
@@ -97,15 +97,18 @@ class ResponseLayout:
         """The response mask of one row, over its label positions."""
         return _read_chunk(self.dataset, row, row + 1)[3]
 
-    def response_labels(self) -> np.ndarray:
-        """The label ids at the response positions (compact int32: token ids are far below 2**31)."""
+    def response_chunks(self, keep: np.ndarray | None, scores: np.ndarray | None):
+        """`(label ids, keep, scores)` at the response positions, a chunk of rows at a time (for the token tables)."""
         column = _label_column(self.dataset)
-        out = np.empty(self.n_response, dtype=np.int32)
         for a, b, _, response in self.chunks():
             table = self.dataset.with_format("arrow").select_columns([column])[a:b]
-            labels = pc.list_flatten(table.column(column).combine_chunks()).to_numpy(zero_copy_only=False)
-            out[self.response_offsets[a] : self.response_offsets[b]] = labels[response]
-        return out
+            labels = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False)
+            part = slice(self.response_offsets[a], self.response_offsets[b])
+            yield (
+                labels[response].astype(np.int64, copy=False),
+                None if keep is None else keep[part],
+                None if scores is None else scores[part],
+            )
 
 
 def response_layout(dataset, chunk_rows: int = CHUNK_ROWS) -> ResponseLayout:

@@ -98,6 +98,7 @@ def token_summary(
     scores: np.ndarray | None,
     tokenizer,
     rows: int = TOKEN_TABLE_ROWS,
+    chunks=None,
 ) -> dict[str, Any] | None:
     """
     Response tokens grouped by token id: the `rows` ids most often kept, the `rows` most often dropped, and every special
@@ -116,28 +117,41 @@ def token_summary(
             Turns ids into the text they stand for.
         rows (`int`, *optional*, defaults to `20`):
             Rows per table.
+        chunks (`Callable`, *optional*):
+            Instead of the flat arrays (pass `labels=response=None`): a function returning an iterator of
+            `(ids, keep, scores)` over the response positions, chunk by chunk (see `compact.ResponseLayout`), called
+            twice; `keep` and `scores` are None when the run has none.
     """
     from .report_html import token_texts
 
-    labels = np.asarray(labels)
-    if not response.any():
+    if chunks is None:
+        labels = np.asarray(labels)
+        if not response.any():
+            return None
+
+        def chunks():
+            for start in range(0, len(labels), _CHUNK):
+                part = slice(start, start + _CHUNK)
+                where = response[part]
+                yield (
+                    labels[part][where],
+                    None if keep is None else keep[part][where],
+                    None if scores is None else scores[part][where],
+                )
+
+    size = 1 + max((int(ids.max(initial=0)) for ids, _, _ in chunks()), default=-1)
+    if size == 0:
         return None
-    size = 1 + max(
-        int(labels[i : i + _CHUNK][response[i : i + _CHUNK]].max(initial=0)) for i in range(0, len(labels), _CHUNK)
-    )
     count = np.zeros(size, dtype=np.int64)
     kept = np.zeros(size, dtype=np.int64) if keep is not None else None
     score_sum = np.zeros(size, dtype=np.float64)
     scored = np.zeros(size, dtype=np.int64)
-    for start in range(0, len(labels), _CHUNK):
-        part = slice(start, start + _CHUNK)
-        where = response[part]
-        ids = labels[part][where]
+    for ids, kept_part, score_part in chunks():
         count += np.bincount(ids, minlength=size)
         if kept is not None:
-            kept += np.bincount(ids[keep[part][where]], minlength=size)
+            kept += np.bincount(ids[kept_part], minlength=size)
         if scores is not None:
-            values = scores[part][where].astype(np.float64)
+            values = score_part.astype(np.float64)
             finite = np.isfinite(values)
             score_sum += np.bincount(ids[finite], weights=values[finite], minlength=size)
             scored += np.bincount(ids[finite], minlength=size)
@@ -209,51 +223,75 @@ def visible_token(text: str, width: int | None = None) -> str:
     return shown
 
 
+def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
+    """
+    `np.quantile(values.astype(np.float64), quantiles)` (method `"linear"`) through one copy of `values` in its own
+    dtype (float32 scores: half the memory of the float64 copy). The order statistics are the same values in any dtype;
+    the interpolation between them is numpy's, in float64. `values` must hold no NaN.
+    """
+    work = np.array(values, copy=True)
+    n = work.size
+    q = np.asarray(quantiles, dtype=np.float64)
+    virtual = (n - 1) * q  # numpy's virtual index of the "linear" method
+    previous = np.floor(virtual)
+    following = previous + 1
+    above, below = virtual >= n - 1, virtual < 0
+    previous[above] = following[above] = -1
+    previous[below] = following[below] = 0
+    previous, following = previous.astype(np.intp), following.astype(np.intp)
+    work.partition(np.unique(np.concatenate(([0, -1], previous, following))))
+    a, b = work[previous].astype(np.float64), work[following].astype(np.float64)
+    del work
+    gamma = virtual - previous
+    diff = b - a
+    result = a + diff * gamma
+    high = gamma >= 0.5
+    result[high] = (b - diff * (1 - gamma))[high]
+    return result
+
+
 def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
     """
     Distribution of the response-token scores (NaN positions ignored), in raw nats as the paper defines them. Kept and
     dropped means need `keep`; they are None when tokens are chosen per step.
+
+    Sums run in float64 chunk by chunk and the quantiles through one float32 copy (`float64_quantiles`), so at hundreds
+    of millions of scores no float64 copy of them exists.
     """
-    valid = ~np.isnan(scores)
-    every = bool(valid.all())  # compact scores: no NaN, so no float32 copy of the valid ones first
-
-    def float64_values() -> np.ndarray:
-        return scores.astype(np.float64) if every else scores[valid].astype(np.float64)
-
-    values = float64_values()
-    if values.size == 0:
+    count = total = near = negative = 0
+    low, high = np.inf, -np.inf
+    for start in range(0, scores.size, _CHUNK):
+        part = scores[start : start + _CHUNK]
+        part = part[~np.isnan(part)].astype(np.float64)
+        if part.size:
+            count += part.size
+            total += float(part.sum())
+            low, high = min(low, float(part.min())), max(high, float(part.max()))
+            near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
+            negative += int(np.count_nonzero(part < 0))
+    if count == 0:
         return {"count": 0}
-    mean = values.mean()
+    mean = total / count
+    squares = 0.0
+    for start in range(0, scores.size, _CHUNK):
+        part = scores[start : start + _CHUNK]
+        part = part[~np.isnan(part)].astype(np.float64) - mean
+        squares += float(np.dot(part, part))
     stats: dict[str, Any] = {
-        "count": int(values.size),
-        "mean": float(mean),
-        "std": None,
-        "min": float(values.min()),
-        "max": float(values.max()),
+        "count": count,
+        "mean": mean,
+        "std": float(np.sqrt(squares / count)),
+        "min": low,
+        "max": high,
     }
-    # Counted in chunks (the same counts as whole-array comparisons, without float64 temporaries).
-    near = negative = 0
-    for start in range(0, values.size, _CHUNK):
-        part = values[start : start + _CHUNK]
-        near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
-        negative += int(np.count_nonzero(part < 0))
-        del part  # a view keeps `values` alive
-    near_zero, negative = near / values.size, negative / values.size
-    # `values.std()` step by step in place (the same operations, so the same number) rather than through a second
-    # float64 temporary; then the quantiles, in place too, on a fresh copy: one float64 copy of the scores at a time.
-    np.subtract(values, mean, out=values)
-    np.multiply(values, values, out=values)
-    stats["std"] = float(np.sqrt(values.sum() / values.size))
-    del values
-    values = float64_values()
-    quantiles = np.quantile(values, list(QUANTILES.values()), overwrite_input=True)
-    del values
+    valid = None if count == scores.size else ~np.isnan(scores)
+    quantiles = float64_quantiles(scores if valid is None else scores[valid], list(QUANTILES.values()))
     stats.update({name: float(q) for name, q in zip(QUANTILES, quantiles)})
-    stats["share_abs_below_0.01"] = near_zero
-    stats["share_negative"] = negative
+    stats["share_abs_below_0.01"] = near / count
+    stats["share_negative"] = negative / count
     stats["kept_mean"] = stats["dropped_mean"] = None
     if keep is not None:
-        kept, dropped = scores[keep], scores[~keep if every else valid & ~keep]
+        kept, dropped = scores[keep], scores[~keep if valid is None else valid & ~keep]
         stats["kept_mean"] = float(kept.mean()) if kept.size else None
         stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
     return stats
@@ -304,7 +342,7 @@ def build_report(
             ),
             context_tokens=layout.context_tokens,
             token_summary_of=lambda: token_summary(
-                layout.response_labels(), np.ones(layout.n_response, dtype=bool), keep, scores, tokenizer
+                None, None, keep, scores, tokenizer, chunks=lambda: layout.response_chunks(keep, scores)
             ),
             scores=scores,
             base_losses=base_losses,
@@ -521,18 +559,25 @@ HISTOGRAM_BINS = 120
 
 
 def _panel(values: np.ndarray, label: str, threshold: float | None) -> dict[str, Any]:
-    values = values[np.isfinite(values)].astype(np.float64)
-    if values.size == 0:
+    finite = np.isfinite(values)
+    count = int(np.count_nonzero(finite))
+    if count == 0:
         return {"label": label, "count": 0, "threshold": threshold, "edges": [], "counts": []}
+    values = values if count == values.size else values[finite]
+    del finite
     # The extreme 0.1% on each side go into the end bins, so a few outliers do not squeeze the bulk into one bar.
-    # In place: the counts do not depend on the order of `values`, and no second float64 copy is made.
-    low, high = np.quantile(values, [0.001, 0.999], overwrite_input=True)
+    low, high = (float(q) for q in float64_quantiles(values, [0.001, 0.999]))
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    counts, edges = np.histogram(np.clip(values, low, high, out=values), bins=HISTOGRAM_BINS, range=(low, high))
+    # Counted in float64 chunks (the counts of one float64 histogram of the clipped values, without that copy).
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for start in range(0, values.size, _CHUNK):
+        part = np.clip(values[start : start + _CHUNK].astype(np.float64), low, high)
+        chunk_counts, edges = np.histogram(part, bins=HISTOGRAM_BINS, range=(low, high))
+        counts += chunk_counts
     return {
         "label": label,
-        "count": int(values.size),
+        "count": count,
         "threshold": threshold,
         "edges": [float(e) for e in edges],
         "counts": [int(c) for c in counts],

@@ -715,8 +715,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             base, ref = losses["base"], losses["ref"]
             plain = args.token_score_rule == "excess" and args.token_score_window == 1
             if base is not None:
-                for values in (base, ref):
-                    self._check_scores(values, None)
+                self._check_scores(base, None)
+                self._check_scores(ref, None)
             if base is not None and plain and args.token_selection == "global":
                 selection = select_global_difference(base, ref, args.token_keep_ratio)
             else:

@@ -183,3 +183,14 @@ def test_window_mean_never_crosses_a_row_or_a_prompt_gap(dataset):
     flat = np.full(response.size, np.nan, dtype=np.float32)
     flat[response] = values
     np.testing.assert_array_equal(compact_window_mean(layout, values, 3), window_mean(flat, 3)[response])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 100, 10_001])
+def test_quantiles_through_a_float32_copy_are_numpys_float64_quantiles(n):
+    from token_clean_trainer.report import QUANTILES, float64_quantiles
+
+    rng = np.random.default_rng(n)
+    qs = [*QUANTILES.values(), 0.0, 0.001, 0.999, 1.0]
+    for values in (rng.standard_normal(n), rng.choice([-1.0, 0.0, 0.5], size=n)):
+        values = values.astype(np.float32)
+        np.testing.assert_array_equal(float64_quantiles(values, qs), np.quantile(values.astype(np.float64), qs))
