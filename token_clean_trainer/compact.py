@@ -5,7 +5,7 @@ response tokens) cost the main process about fifteen float32 arrays of response 
 reference and score arrays over every position, the selection's working copy and the concatenation of shards. Here
 the main process holds one float32 array per side over the response positions only, in dataset order, filled shard by
 shard as the shards arrive ([`scatter_rows`]); labels are read from Arrow a chunk of rows at a time and never held
-whole; the global selection ranks `base - ref` through one working copy ([`select_global_difference`]); the keep mask
+whole; the global selection ranks `base - ref` without a copy of the scores ([`select_global_difference`]); the keep mask
 goes back to every label position ([`expand_keep`]) only to be packed into the collator's row store.
 
 Compact arrays keep the order of the flat arrays, so every selector of `selection.py` gives the same keep mask on them
@@ -188,10 +188,42 @@ def compact_window_mean(layout: ResponseLayout, values: np.ndarray, window: int)
     return mean[~np.isnan(separated)]
 
 
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """float32 values as uint32 keys in the same order (negative values flipped whole, positive ones by sign bit)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+
+
+def _from_sort_key(key: int) -> np.float32:
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def kth_difference(base: np.ndarray, ref: np.ndarray, kth: int) -> np.float32:
+    """
+    The `kth` smallest (0-based) of `base - ref`, without a copy of the differences: a radix select over their float32
+    bit patterns, two passes of 16 bits (a histogram of the high halves, then of the low halves in the one bucket that
+    holds the answer). `np.partition(base - ref, kth)[kth]`; the differences must be finite.
+    """
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for i in range(0, base.size, _CHUNK):
+        high += np.bincount(_sort_keys(base[i : i + _CHUNK] - ref[i : i + _CHUNK]) >> 16, minlength=1 << 16)
+    below = np.cumsum(high)
+    bucket = int(np.searchsorted(below, kth, side="right"))
+    rank = kth - (int(below[bucket - 1]) if bucket else 0)
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for i in range(0, base.size, _CHUNK):
+        keys = _sort_keys(base[i : i + _CHUNK] - ref[i : i + _CHUNK])
+        low += np.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    below = np.cumsum(low)
+    return _from_sort_key((bucket << 16) | int(np.searchsorted(below, rank, side="right")))
+
+
 def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) -> Selection:
     """
-    `selection.select_global` of `base - ref` without holding the scores: the one working copy is partitioned for the
-    threshold and dropped, then the mask is taken chunk by chunk (ties to the earlier position, as there).
+    `selection.select_global` of `base - ref` without holding the scores: the threshold by a radix select over the
+    differences ([`kth_difference`], no working copy), then the mask chunk by chunk (ties to the earlier position, as
+    there). Memory: the bool mask and chunk temporaries.
     """
     n = base.size
     n_keep = keep_count(ratio, n)
@@ -200,11 +232,7 @@ def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) ->
     if n_keep == n:
         low = min(float(np.min(base[i : i + _CHUNK] - ref[i : i + _CHUNK])) for i in range(0, n, _CHUNK))
         return Selection(np.ones(n, dtype=bool), low)
-    work = np.subtract(base, ref)
-    kth = n - n_keep
-    work.partition(kth)
-    threshold = work[kth]
-    del work
+    threshold = kth_difference(base, ref, n - n_keep)
     keep = np.empty(n, dtype=bool)
     for i in range(0, n, _CHUNK):
         np.greater(base[i : i + _CHUNK] - ref[i : i + _CHUNK], threshold, out=keep[i : i + _CHUNK])
@@ -223,8 +251,9 @@ def kept_per_row(response_offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
     bounds = np.asarray(response_offsets, dtype=np.int64)
     before = np.zeros(len(bounds), dtype=np.int64)  # kept tokens before each row boundary
     total = 0
-    for start in range(0, keep.size, _CHUNK):
-        end = min(start + _CHUNK, keep.size)
+    step = 1 << 20  # int64 running counts: 8 MB a chunk
+    for start in range(0, keep.size, step):
+        end = min(start + step, keep.size)
         running = np.cumsum(keep[start:end], dtype=np.int64)
         lo, hi = np.searchsorted(bounds, [start, end], side="right")
         before[lo:hi] = total + running[bounds[lo:hi] - start - 1]
@@ -238,6 +267,7 @@ __all__ = [
     "expand",
     "expand_keep",
     "kept_per_row",
+    "kth_difference",
     "response_layout",
     "scatter_rows",
     "select_global_difference",

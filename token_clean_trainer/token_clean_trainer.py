@@ -694,7 +694,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         """
         Fixed mode with a keep mask (every selection but `"batch"`): `_score_and_select` in the compact layout. The main
         process holds one float32 array per side over the response positions only, filled shard by shard
-        (`compact.scatter_rows`); the paper's global top-k ranks `base - ref` through one working copy; the losses
+        (`compact.scatter_rows`); the paper's global top-k ranks `base - ref` without a copy of the scores; the losses
         are dropped once the keep mask and the report exist. Every process ends with the flat keep mask.
         """
         args = self.args
