@@ -62,7 +62,10 @@ def make_dataset(rows: int, length: int):
     offsets = np.arange(0, rows * length + 1, length, dtype=np.int64)
     column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64()))
     del values
-    return Dataset(InMemoryTable(pa.table({"input_ids": column, "labels": column})))
+    # A fixed fingerprint: hashing the whole table would cost several copies of it.
+    return Dataset(
+        InMemoryTable(pa.table({"input_ids": column, "labels": column})), fingerprint=f"bench-{rows}-{length}"
+    )
 
 
 class Tokenizer:
