@@ -34,7 +34,7 @@ class RowStore:
 
     def set_keep(self, offsets: np.ndarray, keep: np.ndarray) -> None:
         self.column, self.offsets = TOKEN_KEEP_COLUMN, offsets
-        self._bits, self._values = np.packbits(keep.astype(bool)), None
+        self._bits, self._values = np.packbits(np.asarray(keep, dtype=bool)), None  # no copy of a bool mask
 
     def set_values(self, column: str, offsets: np.ndarray, values: np.ndarray) -> None:
         self.column, self.offsets = column, offsets

@@ -95,7 +95,7 @@ class Collective:
         """A flat bool array from the main process on every process, sent packed (one bit per entry)."""
         size = self.broadcast_object(int(mask.size) if self.is_main else None)
         packed = self.broadcast_array(np.packbits(mask) if self.is_main else None, np.uint8)
-        return np.unpackbits(packed, count=size).astype(bool)
+        return np.unpackbits(packed, count=size).view(bool)  # 0/1 bytes: a bool view, no second copy
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -32,7 +32,7 @@ TOKEN_TABLE_ROWS = 20
 # columns, its filter (rows left without a response) and shuffle move them with their row.
 RAW_ROW_COLUMN = "_token_clean_raw_row"
 # Positions read per chunk when counting tokens, so the summary needs little memory at hundreds of millions of tokens.
-_CHUNK = 1 << 24
+_CHUNK = 1 << 22
 
 
 def with_raw_row_column(dataset):
@@ -98,6 +98,7 @@ def token_summary(
     scores: np.ndarray | None,
     tokenizer,
     rows: int = TOKEN_TABLE_ROWS,
+    chunks=None,
 ) -> dict[str, Any] | None:
     """
     Response tokens grouped by token id: the `rows` ids most often kept, the `rows` most often dropped, and every special
@@ -116,26 +117,41 @@ def token_summary(
             Turns ids into the text they stand for.
         rows (`int`, *optional*, defaults to `20`):
             Rows per table.
+        chunks (`Callable`, *optional*):
+            Instead of the flat arrays (pass `labels=response=None`): a function returning an iterator of
+            `(ids, keep, scores)` over the response positions, chunk by chunk (see `compact.ResponseLayout`), called
+            twice; `keep` and `scores` are None when the run has none.
     """
     from .report_html import token_texts
 
-    labels = np.asarray(labels)
-    if not response.any():
+    if chunks is None:
+        labels = np.asarray(labels)
+        if not response.any():
+            return None
+
+        def chunks():
+            for start in range(0, len(labels), _CHUNK):
+                part = slice(start, start + _CHUNK)
+                where = response[part]
+                yield (
+                    labels[part][where],
+                    None if keep is None else keep[part][where],
+                    None if scores is None else scores[part][where],
+                )
+
+    size = 1 + max((int(ids.max(initial=0)) for ids, _, _ in chunks()), default=-1)
+    if size == 0:
         return None
-    size = int(labels[response].max()) + 1
     count = np.zeros(size, dtype=np.int64)
     kept = np.zeros(size, dtype=np.int64) if keep is not None else None
     score_sum = np.zeros(size, dtype=np.float64)
     scored = np.zeros(size, dtype=np.int64)
-    for start in range(0, len(labels), _CHUNK):
-        part = slice(start, start + _CHUNK)
-        where = response[part]
-        ids = labels[part][where]
+    for ids, kept_part, score_part in chunks():
         count += np.bincount(ids, minlength=size)
         if kept is not None:
-            kept += np.bincount(ids[keep[part][where]], minlength=size)
+            kept += np.bincount(ids[kept_part], minlength=size)
         if scores is not None:
-            values = scores[part][where].astype(np.float64)
+            values = score_part.astype(np.float64)
             finite = np.isfinite(values)
             score_sum += np.bincount(ids[finite], weights=values[finite], minlength=size)
             scored += np.bincount(ids[finite], minlength=size)
@@ -207,28 +223,75 @@ def visible_token(text: str, width: int | None = None) -> str:
     return shown
 
 
+def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
+    """
+    `np.quantile(values.astype(np.float64), quantiles)` (method `"linear"`) through one copy of `values` in its own
+    dtype (float32 scores: half the memory of the float64 copy). The order statistics are the same values in any dtype;
+    the interpolation between them is numpy's, in float64. `values` must hold no NaN.
+    """
+    work = np.array(values, copy=True)
+    n = work.size
+    q = np.asarray(quantiles, dtype=np.float64)
+    virtual = (n - 1) * q  # numpy's virtual index of the "linear" method
+    previous = np.floor(virtual)
+    following = previous + 1
+    above, below = virtual >= n - 1, virtual < 0
+    previous[above] = following[above] = -1
+    previous[below] = following[below] = 0
+    previous, following = previous.astype(np.intp), following.astype(np.intp)
+    work.partition(np.unique(np.concatenate(([0, -1], previous, following))))
+    a, b = work[previous].astype(np.float64), work[following].astype(np.float64)
+    del work
+    gamma = virtual - previous
+    diff = b - a
+    result = a + diff * gamma
+    high = gamma >= 0.5
+    result[high] = (b - diff * (1 - gamma))[high]
+    return result
+
+
 def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
     """
     Distribution of the response-token scores (NaN positions ignored), in raw nats as the paper defines them. Kept and
     dropped means need `keep`; they are None when tokens are chosen per step.
+
+    Sums run in float64 chunk by chunk and the quantiles through one float32 copy (`float64_quantiles`), so at hundreds
+    of millions of scores no float64 copy of them exists.
     """
-    valid = ~np.isnan(scores)
-    values = scores[valid].astype(np.float64)
-    if values.size == 0:
+    count = total = near = negative = 0
+    low, high = np.inf, -np.inf
+    for start in range(0, scores.size, _CHUNK):
+        part = scores[start : start + _CHUNK]
+        part = part[~np.isnan(part)].astype(np.float64)
+        if part.size:
+            count += part.size
+            total += float(part.sum())
+            low, high = min(low, float(part.min())), max(high, float(part.max()))
+            near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
+            negative += int(np.count_nonzero(part < 0))
+    if count == 0:
         return {"count": 0}
+    mean = total / count
+    squares = 0.0
+    for start in range(0, scores.size, _CHUNK):
+        part = scores[start : start + _CHUNK]
+        part = part[~np.isnan(part)].astype(np.float64) - mean
+        squares += float(np.dot(part, part))
     stats: dict[str, Any] = {
-        "count": int(values.size),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "min": float(values.min()),
-        "max": float(values.max()),
+        "count": count,
+        "mean": mean,
+        "std": float(np.sqrt(squares / count)),
+        "min": low,
+        "max": high,
     }
-    stats.update({name: float(q) for name, q in zip(QUANTILES, np.quantile(values, list(QUANTILES.values())))})
-    stats["share_abs_below_0.01"] = float((np.abs(values) < NEAR_ZERO).mean())
-    stats["share_negative"] = float((values < 0).mean())
+    valid = None if count == scores.size else ~np.isnan(scores)
+    quantiles = float64_quantiles(scores if valid is None else scores[valid], list(QUANTILES.values()))
+    stats.update({name: float(q) for name, q in zip(QUANTILES, quantiles)})
+    stats["share_abs_below_0.01"] = near / count
+    stats["share_negative"] = negative / count
     stats["kept_mean"] = stats["dropped_mean"] = None
     if keep is not None:
-        kept, dropped = scores[keep], scores[valid & ~keep]
+        kept, dropped = scores[keep], scores[~keep if valid is None else valid & ~keep]
         stats["kept_mean"] = float(kept.mean()) if kept.size else None
         stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
     return stats
@@ -251,6 +314,7 @@ def build_report(
     reference: dict[str, Any],
     seconds: float,
     tokenizer=None,
+    layout=None,
 ) -> dict[str, Any]:
     """
     Everything a reader needs to judge a cleaning run; the first keys are the package's report contract.
@@ -259,27 +323,115 @@ def build_report(
     records by [`add_step_summary`] once training has run. With a `tokenizer`, the report also summarises the response
     tokens by token string ([`token_summary`]). When `prepare_stats["raw_rows"]` holds each prepared row's index in the
     user's dataset (see [`with_raw_row_column`]), row numbers in the report and on the page are the user's.
+
+    With a `layout` ([`~compact.ResponseLayout`]), `scores`, `base_losses`, `ref_losses` and `keep` are compact (over
+    the response positions only) and `labels`/`response` are not needed: the numbers are those of the flat layout.
     """
     from . import __version__
 
+    if layout is not None:
+        return _finish_report(
+            args=args,
+            lengths=layout.lengths,
+            offsets=layout.response_offsets,
+            n_response=layout.n_response,
+            response_per_row=np.diff(layout.response_offsets),
+            keep=keep,
+            rows_response_truncated_of=lambda max_length: int(
+                ((layout.lengths >= max_length) & layout.last_trained).sum()
+            ),
+            context_tokens=layout.context_tokens,
+            token_summary_of=lambda: token_summary(
+                None, None, keep, scores, tokenizer, chunks=lambda: layout.response_chunks(keep, scores)
+            ),
+            scores=scores,
+            base_losses=base_losses,
+            ref_losses=ref_losses,
+            threshold=threshold,
+            prepare_stats=prepare_stats,
+            cache_stats=cache_stats,
+            reference=reference,
+            seconds=seconds,
+            tokenizer=tokenizer,
+            version=__version__,
+        )
     n_response = int(response.sum())
-    n_kept = rows_all_masked = None
+    response_per_row = None
     if keep is not None:
         keep = keep & response  # trained tokens that are not responses are always kept; they are counted apart
-        n_kept = int(keep.sum())
         starts = offsets[:-1]
         response_per_row = np.add.reduceat(response.astype(np.int64), starts) if len(starts) else np.zeros(0)
-        kept_per_row = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
+        kept_rows = np.add.reduceat(keep.astype(np.int64), starts) if len(starts) else np.zeros(0)
         # reduceat on an empty row returns the next element; empty rows cannot occur (every row has a token).
-        all_masked = (response_per_row > 0) & (kept_per_row == 0)
-        rows_all_masked = int(all_masked.sum())
-    max_length = args.max_length
-    rows_response_truncated = 0
-    if max_length is not None:
+        keep_counts = (keep, kept_rows)
+    else:
+        keep_counts = None
+
+    def truncated(max_length: int) -> int:
         nonempty = lengths > 0
         last_is_response = np.zeros(len(lengths), dtype=bool)
         last_is_response[nonempty] = labels[offsets[1:][nonempty] - 1] != -100
-        rows_response_truncated = int(((lengths >= max_length) & last_is_response).sum())
+        return int(((lengths >= max_length) & last_is_response).sum())
+
+    return _finish_report(
+        args=args,
+        lengths=lengths,
+        offsets=offsets,
+        n_response=n_response,
+        response_per_row=response_per_row,
+        keep=keep_counts,
+        rows_response_truncated_of=truncated,
+        context_tokens=int(context_positions(labels, offsets, response).sum()),
+        token_summary_of=lambda: token_summary(labels, response, keep, scores, tokenizer),
+        scores=scores,
+        base_losses=base_losses,
+        ref_losses=ref_losses,
+        threshold=threshold,
+        prepare_stats=prepare_stats,
+        cache_stats=cache_stats,
+        reference=reference,
+        seconds=seconds,
+        tokenizer=tokenizer,
+        version=__version__,
+    )
+
+
+def _finish_report(
+    *,
+    args,
+    lengths,
+    offsets,
+    n_response,
+    response_per_row,
+    keep,
+    rows_response_truncated_of,
+    context_tokens,
+    token_summary_of,
+    scores,
+    base_losses,
+    ref_losses,
+    threshold,
+    prepare_stats,
+    cache_stats,
+    reference,
+    seconds,
+    tokenizer,
+    version,
+) -> dict[str, Any]:
+    """The report from per-row counts, shared by the flat and the compact layout (`offsets` index `scores`)."""
+    n_kept = rows_all_masked = None
+    if isinstance(keep, tuple):  # flat layout: (keep & response, kept per row)
+        keep, kept_rows = keep
+    elif keep is not None:  # compact layout
+        from .compact import kept_per_row
+
+        kept_rows = kept_per_row(offsets, keep)
+    if keep is not None:
+        n_kept = int(np.count_nonzero(keep))
+        all_masked = (response_per_row > 0) & (kept_rows == 0)
+        rows_all_masked = int(all_masked.sum())
+    max_length = args.max_length
+    rows_response_truncated = rows_response_truncated_of(max_length) if max_length is not None else 0
 
     report: dict[str, Any] = {
         "mode": args.token_cleaning,
@@ -298,7 +450,7 @@ def build_report(
         "rows_response_truncated": rows_response_truncated,
         # Tokens TRL trains that are not response tokens (e.g. user turns with `assistant_only_loss=False`): never
         # ranked, never dropped.
-        "trained_non_response_tokens": int(context_positions(labels, offsets, response).sum()),
+        "trained_non_response_tokens": context_tokens,
         "max_length": max_length,
         "scores": score_statistics(scores, keep) if scores is not None else None,
         "base_loss_mean": _nanmean(base_losses),
@@ -308,7 +460,7 @@ def build_report(
         "seed": args.token_selection_seed if args.token_selection_seed is not None else args.seed,
         "cache": cache_stats,
         "score_seconds": round(seconds, 3),
-        "version": __version__,
+        "version": version,
     }
     raw_rows = prepare_stats.get("raw_rows")
     report["row_ids"] = "dataset" if raw_rows is not None else "prepared"
@@ -321,9 +473,7 @@ def build_report(
     report["threshold_band"] = threshold_band(scores, threshold)
     if report["threshold_band"] is not None and report["scores"]:
         report["scores"]["share_within_0.01_of_threshold"] = report["threshold_band"]["share_within_0.01"]
-    report["tokens"] = (
-        token_summary(labels, response, keep, scores, tokenizer) if tokenizer is not None and n_response else None
-    )
+    report["tokens"] = token_summary_of() if tokenizer is not None and n_response else None
     report["warnings"] = [w for w in (threshold_warning(report),) if w]
     if raw_rows is not None:
         report["_raw_rows"] = raw_rows  # numbers the rows of tokens.html; popped by `write_report`
@@ -337,9 +487,15 @@ ROW_ID_LIST = 1000
 
 
 def _nanmean(values: np.ndarray | None) -> float | None:
-    if values is None or not (~np.isnan(values)).any():
+    """Mean of the non-NaN values, accumulated in float64 (flat and compact layouts agree to ~1e-15)."""
+    if values is None:
         return None
-    return float(np.nanmean(values))
+    count, total = 0, 0.0
+    for start in range(0, values.size, _CHUNK):  # in chunks: no copy of the whole array
+        part = values[start : start + _CHUNK]
+        count += part.size - int(np.count_nonzero(np.isnan(part)))
+        total += float(np.nansum(part, dtype=np.float64))
+    return total / count if count else None
 
 
 def add_step_summary(report: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -403,17 +559,25 @@ HISTOGRAM_BINS = 120
 
 
 def _panel(values: np.ndarray, label: str, threshold: float | None) -> dict[str, Any]:
-    values = values[np.isfinite(values)].astype(np.float64)
-    if values.size == 0:
+    finite = np.isfinite(values)
+    count = int(np.count_nonzero(finite))
+    if count == 0:
         return {"label": label, "count": 0, "threshold": threshold, "edges": [], "counts": []}
+    values = values if count == values.size else values[finite]
+    del finite
     # The extreme 0.1% on each side go into the end bins, so a few outliers do not squeeze the bulk into one bar.
-    low, high = np.quantile(values, [0.001, 0.999])
+    low, high = (float(q) for q in float64_quantiles(values, [0.001, 0.999]))
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    counts, edges = np.histogram(np.clip(values, low, high), bins=HISTOGRAM_BINS, range=(low, high))
+    # Counted in float64 chunks (the counts of one float64 histogram of the clipped values, without that copy).
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for start in range(0, values.size, _CHUNK):
+        part = np.clip(values[start : start + _CHUNK].astype(np.float64), low, high)
+        chunk_counts, edges = np.histogram(part, bins=HISTOGRAM_BINS, range=(low, high))
+        counts += chunk_counts
     return {
         "label": label,
-        "count": int(values.size),
+        "count": count,
         "threshold": threshold,
         "edges": [float(e) for e in edges],
         "counts": [int(c) for c in counts],

@@ -148,6 +148,7 @@ def build_token_sample(
     settings: dict[str, Any],
     rows: int = DEFAULT_SAMPLE_ROWS,
     seed: int = 0,
+    layout=None,
 ) -> dict[str, Any]:
     """
     The bounded, JSON-ready sample behind `tokens.html`.
@@ -172,7 +173,14 @@ def build_token_sample(
             Most rows on the page.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the random part of the sample.
+        layout ([`~compact.ResponseLayout`], *optional*):
+            When given, `base_losses`, `ref_losses` and `keep` are compact (response positions only; `response` is
+            not needed) and only the shown rows are expanded: the sample is the one of the flat layout.
     """
+    if layout is not None:
+        return _compact_token_sample(
+            layout, input_ids, tokenizer, base_losses, ref_losses, keep, settings, rows=rows, seed=seed
+        )
     n_rows = len(offsets) - 1
     scores = base_losses - ref_losses if base_losses is not None and ref_losses is not None else None
     n_response = _per_row_sums(response, offsets)
@@ -187,6 +195,52 @@ def build_token_sample(
         values = ref_losses if ref_losses is not None else np.zeros(len(response), dtype=np.float32)
         rank = _per_row_sums(np.where(response, np.nan_to_num(values), 0), offsets) / np.maximum(n_response, 1)
     chosen = choose_rows(rank, n_response > 0, rows, seed)
+
+    def row_arrays(row: int):
+        part = slice(int(offsets[row]), int(offsets[row + 1]))
+        return tuple(None if a is None else a[part] for a in (response, base_losses, ref_losses, scores, keep))
+
+    return _sample(
+        chosen, rank, rank_name, row_arrays, input_ids, tokenizer, n_rows, scores is not None, keep is not None,
+        settings, rows, seed,
+    )  # fmt: skip
+
+
+def _compact_token_sample(layout, input_ids, tokenizer, base_losses, ref_losses, keep, settings, rows, seed):
+    """`build_token_sample` over compact arrays (with a keep mask: the fixed-mode selections)."""
+    from .compact import kept_per_row
+
+    if keep is None:
+        raise ValueError("The compact token sample needs the keep mask; per-step selections use the flat layout.")
+    bounds = layout.response_offsets
+    n_response = np.diff(bounds).astype(np.float64)
+    rank = kept_per_row(bounds, keep).astype(np.float64) / np.maximum(n_response, 1)
+    chosen = choose_rows(rank, n_response > 0, rows, seed)
+    has_scores = base_losses is not None and ref_losses is not None
+
+    def row_arrays(row: int):
+        row_response = layout.row_response(row)
+        part = slice(int(bounds[row]), int(bounds[row + 1]))
+
+        def full(values, fill):
+            if values is None:
+                return None
+            out = np.full(row_response.size, fill, dtype=values.dtype)
+            out[row_response] = values[part]
+            return out
+
+        base, ref = full(base_losses, np.nan), full(ref_losses, np.nan)
+        return row_response, base, ref, base - ref if has_scores else None, full(keep, False)
+
+    return _sample(
+        chosen, rank, "kept fraction", row_arrays, input_ids, tokenizer, layout.rows, has_scores, True, settings,
+        rows, seed,
+    )  # fmt: skip
+
+
+def _sample(
+    chosen, rank, rank_name, row_arrays, input_ids, tokenizer, n_rows, has_scores, has_keep, settings, rows, seed
+) -> dict[str, Any]:
     indices = [i for i, _ in chosen]
     ids_of = input_ids if callable(input_ids) else (lambda idx: [list(input_ids[i]) for i in idx])
     row_ids = ids_of(indices)
@@ -194,9 +248,8 @@ def build_token_sample(
     sample_rows = []
     shown_scores = []
     for (row, group), ids in zip(chosen, row_ids):
-        begin, end = int(offsets[row]), int(offsets[row + 1])
         texts, special = token_texts(tokenizer, ids)
-        row_response = response[begin:end]
+        row_response, row_base, row_ref, row_scores, row_keep = row_arrays(row)
         entry: dict[str, Any] = {
             "row": row,
             "group": group,
@@ -206,16 +259,15 @@ def build_token_sample(
             "response": row_response.astype(np.int8).tolist(),
             "response_tokens": int(row_response.sum()),
         }
-        if base_losses is not None:
-            entry["base"] = _round(base_losses[begin:end])
-        if ref_losses is not None:
-            entry["ref"] = _round(ref_losses[begin:end])
-        if scores is not None:
-            row_scores = scores[begin:end]
+        if row_base is not None:
+            entry["base"] = _round(row_base)
+        if row_ref is not None:
+            entry["ref"] = _round(row_ref)
+        if row_scores is not None:
             entry["score"] = _round(row_scores)
             shown_scores.append(row_scores[row_response & np.isfinite(row_scores)])
-        if keep is not None:
-            row_keep = keep[begin:end] & row_response
+        if row_keep is not None:
+            row_keep = row_keep & row_response
             entry["keep"] = row_keep.astype(np.int8).tolist()
             entry["kept_tokens"] = int(row_keep.sum())
         sample_rows.append(entry)
@@ -236,8 +288,8 @@ def build_token_sample(
             "seed": seed,
         },
         "color_scale": scale if scale > 0 else 1.0,
-        "has_scores": scores is not None,
-        "has_keep": keep is not None,
+        "has_scores": has_scores,
+        "has_keep": has_keep,
         "settings": settings,
         "rows": sample_rows,
     }

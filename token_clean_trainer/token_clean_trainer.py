@@ -34,6 +34,15 @@ from .collator import (
     RowStore,
     TokenCleaningCollator,
 )
+from .compact import (
+    ResponseLayout,
+    compact_window_mean,
+    expand,
+    expand_keep,
+    response_layout,
+    scatter_rows,
+    select_global_difference,
+)
 from .distributed import Collective, decide_on_main
 from .hub import (
     TOKEN_CLEANING_PAPER,
@@ -52,7 +61,7 @@ from .positions import (
     truncate_like_trl,
 )
 from .reference import Reference, base_weights_key
-from .report import add_step_summary, build_report, print_summary, write_report
+from .report import _nanmean, add_step_summary, build_report, print_summary, write_report
 from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
 from .report_integrations import publish_to_integrations
 from .scoring import (
@@ -100,12 +109,17 @@ class TokenCleaningState:
     report: dict[str, Any] = field(default_factory=dict)
     # The scores themselves where the losses are not kept (processes other than the main one, per-step selection).
     score_values: np.ndarray | None = None
+    # Fixed mode with a keep mask, on the main process: the scores at the response positions only, and their layout.
+    compact_scores: np.ndarray | None = None
+    layout: ResponseLayout | None = None
 
     @property
     def scores(self) -> np.ndarray:
         """`L_base - L_ref` per label position; all NaN for baselines run without a reference."""
         if self.score_values is not None:
             return self.score_values
+        if self.compact_scores is not None:
+            return expand(self.layout, self.compact_scores)
         if self.base_losses is None or self.ref_losses is None:
             return np.full(int(self.offsets[-1]), np.nan, dtype=np.float32)
         return self.base_losses - self.ref_losses
@@ -620,6 +634,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
         only. The others receive the keep mask (packed, one bit per position), or the scores for per-step selection.
         """
         args = self.args
+        if args.token_selection != "batch":
+            return self._score_and_select_compact(dataset)
         started = time.perf_counter()
         collective = self._collective
         positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
@@ -674,11 +690,121 @@ class TokenCleanSFTTrainer(SFTTrainer):
         report = self._last_report(summary)
         return TokenCleaningState(offsets, None, None, keep, threshold, report, score_values=scores)
 
-    def _select(self, ranking: np.ndarray, ref_losses: np.ndarray | None, offsets: np.ndarray, seed: int):
+    def _score_and_select_compact(self, dataset: Dataset) -> TokenCleaningState:
+        """
+        Fixed mode with a keep mask (every selection but `"batch"`): `_score_and_select` in the compact layout. The main
+        process holds one float32 array per side over the response positions only, filled shard by shard
+        (`compact.scatter_rows`); the paper's global top-k ranks `base - ref` without a copy of the scores; the losses
+        are dropped once the keep mask and the report exist. Every process ends with the flat keep mask.
+        """
+        args = self.args
+        started = time.perf_counter()
+        collective = self._collective
+        offsets = self._offsets(dataset)
+        layout = collective.together(lambda: self._response_layout(dataset) if collective.is_main else None)
+        cache_stats: dict[str, dict[str, int]] = {}
+        losses: dict[str, np.ndarray | None] = {"base": None, "ref": None}
+        if self._has_reference():
+            for role in ("base", "ref"):
+                losses[role], cache_stats[role] = self._response_losses(dataset, role, layout)
+            self.reference.release()
+
+        def select() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
+            if not collective.is_main:
+                return None, None, {}, None
+            base, ref = losses["base"], losses["ref"]
+            plain = args.token_score_rule == "excess" and args.token_score_window == 1
+            if base is not None:
+                self._check_scores(base, None)
+                self._check_scores(ref, None)
+            if base is not None and plain and args.token_selection == "global":
+                selection = select_global_difference(base, ref, args.token_keep_ratio)
+            else:
+                # Baselines that need no scores (random, full) rank nothing: every response token ranks the same.
+                ranking = base - ref if base is not None else np.zeros(layout.n_response, dtype=np.float32)
+                selection = self._select(
+                    ranking,
+                    ref,
+                    layout.response_offsets,
+                    seed=self._seed,
+                    mean=lambda values, window: compact_window_mean(layout, values, window),
+                )
+                del ranking
+            # The token sample and the mean losses first: then the scores are computed in place of the base losses.
+            tokens = self._token_sample(
+                layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": selection.keep}, layout
+            )
+            means = {"base_loss_mean": _nanmean(base), "ref_loss_mean": _nanmean(ref)}
+            scores = None
+            if base is not None:
+                scores = np.subtract(base, ref, out=base)
+                losses.clear()
+                del base, ref
+            report = self._build_report(
+                layout,
+                started,
+                scores=scores,
+                base_losses=None,
+                ref_losses=None,
+                keep=selection.keep,
+                threshold=selection.threshold,
+                cache_stats=cache_stats,
+                tokens=tokens,
+            )
+            report.update(means)
+            self._publish_report(report)  # writes the histogram and drops the report's reference to the scores
+            keep = expand_keep(layout, selection.keep)
+            # Only the compact scores stay, for `score_tokens()` (one float32 array of response positions).
+            return keep, selection.threshold, _log_fields(report), scores
+
+        keep, threshold, summary, scores = collective.together(select)
+        losses.clear()
+        threshold, summary = collective.broadcast_object((threshold, summary))
+        if collective.world > 1:
+            keep = collective.broadcast_bools(keep)
+        report = self._last_report(summary)
+        return TokenCleaningState(offsets, None, None, keep, threshold, report, compact_scores=scores, layout=layout)
+
+    def _response_layout(self, dataset: Dataset) -> ResponseLayout:
+        """`compact.response_layout`, with the trainer's error for a dataset without any response token."""
+        layout = response_layout(dataset)
+        if layout.n_response == 0:
+            raise ValueError(
+                f"The prepared train dataset ({layout.rows} rows) has no response token to score: every label is "
+                "-100 after prompt masking and truncation. Check the `completion` field, `completion_only_loss` and "
+                f"`max_length={self.args.max_length}`."
+            )
+        return layout
+
+    def _response_losses(
+        self, dataset: Dataset, role: str, layout: ResponseLayout | None
+    ) -> tuple[np.ndarray | None, dict[str, int]]:
+        """
+        One side's losses at the response positions only (compact, float32), on the main process (None elsewhere):
+        `_token_losses` with every shard written into one preallocated array as it arrives, never concatenated.
+        """
+        out = np.empty(layout.n_response, dtype=np.float32) if layout is not None else None
+        bounds = self._shard_bounds(len(dataset))
+
+        def sink(i: int, rows: list[np.ndarray]) -> None:
+            scatter_rows(layout, bounds[i][0], rows, out)
+
+        _, stats = self._token_losses(dataset, role, sink=sink)
+        return out, stats
+
+    def _select(
+        self,
+        ranking: np.ndarray,
+        ref_losses: np.ndarray | None,
+        offsets: np.ndarray,
+        seed: int,
+        mean=window_mean,
+    ):
         """
         The configured selection over one ranking (NaN off the response tokens): the paper's top-k of the scores, or,
         with `token_score_window > 1` and/or `token_score_rule="junk_gate"`, the span-aware variants (see
-        `selection.window_mean` and `selection.select_junk_gate`).
+        `selection.window_mean` and `selection.select_junk_gate`). `mean(values, window)` is the window mean of the
+        layout (`compact.compact_window_mean` over compact arrays).
         """
         args = self.args
         window = args.token_score_window
@@ -686,15 +812,13 @@ class TokenCleanSFTTrainer(SFTTrainer):
             if ref_losses is None:
                 raise ValueError("`token_score_rule='junk_gate'` needs the reference losses; configure a reference.")
             return select_junk_gate(
-                window_mean(ranking, window),
-                window_mean(ref_losses, window),
+                mean(ranking, window),
+                mean(ref_losses, window),
                 offsets,
                 args.token_keep_ratio,
                 args.token_selection,
             )
-        return select_tokens(
-            args.token_selection, window_mean(ranking, window), offsets, args.token_keep_ratio, seed=seed
-        )
+        return select_tokens(args.token_selection, mean(ranking, window), offsets, args.token_keep_ratio, seed=seed)
 
     def _rule_identity(self) -> dict[str, Any]:
         """The span-aware settings in a checkpoint's identity, only when they differ from the paper's (so checkpoints
@@ -742,8 +866,16 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return TokenCleaningState(offsets, None, ref_losses, None, None, self._last_report({}))
 
     def _build_report(self, positions, started: float, **fields) -> dict[str, Any]:
-        """`build_report` with what every mode shares: the config, TRL's row counts, the reference, the time."""
-        lengths, labels, offsets, response = positions
+        """
+        `build_report` with what every mode shares: the config, TRL's row counts, the reference, the time.
+        `positions` is `_response_positions`'s tuple (flat arrays) or a `compact.ResponseLayout` (compact arrays).
+        """
+        layout = positions if isinstance(positions, ResponseLayout) else None
+        tokens = fields.pop("tokens", None)
+        if layout is not None:
+            lengths, labels, offsets, response = layout.lengths, None, layout.offsets, None
+        else:
+            lengths, labels, offsets, response = positions
         fields.setdefault("reference", self._describe_reference())
         report = build_report(
             args=self.args,
@@ -754,14 +886,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
             prepare_stats=self._prepare_stats.get("train", {}),
             seconds=time.perf_counter() - started,
             tokenizer=self._tokenizer,
+            layout=layout,
             **fields,
         )
         if self.accelerator.is_main_process:
             # The rows of tokens.html; written (and popped) with report.json by `write_report`.
-            report["_tokens"] = self._token_sample(offsets, response, fields)
+            report["_tokens"] = tokens if tokens is not None else self._token_sample(offsets, response, fields, layout)
         return report
 
-    def _token_sample(self, offsets: np.ndarray, response: np.ndarray, fields: dict[str, Any]) -> dict[str, Any]:
+    def _token_sample(
+        self, offsets: np.ndarray, response: np.ndarray | None, fields: dict[str, Any], layout=None
+    ) -> dict[str, Any]:
         dataset = self._self_evolving_dataset if self._self_evolving_dataset is not None else self.train_dataset
         args = self.args
         settings = {
@@ -790,6 +925,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             settings=settings,
             rows=getattr(args, "token_report_rows", DEFAULT_SAMPLE_ROWS),
             seed=self._seed,
+            layout=layout,
         )
 
     @property
@@ -1198,11 +1334,16 @@ class TokenCleanSFTTrainer(SFTTrainer):
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             save_checkpoint_state(folder, payload, arrays)
 
-    def _check_scores(self, scores: np.ndarray, response: np.ndarray) -> None:
-        bad = response & ~np.isfinite(scores)
-        if bad.any():
+    def _check_scores(self, scores: np.ndarray, response: np.ndarray | None) -> None:
+        """Every response token's score (or loss) is finite; `response=None`: `scores` is compact."""
+        bad = 0
+        for start in range(0, scores.size, 1 << 22):
+            finite = np.isfinite(scores[start : start + (1 << 22)])
+            where = response[start : start + (1 << 22)] if response is not None else True
+            bad += int(np.count_nonzero(where & ~finite))
+        if bad:
             raise FloatingPointError(
-                f"{int(bad.sum())} response tokens got a non-finite score (the base or reference produced a non-finite "
+                f"{bad} response tokens got a non-finite score (the base or reference produced a non-finite "
                 "loss). Load the models in float32 or bfloat16 rather than float16."
             )
 
@@ -1247,7 +1388,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
     # The collective-safe scoring driver
     # ------------------------------------------------------------------------------------------------------------
 
-    def _token_losses(self, dataset: Dataset, role: str) -> tuple[np.ndarray | None, dict[str, int]]:
+    def _token_losses(self, dataset: Dataset, role: str, sink=None) -> tuple[np.ndarray | None, dict[str, int]]:
         """
         Per-token losses of one side (`"base"`, `"ref"`, `"model"`) over the dataset, flat, via the score cache; on
         the main process (None on the others).
@@ -1255,7 +1396,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
         Every process runs this together. Which shards are cached, and whether the disk can hold the rest, is decided
         on the main process and broadcast; the missing rows are dealt over the processes so that each runs the same
         number of forwards (FSDP2 and ZeRO-3 forwards are collectives); only the main process receives the losses.
-        With every shard cached, nothing is loaded and no forward runs.
+        With every shard cached, nothing is loaded and no forward runs. With `sink(shard_index, row_losses)`, the
+        main process hands each shard to it as soon as the shard is whole and keeps nothing (returns None).
         """
         args = self.args
         collective = self._collective
@@ -1267,9 +1409,14 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
         def plan() -> tuple[list[int], list[str]]:
             hashes.extend(self._shard_hashes(dataset, bounds))
+            missing = []
             for i, (start, end) in enumerate(bounds):
                 shards[i] = cache.load(hashes[i], lengths[start:end])
-            missing = [i for i, shard in enumerate(shards) if shard is None]
+                if shards[i] is None:
+                    missing.append(i)
+                elif sink is not None:
+                    sink(i, shards[i])
+                    shards[i] = []
             if missing and cache.root is not None and not self._cache_space_checked:
                 # Once, before the first forward: fail now, with the numbers, rather than on a full disk hours from
                 # now. The base pass is followed by one more pass of the same size (reference, or later rounds). A
@@ -1279,7 +1426,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 passes = 2 if role == "base" and second_pass else 1
                 needed = passes * sum(shard_bytes(lengths[bounds[i][0] : bounds[i][1]]) for i in missing)
                 check_free_space(cache.root, needed, f"the losses of {len(missing)} shards x {passes} passes")
-            hits = [cache.relative_path(hashes[i]) for i in range(len(bounds)) if shards[i] is not None]
+            hits = [cache.relative_path(hashes[i]) for i in range(len(bounds)) if i not in missing]
             return missing, hits
 
         missing, hits = decide_on_main(collective, plan)
@@ -1289,17 +1436,17 @@ class TokenCleanSFTTrainer(SFTTrainer):
             with self._scoring_model(role) as (model, forward_context):
                 collective.together(
                     lambda: self._score_shards(
-                        model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes
+                        model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes, sink
                     )
                 )
             if collective.is_main and cache.not_stored:
                 stats["not_stored"] = cache.not_stored
-        if not collective.is_main:
+        if not collective.is_main or sink is not None:
             return None, stats
         return np.concatenate([row for shard in shards for row in shard]).astype(np.float32, copy=False), stats
 
     def _score_shards(
-        self, model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes
+        self, model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes, sink=None
     ) -> None:
         """
         Score the missing shards; each process its round-robin share of every shard, the same forward count. The main
@@ -1333,14 +1480,13 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     device=self.accelerator.device,
                 )
                 if world > 1:
-                    masks = _scored_row_masks(dataset, local_rows)
-                    parts = collective.gather_to_main(
-                        np.concatenate([row[mask] for row, mask in zip(local, masks)] or [np.zeros(0, np.float32)])
-                    )
-                    local = _reassemble_shard(parts, dataset, rows, row_lengths, world) if collective.is_main else None
-                shards[i] = local
+                    local = gather_shard(collective, dataset, rows, row_lengths, local_rows, local)
                 if collective.is_main:
                     cache.save(hashes[i], local)
+                    if sink is not None:
+                        sink(i, local)
+                        local = []
+                shards[i] = local
         finally:
             progress.close()
 
@@ -1565,11 +1711,10 @@ def _log_fields(report: dict[str, Any]) -> dict[str, float]:
 def _row_lengths(dataset: Dataset) -> np.ndarray:
     """Token count of every row of a prepared dataset, read from Arrow (no Python object per row)."""
     table = dataset.with_format("arrow").select_columns(["input_ids"])[:]
-    return (
-        pc.list_value_length(table.column("input_ids").combine_chunks())
-        .to_numpy(zero_copy_only=False)
-        .astype(np.int64)
-    )
+    # Chunk by chunk: combining the chunks would copy the whole token column.
+    chunks = table.column("input_ids").chunks
+    lengths = [pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in chunks]
+    return np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, dtype=np.int64)
 
 
 def _scored_row_masks(dataset: Dataset, rows: list[int]) -> list[np.ndarray]:
@@ -1577,11 +1722,29 @@ def _scored_row_masks(dataset: Dataset, rows: list[int]) -> list[np.ndarray]:
     if not rows:
         return []
     column = "labels" if "labels" in dataset.column_names else "input_ids"
-    lengths, labels = flat_list_column(dataset.select(rows), column)
-    masks = np.split(labels != -100, np.cumsum(lengths)[:-1])
+    contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+    subset = dataset.select(range(rows[0], rows[0] + len(rows)) if contiguous else rows)
+    # Compared in Arrow, chunk by chunk: no int64 copy of the shard's labels.
+    values = subset.with_format("arrow").select_columns([column])[:].column(column)
+    lengths = np.concatenate([pc.list_value_length(c).to_numpy(zero_copy_only=False) for c in values.chunks])
+    trained = pc.not_equal(pc.list_flatten(values), -100).to_numpy(zero_copy_only=False)
+    masks = np.split(trained, np.cumsum(lengths)[:-1])
     for mask in masks:
         mask[:1] = False
     return masks
+
+
+def gather_shard(collective: Collective, dataset: Dataset, rows: list[int], row_lengths, local_rows, local):
+    """
+    One shard's losses from every process on the main process (None elsewhere): each process sends the scored
+    positions of its rows (`local`: full per-row arrays of `local_rows`), the main process rebuilds the shard's rows in
+    order. Used by the scoring driver and by `benchmarks/bench_scale.py`.
+    """
+    masks = _scored_row_masks(dataset, local_rows)
+    parts = collective.gather_to_main(
+        np.concatenate([row[mask] for row, mask in zip(local, masks)] or [np.zeros(0, np.float32)])
+    )
+    return _reassemble_shard(parts, dataset, rows, row_lengths, collective.world) if collective.is_main else None
 
 
 def _reassemble_shard(parts, dataset: Dataset, rows: list[int], row_lengths: np.ndarray, world: int):

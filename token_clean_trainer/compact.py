@@ -1,0 +1,274 @@
+"""The main process's layout of fixed-mode scores: float32 arrays over the response positions only.
+
+At 300k rows x 2,048 positions the flat per-position arrays of `selection.py` (every label position, NaN off the
+response tokens) cost the main process about fifteen float32 arrays of response positions: int64 labels, base,
+reference and score arrays over every position, the selection's working copy and the concatenation of shards. Here
+the main process holds one float32 array per side over the response positions only, in dataset order, filled shard by
+shard as the shards arrive ([`scatter_rows`]); labels are read from Arrow a chunk of rows at a time and never held
+whole; the global selection ranks `base - ref` without a copy of the scores ([`select_global_difference`]); the keep mask
+goes back to every label position ([`expand_keep`]) only to be packed into the collator's row store.
+
+Compact arrays keep the order of the flat arrays, so every selector of `selection.py` gives the same keep mask on them
+(read at the response positions), with `ResponseLayout.response_offsets` as the row offsets.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from .positions import RESPONSE_MASK_COLUMN
+from .selection import Selection, keep_count, window_mean
+
+# Rows read from Arrow per chunk: 1,024 rows of 2,048 positions is 16 MB of int64 labels at a time.
+CHUNK_ROWS = 1024
+# Positions per chunk when `base - ref` is recomputed chunk by chunk.
+_CHUNK = 1 << 22
+
+
+def _label_column(dataset) -> str:
+    return "labels" if "labels" in dataset.column_names else "input_ids"
+
+
+def _read_chunk(dataset, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """
+    `(lengths, labelled, trained, response)` of rows `[start, end)`: flat bool masks over their label positions.
+    `labelled` is `label != -100` as stored; `trained` leaves out position 0 of every row (nothing predicts it).
+    """
+    column = _label_column(dataset)
+    columns = [column] + ([RESPONSE_MASK_COLUMN] if RESPONSE_MASK_COLUMN in dataset.column_names else [])
+    table = dataset.with_format("arrow").select_columns(columns)[start:end]
+    array = table.column(column)  # chunked as stored: compared in Arrow, never copied as int64
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    labelled = pc.not_equal(pc.list_flatten(array), -100).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]
+    trained = labelled.copy()
+    trained[starts] = False
+    response = trained.copy()
+    if RESPONSE_MASK_COLUMN in columns:
+        mask = pc.list_flatten(table.column(RESPONSE_MASK_COLUMN)).to_numpy(zero_copy_only=False)
+        if mask.size != response.size:
+            raise ValueError(
+                f"The `{RESPONSE_MASK_COLUMN}` column has {mask.size} positions in rows {start}-{end - 1} but the "
+                f"labels have {response.size}."
+            )
+        response &= mask.astype(bool)
+    return lengths, labelled, trained, response
+
+
+@dataclass
+class ResponseLayout:
+    """
+    Where the response tokens of a prepared dataset sit, with only per-row arrays (int64, `rows + 1` entries).
+
+    `offsets` are the row offsets of the flat arrays over every label position; `response_offsets` those of the compact
+    arrays over the response positions. `context_tokens` counts the trained positions that are not response tokens
+    (never ranked, never dropped); `last_trained` says per row whether its last label is trained (a response cut by
+    `max_length`).
+    """
+
+    dataset: Any
+    lengths: np.ndarray
+    offsets: np.ndarray
+    response_offsets: np.ndarray
+    context_tokens: int
+    last_trained: np.ndarray
+    chunk_rows: int = CHUNK_ROWS
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def n_response(self) -> int:
+        return int(self.response_offsets[-1])
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """`(row_start, row_end, trained, response)` for rows `[start, end)`, `chunk_rows` rows at a time."""
+        end = self.rows if end is None else end
+        for a in range(start, end, self.chunk_rows):
+            b = min(a + self.chunk_rows, end)
+            _, _, trained, response = _read_chunk(self.dataset, a, b)
+            yield a, b, trained, response
+
+    def row_response(self, row: int) -> np.ndarray:
+        """The response mask of one row, over its label positions."""
+        return _read_chunk(self.dataset, row, row + 1)[3]
+
+    def response_chunks(self, keep: np.ndarray | None, scores: np.ndarray | None):
+        """`(label ids, keep, scores)` at the response positions, a chunk of rows at a time (for the token tables)."""
+        column = _label_column(self.dataset)
+        for a, b, _, response in self.chunks():
+            table = self.dataset.with_format("arrow").select_columns([column])[a:b]
+            labels = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False)
+            part = slice(self.response_offsets[a], self.response_offsets[b])
+            yield (
+                labels[response].astype(np.int64, copy=False),
+                None if keep is None else keep[part],
+                None if scores is None else scores[part],
+            )
+
+
+def response_layout(dataset, chunk_rows: int = CHUNK_ROWS) -> ResponseLayout:
+    """The [`ResponseLayout`] of a prepared dataset, read from Arrow `chunk_rows` rows at a time."""
+    rows = len(dataset)
+    lengths = np.zeros(rows, dtype=np.int64)
+    per_row = np.zeros(rows, dtype=np.int64)
+    last_trained = np.zeros(rows, dtype=bool)
+    context = 0
+    for a in range(0, rows, chunk_rows):
+        b = min(a + chunk_rows, rows)
+        chunk_lengths, labelled, trained, response = _read_chunk(dataset, a, b)
+        lengths[a:b] = chunk_lengths
+        ends = np.cumsum(chunk_lengths)
+        nonempty = chunk_lengths > 0
+        starts = (ends - chunk_lengths)[nonempty]
+        if response.size:
+            per_row[a:b][nonempty] = np.add.reduceat(response.astype(np.int64), starts)
+        # Whether the last label of a row is trained, as stored (the report's count of responses cut by max_length).
+        last_trained[a:b][nonempty] = labelled[ends[nonempty] - 1]
+        context += int(np.count_nonzero(trained & ~response))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    response_offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    return ResponseLayout(dataset, lengths, offsets, response_offsets, context, last_trained, chunk_rows)
+
+
+def scatter_rows(layout: ResponseLayout, start: int, row_losses: list[np.ndarray], out: np.ndarray) -> None:
+    """
+    Write the response positions of rows `start, start + 1, ...` (full per-row arrays, as scoring returns them) into
+    the compact array `out`. One shard at a time: nothing of the shard is kept.
+    """
+    end = start + len(row_losses)
+    for a, b, _, response in layout.chunks(start, end):
+        values = np.concatenate(row_losses[a - start : b - start]) if b > a else np.zeros(0, np.float32)
+        if values.size != response.size:
+            raise ValueError(f"Rows {a}-{b - 1} have {values.size} losses but {response.size} label positions.")
+        out[layout.response_offsets[a] : layout.response_offsets[b]] = values[response]
+
+
+def expand(layout: ResponseLayout, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    """A compact float array back over every label position (`fill` off the response tokens): the public layout."""
+    out = np.full(int(layout.offsets[-1]), fill, dtype=np.float32)
+    for a, b, _, response in layout.chunks():
+        out[layout.offsets[a] : layout.offsets[b]][response] = values[
+            layout.response_offsets[a] : layout.response_offsets[b]
+        ]
+    return out
+
+
+def expand_keep(layout: ResponseLayout, keep: np.ndarray) -> np.ndarray:
+    """
+    The flat keep mask over every label position from a compact one: the selection at the response tokens, and every
+    trained position that is not a response token, which stays trained (as `positions.keep_context`).
+    """
+    out = np.zeros(int(layout.offsets[-1]), dtype=bool)
+    for a, b, trained, response in layout.chunks():
+        part = trained & ~response
+        part[response] = keep[layout.response_offsets[a] : layout.response_offsets[b]]
+        out[layout.offsets[a] : layout.offsets[b]] = part
+    return out
+
+
+def compact_window_mean(layout: ResponseLayout, values: np.ndarray, window: int) -> np.ndarray:
+    """
+    `selection.window_mean` of a compact array: the response spans are separated by NaN (one per span start) so that
+    the window stays within its span, as it does over the flat layout.
+    """
+    if window == 1:
+        return values
+    span_starts = []
+    for a, _, _, response in layout.chunks():
+        starts = response & ~np.concatenate([[False], response[:-1]])
+        span_starts.append(layout.response_offsets[a] + np.cumsum(response)[starts] - 1)
+    starts = np.concatenate(span_starts) if span_starts else np.zeros(0, np.int64)
+    separated = np.insert(np.asarray(values, dtype=np.float32), starts, np.float32(np.nan))
+    mean = window_mean(separated, window)
+    return mean[~np.isnan(separated)]
+
+
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """float32 values as uint32 keys in the same order (negative values flipped whole, positive ones by sign bit)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+
+
+def _from_sort_key(key: int) -> np.float32:
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def kth_difference(base: np.ndarray, ref: np.ndarray, kth: int) -> np.float32:
+    """
+    The `kth` smallest (0-based) of `base - ref`, without a copy of the differences: a radix select over their float32
+    bit patterns, two passes of 16 bits (a histogram of the high halves, then of the low halves in the one bucket that
+    holds the answer). `np.partition(base - ref, kth)[kth]`; the differences must be finite.
+    """
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for i in range(0, base.size, _CHUNK):
+        high += np.bincount(_sort_keys(base[i : i + _CHUNK] - ref[i : i + _CHUNK]) >> 16, minlength=1 << 16)
+    below = np.cumsum(high)
+    bucket = int(np.searchsorted(below, kth, side="right"))
+    rank = kth - (int(below[bucket - 1]) if bucket else 0)
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for i in range(0, base.size, _CHUNK):
+        keys = _sort_keys(base[i : i + _CHUNK] - ref[i : i + _CHUNK])
+        low += np.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    below = np.cumsum(low)
+    return _from_sort_key((bucket << 16) | int(np.searchsorted(below, rank, side="right")))
+
+
+def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) -> Selection:
+    """
+    `selection.select_global` of `base - ref` without holding the scores: the threshold by a radix select over the
+    differences ([`kth_difference`], no working copy), then the mask chunk by chunk (ties to the earlier position, as
+    there). Memory: the bool mask and chunk temporaries.
+    """
+    n = base.size
+    n_keep = keep_count(ratio, n)
+    if n_keep == 0:
+        return Selection(np.zeros(n, dtype=bool), None)
+    if n_keep == n:
+        low = min(float(np.min(base[i : i + _CHUNK] - ref[i : i + _CHUNK])) for i in range(0, n, _CHUNK))
+        return Selection(np.ones(n, dtype=bool), low)
+    threshold = kth_difference(base, ref, n - n_keep)
+    keep = np.empty(n, dtype=bool)
+    for i in range(0, n, _CHUNK):
+        np.greater(base[i : i + _CHUNK] - ref[i : i + _CHUNK], threshold, out=keep[i : i + _CHUNK])
+    missing = n_keep - int(np.count_nonzero(keep))
+    for i in range(0, n, _CHUNK):
+        if missing <= 0:
+            break
+        tied = np.flatnonzero(base[i : i + _CHUNK] - ref[i : i + _CHUNK] == threshold)[:missing]
+        keep[i + tied] = True
+        missing -= tied.size
+    return Selection(keep, float(threshold))
+
+
+def kept_per_row(response_offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Kept response tokens per row (int64) from a compact keep mask and its row offsets, counted chunk by chunk."""
+    bounds = np.asarray(response_offsets, dtype=np.int64)
+    before = np.zeros(len(bounds), dtype=np.int64)  # kept tokens before each row boundary
+    total = 0
+    step = 1 << 20  # int64 running counts: 8 MB a chunk
+    for start in range(0, keep.size, step):
+        end = min(start + step, keep.size)
+        running = np.cumsum(keep[start:end], dtype=np.int64)
+        lo, hi = np.searchsorted(bounds, [start, end], side="right")
+        before[lo:hi] = total + running[bounds[lo:hi] - start - 1]
+        total += int(running[-1])
+    return np.diff(before)
+
+
+__all__ = [
+    "ResponseLayout",
+    "compact_window_mean",
+    "expand",
+    "expand_keep",
+    "kept_per_row",
+    "kth_difference",
+    "response_layout",
+    "scatter_rows",
+    "select_global_difference",
+]
