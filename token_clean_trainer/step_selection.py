@@ -94,6 +94,8 @@ class StepSelection:
     kept_score_mean: float | None
     dropped_score_mean: float | None
     rows_all_masked: int
+    masked_runs: int = 0
+    masked_run_max: int = 0
 
     def record(self, step: int) -> dict:
         return {
@@ -106,6 +108,9 @@ class StepSelection:
             "kept_score_mean": self.kept_score_mean,
             "dropped_score_mean": self.dropped_score_mean,
             "rows_all_masked": self.rows_all_masked,
+            # Dropped response tokens as runs of consecutive tokens within a span: how many, and the longest.
+            "masked_runs": self.masked_runs,
+            "masked_run_max": self.masked_run_max,
         }
 
 
@@ -240,7 +245,19 @@ def select_step(
         kept_per_row = mask.sum(dim=1)
         local_all_masked += int(((response.sum(dim=1) > 0) & (kept_per_row == 0)).sum())
         keep_masks.append(mask)
-    all_masked = int(sum(part[0, 0] for part in gather(np.array([[local_all_masked]], dtype=np.float32))[0]))
+    # Runs of dropped tokens in the flat response array; a span start (row, gap or packed sequence) ends a run.
+    dropped = ~local_keep
+    run_begins = dropped.copy()
+    run_begins[1:] &= ~dropped[:-1] | local_starts[1:]
+    run_ends = dropped.copy()
+    run_ends[:-1] &= ~dropped[1:] | local_starts[1:]
+    first, last = np.flatnonzero(run_begins), np.flatnonzero(run_ends)
+    local_run_max = int((last - first).max()) + 1 if first.size else 0
+    counts = np.array([[local_all_masked, first.size, local_run_max]], dtype=np.float32)
+    count_parts, _ = gather(counts)
+    all_masked = int(sum(part[0, 0] for part in count_parts))
+    runs = int(sum(part[0, 1] for part in count_parts))
+    run_max = int(max(part[0, 2] for part in count_parts))
 
     kept, dropped = everything[all_keep], everything[~all_keep]
     return StepSelection(
@@ -252,6 +269,8 @@ def select_step(
         kept_score_mean=float(kept.mean()) if kept.size else None,
         dropped_score_mean=float(dropped.mean()) if dropped.size else None,
         rows_all_masked=all_masked,
+        masked_runs=runs,
+        masked_run_max=run_max,
     )
 
 

@@ -1,6 +1,8 @@
 """Span-aware selection end to end on the tiny model: the window and the junk gate in fixed, self-evolving and online
 modes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +45,7 @@ def test_fixed_junk_gate_with_window_masks_exactly_what_the_rule_says(
     assert int((~state.keep & response).sum()) == int(response.sum()) - keep_count(0.8, int(response.sum()))
     report = state.report
     assert (report["score_rule"], report["score_window"]) == ("junk_gate", 5)
+    assert report["masked_runs"]["tokens"] == int((~state.keep & response).sum())
 
 
 def test_self_evolving_uses_the_window(tmp_path, tiny_model_dir, tokenizer):
@@ -140,7 +143,9 @@ def test_online_window_and_junk_gate_mask_what_the_rule_says(tmp_path, tiny_mode
         ends = np.array([0, flat_scores.size])
         keep = select_junk_gate(window_mean(flat_scores, 5), window_mean(flat_refs, 5), ends, 0.8, "global").keep
         n_response = int(sum(int(r.sum()) for r in responses))
-        masked = np.concatenate([((after == -100) & r).flatten().numpy() for after, r in zip(step["after"], responses)])
+        masked = np.concatenate(
+            [((after == -100) & r).flatten().numpy() for after, r in zip(step["after"], responses)]
+        )
         assert int(masked.sum()) == n_response - keep_count(0.8, n_response)  # 20% of the step's response tokens
         np.testing.assert_array_equal(masked, ~keep & ~np.isnan(flat_scores))
         # With the paper's per-token rule the same step would mask other tokens: the window is really applied.
@@ -148,5 +153,13 @@ def test_online_window_and_junk_gate_mask_what_the_rule_says(tmp_path, tiny_mode
         assert not np.array_equal(per_token, keep)
     # The span settings are part of what a resumed run must match.
     assert trainer._step_identity["score_window"] == 5 and trainer._step_identity["score_rule"] == "junk_gate"
-    report = trainer.token_cleaning_state.report
+    with open(tmp_path / "token_cleaning" / "report.json") as f:
+        report = json.load(f)
     assert (report["score_rule"], report["score_window"]) == ("junk_gate", 5)
+    # The dropped tokens as runs, summed over the steps.
+    masked = sum(
+        int(((a == -100) & response_mask(b)).sum()) for s in trainer.steps for a, b in zip(s["after"], s["labels"])
+    )
+    assert report["masked_runs"]["tokens"] == masked
+    assert 1 <= report["masked_runs"]["count"] <= masked
+    assert report["masked_runs"]["mean_length"] == pytest.approx(masked / report["masked_runs"]["count"])

@@ -77,6 +77,18 @@ def test_window_per_row_at_sample_level():
     assert [kept_columns(raw, row=r) for r in (0, 1)] == [[1, 2], [1, 3]]
 
 
+def test_masked_runs_end_at_packed_sequence_starts():
+    # One row, two packed sequences (column 3 starts the second); responses 1-5 with scores 1, 1, 1, 9, 9; keep
+    # floor(0.4 * 5) = 2: columns 4, 5. Dropped 1, 2, 3: runs [1, 2] and [3] with the position ids, one run without.
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    scores, labels = t([[NAN, 1.0, 1.0, 1.0, 9.0, 9.0]]), lab([[X, 5, 5, 5, 5, 5]])
+    packed = select_step([scores], [labels], "batch", 0.4, position_ids=[position_ids])
+    assert kept_columns(packed) == [4, 5]
+    assert (packed.masked_runs, packed.masked_run_max) == (2, 2)
+    single = select_step([scores], [labels], "batch", 0.4)
+    assert (single.masked_runs, single.masked_run_max) == (1, 3)
+
+
 # The junk gate on one row, responses at cols 2-6:
 #   scores 0, 5, 0, 4, 6 -> window 3: 2.5, 1.667, 3, 3.333, 5
 #   ref    1, 1, 7, 1, 1 -> window 3: 1, 3, 3, 3, 1
