@@ -32,7 +32,8 @@ def select_global(scores: np.ndarray, ratio: float) -> Selection:
     Keep the `floor(ratio * N)` highest-scoring of the `N` response tokens, ranked across all rows.
 
     Ties at the threshold are broken by position in the flat array (dataset order), so the count is exact and the
-    result deterministic. Runs in O(N) with one float32 working copy (a partition, not a sort).
+    result deterministic. Runs in O(N) with one float32 working copy of the response tokens' scores (a partition, not
+    a sort).
 
     Args:
         scores (`np.ndarray`):
@@ -54,10 +55,11 @@ def select_global(scores: np.ndarray, ratio: float) -> Selection:
 
 def _top(values: np.ndarray, valid: np.ndarray, n_keep: int) -> tuple[np.ndarray, float]:
     """The `n_keep` highest of `values` where `valid` (ties: the earlier position first), as a mask, and the lowest
-    kept value. One float32 working copy and a partition: O(N)."""
-    # -inf stands in for the invalid positions so that the partition ranks only valid ones; kth counts from the top.
-    work = np.where(valid, values, -np.inf).astype(np.float32, copy=False)
-    kth = values.size - n_keep
+    kept value. One float32 working copy of the valid values and a partition: O(N)."""
+    # Only the valid values are partitioned: filling the others with -inf instead would hand the partition a mass of
+    # equal values, on which numpy's introselect degrades badly (4 s instead of 0.1 s for 12M of 50M values).
+    work = values[valid].astype(np.float32, copy=False)
+    kth = work.size - n_keep  # counts from the top
     work.partition(kth)
     threshold = work[kth]
     del work
