@@ -207,8 +207,7 @@ def window_mean(values: np.ndarray, window: int, span_start: np.ndarray | None =
         adjacent = valid[:-1] & valid[1:]
         if span_start is not None:
             adjacent &= ~span_start[lo + 1 : hi]
-        filled = block.astype(np.float64)
-        filled[~valid] = 0
+        filled = np.where(valid, block, np.float32(0)).astype(np.float64)
         total = filled.copy()
         count = np.ones(hi - lo, dtype=np.int32)
         linked = adjacent  # linked[j]: positions j and j + shift are in the same span
@@ -219,15 +218,18 @@ def window_mean(values: np.ndarray, window: int, span_start: np.ndarray | None =
             if not linked.any():
                 break  # no span is longer than `shift` positions: wider neighbours never count
             # Neighbour after, then neighbour before, at each distance: the order of the original implementation.
-            np.add(total[:-shift], filled[shift:], out=total[:-shift], where=linked)
-            np.add(total[shift:], filled[:-shift], out=total[shift:], where=linked)
+            total[:-shift] += np.where(linked, filled[shift:], 0.0)
+            total[shift:] += np.where(linked, filled[:-shift], 0.0)
             count[:-shift] += linked
             count[shift:] += linked
         inner = slice(start - lo, end - lo)
         total, count = total[inner], count[inner]
-        # Neighbours outside the span used to be added as +0.0: only a sum of -0.0 noticed (it became +0.0).
+        # Every neighbour outside the span used to be added as +0.0 (here only those up to the longest span are): only
+        # a sum of -0.0 notices, and becomes +0.0.
         np.add(total, 0.0, out=total, where=count < window)
-        out[start:end] = np.where(valid[inner], total / count, np.nan).astype(np.float32)
+        np.divide(total, count, out=total)
+        out[start:end] = total  # float64 -> float32, rounded as `astype` rounds
+        out[start:end][~valid[inner]] = np.nan
     return out
 
 
