@@ -297,6 +297,27 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     return stats
 
 
+def masked_runs(dropped: np.ndarray) -> dict[str, Any]:
+    """
+    The dropped response tokens as runs: maximal stretches of consecutive dropped tokens. `dropped` is a flat bool
+    array, False on every position that is not a response token, so a run never crosses a prompt, a row start or
+    padding. Span-aware rules (`token_score_window`) drop junk as runs; the paper's per-token rule scatters them.
+    """
+    dropped = np.asarray(dropped, dtype=bool)
+    begins = dropped.copy()
+    begins[1:] &= ~dropped[:-1]
+    ends = dropped.copy()
+    ends[:-1] &= ~dropped[1:]
+    first, last = np.flatnonzero(begins), np.flatnonzero(ends)
+    count, tokens = int(first.size), int(np.count_nonzero(dropped))
+    return {
+        "count": count,
+        "tokens": tokens,
+        "mean_length": tokens / count if count else None,
+        "max_length": int((last - first).max()) + 1 if count else None,
+    }
+
+
 def build_report(
     *,
     args,
@@ -441,6 +462,8 @@ def _finish_report(
         "score_rule": getattr(args, "token_score_rule", "excess"),
         "score_window": getattr(args, "token_score_window", 1),
         "threshold": threshold,
+        # Dropped response tokens as runs of consecutive tokens (count, mean and longest length in tokens).
+        "masked_runs": masked_runs(response & ~keep) if keep is not None else None,
         "response_tokens": n_response,
         "kept_tokens": n_kept,
         "kept_fraction": (n_kept / n_response if n_response else 0.0) if n_kept is not None else None,
@@ -512,6 +535,7 @@ def add_step_summary(report: dict[str, Any], steps: list[dict[str, Any]]) -> dic
             "kept_tokens": kept,
             "kept_fraction": kept / response if response else None,
             "rows_all_masked": sum(step["rows_all_masked"] for step in steps),
+            "masked_runs": _step_masked_runs(steps),
             "step_thresholds": (
                 {name: float(q) for name, q in zip(("p10", "p50", "p90"), np.quantile(thresholds, [0.1, 0.5, 0.9]))}
                 if thresholds.size
@@ -521,6 +545,20 @@ def add_step_summary(report: dict[str, Any], steps: list[dict[str, Any]]) -> dic
         }
     )
     return report
+
+
+def _step_masked_runs(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The masked runs of a per-step run, summed over its steps (None for step records written before they were)."""
+    if not steps or any(step.get("masked_runs") is None for step in steps):
+        return None
+    count = sum(step["masked_runs"] for step in steps)
+    tokens = sum(step["response_tokens"] - step["kept_tokens"] for step in steps)
+    return {
+        "count": count,
+        "tokens": tokens,
+        "mean_length": tokens / count if count else None,
+        "max_length": max(step["masked_run_max"] for step in steps) if count else None,
+    }
 
 
 def write_report(folder: str, report: dict[str, Any]) -> str:
@@ -690,6 +728,12 @@ def summary_lines(report: dict[str, Any], folder: str | None = None) -> list[str
         rows.append(("kept tokens", f"{kept:,} ({100 * fraction:.2f}%)"))
     else:
         rows.append(("kept tokens", "chosen per optimizer step"))
+    runs = report.get("masked_runs")
+    if runs and runs["count"]:
+        rows.append(
+            ("dropped tokens as runs", f"{runs['count']:,} runs, mean {runs['mean_length']:.2f} tokens, longest "
+             f"{runs['max_length']:,}")
+        )  # fmt: skip
     if report.get("threshold") is not None:
         rows.append(("threshold (lowest kept score)", f"{report['threshold']:+.4f}"))
     if report.get("step_thresholds"):

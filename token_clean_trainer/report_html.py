@@ -319,6 +319,25 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _rule(report: dict[str, Any]) -> str | None:
+    rule, window = report.get("score_rule"), report.get("score_window")
+    if rule is None:
+        return None
+    name = "paper: top scores" if rule == "excess" else "junk gate"
+    return f"{name}, window {window}" if window and window > 1 else f"{name}, per token"
+
+
+def _runs(runs: dict[str, Any] | None) -> str | None:
+    if not runs:
+        return None
+    if not runs["count"]:
+        return "none"
+    return (
+        f"{runs['count']:,} runs of consecutive dropped tokens, mean {runs['mean_length']:.2f} tokens, "
+        f"longest {runs['max_length']:,}"
+    )
+
+
 def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
     scores = report.get("scores") or {}
     summary = {
@@ -330,6 +349,8 @@ def _settings_table(sample: dict[str, Any], report: dict[str, Any]) -> str:
         "response tokens": report.get("response_tokens"),
         "kept tokens": report.get("kept_tokens"),
         "kept fraction": report.get("kept_fraction"),
+        "rule": _rule(report),
+        "masked runs": _runs(report.get("masked_runs")),
         "score p10 / p50 / p90": " / ".join(_fmt(scores.get(k)) for k in ("p10", "p50", "p90")) if scores else None,
         "|score| < 0.01": scores.get("share_abs_below_0.01"),
         "within ±0.01 of threshold": scores.get("share_within_0.01_of_threshold"),

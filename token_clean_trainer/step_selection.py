@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .selection import keep_count, select_global
+from .selection import keep_count, select_global, select_junk_gate, window_mean
 
 # Gathers one 2-D float array `(channels, n_local)` from every process; returns them in rank order and this rank.
 GatherFn = Callable[[np.ndarray], tuple[list[np.ndarray], int]]
@@ -59,6 +59,29 @@ def rows_to_padded(values: Sequence[Sequence[float]], attention_mask: torch.Tens
     return out
 
 
+def span_starts(response: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Where a response span begins, on a `(B, T)` batch: a response position whose predecessor in the row is not a
+    response position (the row's first column, a prompt, template or padding token, label `-100`), or that starts a
+    new packed sequence (`position_ids == 0`, as in packed and padding-free batches, where one row holds several
+    sequences back to back). Used to keep the score window (`token_score_window`) inside one response span of one
+    sequence.
+
+    Args:
+        response (`torch.Tensor` of shape `(B, T)`):
+            Bool mask of the response positions.
+        position_ids (`torch.Tensor` of shape `(B, T)`, *optional*):
+            Positions within each packed sequence; restarting at 0 marks a new sequence.
+    """
+    response = response.bool()
+    previous = torch.zeros_like(response)
+    previous[:, 1:] = response[:, :-1]
+    starts = response & ~previous
+    if position_ids is not None:
+        starts |= response & (position_ids.to(response.device) == 0)
+    return starts
+
+
 @dataclass
 class StepSelection:
     """Outcome of one step's selection; the counts and statistics cover every process of the step."""
@@ -71,6 +94,8 @@ class StepSelection:
     kept_score_mean: float | None
     dropped_score_mean: float | None
     rows_all_masked: int
+    masked_runs: int = 0
+    masked_run_max: int = 0
 
     def record(self, step: int) -> dict:
         return {
@@ -83,6 +108,9 @@ class StepSelection:
             "kept_score_mean": self.kept_score_mean,
             "dropped_score_mean": self.dropped_score_mean,
             "rows_all_masked": self.rows_all_masked,
+            # Dropped response tokens as runs of consecutive tokens within a span: how many, and the longest.
+            "masked_runs": self.masked_runs,
+            "masked_run_max": self.masked_run_max,
         }
 
 
@@ -93,6 +121,10 @@ def select_step(
     ratio: float,
     gather: GatherFn = single_process_gather,
     responses: Sequence[torch.Tensor] | None = None,
+    window: int = 1,
+    rule: str = "excess",
+    ref_losses: Sequence[torch.Tensor] | None = None,
+    position_ids: Sequence[torch.Tensor | None] | None = None,
 ) -> StepSelection:
     """
     Choose the kept response tokens of one optimizer step.
@@ -115,18 +147,35 @@ def select_step(
         responses (`Sequence[torch.Tensor]`, *optional*):
             Bool `(B, T)` masks of the response tokens, the only ones ranked. Defaults to every trained position
             ([`response_mask`]); trained positions outside it are neither ranked nor marked kept.
+        window (`int`, *optional*, defaults to `1`):
+            `token_score_window`: each score (and, for the junk gate, each reference loss) is averaged over a centred
+            window of that many response tokens of its own span ([`span_starts`]: never across rows, packed
+            sequences, prompts or padding) before ranking. `1` ranks the raw scores.
+        rule (`str`, *optional*, defaults to `"excess"`):
+            `token_score_rule`: `"excess"` keeps the top scores; `"junk_gate"` masks, among the lower half by score,
+            the highest reference losses ([`~selection.select_junk_gate`]), over the step (`"batch"`) or per row.
+        ref_losses (`Sequence[torch.Tensor]`, *optional*):
+            Reference losses of the same micro-batches, `(B, T)`; required by the junk gate.
+        position_ids (`Sequence[torch.Tensor | None]`, *optional*):
+            Position ids of the micro-batches (packed or padding-free batches restart them at 0 for each sequence).
 
     Returns:
         [`StepSelection`] with one bool keep mask per micro-batch (True only on kept response positions).
     """
     if level not in ("batch", "sample"):
         raise ValueError(f"Per-step selection level must be 'batch' or 'sample', got {level!r}.")
+    if rule not in ("excess", "junk_gate"):
+        raise ValueError(f"`token_score_rule` must be 'excess' or 'junk_gate', got {rule!r}.")
+    if rule == "junk_gate" and ref_losses is None:
+        raise ValueError("`token_score_rule='junk_gate'` ranks by reference loss too: pass `ref_losses`.")
     if responses is None:
         responses = [response_mask(lab.cpu()) for lab in labels]
     else:
         responses = [response.cpu() & response_mask(lab.cpu()) for response, lab in zip(responses, labels)]
-    flat_scores, row_sizes = [], []
-    for score, response in zip(scores, responses):
+    if position_ids is None:
+        position_ids = [None] * len(responses)
+    flat_scores, flat_refs, flat_starts, row_sizes = [], [], [], []
+    for i, (score, response) in enumerate(zip(scores, responses)):
         score = score.detach().float().cpu()
         bad = response & ~torch.isfinite(score)
         if bad.any():
@@ -135,26 +184,50 @@ def select_step(
                 "non-finite loss). Train and score in float32 or bfloat16 rather than float16."
             )
         flat_scores.append(score[response].numpy())
+        if rule == "junk_gate":
+            flat_refs.append(ref_losses[i].detach().float().cpu()[response].numpy())
+        ids = position_ids[i]
+        flat_starts.append(span_starts(response, None if ids is None else ids.cpu())[response].numpy())
         row_sizes.append(response.sum(dim=1).numpy())
     local_scores = np.concatenate(flat_scores) if flat_scores else np.zeros(0, np.float32)
     local_rows = np.concatenate(row_sizes).astype(np.int64) if row_sizes else np.zeros(0, np.int64)
+    row_offsets = np.concatenate([[0], np.cumsum(local_rows)])
+    # The ranked values: the scores, or their window means within each span (spans never cross rows, packed
+    # sequences or gaps: `span_starts` marks each one's first token in the flat array of response tokens).
+    local_starts = np.concatenate(flat_starts) if flat_starts else np.zeros(0, bool)
+    local_ranked = window_mean(local_scores, window, span_start=local_starts)
+    if rule == "junk_gate":
+        local_refs = np.concatenate(flat_refs) if flat_refs else np.zeros(0, np.float32)
+        local_refs = window_mean(local_refs, window, span_start=local_starts)
 
     if level == "batch":
-        parts, rank = gather(local_scores[None, :].astype(np.float32))
+        # Channels: the raw scores (for the statistics), then what is ranked when it differs from them.
+        windowed = local_ranked is not local_scores
+        channels = (
+            [local_scores] + ([local_ranked] if windowed else []) + ([local_refs] if rule == "junk_gate" else [])
+        )
+        parts, rank = gather(np.stack(channels).astype(np.float32))
         everything = np.concatenate([part[0] for part in parts])
+        ranked = np.concatenate([part[1] for part in parts]) if windowed else everything
         start = sum(part.shape[1] for part in parts[:rank])
-        selection = select_global(everything, ratio)
+        if rule == "junk_gate":
+            refs = np.concatenate([part[-1] for part in parts])
+            selection = select_junk_gate(ranked, refs, np.array([0, ranked.size]), ratio, "global")
+        else:
+            selection = select_global(ranked, ratio)
         local_keep = selection.keep[start : start + local_scores.size]
         threshold = selection.threshold
         all_keep = selection.keep
     else:
-        local_keep = np.zeros(local_scores.size, dtype=bool)
-        row_offsets = np.concatenate([[0], np.cumsum(local_rows)])
-        for begin, end in zip(row_offsets[:-1], row_offsets[1:]):
-            n_keep = keep_count(ratio, int(end - begin))
-            if n_keep:
-                order = np.argsort(-local_scores[begin:end], kind="stable")[:n_keep]
-                local_keep[begin + order] = True
+        if rule == "junk_gate":
+            local_keep = select_junk_gate(local_ranked, local_refs, row_offsets, ratio, "sample").keep
+        else:
+            local_keep = np.zeros(local_scores.size, dtype=bool)
+            for begin, end in zip(row_offsets[:-1], row_offsets[1:]):
+                n_keep = keep_count(ratio, int(end - begin))
+                if n_keep:
+                    order = np.argsort(-local_ranked[begin:end], kind="stable")[:n_keep]
+                    local_keep[begin + order] = True
         parts, _ = gather(np.stack([local_scores, local_keep.astype(np.float32)]).astype(np.float32))
         everything = np.concatenate([part[0] for part in parts])
         all_keep = np.concatenate([part[1] for part in parts]).astype(bool)
@@ -172,7 +245,19 @@ def select_step(
         kept_per_row = mask.sum(dim=1)
         local_all_masked += int(((response.sum(dim=1) > 0) & (kept_per_row == 0)).sum())
         keep_masks.append(mask)
-    all_masked = int(sum(part[0, 0] for part in gather(np.array([[local_all_masked]], dtype=np.float32))[0]))
+    # Runs of dropped tokens in the flat response array; a span start (row, gap or packed sequence) ends a run.
+    dropped = ~local_keep
+    run_begins = dropped.copy()
+    run_begins[1:] &= ~dropped[:-1] | local_starts[1:]
+    run_ends = dropped.copy()
+    run_ends[:-1] &= ~dropped[1:] | local_starts[1:]
+    first, last = np.flatnonzero(run_begins), np.flatnonzero(run_ends)
+    local_run_max = int((last - first).max()) + 1 if first.size else 0
+    counts = np.array([[local_all_masked, first.size, local_run_max]], dtype=np.float32)
+    count_parts, _ = gather(counts)
+    all_masked = int(sum(part[0, 0] for part in count_parts))
+    runs = int(sum(part[0, 1] for part in count_parts))
+    run_max = int(max(part[0, 2] for part in count_parts))
 
     kept, dropped = everything[all_keep], everything[~all_keep]
     return StepSelection(
@@ -184,6 +269,8 @@ def select_step(
         kept_score_mean=float(kept.mean()) if kept.size else None,
         dropped_score_mean=float(dropped.mean()) if dropped.size else None,
         rows_all_masked=all_masked,
+        masked_runs=runs,
+        masked_run_max=run_max,
     )
 
 
@@ -199,4 +286,5 @@ __all__ = [
     "rows_to_padded",
     "select_step",
     "single_process_gather",
+    "span_starts",
 ]

@@ -75,12 +75,14 @@ class TokenCleanConfig(SFTConfig):
             is averaged before ranking: a centred window inside the token's contiguous response span, never across
             rows, prompts or template tokens; it shrinks at a span's edges. `1` is the paper's per-token ranking.
             Junk comes in runs (spam lines, signatures, garbled spans), and averaging over neighbours separates it
-            from hard but clean tokens. Fixed and self-evolving modes.
+            from hard but clean tokens. Every mode and level that ranks scores; per-step ranking (online mode,
+            `token_selection="batch"`) windows each row's (or packed sequence's) response spans.
         token_score_rule (`str`, *optional*, defaults to `"excess"`):
             `"excess"`: keep the top `token_keep_ratio` by score (the paper). `"junk_gate"`: among the response tokens
             in the lower half by score, mask those the reference finds least likely (highest reference loss) until
             `1 - token_keep_ratio` of the response tokens are masked; needs `token_keep_ratio >= 0.5`. Fixed and
-            self-evolving modes, `token_selection` `"global"` or `"sample"`.
+            self-evolving modes at the `"global"` and `"sample"` levels, online mode per step (`"batch"`) or per
+            sample.
 
         > Parameters that control the reference model
 
@@ -321,11 +323,11 @@ class TokenCleanConfig(SFTConfig):
                 f"ranked, but `token_selection={self.token_selection!r}` ranks no score. Drop them, or use 'global' or "
                 "'sample'."
             )
-        if self.token_cleaning == "online" or self.token_selection == "batch":
+        if self.token_score_rule == "junk_gate" and self.token_cleaning == "fixed" and self.token_selection == "batch":
             raise ValueError(
-                "`token_score_window` > 1 and `token_score_rule='junk_gate'` are available in fixed and self-evolving "
-                "modes with `token_selection` 'global' or 'sample'; per-step ranking (online mode, "
-                "`token_selection='batch'`) does not support them yet."
+                "`token_score_rule='junk_gate'` ranks by reference loss as well as by score, but fixed mode with "
+                "`token_selection='batch'` keeps only the scores for its per-step ranking. Use `token_selection` "
+                "'global' or 'sample', `token_cleaning='online'`, or `token_score_rule='excess'`."
             )
         if (
             self.token_score_rule == "junk_gate"

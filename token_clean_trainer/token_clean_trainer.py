@@ -967,7 +967,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
     def _select_step_tokens(self, batch_samples: list[dict[str, Any]]) -> None:
         online = self.args.token_cleaning == "online"
         column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
-        scores, responses = [], []
+        scores, responses, ref_losses = [], [], []
         for batch in batch_samples:
             if column not in batch:
                 raise ValueError(
@@ -978,6 +978,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             # The stored column is NaN wherever a position is not a response token (see `positions.py`).
             responses.append(response_mask(batch["labels"].cpu()) & ~torch.isnan(values.cpu()))
             if online:
+                ref_losses.append(values)
                 # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
                 values = self._current_token_losses(batch).to(values.device) - values
             scores.append(values)
@@ -988,6 +989,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
             ratio=self.args.token_keep_ratio,
             gather=self._gather_step_arrays,
             responses=responses,
+            # Span-aware ranking: the window stays inside each row's (or packed sequence's) response spans.
+            window=self.args.token_score_window,
+            rule=self.args.token_score_rule,
+            ref_losses=ref_losses if online else None,
+            position_ids=[batch.get("position_ids") for batch in batch_samples],
         )
         for batch, keep, response in zip(batch_samples, selection.keep, responses):
             # Trained tokens that are not response tokens stay trained.

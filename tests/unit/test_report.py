@@ -373,3 +373,38 @@ def test_page_draws_the_histogram_on_a_log_axis_with_the_threshold(tmp_path):
     )  # fmt: skip
     write_report(str(tmp_path), report)
     assert '<svg class="hist"' in (tmp_path / "tokens.html").read_text()
+
+
+def test_masked_runs_count_consecutive_dropped_tokens_within_spans():
+    from token_clean_trainer.report import masked_runs
+
+    # Runs: [1, 2], [4] (a non-response position at 3 breaks it from [1, 2]), [6, 7, 8]; position 5 is kept.
+    dropped = np.array([0, 1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=bool)
+    assert masked_runs(dropped) == {"count": 3, "tokens": 6, "mean_length": 2.0, "max_length": 3}
+    assert masked_runs(np.array([1, 1], dtype=bool)) == {"count": 1, "tokens": 2, "mean_length": 2.0, "max_length": 2}
+    assert masked_runs(np.zeros(4, dtype=bool)) == {"count": 0, "tokens": 0, "mean_length": None, "max_length": None}
+
+
+def test_report_summary_and_page_show_the_masked_runs_and_the_rule():
+    from token_clean_trainer.report import add_step_summary
+
+    # token_arrays: dropped response tokens at positions 2, 4 (row 0; 3 is kept) and 9 (row 1): three runs of one.
+    report = build(tokenizer=WordTokenizer())
+    assert report["masked_runs"] == {"count": 3, "tokens": 3, "mean_length": 1.0, "max_length": 1}
+    assert (report["score_rule"], report["score_window"]) == ("excess", 1)
+    assert "dropped tokens as runs" in "\n".join(summary_lines(report))
+    page = render_tokens_html({"rows": [], "rows_total": 0, "sampling": {}}, report)
+    assert "<th>masked runs</th><td>3 runs of consecutive dropped tokens, mean 1.00 tokens, longest 1</td>" in page
+    assert "<th>rule</th><td>paper: top scores, per token</td>" in page
+    span = dict(report, score_rule="junk_gate", score_window=5)
+    assert "<th>rule</th><td>junk gate, window 5</td>" in render_tokens_html({"rows": [], "sampling": {}}, span)
+    # Per-step runs: summed over the steps (dropped = response - kept), the longest over all steps.
+    steps = [
+        {"response_tokens": 10, "kept_tokens": 6, "rows_all_masked": 0, "masked_runs": 2, "masked_run_max": 3},
+        {"response_tokens": 8, "kept_tokens": 6, "rows_all_masked": 0, "masked_runs": 1, "masked_run_max": 2},
+    ]
+    summary = add_step_summary({}, steps)["masked_runs"]
+    assert summary == {"count": 3, "tokens": 6, "mean_length": 2.0, "max_length": 3}
+    assert (
+        add_step_summary({}, [{"response_tokens": 1, "kept_tokens": 1, "rows_all_masked": 0}])["masked_runs"] is None
+    )

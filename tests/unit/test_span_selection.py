@@ -9,23 +9,49 @@ from token_clean_trainer.selection import keep_count, select_junk_gate, window_m
 nan = np.nan
 
 
-def naive_window_mean(values, window):
-    """Reference implementation: position by position, the mean over the same span within the window."""
-    half, out = window // 2, np.full(values.shape, nan, dtype=np.float64)
+def naive_window_mean(values, window, span_start=None):
+    """
+    Reference implementation, position by position: the window's bounds inside the token's span (a NaN or a
+    `span_start` mark ends it), then the sum in float64 in the original order (the token, then the neighbour after and
+    the one before at distance 1, 2, ..., an out-of-span neighbour adding +0.0), divided by the count, as float32.
+    """
+    values = np.asarray(values)
+    n, half = values.size, window // 2
+    starts = np.zeros(n, dtype=bool) if span_start is None else np.asarray(span_start, dtype=bool)
+    out = np.full(n, nan, dtype=np.float32)
     for i in np.flatnonzero(~np.isnan(values)):
         lo = i
-        while lo - 1 >= 0 and i - (lo - 1) <= half and not np.isnan(values[lo - 1]):
+        while i - (lo - 1) <= half and lo - 1 >= 0 and not np.isnan(values[lo - 1]) and not starts[lo]:
             lo -= 1
         hi = i
-        while hi + 1 < values.size and (hi + 1) - i <= half and not np.isnan(values[hi + 1]):
+        while (hi + 1) - i <= half and hi + 1 < n and not np.isnan(values[hi + 1]) and not starts[hi + 1]:
             hi += 1
-        out[i] = values[lo : hi + 1].mean()
+        total = np.float64(values[i])
+        for shift in range(1, half + 1):
+            total += np.float64(values[i + shift]) if i + shift <= hi else 0.0
+            total += np.float64(values[i - shift]) if i - shift >= lo else 0.0
+        out[i] = np.float32(total / (hi - lo + 1))
     return out
+
+
+def assert_same_bits(got, expected):
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
+
+
+def random_spans(n, seed, nan_share=0.2, start_share=0.0):
+    rng = np.random.default_rng(seed)
+    # Scores close to zero, as `L_base - L_ref` mostly is: float32 rounding of the mean is easy to get wrong there.
+    values = (rng.standard_normal(n) * 1e-3 + 1e-4).astype(np.float32)
+    values[rng.random(n) < nan_share] = nan  # prompts, row starts, padding
+    starts = rng.random(n) < start_share
+    return values, starts
 
 
 def test_window_one_is_the_paper_bit_for_bit():
     values = np.array([nan, 0.25, -1.5, nan, 3.0], dtype=np.float32)
     assert window_mean(values, 1) is values
+    assert window_mean(values, 1, span_start=np.ones(5, dtype=bool)) is values
 
 
 def test_window_stays_inside_response_spans_and_rows():
@@ -41,15 +67,56 @@ def test_window_shrinks_at_edges_and_longer_than_a_span_averages_the_span():
     values = np.array([nan, 1, 2, 3, 4, nan], dtype=np.float32)
     np.testing.assert_allclose(window_mean(values, 5), [nan, 2, 2.5, 2.5, 3, nan], rtol=1e-6)
     np.testing.assert_allclose(window_mean(values, 99), [nan, 2.5, 2.5, 2.5, 2.5, nan], rtol=1e-6)
+    # No NaN at all (one span over the whole array, no row start before it), and a single-token span.
+    np.testing.assert_allclose(window_mean(np.array([1, 2, 3], dtype=np.float32), 7), [2, 2, 2])
+    np.testing.assert_array_equal(window_mean(np.array([nan, 7, nan], dtype=np.float32), 5), [nan, 7, nan])
 
 
-def test_window_matches_the_reference_across_block_boundaries(monkeypatch):
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal(5000).astype(np.float32)
-    values[rng.random(5000) < 0.2] = nan  # prompts, row starts, padding
-    monkeypatch.setattr(selection, "_WINDOW_BLOCK", 97)  # many blocks: halos must stitch them exactly
-    for window in (3, 5, 9):
-        np.testing.assert_allclose(window_mean(values, window), naive_window_mean(values, window), rtol=1e-5, atol=1e-6)
+def test_span_start_breaks_a_span_without_a_nan_between():
+    # Response positions of two rows (or packed sequences) back to back: [1, 2, 3] then [10, 20].
+    values = np.array([1, 2, 3, 10, 20], dtype=np.float32)
+    starts = np.array([True, False, False, True, False])
+    np.testing.assert_allclose(window_mean(values, 3, span_start=starts), [1.5, 2, 2.5, 15, 15], rtol=1e-6)
+    np.testing.assert_allclose(window_mean(values, 99, span_start=starts), [2, 2, 2, 15, 15], rtol=1e-6)
+    # A mark on a position after a NaN changes nothing; a mark on every position leaves every token alone.
+    gapped = np.array([1, nan, 3, 5], dtype=np.float32)
+    np.testing.assert_array_equal(window_mean(gapped, 3, span_start=np.array([0, 0, 1, 0], bool)), [1, nan, 4, 4])
+    np.testing.assert_array_equal(window_mean(values, 5, span_start=np.ones(5, dtype=bool)), values)
+
+
+def test_span_start_of_another_shape_is_refused():
+    with pytest.raises(ValueError, match="span_start"):
+        window_mean(np.zeros(4, dtype=np.float32), 3, span_start=np.zeros(3, dtype=bool))
+
+
+@pytest.mark.parametrize("window", [3, 5, 9, 31])
+@pytest.mark.parametrize("block", [1, 2, 7, 97, 1 << 20])
+def test_window_matches_the_reference_bit_for_bit_across_block_boundaries(monkeypatch, window, block):
+    # Blocks smaller than the halo, than the window, and larger than the array: halos must stitch them exactly.
+    values, starts = random_spans(1200, seed=window * 1000 + block, start_share=0.05)
+    monkeypatch.setattr(selection, "_WINDOW_BLOCK", block)
+    assert_same_bits(window_mean(values, window), naive_window_mean(values, window))
+    assert_same_bits(window_mean(values, window, span_start=starts), naive_window_mean(values, window, starts))
+
+
+def test_window_bits_do_not_depend_on_the_rest_of_the_array(monkeypatch):
+    # A running cumulative sum would round each window's mean differently depending on what came before it: here a
+    # huge-magnitude span ahead of small scores. Every mean must be the float32 of its own window's exact sum.
+    values, starts = random_spans(3000, seed=7, nan_share=0.1)
+    values[:200] = 1e6 + values[:200]
+    values[200] = nan
+    for block in (64, 1 << 20):
+        monkeypatch.setattr(selection, "_WINDOW_BLOCK", block)
+        got = window_mean(values, 5)
+        assert_same_bits(got, naive_window_mean(values, 5))
+        assert_same_bits(got[201:], window_mean(values[201:], 5))
+
+
+def test_window_keeps_the_sign_of_zero_as_the_reference_does():
+    # -log(1) is -0.0: a span of such losses averages to -0.0 when the whole window is inside it, +0.0 otherwise.
+    values = np.array([nan, -0.0, -0.0, -0.0, -0.0, -0.0, nan, -0.0], dtype=np.float32)
+    assert_same_bits(window_mean(values, 3), naive_window_mean(values, 3))
+    assert_same_bits(window_mean(values, 99), naive_window_mean(values, 99))
 
 
 @pytest.mark.parametrize("window", [0, 2, -3])
@@ -89,6 +156,32 @@ def test_gate_per_sample_masks_within_each_row():
     keep = select_junk_gate(scores, ref, np.array([0, 3, 8]), 0.5, "sample").keep
     # Row 0: 2 tokens, mask 1: lower half {position 2}. Row 1: 4 tokens, mask 2: lower half {5, 6}.
     assert keep.tolist() == [False, True, False, False, True, False, False, True]
+
+
+def naive_gate(scores, ref, ratio):
+    """Reference: sort the response tokens by score (stable), take the lower half, mask the highest reference losses."""
+    positions = np.flatnonzero(~np.isnan(scores))
+    n = positions.size
+    n_mask = n - keep_count(ratio, n)
+    by_score = positions[np.argsort(-scores[positions], kind="stable")]  # highest first, ties: earlier first
+    lower = np.sort(by_score[n // 2 :])
+    masked = lower[np.argsort(-ref[lower], kind="stable")[:n_mask]]
+    keep = ~np.isnan(scores)
+    keep[masked] = False
+    return keep
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 0.97, 1.0])
+def test_gate_matches_a_sorting_reference_with_many_ties(ratio):
+    rng = np.random.default_rng(int(ratio * 100))
+    scores = rng.integers(-3, 4, size=2000).astype(np.float32)  # coarse values: ties everywhere
+    ref = rng.integers(0, 5, size=2000).astype(np.float32)
+    scores[rng.random(2000) < 0.3] = nan
+    ref[np.isnan(scores)] = nan
+    keep = select_junk_gate(scores, ref, np.array([0, 2000]), ratio, "global").keep
+    np.testing.assert_array_equal(keep, naive_gate(scores, ref, ratio))
+    n = int((~np.isnan(scores)).sum())
+    assert int(keep.sum()) == keep_count(ratio, n)
 
 
 def test_gate_refuses_ratios_that_need_more_than_the_lower_half():

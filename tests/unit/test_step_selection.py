@@ -105,6 +105,8 @@ def test_batch_level_record_values():
     assert record["kept_score_mean"] == pytest.approx((13 + 12 + 11 + 10) / 4)  # 11.5
     assert record["dropped_score_mean"] == pytest.approx((1 + 2 + 3 + 0.5 + 9) / 5)  # 3.1
     assert record["rows_all_masked"] == 2
+    # Dropped runs: [1, 2] (mb0 row0), [3, 0.5] (mb0 row1), [9] (mb1 row1 col 3).
+    assert (record["masked_runs"], record["masked_run_max"]) == (3, 2)
     assert set(record) == {
         "step",
         "response_tokens",
@@ -115,6 +117,8 @@ def test_batch_level_record_values():
         "kept_score_mean",
         "dropped_score_mean",
         "rows_all_masked",
+        "masked_runs",
+        "masked_run_max",
     }
 
 
@@ -287,10 +291,11 @@ def scripted_gather(rank, calls):
     return gather
 
 
-# Per step, "batch" gathers the (1, n) flat response scores, then the (1, 1) rows-all-masked count.
+# Per step, "batch" gathers the (1, n) flat response scores, then (1, 3): the rows-all-masked count, the number of
+# runs of dropped tokens and the longest (rank 0: runs [1, 2] and [3, 0.5]; rank 1: [0.25], [4] and [9, 6]).
 BATCH_CALLS = [
     [np.array([RANK0_FLAT], np.float32), np.array([RANK1_FLAT], np.float32)],
-    [np.array([[2.0]], np.float32), np.array([[2.0]], np.float32)],
+    [np.array([[2.0, 2.0, 2.0]], np.float32), np.array([[2.0, 3.0, 2.0]], np.float32)],
 ]
 
 
@@ -299,6 +304,7 @@ def check_two_process_stats(selection):
     assert selection.kept_tokens == 6  # floor(0.45 * 14)
     assert selection.threshold == 9.0
     assert selection.rows_all_masked == 4
+    assert (selection.masked_runs, selection.masked_run_max) == (5, 2)
     assert selection.score_mean == pytest.approx(100.75 / 14)
     assert selection.kept_score_mean == pytest.approx(12.5)
     assert selection.dropped_score_mean == pytest.approx(3.21875)
@@ -362,8 +368,8 @@ def test_batch_level_two_processes_agree_and_match_single_process():
     scores0, labels0 = two_micro_batches()
     scores1, labels1 = rank1_micro_batches()
     (sel0, sel1), shapes = run_ranks([(scores0, labels0), (scores1, labels1)], "batch", RATIO_2P)
-    # Each rank sends its flat response scores as (1, n), then its all-masked count as (1, 1).
-    assert shapes == [[(1, 9), (1, 1)], [(1, 5), (1, 1)]]
+    # Each rank sends its flat response scores as (1, n), then its all-masked and masked-run counts as (1, 3).
+    assert shapes == [[(1, 9), (1, 3)], [(1, 5), (1, 3)]]
     check_two_process_stats(sel0)
     check_two_process_stats(sel1)
     assert keep_lists(sel0) == RANK0_KEEP
@@ -380,7 +386,7 @@ def test_batch_level_process_without_response_tokens():
     scores0, labels0 = two_micro_batches()
     scores1, labels1 = [t([[NAN, 99.0]])], [lab([[X, X]])]
     (sel0, sel1), shapes = run_ranks([(scores0, labels0), (scores1, labels1)], "batch", 0.5)
-    assert shapes[1] == [(1, 0), (1, 1)]
+    assert shapes[1] == [(1, 0), (1, 3)]
     assert sel1.keep[0].tolist() == [[False, False]]
     assert keep_lists(sel0) == keep_lists(select_step(scores0, labels0, level="batch", ratio=0.5))
     for selection in (sel0, sel1):
@@ -445,7 +451,7 @@ def test_sample_level_two_processes_aggregate_statistics():
     rank1 = ([t([[NAN, 2.0, 6.0], [NAN, 3.0, NAN]])], [lab([[X, 1, 1], [X, 1, X]])])
     (sel0, sel1), shapes = run_ranks([rank0, rank1], "sample", 0.5)
     # "sample" sends (scores, keep) as a (2, n) array, then the all-masked count.
-    assert shapes == [[(2, 2), (1, 1)], [(2, 3), (1, 1)]]
+    assert shapes == [[(2, 2), (1, 3)], [(2, 3), (1, 3)]]
     assert keep_lists(sel0) == [[[False, True, False]]]
     assert keep_lists(sel1) == [[[False, False, True], [False, False, False]]]
     for selection in (sel0, sel1):
