@@ -171,6 +171,16 @@ def expand_keep(layout: ResponseLayout, keep: np.ndarray) -> np.ndarray:
     return out
 
 
+def response_span_starts(layout: ResponseLayout) -> np.ndarray:
+    """Indices into the compact arrays where a response span begins (a row's first response token, and the first
+    token of each later assistant turn): what separates neighbours that are not neighbours in the text."""
+    span_starts = []
+    for a, _, _, response in layout.chunks():
+        starts = response & ~np.concatenate([[False], response[:-1]])
+        span_starts.append(layout.response_offsets[a] + np.cumsum(response)[starts] - 1)
+    return np.concatenate(span_starts).astype(np.int64) if span_starts else np.zeros(0, np.int64)
+
+
 def compact_window_mean(layout: ResponseLayout, values: np.ndarray, window: int) -> np.ndarray:
     """
     `selection.window_mean` of a compact array: the response spans are separated by NaN (one per span start) so that
@@ -178,12 +188,7 @@ def compact_window_mean(layout: ResponseLayout, values: np.ndarray, window: int)
     """
     if window == 1:
         return values
-    span_starts = []
-    for a, _, _, response in layout.chunks():
-        starts = response & ~np.concatenate([[False], response[:-1]])
-        span_starts.append(layout.response_offsets[a] + np.cumsum(response)[starts] - 1)
-    starts = np.concatenate(span_starts) if span_starts else np.zeros(0, np.int64)
-    separated = np.insert(np.asarray(values, dtype=np.float32), starts, np.float32(np.nan))
+    separated = np.insert(np.asarray(values, dtype=np.float32), response_span_starts(layout), np.float32(np.nan))
     mean = window_mean(separated, window)
     return mean[~np.isnan(separated)]
 

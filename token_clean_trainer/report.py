@@ -297,17 +297,24 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     return stats
 
 
-def masked_runs(dropped: np.ndarray) -> dict[str, Any]:
+def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> dict[str, Any]:
     """
     The dropped response tokens as runs: maximal stretches of consecutive dropped tokens. `dropped` is a flat bool
     array, False on every position that is not a response token, so a run never crosses a prompt, a row start or
-    padding. Span-aware rules (`token_score_window`) drop junk as runs; the paper's per-token rule scatters them.
+    padding. Over the compact layout (response positions only), `span_starts` gives the indices where a response
+    span begins, and a run ends before each. Span-aware rules (`token_score_window`) drop junk as runs; the paper's
+    per-token rule scatters them.
     """
     dropped = np.asarray(dropped, dtype=bool)
     begins = dropped.copy()
     begins[1:] &= ~dropped[:-1]
+    if span_starts is not None and len(span_starts):
+        begins[span_starts] = dropped[span_starts]
     ends = dropped.copy()
     ends[:-1] &= ~dropped[1:]
+    if span_starts is not None and len(span_starts):
+        before = np.asarray(span_starts)[np.asarray(span_starts) > 0] - 1
+        ends[before] = dropped[before]
     first, last = np.flatnonzero(begins), np.flatnonzero(ends)
     count, tokens = int(first.size), int(np.count_nonzero(dropped))
     return {
@@ -351,6 +358,8 @@ def build_report(
     from . import __version__
 
     if layout is not None:
+        from .compact import response_span_starts
+
         return _finish_report(
             args=args,
             lengths=layout.lengths,
@@ -362,6 +371,7 @@ def build_report(
                 ((layout.lengths >= max_length) & layout.last_trained).sum()
             ),
             context_tokens=layout.context_tokens,
+            masked_runs_of=lambda: masked_runs(~keep, response_span_starts(layout)),
             token_summary_of=lambda: token_summary(
                 None, None, keep, scores, tokenizer, chunks=lambda: layout.response_chunks(keep, scores)
             ),
@@ -403,6 +413,7 @@ def build_report(
         keep=keep_counts,
         rows_response_truncated_of=truncated,
         context_tokens=int(context_positions(labels, offsets, response).sum()),
+        masked_runs_of=lambda: masked_runs(response & ~keep),
         token_summary_of=lambda: token_summary(labels, response, keep, scores, tokenizer),
         scores=scores,
         base_losses=base_losses,
@@ -427,6 +438,7 @@ def _finish_report(
     keep,
     rows_response_truncated_of,
     context_tokens,
+    masked_runs_of,
     token_summary_of,
     scores,
     base_losses,
@@ -463,7 +475,7 @@ def _finish_report(
         "score_window": getattr(args, "token_score_window", 1),
         "threshold": threshold,
         # Dropped response tokens as runs of consecutive tokens (count, mean and longest length in tokens).
-        "masked_runs": masked_runs(response & ~keep) if keep is not None else None,
+        "masked_runs": masked_runs_of() if keep is not None else None,
         "response_tokens": n_response,
         "kept_tokens": n_kept,
         "kept_fraction": (n_kept / n_response if n_response else 0.0) if n_kept is not None else None,

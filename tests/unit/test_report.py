@@ -383,6 +383,15 @@ def test_masked_runs_count_consecutive_dropped_tokens_within_spans():
     assert masked_runs(dropped) == {"count": 3, "tokens": 6, "mean_length": 2.0, "max_length": 3}
     assert masked_runs(np.array([1, 1], dtype=bool)) == {"count": 1, "tokens": 2, "mean_length": 2.0, "max_length": 2}
     assert masked_runs(np.zeros(4, dtype=bool)) == {"count": 0, "tokens": 0, "mean_length": None, "max_length": None}
+    # The compact layout (response positions only): a run ends where the next response span begins.
+    compact = np.array([1, 1, 1, 0, 1, 1], dtype=bool)
+    # Spans [0, 1], [2, 3, 4], [5]: runs [0, 1], [2], [4], [5] (4 and 5 touch but lie in different spans).
+    assert masked_runs(compact, span_starts=np.array([0, 2, 5])) == {
+        "count": 4,
+        "tokens": 5,
+        "mean_length": 1.25,
+        "max_length": 2,
+    }
 
 
 def test_report_summary_and_page_show_the_masked_runs_and_the_rule():
