@@ -25,27 +25,9 @@ import subprocess
 import sys
 import time
 
+from bench_ratios import _status_mb, reset_peak_rss  # this folder is on sys.path when the script runs
+
 GOAL = "<= 1 s and <= 0.5 GB extra at 50M scores (P6's budget)"
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> float:
-    """Release freed heap pages, reset the kernel's peak-RSS mark (VmHWM) and return the current RSS in MB."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux >= 4.0: reset VmHWM to the current RSS
-    return _status_mb("VmRSS")
 
 
 def build(layout: str, n: int):

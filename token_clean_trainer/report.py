@@ -357,11 +357,24 @@ def build_report(
     """
     from . import __version__
 
+    # What both layouts pass through unchanged.
+    shared = dict(
+        args=args,
+        scores=scores,
+        base_losses=base_losses,
+        ref_losses=ref_losses,
+        threshold=threshold,
+        prepare_stats=prepare_stats,
+        cache_stats=cache_stats,
+        reference=reference,
+        seconds=seconds,
+        tokenizer=tokenizer,
+        version=__version__,
+    )
     if layout is not None:
         from .compact import response_span_starts
 
         return _finish_report(
-            args=args,
             lengths=layout.lengths,
             offsets=layout.response_offsets,
             n_response=layout.n_response,
@@ -375,16 +388,7 @@ def build_report(
             token_summary_of=lambda: token_summary(
                 None, None, keep, scores, tokenizer, chunks=lambda: layout.response_chunks(keep, scores)
             ),
-            scores=scores,
-            base_losses=base_losses,
-            ref_losses=ref_losses,
-            threshold=threshold,
-            prepare_stats=prepare_stats,
-            cache_stats=cache_stats,
-            reference=reference,
-            seconds=seconds,
-            tokenizer=tokenizer,
-            version=__version__,
+            **shared,
         )
     n_response = int(response.sum())
     response_per_row = None
@@ -405,7 +409,6 @@ def build_report(
         return int(((lengths >= max_length) & last_is_response).sum())
 
     return _finish_report(
-        args=args,
         lengths=lengths,
         offsets=offsets,
         n_response=n_response,
@@ -415,16 +418,7 @@ def build_report(
         context_tokens=int(context_positions(labels, offsets, response).sum()),
         masked_runs_of=lambda: masked_runs(response & ~keep),
         token_summary_of=lambda: token_summary(labels, response, keep, scores, tokenizer),
-        scores=scores,
-        base_losses=base_losses,
-        ref_losses=ref_losses,
-        threshold=threshold,
-        prepare_stats=prepare_stats,
-        cache_stats=cache_stats,
-        reference=reference,
-        seconds=seconds,
-        tokenizer=tokenizer,
-        version=__version__,
+        **shared,
     )
 
 
