@@ -183,14 +183,14 @@ def response_span_starts(layout: ResponseLayout) -> np.ndarray:
 
 def compact_window_mean(layout: ResponseLayout, values: np.ndarray, window: int) -> np.ndarray:
     """
-    `selection.window_mean` of a compact array: the response spans are separated by NaN (one per span start) so that
+    `selection.window_mean` of a compact array, its `span_start` marking where each response span begins, so that
     the window stays within its span, as it does over the flat layout.
     """
     if window == 1:
         return values
-    separated = np.insert(np.asarray(values, dtype=np.float32), response_span_starts(layout), np.float32(np.nan))
-    mean = window_mean(separated, window)
-    return mean[~np.isnan(separated)]
+    span_start = np.zeros(len(values), dtype=bool)
+    span_start[response_span_starts(layout)] = True
+    return window_mean(np.asarray(values, dtype=np.float32), window, span_start=span_start)
 
 
 def _sort_keys(values: np.ndarray) -> np.ndarray:
