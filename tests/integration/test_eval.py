@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import arithmetic_rows, cpu_kwargs
-from token_clean_trainer.evaluation import eval_command, evaluate_nll
+from token_clean_trainer.commands.evaluate import eval_command
+from token_clean_trainer.evaluation import evaluate_nll
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
-from token_clean_trainer.report import report_command
+from token_clean_trainer.commands.report import report_command
 
 INJECTION = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & done"
 

@@ -8,6 +8,8 @@ import pytest
 import yaml
 
 from token_clean_trainer import cli
+from token_clean_trainer.commands import launch
+from token_clean_trainer.commands import train as train_command_module
 from token_clean_trainer.recipe import (
     RecipeError,
     parse_recipe,
@@ -51,9 +53,12 @@ def test_purge_mix_reaches_the_trainer_as_its_callback(tmp_path):
 
     path = write(tmp_path, **BASE, output_dir=str(tmp_path), purge_mix_enabled=True, purge_mix_max_fusions=3)
     recipe = parse_recipe(["--config", path])
-    (callback,) = cli._purge_mix_callbacks(recipe, [{"messages": []}] * 4)
+    (callback,) = train_command_module.purge_mix_callbacks(recipe, [{"messages": []}] * 4)
     assert isinstance(callback, PurgeMixCallback) and callback.config.purge_mix_max_fusions == 3
-    assert cli._purge_mix_callbacks(parse_recipe(["--config", write(tmp_path, "off.yaml", **BASE)]), []) == []
+    assert (
+        train_command_module.purge_mix_callbacks(parse_recipe(["--config", write(tmp_path, "off.yaml", **BASE)]), [])
+        == []
+    )
 
 
 def test_lora_config_comes_from_trl(tmp_path):
@@ -173,7 +178,7 @@ def test_tulu_template_prompt_is_a_prefix_of_the_full_text(tokenizer):
 def test_accelerate_config_relaunches_under_accelerate(tmp_path, monkeypatch):
     path = write(tmp_path, **BASE, accelerate_config="cpu_multi_process")
     calls = []
-    monkeypatch.delenv(cli.LAUNCHED_ENV, raising=False)
+    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
@@ -183,12 +188,12 @@ def test_accelerate_config_relaunches_under_accelerate(tmp_path, monkeypatch):
     assert command[command.index("--config_file") + 1] == resolve_accelerate_config("cpu_multi_process")
     assert command[command.index("--num_processes") + 1] == "2"
     assert command[command.index("-m", 3) :][:3] == ["-m", "token_clean_trainer.cli", "train"]
-    assert env[cli.LAUNCHED_ENV] == "1"
+    assert env[launch.LAUNCHED_ENV] == "1"
 
 
 def test_relaunch_is_refused_for_an_invalid_recipe(tmp_path, monkeypatch, capsys):
     path = write(tmp_path, **BASE, accelerate_config="cpu_multi_process", keep_ratio=0.5)
-    monkeypatch.delenv(cli.LAUNCHED_ENV, raising=False)
+    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("must not launch an invalid recipe"))
@@ -228,10 +233,10 @@ def test_commands_and_help(capsys):
 def test_global_batch_guard_message(tmp_path):
     path = write(tmp_path, **BASE, per_device_train_batch_size=6, gradient_accumulation_steps=1, global_batch_size=48)
     recipe = parse_recipe(["--config", path])
-    with pytest.raises(cli.LaunchError, match=r"--gradient_accumulation_steps 8"):
-        cli._check_global_batch(recipe)  # one process: 6 x 1 x 1 = 6, not 48
+    with pytest.raises(launch.LaunchError, match=r"--gradient_accumulation_steps 8"):
+        train_command_module.check_global_batch(recipe)  # one process: 6 x 1 x 1 = 6, not 48
     recipe.recipe.global_batch_size = 20
-    with pytest.raises(cli.LaunchError, match=r"--per_device_train_batch_size 5 --gradient_accumulation_steps 4"):
-        cli._check_global_batch(recipe)
+    with pytest.raises(launch.LaunchError, match=r"--per_device_train_batch_size 5 --gradient_accumulation_steps 4"):
+        train_command_module.check_global_batch(recipe)
     recipe.recipe.global_batch_size = 6
-    cli._check_global_batch(recipe)
+    train_command_module.check_global_batch(recipe)

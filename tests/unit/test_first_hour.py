@@ -10,6 +10,7 @@ from datasets import Dataset, IterableDataset
 
 from tests.unit.test_cli import BASE, write
 from token_clean_trainer import cli
+from token_clean_trainer.commands import launch
 from token_clean_trainer.recipe import load_recipe_dataset, parse_recipe, take_rows, validate_recipe
 from token_clean_trainer.utils import atomic_write_bytes, expand_path
 
@@ -130,10 +131,10 @@ def test_user_errors_are_one_clear_line_without_traceback(tmp_path):
 def test_num_processes_without_a_config_launches_that_many(tmp_path, monkeypatch, capsys):
     path = write(tmp_path, **BASE)
     calls = []
-    for name in (cli.LAUNCHED_ENV, "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
+    for name in (launch.LAUNCHED_ENV, "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append(command) or 0)
-    monkeypatch.setattr(cli, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(launch, "gpu_count", lambda: 0)
     assert cli.main(["train", "--config", path, "--num_processes", "3"]) == 0
     (command,) = calls
     assert command[command.index("--num_processes") + 1] == "3"
@@ -141,7 +142,7 @@ def test_num_processes_without_a_config_launches_that_many(tmp_path, monkeypatch
     assert "without --accelerate_config: using 'cpu_multi_process'" in capsys.readouterr().out
     # With GPUs, DDP (TRL's multi_gpu config); more processes than GPUs is refused.
     calls.clear()
-    monkeypatch.setattr(cli, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(launch, "gpu_count", lambda: 2)
     assert cli.main(["train", "--config", path, "--num_processes", "2"]) == 0
     assert os.path.basename(calls[0][calls[0].index("--config_file") + 1]) == "multi_gpu.yaml"
     assert cli.main(["train", "--config", path, "--num_processes", "4"]) == 2

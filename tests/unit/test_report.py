@@ -208,7 +208,7 @@ def test_summary_table_lists_counts_and_rounds():
 
 @pytest.mark.parametrize("argv", [["/nonexistent/run"]])
 def test_report_command_without_a_report(argv, capsys):
-    from token_clean_trainer.report import report_command
+    from token_clean_trainer.commands.report import report_command
 
     assert report_command(argv) == 2
     assert "no report at" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The `token-clean` subcommands, one module each; `token_clean_trainer.cli` dispatches to them."""

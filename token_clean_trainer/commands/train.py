@@ -1,0 +1,243 @@
+"""
+`token-clean train` and `token-clean score`: a `TokenCleanSFTTrainer` built from a recipe (data, reference warm-up,
+purge-mix), then trained, or only scored.
+"""
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+
+from .launch import KEEP_UNTIL_EXIT, RECIPE_EPILOG, LaunchError, print_main, processes_text, run_recipe_command
+
+
+def model_init_kwargs(recipe) -> dict:
+    model_args, training = recipe.model, recipe.training
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    kwargs.update(training.model_init_kwargs or {})
+    return kwargs
+
+
+def check_global_batch(recipe) -> None:
+    """Refuse a launch whose per-device batch x accumulation x processes is not the recipe's global batch."""
+    training, settings = recipe.training, recipe.recipe
+    target = settings.global_batch_size
+    if target is None:
+        return
+    processes = training.world_size
+    per_device, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
+    actual = per_device * accumulation * processes
+    if actual == target:
+        return
+    if target % processes:
+        fix = f"use a process count that divides {target}"
+    else:
+        share = target // processes  # rows per process per optimizer step
+        if share % per_device == 0:
+            fix = f"pass `--gradient_accumulation_steps {share // per_device}`"
+        else:
+            fitting = max(d for d in range(1, min(per_device, share) + 1) if share % d == 0)
+            fix = f"pass `--per_device_train_batch_size {fitting} --gradient_accumulation_steps {share // fitting}`"
+    raise LaunchError(
+        f"This recipe is tuned for a global batch of {target} rows, but {per_device} (per_device_train_batch_size) x "
+        f"{accumulation} (gradient_accumulation_steps) x {processes} (processes) = {actual}. To keep the recipe's "
+        f"meaning on {processes} process(es), {fix}; to change the recipe on purpose, pass `--global_batch_size "
+        f"{actual}`."
+    )
+
+
+def load_splits(recipe):
+    """The recipe's train split, its eval split (when it evaluates) and its reference warm-up split (when it has one)."""
+    from ..recipe import load_recipe_dataset, take_rows
+
+    script, training, settings = recipe.script, recipe.training, recipe.recipe
+    wanted = [script.dataset_train_split]
+    use_eval = str(training.eval_strategy) not in ("no", "IntervalStrategy.NO")
+    if use_eval:
+        wanted.append(script.dataset_test_split)
+    if settings.ref_warmup_split is not None and settings.ref_warmup_split not in wanted:
+        wanted.append(settings.ref_warmup_split)
+    data = load_recipe_dataset(script, settings, wanted, mixture=recipe.mixture)
+    seed = settings.dataset_shuffle_seed
+    train = take_rows(data[script.dataset_train_split], settings.dataset_train_rows, seed)
+    evaluation = take_rows(data[script.dataset_test_split], settings.dataset_test_rows, seed) if use_eval else None
+    warmup = (
+        take_rows(data[settings.ref_warmup_split], settings.ref_warmup_rows, seed)
+        if settings.ref_warmup_split is not None
+        else None
+    )
+    return train, evaluation, warmup
+
+
+def warm_up_reference(recipe, model_path: str, warmup_dataset, peft_config) -> None:
+    """The paper's step 1: plain SFT on the warm-up split; the result becomes the recipe's reference."""
+    from ..recipe import settings_hash
+    from ..token_clean_trainer import TokenCleanSFTTrainer
+    from ..utils import atomic_write_json
+
+    training, settings = recipe.training, recipe.recipe
+    folder = os.path.join(training.output_dir, "reference")
+    target = os.path.join(folder, "adapter" if peft_config is not None else "model")
+    identity = {
+        "model": model_path,
+        "dataset": recipe.script.dataset_name,
+        "split": settings.ref_warmup_split,
+        "rows": len(warmup_dataset),
+        "fingerprint": warmup_dataset._fingerprint,
+        "learning_rate": settings.ref_warmup_learning_rate or training.learning_rate,
+        "epochs": settings.ref_warmup_epochs,
+        "peft": peft_config.to_dict() if peft_config is not None else None,
+        "max_length": training.max_length,
+        "chat_template": training.chat_template_path,
+        "seed": training.seed,
+    }
+    key = settings_hash(identity)
+    stamp = os.path.join(folder, "warmup.json")
+    if os.path.isfile(stamp):
+        with open(stamp, encoding="utf-8") as f:
+            if json.load(f).get("key") == key and os.path.isdir(target):
+                print_main(f"token-clean: reusing the warmed-up reference in {target}")
+                _set_reference(training, target, peft_config)
+                return
+    print_main(
+        f"token-clean: warming up the reference on {len(warmup_dataset)} rows of split "
+        f"{settings.ref_warmup_split!r} (every response token)"
+    )
+    args = dataclasses.replace(
+        training,
+        output_dir=folder,
+        token_cleaning="none",
+        learning_rate=settings.ref_warmup_learning_rate or training.learning_rate,
+        num_train_epochs=settings.ref_warmup_epochs,
+        max_steps=-1,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        push_to_hub=False,
+        ref_model_name_or_path=None,
+        ref_adapter_name_or_path=None,
+    )
+    warmup = TokenCleanSFTTrainer(model_path, args=args, train_dataset=warmup_dataset, peft_config=peft_config)
+    warmup.train()
+    warmup.save_model(target)
+    warmup.accelerator.wait_for_everyone()
+    if warmup.accelerator.is_main_process:
+        atomic_write_json(stamp, {"key": key, "identity": identity, "path": target})
+    warmup.accelerator.wait_for_everyone()
+    del warmup
+    gc.collect()
+    _set_reference(training, target, peft_config)
+
+
+def _set_reference(training, target: str, peft_config) -> None:
+    if peft_config is not None:
+        training.ref_adapter_name_or_path = target
+    else:
+        training.ref_model_name_or_path = target
+
+
+def purge_mix_callbacks(recipe, train_dataset) -> list:
+    """With `purge_mix_enabled: true`, the trainer's `PurgeMixCallback`: the raw train rows go through ENTP purge-mix
+    before TRL tokenises them (the one path for the CLI and the Python API)."""
+    config = recipe.purge_mix
+    if config is None or not getattr(config, "purge_mix_enabled", False):
+        return []
+    from ..purge_mix import PurgeMixCallback
+
+    print_main(f"token-clean: purge-mix on {len(train_dataset)} train rows")
+    return [PurgeMixCallback(config)]
+
+
+def build_trainer(recipe):
+    """A `TokenCleanSFTTrainer` for a parsed recipe: data loaded, reference warmed up if asked, purge-mix applied."""
+    from trl import get_peft_config
+
+    from ..recipe import resolve_chat_template, resolve_model
+    from ..token_clean_trainer import TokenCleanSFTTrainer
+
+    training, model_args = recipe.training, recipe.model
+    check_global_batch(recipe)
+    model_path = resolve_model(model_args.model_name_or_path)
+    training.ref_model_name_or_path = resolve_model(training.ref_model_name_or_path)
+    training.chat_template_path = resolve_chat_template(training.chat_template_path)
+    training.model_init_kwargs = model_init_kwargs(recipe)
+    train, evaluation, warmup = load_splits(recipe)
+    # With LoRA, the LoraConfig is TRL's own from the recipe's `use_peft` / `lora_*` keys.
+    peft_config = get_peft_config(model_args)
+    if warmup is not None and training.token_cleaning not in ("none", "self_evolving"):
+        warm_up_reference(recipe, model_path, warmup, peft_config)
+    return TokenCleanSFTTrainer(
+        model_path,
+        args=training,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        peft_config=peft_config,
+        callbacks=purge_mix_callbacks(recipe, train),
+    )
+
+
+def train_command(argv: list[str]) -> int:
+    description = (
+        "Train with token cleaning from a recipe: load the model and data, warm up a reference if the recipe asks, "
+        "score and clean (token_cleaning: fixed, self_evolving, online; or none), train, save the model to "
+        "output_dir and the report to <output_dir>/token_cleaning/.\n\n" + RECIPE_EPILOG
+    )
+
+    def body(recipe) -> int:
+        trainer = build_trainer(recipe)
+        KEEP_UNTIL_EXIT.append(trainer)
+        trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
+        trainer.save_model(recipe.training.output_dir)
+        if trainer.accelerator.is_main_process:
+            # The trainer printed the cleaning summary when the selection was made; it is not repeated here.
+            processes = processes_text(trainer.accelerator.num_processes)
+            print(f"token-clean train: model saved to {recipe.training.output_dir} ({processes})", flush=True)
+        trainer.accelerator.wait_for_everyone()
+        trainer.end()
+        return 0
+
+    return run_recipe_command("train", argv, description, body)
+
+
+def score_command(argv: list[str]) -> int:
+    description = (
+        "Score and select without training (token_cleaning: fixed): write the per-token scores and keep masks, aligned "
+        "with the prepared train dataset, to <output_dir>/token_scores (save_to_disk) or <output_dir>/"
+        "token_scores.parquet (scores_format), and the report to <output_dir>/token_cleaning/.\n\n" + RECIPE_EPILOG
+    )
+
+    def body(recipe) -> int:
+        if recipe.training.token_cleaning != "fixed":
+            print(
+                f"token-clean score: scores are static only with `token_cleaning: fixed` (got "
+                f"{recipe.training.token_cleaning!r}): online scores change every step and self-evolving ones come "
+                "round by round during training. Pass `--token_cleaning fixed` to score against the reference.",
+                file=sys.stderr,
+            )
+            return 2
+        trainer = build_trainer(recipe)
+        KEEP_UNTIL_EXIT.append(trainer)
+        scored = trainer.score_tokens()
+        scored = scored.add_column("input_ids", trainer.train_dataset["input_ids"])
+        if trainer.accelerator.is_main_process:
+            output_dir = recipe.training.output_dir
+            if recipe.recipe.scores_format == "parquet":
+                path = os.path.join(output_dir, "token_scores.parquet")
+                scored.to_parquet(path)
+            else:
+                path = os.path.join(output_dir, "token_scores")
+                scored.save_to_disk(path)
+            # `score_tokens` printed the cleaning summary (once, on the main process); only the output is added here.
+            processes = processes_text(trainer.accelerator.num_processes)
+            print(f"token-clean score: {len(scored)} rows of token scores written to {path} ({processes})")
+        trainer.accelerator.wait_for_everyone()
+        trainer.end()
+        return 0
+
+    return run_recipe_command("score", argv, description, body)
