@@ -10,11 +10,13 @@ script builds every node with `textContent`.
 """
 
 import codecs
+import functools
 import html
 import json
 import math
 import os
 import re
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from .utils import atomic_write_bytes, atomic_write_json
 
 SAMPLE_FILE = "tokens_sample.json"
 HTML_FILE = "tokens.html"
+PAGE_TEMPLATE = "tokens.html"  # under token_clean_trainer/templates/
 # Rows on the page: a quarter the most-kept, a quarter the least-kept, the rest a seeded random draw. About 100 rows of
 # a few hundred tokens keep the page around a megabyte, which any browser opens at once.
 DEFAULT_SAMPLE_ROWS = 100
@@ -487,7 +490,15 @@ def render_tokens_html(sample: dict[str, Any], report: dict[str, Any], histogram
         "DATA": _json_for_script(sample),
     }
     # One pass, so text substituted in is never scanned for placeholders again.
-    return re.sub(r"__(TITLE|SETTINGS|WARNINGS|TOKENS|HISTOGRAM|DATA)__", lambda m: parts[m.group(1)], _PAGE)
+    return re.sub(
+        r"__(TITLE|SETTINGS|WARNINGS|TOKENS|HISTOGRAM|DATA)__", lambda m: parts[m.group(1)], _page_template()
+    )
+
+
+@functools.cache
+def _page_template() -> str:
+    """The page's HTML, CSS and script (`templates/tokens.html`, shipped as package data)."""
+    return resources.files(__package__).joinpath("templates", PAGE_TEMPLATE).read_text(encoding="utf-8")
 
 
 def write_tokens_html(folder: str, sample: dict[str, Any], report: dict[str, Any]) -> str:
@@ -519,201 +530,3 @@ def rewrite_tokens_html(folder: str, report: dict[str, Any], sample: dict[str, A
     page = os.path.join(folder, HTML_FILE)
     atomic_write_bytes(page, render_tokens_html(sample, report, histogram).encode("utf-8"))
     return page
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>
-  body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d1d1f; background: #fafafa; }
-  header { padding: 14px 20px 8px; background: #fff; border-bottom: 1px solid #ddd; }
-  h1 { font-size: 18px; margin: 0 0 8px; }
-  .tables { display: flex; flex-wrap: wrap; gap: 8px 40px; align-items: flex-start; }
-  table.settings { border-collapse: collapse; font-size: 12px; }
-  table.settings caption { text-align: left; font-weight: 700; font-size: 12px; padding-bottom: 2px; }
-  table.settings th { text-align: left; font-weight: 600; padding: 1px 14px 1px 0; color: #555; white-space: nowrap; }
-  table.settings td { padding: 1px 18px 1px 0; font-family: ui-monospace, Menlo, Consolas, monospace; word-break: break-all; }
-  details { margin-top: 6px; }
-  .warning { margin: 4px 0 8px; padding: 6px 10px; background: #fff4d6; border: 1px solid #e6b800; border-radius: 4px;
-             font-size: 13px; }
-  svg.hist { display: block; margin: 4px 0; font: 10px system-ui, sans-serif; }
-  svg.hist .bars rect { fill: #4c78a8; }
-  svg.hist .grid { stroke: #e4e4e4; }
-  svg.hist .thr { stroke: #e45756; stroke-dasharray: 4 3; fill: #e45756; }
-  table.tokstats { border-collapse: collapse; font-size: 12px; margin-top: 4px; }
-  table.tokstats caption { text-align: left; font-weight: 700; }
-  table.tokstats th, table.tokstats td { padding: 1px 10px 1px 0; text-align: right; }
-  table.tokstats td.t { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
-  .controls { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 12px; align-items: center;
-              padding: 8px 20px; background: #f0f0f3; border-bottom: 1px solid #ddd; }
-  .controls input[type=search] { width: 280px; padding: 4px 6px; }
-  .legend { display: flex; gap: 10px; align-items: center; font-size: 12px; }
-  .bar { width: 160px; height: 12px; border: 1px solid #bbb;
-         background: linear-gradient(to right, hsl(4,85%,62%), #fff, hsl(140,60%,52%)); }
-  #status { font-size: 12px; color: #444; }
-  main { padding: 8px 20px 80px; }
-  .sample { background: #fff; border: 1px solid #ddd; border-radius: 6px; margin: 10px 0; }
-  .sample .head { display: flex; gap: 14px; padding: 5px 10px; font-size: 12px; color: #444; border-bottom: 1px solid #eee; }
-  .badge { padding: 0 6px; border-radius: 8px; background: #e8e8ee; }
-  .badge.top { background: #d8f0dc; } .badge.bottom { background: #f7dcdc; }
-  .tokens { padding: 8px 10px; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
-            white-space: pre-wrap; word-break: break-word; line-height: 1.7; }
-  .tok { border-radius: 2px; cursor: default; }
-  .tok:hover { outline: 1px solid #333; }
-  .tok.prompt { color: #8a8a8a; opacity: 0.6; }
-  .tok.dropped { text-decoration: line-through; text-decoration-color: #c0392b; text-decoration-thickness: 2px; color: #6b6b6b; }
-  .tok.special { font-size: 11px; color: #6a5acd; border: 1px dashed #b8b0e8; }
-  .tok.nl { color: #aaa; }
-  #inspector { position: fixed; bottom: 0; left: 0; right: 0; padding: 6px 20px; background: #1d1d1f; color: #fff;
-               font: 12px ui-monospace, Menlo, Consolas, monospace; min-height: 18px; }
-</style>
-</head>
-<body>
-<header>
-  <h1>__TITLE__</h1>
-  __WARNINGS__
-  __SETTINGS__
-  __HISTOGRAM__
-  __TOKENS__
-</header>
-<div class="controls">
-  <label>Sort <select id="sort">
-    <option value="most">most kept first</option>
-    <option value="least">least kept first</option>
-    <option value="row">dataset order</option>
-    <option value="longest">longest first</option>
-  </select></label>
-  <label>Search <input id="search" type="search" placeholder="text in the sample"></label>
-  <span class="legend"><span>score &minus;</span><span class="bar"></span><span>+</span>
-    <span class="tok dropped">dropped</span><span class="tok prompt">prompt</span></span>
-  <span id="status"></span>
-</div>
-<main id="samples"></main>
-<div id="inspector">hover a token for its base loss, reference loss and score</div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-"use strict";
-(function () {
-  const data = JSON.parse(document.getElementById("data").textContent);
-  const scale = data.color_scale || 1;
-  const main = document.getElementById("samples");
-  const sortBox = document.getElementById("sort");
-  const searchBox = document.getElementById("search");
-  const status = document.getElementById("status");
-  const inspector = document.getElementById("inspector");
-  const rows = data.rows.map(function (r) { r.joined = r.text.join("").toLowerCase(); return r; });
-
-  function num(v, sign) {
-    if (v === null || v === undefined) return "–";
-    return (sign && v > 0 ? "+" : "") + v.toFixed(3);
-  }
-  function colour(score) {
-    const x = Math.max(-1, Math.min(1, score / scale));
-    const light = 100 - 42 * Math.abs(x);
-    return x >= 0 ? "hsl(140,60%," + light + "%)" : "hsl(4,85%," + light + "%)";
-  }
-  function describe(r, i) {
-    const parts = [(r.dataset_row !== undefined ? "dataset row " + r.dataset_row : "row " + r.row), "token " + i];
-    if (!r.response[i]) parts.push("prompt (not trained)");
-    if (r.base) parts.push("base loss " + num(r.base[i]));
-    if (r.ref) parts.push("ref loss " + num(r.ref[i]));
-    if (r.score) parts.push("score " + num(r.score[i], true));
-    if (r.keep && r.response[i]) parts.push(r.keep[i] ? "kept" : "dropped");
-    return parts.join("  \\u00b7  ");
-  }
-  function keptFraction(r) {
-    if (r.kept_tokens !== undefined) return r.response_tokens ? r.kept_tokens / r.response_tokens : 0;
-    return r.rank === null ? 0 : r.rank;
-  }
-  function renderRow(r) {
-    const box = document.createElement("section");
-    box.className = "sample";
-    box.dataset.row = String(r.row);
-    const head = document.createElement("div");
-    head.className = "head";
-    const badge = document.createElement("span");
-    badge.className = "badge " + r.group;
-    badge.textContent = r.group;
-    head.appendChild(badge);
-    const info = document.createElement("span");
-    let text = (r.dataset_row !== undefined ? "dataset row " + r.dataset_row + " (prepared row " + r.row + ")" :
-      "row " + r.row) + "  \\u00b7  " + r.text.length + " tokens, " + r.response_tokens + " response";
-    if (r.kept_tokens !== undefined) {
-      text += "  \\u00b7  kept " + r.kept_tokens + " (" + (100 * keptFraction(r)).toFixed(1) + "%)";
-    } else if (r.rank !== null) {
-      text += "  \\u00b7  " + data.sampling.rank + " " + num(r.rank, true);
-    }
-    info.textContent = text;
-    head.appendChild(info);
-    box.appendChild(head);
-    const body = document.createElement("div");
-    body.className = "tokens";
-    const special = new Set(r.special);
-    for (let i = 0; i < r.text.length; i++) {
-      const span = document.createElement("span");
-      const classes = ["tok"];
-      if (special.has(i)) classes.push("special");
-      if (!r.response[i]) {
-        classes.push("prompt");
-      } else {
-        if (r.keep) { classes.push(r.keep[i] ? "kept" : "dropped"); span.dataset.k = r.keep[i] ? "1" : "0"; }
-        const s = r.score ? r.score[i] : null;
-        if (s !== null && s !== undefined) span.style.background = colour(s);
-      }
-      span.className = classes.join(" ");
-      span.dataset.i = String(i);
-      let t = r.text[i];
-      if (t.indexOf("\\n") >= 0) { t = t.replace(/\\n/g, "\\u21b5\\n"); }
-      span.textContent = t;
-      span.title = describe(r, i);
-      body.appendChild(span);
-    }
-    body.addEventListener("mouseover", function (ev) {
-      const i = ev.target.dataset ? ev.target.dataset.i : undefined;
-      if (i !== undefined) inspector.textContent = describe(r, Number(i));
-    });
-    box.appendChild(body);
-    return box;
-  }
-  function readHash() {
-    const params = new URLSearchParams(location.hash.slice(1) || location.search.slice(1));
-    if (params.has("q")) searchBox.value = params.get("q");
-    if (params.has("sort")) sortBox.value = params.get("sort");
-  }
-  function writeHash() {
-    const params = new URLSearchParams();
-    if (searchBox.value) params.set("q", searchBox.value);
-    if (sortBox.value !== "most") params.set("sort", sortBox.value);
-    history.replaceState(null, "", "#" + params.toString());
-  }
-  function render() {
-    const query = searchBox.value.trim().toLowerCase();
-    let shown = rows.filter(function (r) { return !query || r.joined.indexOf(query) >= 0; });
-    const how = sortBox.value;
-    shown.sort(function (a, b) {
-      if (how === "row") return (a.dataset_row ?? a.row) - (b.dataset_row ?? b.row);
-      if (how === "longest") return b.text.length - a.text.length || a.row - b.row;
-      const d = keptFraction(b) - keptFraction(a);
-      return (how === "least" ? -d : d) || a.row - b.row;
-    });
-    main.replaceChildren.apply(main, shown.map(renderRow));
-    const s = data.sampling;
-    status.textContent = "showing " + shown.length + " of " + rows.length + " sampled rows (of " +
-      data.rows_total.toLocaleString("en") + " rows in the dataset" +
-      (s.top ? ": " + s.top + " highest and " + s.bottom + " lowest by " + s.rank + ", " + s.random +
-        " random, seed " + s.seed : "") + ")";
-    document.body.dataset.shown = String(shown.length);
-  }
-  readHash();
-  sortBox.addEventListener("change", function () { writeHash(); render(); });
-  searchBox.addEventListener("input", function () { writeHash(); render(); });
-  window.addEventListener("hashchange", function () { readHash(); render(); });
-  render();
-})();
-</script>
-</body>
-</html>
-"""

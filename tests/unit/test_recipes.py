@@ -133,8 +133,3 @@ def test_trl_accelerate_configs_resolve_by_name_and_ours_are_not_copies():
     assert _load(resolve_accelerate_config("single_gpu"))["num_processes"] == 1
     with pytest.raises(ValueError, match="did you mean `zero2`"):
         resolve_accelerate_config("zero_2")
-
-
-def test_pyproject_ships_configs_and_templates_as_package_data():
-    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
-    assert '"accelerate_configs/*.yaml"' in text and '"chat_templates/*.jinja"' in text

@@ -1,0 +1,31 @@
+"""
+The built wheel carries what an installed package reads at run time (not only what a checkout has).
+
+Built without isolation from the dev environment's setuptools (the `dev` extra pins the build-system requirement).
+"""
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_wheel_ships_configs_templates_and_every_subpackage(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = glob.glob(str(tmp_path / "token_clean_trainer-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = os.path.join(ROOT, "token_clean_trainer")
+    expected = set()
+    for pattern in ("accelerate_configs/*.yaml", "chat_templates/*.jinja", "templates/*.html", "**/*.py"):
+        for path in glob.glob(os.path.join(package, pattern), recursive=True):
+            expected.add("token_clean_trainer/" + os.path.relpath(path, package).replace(os.sep, "/"))
+    assert "token_clean_trainer/templates/tokens.html" in expected
+    assert "token_clean_trainer/commands/train.py" in expected
+    assert expected - names == set()
