@@ -74,19 +74,16 @@ def _embed_with_lm(texts: list[str], model, tokenizer, batch_size: int) -> np.nd
     import torch
 
     device = next(model.parameters()).device
+    from ..scoring import eval_mode
+
     out = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(
                 texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256
             ).to(device)
-            with torch.no_grad():
-                hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             out.append(torch.nn.functional.normalize(mean, dim=-1).cpu().numpy())
-    finally:
-        model.train(was_training)
     return np.concatenate(out).astype(np.float32)

@@ -247,13 +247,11 @@ def perplexity_and_ifd(
         if not bos and kept:
             cond_starts[-1] += 1
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    try:
+    from ..scoring import eval_mode
+
+    with eval_mode(model):
         cond = _mean_nll(model, conditioned, cond_starts, batch_size, pad_id)
         free = _mean_nll(model, bare, bare_starts, batch_size, pad_id)
-    finally:
-        model.train(was_training)
     ppl = [math.exp(c) if not math.isnan(c) else math.nan for c in cond]
     ifd = [math.exp(c - f) if not (math.isnan(c) or math.isnan(f)) else math.nan for c, f in zip(cond, free)]
     return ppl, ifd
