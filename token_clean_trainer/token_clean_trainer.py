@@ -230,10 +230,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
         self._shard_hash_memo: dict[Any, list[str]] = {}
         self._base_identity: Any = None
         self._report: dict[str, Any] = {}
-        # Per-step selection (online mode, or `token_selection="batch"`): one record per optimizer step, and the
-        # records not yet logged.
+        # Per-step selection (online mode, or `token_selection="batch"`): one record per optimizer step.
         self._step_records: list[dict[str, Any]] = []
-        self._step_log_window: list[dict[str, Any]] = []
         # Self-evolving: the round being trained, its records, and the state a checkpoint must carry.
         self._round_index: int | None = None
         self._round_records: list[dict[str, Any]] = []
@@ -463,7 +461,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, self._selects_per_step)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
-        self._step_records, self._step_log_window = [], []
+        self._step_records = []
         if resume_from_checkpoint and self.token_cleaning_state is None:
             self._restore_from_checkpoint(resume_from_checkpoint)
         if self.token_cleaning_state is None:
@@ -954,6 +952,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
         computes when the same labels are masked in the data.
         """
         if not self._selects_per_step:
+            self._record_static_metrics()
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         batch_samples = []
         for _ in range(num_batches):
@@ -1001,7 +1000,8 @@ class TokenCleanSFTTrainer(SFTTrainer):
             batch["labels"] = apply_keep(batch["labels"], keep | context)
         record = selection.record(step=self.state.global_step + 1)
         self._step_records.append(record)
-        self._step_log_window.append(record)
+        for key, value in _step_log_fields(record).items():
+            self._metrics["train"][key].append(value)
 
     @torch.no_grad()
     def _current_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -1587,20 +1587,28 @@ class TokenCleanSFTTrainer(SFTTrainer):
     # Logging
     # ------------------------------------------------------------------------------------------------------------
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.token_cleaning_enabled and self.model.training and "loss" in logs:
-            if self._selects_per_step and self._step_log_window:
-                logs.update(_step_log_fields(self._step_log_window))
-                self._step_log_window = []
-            elif self._round_index is not None and self._round_index < len(self._round_records):
-                record = self._round_records[self._round_index]
-                logs["token_cleaning/round"] = self._round_index
-                logs["token_cleaning/kept_fraction"] = record["kept_fraction"]
-                if record.get("threshold") is not None:
-                    logs["token_cleaning/threshold"] = record["threshold"]
-            elif self.token_cleaning_state is not None and not self._selects_per_step:
-                logs.update(_log_fields(self.token_cleaning_state.report))
-        super().log(logs, start_time)
+    def _record_static_metrics(self) -> None:
+        """
+        Fixed mode and self-evolving rounds: the selection's statistics, constant until the next round, go into TRL's
+        metrics buffer (`_metrics`), which `SFTTrainer.log` averages since the last log and writes beside the loss.
+        Per-step selection appends one value per step instead (`_select_step_tokens`).
+        """
+        if not self.token_cleaning_enabled:
+            return
+        if self._round_index is not None and self._round_index < len(self._round_records):
+            record = self._round_records[self._round_index]
+            fields = {
+                "token_cleaning/round": self._round_index,
+                "token_cleaning/kept_fraction": record["kept_fraction"],
+            }
+            if record.get("threshold") is not None:
+                fields["token_cleaning/threshold"] = record["threshold"]
+        elif self.token_cleaning_state is not None:
+            fields = _log_fields(self.token_cleaning_state.report)
+        else:
+            return
+        for key, value in fields.items():
+            self._metrics["train"][key] = [value]
 
     # ------------------------------------------------------------------------------------------------------------
     # Hub uploads and the model card (token_clean_trainer/hub.py): nothing derived from the data is uploaded
@@ -1689,17 +1697,14 @@ def _round_record(round_index, rows, response, keep, threshold, scores) -> dict[
     return record
 
 
-def _step_log_fields(window: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-step selection statistics averaged over the steps since the last log (weighted by response tokens)."""
-    response = sum(r["response_tokens"] for r in window)
-    kept = sum(r["kept_tokens"] for r in window)
-    fields = {"token_cleaning/kept_fraction": kept / response if response else 0.0}
-    thresholds = [r["threshold"] for r in window if r.get("threshold") is not None]
-    if thresholds:
-        fields["token_cleaning/threshold"] = float(np.mean(thresholds))
-    means = [(r["score_mean"], r["response_tokens"]) for r in window if r.get("score_mean") is not None]
-    if means and response:
-        fields["token_cleaning/score_mean"] = sum(m * n for m, n in means) / response
+def _step_log_fields(record: dict[str, Any]) -> dict[str, float]:
+    """One step's selection statistics, as TRL's metrics buffer averages them over the steps between two logs."""
+    response = record["response_tokens"]
+    fields = {"token_cleaning/kept_fraction": record["kept_tokens"] / response if response else 0.0}
+    if record.get("threshold") is not None:
+        fields["token_cleaning/threshold"] = float(record["threshold"])
+    if record.get("score_mean") is not None:
+        fields["token_cleaning/score_mean"] = float(record["score_mean"])
     return fields
 
 
