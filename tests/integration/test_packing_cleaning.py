@@ -59,3 +59,109 @@ def test_packed_rows_score_like_their_sequences_one_by_one(tmp_path, tiny_model_
         assert not np.isnan(expected[scored]).any()
         np.testing.assert_allclose(got[scored], expected[scored], rtol=0, atol=2e-5)
         assert np.isnan(got[0])  # the first token of every packed sequence is never scored
+
+
+def test_fixed_mode_with_packing_keeps_the_same_tokens_as_unpacked(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    # A 3-token window: were it to cross from one packed sequence into the next, the kept tokens would differ.
+    settings = dict(ref_model_name_or_path=tiny_ref_dir, token_score_window=3, max_steps=2)
+    plain = build(tmp_path / "plain", tiny_model_dir, tokenizer, **settings)
+    plain.train()
+    packed = build(tmp_path / "packed", tiny_model_dir, tokenizer, packing=True, **settings)
+    assert len(packed.train_dataset) < len(plain.train_dataset)
+    packed.train()
+    assert packed.state.global_step == 2
+    assert all(np.isfinite(entry["loss"]) for entry in packed.state.log_history if "loss" in entry)
+    expected = sequences(plain, plain.token_cleaning_state.keep)
+    got = sequences(packed, packed.token_cleaning_state.keep)
+    assert got.keys() == expected.keys()
+    for ids in expected:
+        np.testing.assert_array_equal(got[ids], expected[ids])
+    # The collator masks each packed row, then TRL flattens the batch into one row: the labels trained are the kept
+    # tokens, back to back.
+    rows = [packed.train_dataset[i] for i in (0, 1)]
+    batch = packed.data_collator(rows)
+    store = packed._row_store
+    trained = [
+        np.where(store.row(row["token_clean_row"]), np.asarray(row["labels"]), -100) for row in rows
+    ]
+    flat = np.concatenate(trained)
+    assert batch["labels"].shape[0] == 1 and "attention_mask" not in batch
+    np.testing.assert_array_equal(batch["labels"][0, : flat.size].numpy(), flat)
+    report, plain_report = packed.token_cleaning_state.report, plain.token_cleaning_state.report
+    assert report["kept_tokens"] == plain_report["kept_tokens"]
+    assert report["masked_runs"] == plain_report["masked_runs"]  # runs end where a packed sequence ends
+
+
+def test_online_padding_free_selects_within_sequences(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch):
+    from token_clean_trainer import token_clean_trainer as module
+
+    seen = []
+    original = module.select_step
+
+    def spy(scores, labels, **kwargs):
+        selection = original(scores, labels, **kwargs)
+        seen.append((scores, labels, kwargs, selection))
+        return selection
+
+    monkeypatch.setattr(module, "select_step", spy)
+    settings = dict(
+        token_cleaning="online",
+        token_selection="sample",
+        token_score_window=3,
+        ref_model_name_or_path=tiny_ref_dir,
+        max_steps=2,
+    )
+    free = build(tmp_path / "free", tiny_model_dir, tokenizer, padding_free=True, max_length=None, **settings)
+    free.train()
+    assert free.state.global_step == 2 and len(seen) == 2
+    free_steps = list(seen)
+    seen.clear()
+    padded = build(tmp_path / "padded", tiny_model_dir, tokenizer, **settings)
+    padded.train()
+    # Step 1: the same weights, the same rows: the padding-free batch (one row, several sequences) selects exactly
+    # what the padded batch (one row per sequence) selects, per sequence, window and all.
+    (f_scores, f_labels, f_kwargs, f_sel), (p_scores, p_labels, _, p_sel) = free_steps[0], seen[0]
+    position_ids = f_kwargs["position_ids"][0]
+    assert f_labels[0].shape[0] == 1 and position_ids is not None
+    assert (position_ids[0] == 0).sum() == 4  # four sequences in the flattened row
+    for key in ("response_tokens", "kept_tokens", "rows_all_masked", "masked_runs", "masked_run_max"):
+        assert getattr(f_sel, key) == getattr(p_sel, key), key
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+    free_keep = f_sel.keep[0][0]
+    padded_keep = p_sel.keep[0]
+    for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+        np.testing.assert_array_equal(free_keep[a:b].numpy(), padded_keep[i, : b - a].numpy())
+        # Per sample: each sequence keeps its own floor(0.6 * n_i) response tokens.
+        n_response = int((~torch.isnan(f_scores[0][0, a:b]) & f_labels[0][0, a:b].ne(-100)).sum())
+        assert int(free_keep[a:b].sum()) == keep_count(0.6, n_response)
+    assert len(free._step_records) == 2
+
+
+@pytest.mark.slow
+def test_self_evolving_with_packing_trains_every_round(tmp_path, tiny_model_dir, tokenizer):
+    settings = dict(
+        token_cleaning="self_evolving",
+        self_evolving_rounds=2,
+        max_steps=-1,
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        token_score_window=3,
+        packing=True,
+    )
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, rows=24, **settings)
+    trainer.train()
+    state = trainer.token_cleaning_state
+    dataset = trainer._without_token_columns(trainer.train_dataset)
+    assert max(len(lengths) for lengths in dataset["seq_lengths"]) >= 2
+    first, last = trainer._round_records[1]["rows"]
+    assert last == len(dataset) and 0 < first < last
+    begin = int(state.offsets[first])
+    chunk = state.scores[begin:]
+    response = ~np.isnan(chunk)
+    # Round 1 keeps floor(0.6 * N) of its chunk's response tokens; no packed sequence's first token is ever trained.
+    assert int(state.keep[begin:][response].sum()) == keep_count(0.6, int(response.sum()))
+    starts = np.concatenate(
+        [state.offsets[row] + np.cumsum([0, *lengths[:-1]]) for row, lengths in enumerate(dataset["seq_lengths"])]
+    ).astype(np.int64)
+    assert not state.keep[starts].any()
+    assert len(trainer._round_records) == 2
