@@ -108,7 +108,9 @@ def sequence_sizes(response: torch.Tensor, position_ids: torch.Tensor) -> np.nda
     begins = position_ids.to(response.device) == 0
     begins[:, 0] = True
     sequence = torch.cumsum(begins.flatten().long(), dim=0) - 1
-    return np.bincount(sequence[response.flatten()].numpy(), minlength=int(sequence[-1]) + 1 if sequence.numel() else 0)
+    return np.bincount(
+        sequence[response.flatten()].numpy(), minlength=int(sequence[-1]) + 1 if sequence.numel() else 0
+    )
 
 
 @dataclass

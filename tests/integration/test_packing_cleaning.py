@@ -81,9 +81,7 @@ def test_fixed_mode_with_packing_keeps_the_same_tokens_as_unpacked(tmp_path, tin
     rows = [packed.train_dataset[i] for i in (0, 1)]
     batch = packed.data_collator(rows)
     store = packed._row_store
-    trained = [
-        np.where(store.row(row["token_clean_row"]), np.asarray(row["labels"]), -100) for row in rows
-    ]
+    trained = [np.where(store.row(row["token_clean_row"]), np.asarray(row["labels"]), -100) for row in rows]
     flat = np.concatenate(trained)
     assert batch["labels"].shape[0] == 1 and "attention_mask" not in batch
     np.testing.assert_array_equal(batch["labels"][0, : flat.size].numpy(), flat)
@@ -131,6 +129,9 @@ def test_online_padding_free_selects_within_sequences(tmp_path, tiny_model_dir, 
     padded_keep = p_sel.keep[0]
     for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
         np.testing.assert_array_equal(free_keep[a:b].numpy(), padded_keep[i, : b - a].numpy())
+        # The current model's no-grad forward attends within each sequence: the same excess losses, row or no row.
+        assert f_labels[0][0, a:b].tolist() == p_labels[0][i, : b - a].tolist()
+        torch.testing.assert_close(f_scores[0][0, a:b], p_scores[0][i, : b - a], rtol=0, atol=2e-5, equal_nan=True)
         # Per sample: each sequence keeps its own floor(0.6 * n_i) response tokens.
         n_response = int((~torch.isnan(f_scores[0][0, a:b]) & f_labels[0][0, a:b].ne(-100)).sum())
         assert int(free_keep[a:b].sum()) == keep_count(0.6, n_response)
@@ -165,3 +166,17 @@ def test_self_evolving_with_packing_trains_every_round(tmp_path, tiny_model_dir,
     ).astype(np.int64)
     assert not state.keep[starts].any()
     assert len(trainer._round_records) == 2
+
+
+def test_packing_refuses_data_whose_labels_do_not_mark_the_responses(tmp_path, tiny_model_dir, tokenizer):
+    # A conversation trained on every token: packing keeps only the labels, which no longer tell the turns apart.
+    rows = [{"messages": row["prompt"] + row["completion"]} for row in arithmetic_rows(4)]
+    with pytest.raises(ValueError, match="assistant_only_loss=True.*packing=False"):
+        TokenCleanSFTTrainer(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            args=cpu_args(tmp_path, packing=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    with pytest.raises(ValueError, match="completion_only_loss=False.*packing=False"):
+        build(tmp_path, tiny_model_dir, tokenizer, rows=4, packing=True, completion_only_loss=False)
