@@ -263,31 +263,39 @@ def collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, t
     """
     Right-padded `input_ids`, `labels` (the ids where a row has no labels) and `attention_mask` of prepared rows.
 
-    Packed rows (a `seq_lengths` column, from TRL's `"bfd"` packing) get `position_ids` that restart at 0 for every
-    sequence (0 on padding, which is labelled `-100`) and no attention mask, the layout TRL trains them in: the model
-    then attends only within each sequence (see [`scoring_head`]).
+    Packed rows (a `seq_lengths` column, from TRL's `"bfd"` packing) are laid out as TRL trains them (padding-free):
+    every row back to back in one row of shape `(1, total)`, with `position_ids` that restart at 0 for every sequence
+    and no attention mask. The model then attends only within each sequence (see [`scoring_head`]); flash attention
+    honours `position_ids` only in a batch of one row, hence the flattening.
     """
+    if "seq_lengths" in rows[0]:
+        positions = []
+        for row in rows:
+            positions.append(packed_position_ids(row["seq_lengths"]))
+            if positions[-1].numel() != len(row["input_ids"]):
+                raise ValueError(
+                    f"A packed row has {len(row['input_ids'])} tokens but its `seq_lengths` sum to "
+                    f"{positions[-1].numel()}; the prepared dataset was changed after packing."
+                )
+        return {
+            "input_ids": torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows])[None],
+            "labels": torch.cat(
+                [
+                    torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"], dtype=torch.long)
+                    for row in rows
+                ]
+            )[None],
+            "position_ids": torch.cat(positions)[None],
+        }
     length = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    packed = "seq_lengths" in rows[0]
-    position_ids = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.as_tensor(row["input_ids"])
         labels[i, :n] = torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"])
         attention_mask[i, :n] = 1
-        if packed:
-            positions = packed_position_ids(row["seq_lengths"])
-            if positions.numel() != n:
-                raise ValueError(
-                    f"A packed row has {n} tokens but its `seq_lengths` sum to {positions.numel()}; the prepared "
-                    "dataset was changed after packing."
-                )
-            position_ids[i, :n] = positions
-    if packed:
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -371,6 +379,7 @@ def compute_token_losses(
     if num_forwards > needed and filler_row is None:
         raise ValueError("Extra forwards need a `filler_row` to score.")
     columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
+    packed = "seq_lengths" in columns
     subset = dataset.select(row_indices).select_columns(columns) if row_indices else None
     lengths = np.array([len(ids) for ids in subset["input_ids"]]) if row_indices else np.zeros(0, dtype=int)
     order = np.argsort(-lengths, kind="stable")
@@ -398,8 +407,13 @@ def compute_token_losses(
                 **batch,
             )
             losses = losses.cpu().numpy()
+            # Packed rows come back back to back in one row (see `collate_right_padded`); others one row each.
+            starts = np.cumsum([0, *lengths[positions]]) if packed else None
             for i, position in enumerate(positions):
-                results[position] = losses[i, : lengths[position]].copy()
+                if packed:
+                    results[position] = losses[0, starts[i] : starts[i + 1]].copy()
+                else:
+                    results[position] = losses[i, : lengths[position]].copy()
             if progress is not None and len(positions):
                 progress.update(len(positions))
     return results

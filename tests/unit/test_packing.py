@@ -3,6 +3,7 @@ position ids of the scoring forward, the flattening of keep masks and per-token 
 per-step selection."""
 
 import numpy as np
+import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -37,15 +38,20 @@ def test_scored_positions_without_attention_mask_use_position_ids():
     assert scored_positions(labels, mask).tolist() == [[0, 1, 1, 1, 1, 0, 0]]
 
 
-def test_collate_right_padded_packed_rows_get_position_ids_and_no_attention_mask():
+def test_collate_right_padded_packed_rows_are_flattened_with_position_ids():
+    # As TRL trains them: one row, no attention mask, positions restarting per sequence (flash attention reads
+    # packed `position_ids` only in a batch of one row).
     rows = [
         {"input_ids": [1, 2, 3, 4, 5], "labels": [X, 2, 3, X, 5], "seq_lengths": [3, 2]},
         {"input_ids": [6, 7], "labels": [X, 7], "seq_lengths": [2]},
     ]
     batch = collate_right_padded(rows, PAD)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[X, 2, 3, X, 5], [X, 7, X, X, X]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert batch["labels"].tolist() == [[X, 2, 3, X, 5, X, 7]]
+    with pytest.raises(ValueError, match="`seq_lengths` sum to 3"):
+        collate_right_padded([{"input_ids": [1, 2], "labels": [X, 2], "seq_lengths": [3]}], PAD)
     # Unpacked rows: as before.
     plain = collate_right_padded([{"input_ids": [1, 2], "labels": [X, 2]}], PAD)
     assert set(plain) == {"input_ids", "labels", "attention_mask"}
