@@ -259,32 +259,35 @@ def packed_position_ids(seq_lengths: Sequence[int]) -> torch.Tensor:
     return torch.cat([torch.zeros(0, dtype=torch.long), *(torch.arange(int(n)) for n in seq_lengths)])
 
 
-def collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_right_padded(
+    rows: Sequence[dict], pad_token_id: int, flatten_packed: bool = True
+) -> dict[str, torch.Tensor]:
     """
     Right-padded `input_ids`, `labels` (the ids where a row has no labels) and `attention_mask` of prepared rows.
 
-    Packed rows (a `seq_lengths` column, from TRL's `"bfd"` packing) are laid out as TRL trains them (padding-free):
-    every row back to back in one row of shape `(1, total)`, with `position_ids` that restart at 0 for every sequence
-    and no attention mask. The model then attends only within each sequence (see [`scoring_head`]); flash attention
-    honours `position_ids` only in a batch of one row, hence the flattening.
+    Packed rows (a `seq_lengths` column, from TRL's `"bfd"` packing) come with `position_ids` that restart at 0 for
+    every sequence and no attention mask, as TRL trains them (padding-free): the model then attends only within each
+    sequence (see [`scoring_head`]). With `flatten_packed` (for flash attention, which reads packed `position_ids` only
+    in a batch of one row) the rows go back to back in one row of shape `(1, total)`, as TRL's padding-free collator
+    lays them out; otherwise (eager and SDPA, which find the sequences of every row) one row each, right-padded, with
+    position 0 and label `-100` on padding.
     """
-    if "seq_lengths" in rows[0]:
-        positions = []
-        for row in rows:
-            positions.append(packed_position_ids(row["seq_lengths"]))
-            if positions[-1].numel() != len(row["input_ids"]):
-                raise ValueError(
-                    f"A packed row has {len(row['input_ids'])} tokens but its `seq_lengths` sum to "
-                    f"{positions[-1].numel()}; the prepared dataset was changed after packing."
-                )
+    packed = "seq_lengths" in rows[0]
+    positions = []
+    for row in rows if packed else ():
+        positions.append(packed_position_ids(row["seq_lengths"]))
+        if positions[-1].numel() != len(row["input_ids"]):
+            raise ValueError(
+                f"A packed row has {len(row['input_ids'])} tokens but its `seq_lengths` sum to "
+                f"{positions[-1].numel()}; the prepared dataset was changed after packing."
+            )
+    if packed and flatten_packed:
+        labels = [row["labels"] if "labels" in row else row["input_ids"] for row in rows]
         return {
-            "input_ids": torch.cat([torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows])[None],
-            "labels": torch.cat(
-                [
-                    torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"], dtype=torch.long)
-                    for row in rows
-                ]
-            )[None],
+            "input_ids": torch.as_tensor([token for row in rows for token in row["input_ids"]], dtype=torch.long)[
+                None
+            ],
+            "labels": torch.as_tensor([label for row in labels for label in row], dtype=torch.long)[None],
             "position_ids": torch.cat(positions)[None],
         }
     length = max(len(row["input_ids"]) for row in rows)
@@ -296,7 +299,23 @@ def collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, t
         input_ids[i, :n] = torch.as_tensor(row["input_ids"])
         labels[i, :n] = torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"])
         attention_mask[i, :n] = 1
+    if packed:
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row_positions in enumerate(positions):
+            position_ids[i, : row_positions.numel()] = row_positions
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def flattens_packed_rows(model: torch.nn.Module) -> bool:
+    """
+    Whether packed rows are scored back to back in one row: for every attention implementation but eager and SDPA,
+    which find the sequences of each row of a batch from its `position_ids` (transformers' `masking_utils`) and so
+    need no `(total x total)` attention over the flattened batch. Flash attention honours packed `position_ids` only
+    in a batch of one row.
+    """
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    return getattr(config, "_attn_implementation", None) not in ("eager", "sdpa")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -379,7 +398,7 @@ def compute_token_losses(
     if num_forwards > needed and filler_row is None:
         raise ValueError("Extra forwards need a `filler_row` to score.")
     columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
-    packed = "seq_lengths" in columns
+    flatten = "seq_lengths" in columns and flattens_packed_rows(model)
     subset = dataset.select(row_indices).select_columns(columns) if row_indices else None
     lengths = np.array([len(ids) for ids in subset["input_ids"]]) if row_indices else np.zeros(0, dtype=int)
     order = np.argsort(-lengths, kind="stable")
@@ -395,7 +414,8 @@ def compute_token_losses(
                 if filler is None:
                     filler = list(dataset.select([filler_row]).select_columns(columns))
                 rows = filler
-            batch = {key: value.to(device) for key, value in collate_right_padded(rows, pad_token_id).items()}
+            batch = collate_right_padded(rows, pad_token_id, flatten_packed=flatten)
+            batch = {key: value.to(device) for key, value in batch.items()}
             losses = token_losses(
                 model,
                 batch.pop("input_ids"),
@@ -407,10 +427,10 @@ def compute_token_losses(
                 **batch,
             )
             losses = losses.cpu().numpy()
-            # Packed rows come back back to back in one row (see `collate_right_padded`); others one row each.
-            starts = np.cumsum([0, *lengths[positions]]) if packed else None
+            # Flattened packed rows come back back to back in one row (see `collate_right_padded`); others one each.
+            starts = np.cumsum([0, *lengths[positions]]) if flatten else None
             for i, position in enumerate(positions):
-                if packed:
+                if flatten:
                     results[position] = losses[0, starts[i] : starts[i + 1]].copy()
                 else:
                     results[position] = losses[i, : lengths[position]].copy()

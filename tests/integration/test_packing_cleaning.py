@@ -88,6 +88,7 @@ def test_fixed_mode_with_packing_keeps_the_same_tokens_as_unpacked(tmp_path, tin
     report, plain_report = packed.token_cleaning_state.report, plain.token_cleaning_state.report
     assert report["kept_tokens"] == plain_report["kept_tokens"]
     assert report["masked_runs"] == plain_report["masked_runs"]  # runs end where a packed sequence ends
+    assert report["row_ids"] == "prepared"
 
 
 def test_online_padding_free_selects_within_sequences(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch):

@@ -38,6 +38,65 @@ def test_scored_positions_without_attention_mask_use_position_ids():
     assert scored_positions(labels, mask).tolist() == [[0, 1, 1, 1, 1, 0, 0]]
 
 
+def test_collate_right_padded_packed_rows_unflattened_keep_one_row_each():
+    rows = [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [X, 2, 3, X, 5], "seq_lengths": [3, 2]},
+        {"input_ids": [6, 7], "labels": [X, 7], "seq_lengths": [2]},
+    ]
+    batch = collate_right_padded(rows, PAD, flatten_packed=False)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[X, 2, 3, X, 5], [X, 7, X, X, X]]
+
+
+@pytest.mark.parametrize(("implementation", "flattened"), [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_rows_score_like_their_sequences_alone(implementation, flattened, monkeypatch):
+    # A real (tiny, random) Llama: two packed rows of two sequences each, in one scoring forward, against each
+    # sequence scored alone. Without per-sequence attention the later sequences' losses differ by ~0.1.
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from token_clean_trainer import scoring
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=implementation,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert scoring.flattens_packed_rows(model) is False
+    if flattened:  # what flash attention gets
+        monkeypatch.setattr(scoring, "flattens_packed_rows", lambda model: True)
+    generator = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (7, 12, 5, 9)]
+    packed = Dataset.from_list(
+        [
+            {
+                "input_ids": seqs[0] + seqs[1],
+                "labels": mask_sequence_starts(seqs[0] + seqs[1], [7, 12]),
+                "seq_lengths": [7, 12],
+            },
+            {
+                "input_ids": seqs[2] + seqs[3],
+                "labels": mask_sequence_starts(seqs[2] + seqs[3], [5, 9]),
+                "seq_lengths": [5, 9],
+            },
+        ]
+    )
+    rows = scoring.compute_token_losses(model, packed, [0, 1], batch_size=2, pad_token_id=PAD)
+    alone = Dataset.from_list([{"input_ids": s, "labels": s} for s in seqs])
+    expected = scoring.compute_token_losses(model, alone, range(4), batch_size=1, pad_token_id=PAD)
+    got = [rows[0][:7], rows[0][7:], rows[1][:5], rows[1][5:]]
+    for a, e in zip(got, expected):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e))
+        np.testing.assert_allclose(a, e, rtol=0, atol=1e-5, equal_nan=True)
+
+
 def test_collate_right_padded_packed_rows_are_flattened_with_position_ids():
     # As TRL trains them: one row, no attention mask, positions restarting per sequence (flash attention reads
     # packed `position_ids` only in a batch of one row).
