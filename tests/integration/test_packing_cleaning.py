@@ -181,3 +181,37 @@ def test_packing_refuses_data_whose_labels_do_not_mark_the_responses(tmp_path, t
         )
     with pytest.raises(ValueError, match="completion_only_loss=False.*packing=False"):
         build(tmp_path, tiny_model_dir, tokenizer, rows=4, packing=True, completion_only_loss=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"token_cleaning": "online", "token_score_rule": "junk_gate", "token_keep_ratio": 0.8},
+        {"token_cleaning": "fixed", "token_selection": "batch", "token_score_window": 3},
+    ],
+    ids=["online-junk-gate", "fixed-batch"],
+)
+def test_per_step_selection_with_packing(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch, settings):
+    from token_clean_trainer import token_clean_trainer as module
+
+    seen = []
+    original = module.select_step
+
+    def spy(scores, labels, **kwargs):
+        selection = original(scores, labels, **kwargs)
+        seen.append((labels, kwargs["position_ids"], selection))
+        return selection
+
+    monkeypatch.setattr(module, "select_step", spy)
+    trainer = build(
+        tmp_path, tiny_model_dir, tokenizer, packing=True, ref_model_name_or_path=tiny_ref_dir, max_steps=2, **settings
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(seen) == 2
+    for labels, position_ids, selection in seen:
+        # One flattened row per micro-batch, several sequences in it; nothing kept at a sequence start.
+        assert labels[0].shape[0] == 1 and int((position_ids[0] == 0).sum()) >= 2
+        keep = selection.keep[0]
+        assert not keep[position_ids[0] == 0].any()
+        assert selection.kept_tokens == keep_count(settings.get("token_keep_ratio", 0.6), selection.response_tokens)
