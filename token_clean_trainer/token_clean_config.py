@@ -61,7 +61,8 @@ class TokenCleanConfig(SFTConfig):
             `"batch"`: the top `floor(token_keep_ratio * N_step)` of the response tokens of each optimizer step,
             ranked across its micro-batches and processes (the default, and with `"sample"` the only level, of online
             mode). `"sample"`: the top `floor(token_keep_ratio * n_i)` of each sample's `n_i` response tokens (the
-            paper's RHO-style baseline). `"random"`: a seeded random `floor(token_keep_ratio * N)` response tokens
+            paper's RHO-style baseline; with `packing=True` only in online mode, whose batches tell packed sequences
+            apart). `"random"`: a seeded random `floor(token_keep_ratio * N)` response tokens
             (baseline). `"full"`: every response token (plain SFT baseline, still scored and reported). Left unset, it
             is `"batch"` for online mode and `"global"` otherwise.
         token_keep_ratio (`float`, *optional*, defaults to `0.6`):
