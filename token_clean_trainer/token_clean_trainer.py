@@ -1740,6 +1740,9 @@ def _step_log_fields(window: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _log_fields(report: dict[str, Any]) -> dict[str, float]:
+    if "token_cleaning/kept_fraction" in report:
+        # A process other than the main one holds only these fields of the report (see `_last_report`).
+        return dict(report)
     fields = {"token_cleaning/kept_fraction": report["kept_fraction"]}
     if report.get("threshold") is not None:
         fields["token_cleaning/threshold"] = report["threshold"]
