@@ -215,3 +215,18 @@ def test_per_step_selection_with_packing(tmp_path, tiny_model_dir, tiny_ref_dir,
         keep = selection.keep[0]
         assert not keep[position_ids[0] == 0].any()
         assert selection.kept_tokens == keep_count(settings.get("token_keep_ratio", 0.6), selection.response_tokens)
+
+
+@pytest.mark.slow
+def test_packed_scoring_on_two_processes_matches_one(tmp_path, tiny_model_dir, tiny_ref_dir):
+    from tests.integration.test_distributed import run_one_and_two
+
+    single, double = run_one_and_two(tmp_path, tiny_model_dir, tiny_ref_dir, "score_packed_distributed.py")
+    a = np.array([np.nan if x is None else x for x in single["scores"]])
+    b = np.array([np.nan if x is None else x for x in double["scores"]])
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert single["keep"] == double["keep"]
+    # Every process runs the same number of scoring forwards (FSDP2/ZeRO-3 forwards are collectives).
+    assert len(set(double["forwards"])) == 1
+    assert (single["step"], double["step"]) == (2, 2)
