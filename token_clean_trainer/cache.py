@@ -41,10 +41,13 @@ def _arrays_checksum(lengths: np.ndarray, losses: np.ndarray) -> str:
 
 
 def rows_content_hash(dataset, start: int, end: int) -> str:
-    """sha256 of the `input_ids` and `labels` of rows `[start, end)` of a prepared dataset, read from Arrow."""
+    """
+    sha256 of the `input_ids` and `labels` of rows `[start, end)` of a prepared dataset, read from Arrow, and of their
+    `seq_lengths` when packed (the same tokens packed differently attend to other tokens, so score differently).
+    """
     rows = dataset.select(range(start, end))
     h = hashlib.sha256()
-    for column in ("input_ids", "labels"):
+    for column in ("input_ids", "labels", "seq_lengths"):
         if column in dataset.column_names:
             h.update(column.encode())
             for part in flat_list_column(rows, column):

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .step_selection import rows_to_padded
+from .step_selection import rows_to_flat, rows_to_padded
 
 # The index of a row in the prepared train dataset: the key under which its mask (or per-token values) is found.
 ROW_COLUMN = "token_clean_row"
@@ -67,7 +67,9 @@ class TokenCleaningCollator:
     Examples without the keep column (e.g. evaluation rows) pass through unchanged. The per-token float columns used
     for per-step selection (`token_scores`, `token_ref_losses`) are taken out of the examples before the wrapped
     collator runs and returned as `(B, T)` float tensors aligned with the batch's `labels` (NaN on padding); the trainer
-    removes them from the batch before any forward.
+    removes them from the batch before any forward. In padding-free batches (`padding_free=True`, or packing), which
+    TRL flattens into one row with `position_ids`, the keep masks are applied per example before the flattening and the
+    float columns are flattened the same way: `(1, T)`, NaN on padding.
 
     Examples that carry a `token_clean_row` index get their mask (or values) from `store`, which the trainer fills
     once the model is prepared (the dataloader exists before that, so the masks cannot be a dataset column).
@@ -95,12 +97,17 @@ class TokenCleaningCollator:
                 examples = [{k: v for k, v in example.items() if k != column} for example in examples]
         batch = self.base_collator([self.apply_mask(example) for example in examples])
         for column, values in step_values.items():
-            if "attention_mask" not in batch:
+            if "attention_mask" in batch:
+                batch[column] = rows_to_padded(values, batch["attention_mask"])
+            elif "position_ids" in batch:
+                # Padding-free (and packed) batches: the examples back to back in one row, as TRL flattens them.
+                batch[column] = rows_to_flat(values, batch["input_ids"].shape)
+            else:
                 raise ValueError(
-                    "Per-step token selection needs an `attention_mask` in every batch to align per-token scores; "
-                    "the data collator returned none (padding-free collation is not supported with token cleaning)."
+                    "Per-step token selection needs an `attention_mask` (padded batches) or `position_ids` "
+                    "(padding-free batches) in every batch to align per-token scores; the data collator returned "
+                    "neither."
                 )
-            batch[column] = rows_to_padded(values, batch["attention_mask"])
         return batch
 
     def attach_row(self, example: dict[str, Any]) -> dict[str, Any]:

@@ -142,11 +142,28 @@ def truncate_like_trl(values: list, max_length: int | None, truncation_mode: str
     return values[-max_length:] if truncation_mode == "keep_end" else values[:max_length]
 
 
+def mask_sequence_starts(labels: list[int], seq_lengths: list[int]) -> list[int]:
+    """
+    The labels of one packed row (TRL's `"bfd"` packing: sequences back to back, `seq_lengths` each) with the first
+    token of every sequence set to `-100`: nothing in its own sequence predicts it. TRL's padding-free collator masks
+    the same positions in every batch, so the labels stored for scoring are exactly the labels trained, and every
+    packed sequence starts a new response span (the score window and the report's masked runs never cross it).
+    """
+    labels = list(labels)
+    start = 0
+    for length in seq_lengths:
+        if start < len(labels):
+            labels[start] = -100
+        start += int(length)
+    return labels
+
+
 __all__ = [
     "RESPONSE_MASK_COLUMN",
     "assistant_token_mask",
     "context_positions",
     "keep_context",
+    "mask_sequence_starts",
     "only_response",
     "response_positions",
     "truncate_like_trl",

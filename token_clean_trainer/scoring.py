@@ -42,16 +42,27 @@ class ScoringStats:
     compute_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def scored_positions(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def scored_positions(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """
     `(B, T)` bool: label position `j` is scored when its label is not `-100` and both it and the token before it are
     real tokens (attention mask 1). Position 0 never is; the first real token of a left-padded row is predicted from
     padding and is not either. Padding is found by the attention mask, never by token id (`pad == eos` in many
     tokenizers).
+
+    Packed and padding-free rows come without an attention mask and with `position_ids` that restart at 0 for each
+    sequence (padding is labelled `-100`): there a position is scored when its label is not `-100` and its position id
+    is not 0, since the first token of a sequence is not predicted from its own sequence.
     """
-    mask = attention_mask.bool()
-    scored = torch.zeros_like(mask)
-    scored[:, 1:] = mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != -100)
+    scored = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    if attention_mask is None:
+        scored[:, 1:] = labels[:, 1:] != -100
+    else:
+        mask = attention_mask.bool()
+        scored[:, 1:] = mask[:, 1:] & mask[:, :-1] & (labels[:, 1:] != -100)
+    if position_ids is not None:
+        scored &= position_ids.to(scored.device) != 0
     return scored
 
 
@@ -99,12 +110,11 @@ def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
     return transform
 
 
-def _head_losses(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _head_losses(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Losses at the scored positions, projecting only their hidden states through the LM head in float32 chunks."""
     from torch.distributed.tensor import DTensor
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-    scored = scored_positions(labels, attention_mask)
     predict = scored[:, 1:]  # hidden state i predicts token i + 1
     states = hidden[:, :-1][predict]
     targets = labels[:, 1:][predict]
@@ -133,7 +143,10 @@ def _head_losses(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, attentio
 def scoring_head(model: torch.nn.Module, stats: ScoringStats | None = None, role: str = "") -> Iterator[None]:
     """
     For the duration, calling `model(input_ids=..., attention_mask=..., labels=...)` (the model as prepared: a PEFT
-    model, a DeepSpeed engine, an FSDP2 module) returns a [`TokenLossOutput`] instead of logits.
+    model, a DeepSpeed engine, an FSDP2 module) returns a [`TokenLossOutput`] instead of logits. Packed rows are called
+    with `attention_mask=None` and per-sequence `position_ids`, as TRL's padding-free batches are trained: transformers
+    then confines attention to each sequence (`masking_utils.find_packed_sequence_indices` for eager and SDPA, the
+    varlen path of flash attention), and only positions of the same sequence are scored (see [`scored_positions`]).
 
     Only the causal LM's own `forward` is swapped (an instance attribute, restored on exit): wrappers, PEFT adapters
     and the sharding hooks of FSDP2/ZeRO-3 all run as in training, and the backbone is called as a submodule so its
@@ -152,7 +165,8 @@ def scoring_head(model: torch.nn.Module, stats: ScoringStats | None = None, role
         if stats is not None:
             stats.forwards += 1
             stats.compute_dtypes[role] = _compute_dtype(hidden.device.type, hidden.dtype)
-        return TokenLossOutput(token_losses=_head_losses(self, hidden, labels, attention_mask))
+        scored = scored_positions(labels, attention_mask, kwargs.get("position_ids"))
+        return TokenLossOutput(token_losses=_head_losses(self, hidden, labels, scored))
 
     inner.forward = types.MethodType(forward, inner)
     try:
@@ -182,7 +196,7 @@ def precision_context(
 def token_losses(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     stats: ScoringStats | None = None,
@@ -198,13 +212,14 @@ def token_losses(
             The causal LM as it runs: plain, PEFT, or wrapped/sharded by accelerate. Dropout and adapters are the
             caller's business ([`eval_mode`], `use_adapter`).
         input_ids, attention_mask, labels (`torch.Tensor` of shape `(B, T)`):
-            One batch on the model's input device; labels `-100` where a position is not scored.
+            One batch on the model's input device; labels `-100` where a position is not scored. `attention_mask` is
+            `None` for packed or padding-free rows, which pass `position_ids` (restarting at 0 per sequence) instead.
         precision (`Callable`, *optional*):
             Factory of the precision context (see [`precision_context`]).
         stats (`ScoringStats`, *optional*):
             Counts the forward and records the hidden states' dtype under `role`.
         model_kwargs:
-            Passed to the backbone (e.g. `position_ids` for left-padded rows).
+            Passed to the backbone (e.g. `position_ids` for left-padded or packed rows).
     """
     with scoring_head(model, stats, role), precision():
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs)
@@ -239,8 +254,42 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `labels` (the ids where a row has no labels) and `attention_mask` of prepared rows."""
+def packed_position_ids(seq_lengths: Sequence[int]) -> torch.Tensor:
+    """Position ids of one packed row: `0, 1, ...` restarting at every sequence (`seq_lengths` from TRL's packing)."""
+    return torch.cat([torch.zeros(0, dtype=torch.long), *(torch.arange(int(n)) for n in seq_lengths)])
+
+
+def collate_right_padded(
+    rows: Sequence[dict], pad_token_id: int, flatten_packed: bool = True
+) -> dict[str, torch.Tensor]:
+    """
+    Right-padded `input_ids`, `labels` (the ids where a row has no labels) and `attention_mask` of prepared rows.
+
+    Packed rows (a `seq_lengths` column, from TRL's `"bfd"` packing) come with `position_ids` that restart at 0 for
+    every sequence and no attention mask, as TRL trains them (padding-free): the model then attends only within each
+    sequence (see [`scoring_head`]). With `flatten_packed` (for flash attention, which reads packed `position_ids` only
+    in a batch of one row) the rows go back to back in one row of shape `(1, total)`, as TRL's padding-free collator
+    lays them out; otherwise (eager and SDPA, which find the sequences of every row) one row each, right-padded, with
+    position 0 and label `-100` on padding.
+    """
+    packed = "seq_lengths" in rows[0]
+    positions = []
+    for row in rows if packed else ():
+        positions.append(packed_position_ids(row["seq_lengths"]))
+        if positions[-1].numel() != len(row["input_ids"]):
+            raise ValueError(
+                f"A packed row has {len(row['input_ids'])} tokens but its `seq_lengths` sum to "
+                f"{positions[-1].numel()}; the prepared dataset was changed after packing."
+            )
+    if packed and flatten_packed:
+        labels = [row["labels"] if "labels" in row else row["input_ids"] for row in rows]
+        return {
+            "input_ids": torch.as_tensor([token for row in rows for token in row["input_ids"]], dtype=torch.long)[
+                None
+            ],
+            "labels": torch.as_tensor([label for row in labels for label in row], dtype=torch.long)[None],
+            "position_ids": torch.cat(positions)[None],
+        }
     length = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -250,7 +299,23 @@ def collate_right_padded(rows: Sequence[dict], pad_token_id: int) -> dict[str, t
         input_ids[i, :n] = torch.as_tensor(row["input_ids"])
         labels[i, :n] = torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"])
         attention_mask[i, :n] = 1
+    if packed:
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row_positions in enumerate(positions):
+            position_ids[i, : row_positions.numel()] = row_positions
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def flattens_packed_rows(model: torch.nn.Module) -> bool:
+    """
+    Whether packed rows are scored back to back in one row: for every attention implementation but eager and SDPA,
+    which find the sequences of each row of a batch from its `position_ids` (transformers' `masking_utils`) and so
+    need no `(total x total)` attention over the flattened batch. Flash attention honours packed `position_ids` only
+    in a batch of one row.
+    """
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    return getattr(config, "_attn_implementation", None) not in ("eager", "sdpa")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -301,7 +366,8 @@ def compute_token_losses(
         model (`torch.nn.Module`):
             Causal LM (or PEFT model, or the model as accelerate prepared it). Put into eval mode for the call.
         dataset (`datasets.Dataset`):
-            Prepared dataset with `input_ids` and `labels`.
+            Prepared dataset with `input_ids` and `labels` (and `seq_lengths` when packed: each packed row is scored
+            with its sequences kept apart, see [`collate_right_padded`]).
         row_indices (`Sequence[int]`):
             Rows to score.
         batch_size (`int`):
@@ -331,7 +397,8 @@ def compute_token_losses(
         )
     if num_forwards > needed and filler_row is None:
         raise ValueError("Extra forwards need a `filler_row` to score.")
-    columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
+    flatten = "seq_lengths" in columns and flattens_packed_rows(model)
     subset = dataset.select(row_indices).select_columns(columns) if row_indices else None
     lengths = np.array([len(ids) for ids in subset["input_ids"]]) if row_indices else np.zeros(0, dtype=int)
     order = np.argsort(-lengths, kind="stable")
@@ -347,10 +414,26 @@ def compute_token_losses(
                 if filler is None:
                     filler = list(dataset.select([filler_row]).select_columns(columns))
                 rows = filler
-            batch = {key: value.to(device) for key, value in collate_right_padded(rows, pad_token_id).items()}
-            losses = token_losses(model, **batch, precision=precision, stats=stats, role=role).cpu().numpy()
+            batch = collate_right_padded(rows, pad_token_id, flatten_packed=flatten)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            losses = token_losses(
+                model,
+                batch.pop("input_ids"),
+                batch.pop("attention_mask", None),
+                batch.pop("labels"),
+                precision=precision,
+                stats=stats,
+                role=role,
+                **batch,
+            )
+            losses = losses.cpu().numpy()
+            # Flattened packed rows come back back to back in one row (see `collate_right_padded`); others one each.
+            starts = np.cumsum([0, *lengths[positions]]) if flatten else None
             for i, position in enumerate(positions):
-                results[position] = losses[i, : lengths[position]].copy()
+                if flatten:
+                    results[position] = losses[0, starts[i] : starts[i + 1]].copy()
+                else:
+                    results[position] = losses[i, : lengths[position]].copy()
             if progress is not None and len(positions):
                 progress.update(len(positions))
     return results

@@ -59,6 +59,23 @@ def rows_to_padded(values: Sequence[Sequence[float]], attention_mask: torch.Tens
     return out
 
 
+def rows_to_flat(values: Sequence[Sequence[float]], shape: torch.Size) -> torch.Tensor:
+    """
+    One float sequence per example, back to back in one row of shape `shape` (`(1, T)`), NaN on the padding after
+    them: the layout of TRL's padding-free batches, where the collator concatenates the examples' tokens in order.
+    """
+    flat = [torch.as_tensor(np.asarray(row, dtype=np.float32)) for row in values]
+    flat = torch.cat(flat) if flat else torch.zeros(0)
+    if shape[0] != 1 or flat.numel() > shape[1]:
+        raise ValueError(
+            f"A padding-free batch of shape {tuple(shape)} cannot hold the {flat.numel()} per-token values of its "
+            f"{len(values)} examples; scores must be computed on the trainer's own prepared dataset."
+        )
+    out = torch.full(tuple(shape), float("nan"), dtype=torch.float32)
+    out[0, : flat.numel()] = flat
+    return out
+
+
 def span_starts(response: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """
     Where a response span begins, on a `(B, T)` batch: a response position whose predecessor in the row is not a
@@ -80,6 +97,20 @@ def span_starts(response: torch.Tensor, position_ids: torch.Tensor | None = None
     if position_ids is not None:
         starts |= response & (position_ids.to(response.device) == 0)
     return starts
+
+
+def sequence_sizes(response: torch.Tensor, position_ids: torch.Tensor) -> np.ndarray:
+    """
+    Response tokens per sequence of a `(B, T)` batch whose rows may hold several sequences back to back (packed or
+    padding-free batches): a sequence begins at each row's first column and wherever `position_ids` restarts at 0.
+    In row-major order, the order of the flat response arrays of [`select_step`].
+    """
+    begins = position_ids.to(response.device) == 0
+    begins[:, 0] = True
+    sequence = torch.cumsum(begins.flatten().long(), dim=0) - 1
+    return np.bincount(
+        sequence[response.flatten()].numpy(), minlength=int(sequence[-1]) + 1 if sequence.numel() else 0
+    )
 
 
 @dataclass
@@ -158,6 +189,7 @@ def select_step(
             Reference losses of the same micro-batches, `(B, T)`; required by the junk gate.
         position_ids (`Sequence[torch.Tensor | None]`, *optional*):
             Position ids of the micro-batches (packed or padding-free batches restart them at 0 for each sequence).
+            With them, each sequence is a sample: of `"sample"`, and of `rows_all_masked`.
 
     Returns:
         [`StepSelection`] with one bool keep mask per micro-batch (True only on kept response positions).
@@ -188,7 +220,8 @@ def select_step(
             flat_refs.append(ref_losses[i].detach().float().cpu()[response].numpy())
         ids = position_ids[i]
         flat_starts.append(span_starts(response, None if ids is None else ids.cpu())[response].numpy())
-        row_sizes.append(response.sum(dim=1).numpy())
+        # Response tokens per sample: per row, or per packed sequence when one row holds several.
+        row_sizes.append(response.sum(dim=1).numpy() if ids is None else sequence_sizes(response, ids.cpu()))
     local_scores = np.concatenate(flat_scores) if flat_scores else np.zeros(0, np.float32)
     local_rows = np.concatenate(row_sizes).astype(np.int64) if row_sizes else np.zeros(0, np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(local_rows)])
@@ -233,8 +266,11 @@ def select_step(
         all_keep = np.concatenate([part[1] for part in parts]).astype(bool)
         threshold = None
 
-    # Rows whose response tokens are all dropped add no loss this step; counted over every process.
-    local_all_masked = 0
+    # Samples (rows, or packed sequences) whose response tokens are all dropped add no loss this step; counted over
+    # every process.
+    kept_before = np.concatenate([[0], np.cumsum(local_keep, dtype=np.int64)])
+    kept_per_sample = kept_before[row_offsets[1:]] - kept_before[row_offsets[:-1]]
+    local_all_masked = int(((local_rows > 0) & (kept_per_sample == 0)).sum())
     keep_masks = []
     cursor = 0
     for response in responses:
@@ -242,8 +278,6 @@ def select_step(
         n = int(response.sum())
         mask[response] = torch.from_numpy(local_keep[cursor : cursor + n].copy())
         cursor += n
-        kept_per_row = mask.sum(dim=1)
-        local_all_masked += int(((response.sum(dim=1) > 0) & (kept_per_row == 0)).sum())
         keep_masks.append(mask)
     # Runs of dropped tokens in the flat response array; a span start (row, gap or packed sequence) ends a run.
     dropped = ~local_keep
@@ -283,8 +317,10 @@ __all__ = [
     "StepSelection",
     "apply_keep",
     "response_mask",
+    "rows_to_flat",
     "rows_to_padded",
     "select_step",
+    "sequence_sizes",
     "single_process_gather",
     "span_starts",
 ]

@@ -61,7 +61,8 @@ class TokenCleanConfig(SFTConfig):
             `"batch"`: the top `floor(token_keep_ratio * N_step)` of the response tokens of each optimizer step,
             ranked across its micro-batches and processes (the default, and with `"sample"` the only level, of online
             mode). `"sample"`: the top `floor(token_keep_ratio * n_i)` of each sample's `n_i` response tokens (the
-            paper's RHO-style baseline). `"random"`: a seeded random `floor(token_keep_ratio * N)` response tokens
+            paper's RHO-style baseline; with `packing=True` only in online mode, whose batches tell packed sequences
+            apart). `"random"`: a seeded random `floor(token_keep_ratio * N)` response tokens
             (baseline). `"full"`: every response token (plain SFT baseline, still scored and reported). Left unset, it
             is `"batch"` for online mode and `"global"` otherwise.
         token_keep_ratio (`float`, *optional*, defaults to `0.6`):
@@ -297,11 +298,26 @@ class TokenCleanConfig(SFTConfig):
                 "reference; remove `ref_model_name_or_path` / `ref_adapter_name_or_path`, or use "
                 "`token_cleaning='fixed'` to clean against that reference."
             )
-        if self.token_cleaning != "none" and (self.packing or self.padding_free):
+        if self.token_cleaning != "none" and self.packing:
+            self._check_packing()
+
+    def _check_packing(self) -> None:
+        """Packing with token cleaning: the strategies whose rows keep every sequence whole and apart."""
+        if self.packing_strategy not in ("bfd", "bfd_split"):
             raise ValueError(
-                "Token cleaning cannot be combined with `packing=True` or `padding_free=True`: keep masks are attached "
-                "to the rows of the prepared dataset, which packing merges and padding-free collation flattens. Set "
-                "`packing=False` and `padding_free=False`, or `token_cleaning='none'`."
+                f"`packing_strategy={self.packing_strategy!r}` cuts sequences at arbitrary points and lets them attend "
+                "to each other, so a token's score would depend on which neighbours it was packed with, and a score "
+                "window could run from one sequence into the next. Token cleaning supports "
+                "`packing_strategy='bfd'` (or 'bfd_split'), which keeps each sequence apart, or `packing=False`."
+            )
+        if self.token_selection == "sample" and self.token_cleaning != "online":
+            # Online mode ranks each step's batch, where the sequences of a packed row are told apart by their
+            # position ids; fixed and self-evolving modes rank the rows of the prepared dataset.
+            raise ValueError(
+                f"`token_selection='sample'` with `token_cleaning={self.token_cleaning!r}` keeps a fraction of each "
+                "row's response tokens, but with `packing=True` a row holds several samples. Use "
+                "`token_selection='global'` (or 'batch' in fixed mode), or `packing=False` (`padding_free=True` "
+                "alone keeps one sample per row)."
             )
 
     def _check_span_settings(self) -> None:

@@ -56,6 +56,7 @@ from .positions import (
     RESPONSE_MASK_COLUMN,
     assistant_token_mask,
     keep_context,
+    mask_sequence_starts,
     only_response,
     response_positions,
     truncate_like_trl,
@@ -359,8 +360,16 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
         if rows_in is not None and not packing and dataset_name == "train" and args.token_cleaning != "none":
             dataset = with_raw_row_column(dataset)  # the user's row index, carried through TRL's maps/filter/shuffle
+        cleaned_packing = packing and dataset_name == "train" and getattr(args, "token_cleaning", "none") != "none"
+        if cleaned_packing:
+            self._refuse_packing_without_response_labels(dataset, args)
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         prepared, raw_rows = pop_raw_row_column(prepared)
+        if cleaned_packing and isinstance(prepared, Dataset) and "seq_lengths" in prepared.column_names:
+            prepared = prepared.map(
+                lambda row: {"labels": mask_sequence_starts(row["labels"], row["seq_lengths"])},
+                desc="Masking the first token of each packed sequence",
+            )
         if (
             getattr(args, "token_cleaning", "none") != "none"
             and dataset_name == "train"
@@ -384,6 +393,29 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     "check that the `completion` (or assistant) field is not empty."
                 )
         return prepared
+
+    @staticmethod
+    def _refuse_packing_without_response_labels(raw, args) -> None:
+        """
+        With packing, TRL keeps only `input_ids` and `labels` of each row, so the labels alone must mark the response
+        tokens: refuse the data whose other trained tokens (user turns, prompts) would be ranked as responses.
+        """
+        columns = raw.column_names if isinstance(raw, Dataset) else []
+        if "input_ids" in columns:
+            return
+        if "messages" in columns and not args.assistant_only_loss:
+            raise ValueError(
+                "With `packing=True`, token cleaning ranks the trained tokens of each packed row, but a `messages` "
+                "dataset with `assistant_only_loss=False` trains every token of the conversation, and packing drops "
+                "what tells the assistant turns apart. Set `assistant_only_loss=True`, or `packing=False` "
+                "(`padding_free=True` alone is supported)."
+            )
+        if "prompt" in columns and "completion" in columns and args.completion_only_loss is False:
+            raise ValueError(
+                "With `packing=True`, token cleaning ranks the trained tokens of each packed row, but "
+                "`completion_only_loss=False` trains the prompts too, and packing drops what tells the completions "
+                "apart. Leave `completion_only_loss` unset (or True), or set `packing=False`."
+            )
 
     def _add_response_mask(self, prepared: Dataset, raw, processing_class, args) -> Dataset:
         """
@@ -1012,15 +1044,19 @@ class TokenCleanSFTTrainer(SFTTrainer):
         model = self.model_wrapped if sharded else self.model
         inputs = {key: self._prepare_input(value) for key, value in batch.items()}
         precision = precision_context(self.accelerator.device.type, self.accelerator.mixed_precision)
+        # Padding-free (and packed) batches carry `position_ids` and no attention mask: the forward then attends
+        # within each sequence, as the training forward does.
+        extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
         with preserve_rng_state(), eval_mode(model):
             return token_losses(
                 model,
                 inputs["input_ids"],
-                inputs["attention_mask"],
+                inputs.get("attention_mask"),
                 inputs["labels"],
                 precision=precision,
                 stats=self.scoring_stats,
                 role="current",
+                **extra,
             )
 
     def _gather_step_arrays(self, local: np.ndarray) -> tuple[list[np.ndarray], int]:
@@ -1709,6 +1745,9 @@ def _step_log_fields(record: dict[str, Any]) -> dict[str, float]:
 
 
 def _log_fields(report: dict[str, Any]) -> dict[str, float]:
+    if "token_cleaning/kept_fraction" in report:
+        # A process other than the main one holds only these fields of the report (see `_last_report`).
+        return dict(report)
     fields = {"token_cleaning/kept_fraction": report["kept_fraction"]}
     if report.get("threshold") is not None:
         fields["token_cleaning/threshold"] = report["threshold"]

@@ -62,11 +62,27 @@ def test_two_references_are_refused(tmp_path):
         make(tmp_path, ref_model_name_or_path="a", ref_adapter_name_or_path="b")
 
 
-@pytest.mark.parametrize("flag", [{"packing": True}, {"padding_free": True}])
-def test_packing_and_padding_free_are_refused_with_cleaning(tmp_path, flag):
-    with pytest.raises(ValueError, match="packing=False"):
-        make(tmp_path, **flag)
-    make(tmp_path, token_cleaning="none", **flag)  # plain SFT keeps every SFTConfig option
+@pytest.mark.parametrize("mode", ["fixed", "self_evolving", "online"])
+@pytest.mark.parametrize(
+    "flag", [{"packing": True}, {"packing": True, "packing_strategy": "bfd_split"}, {"padding_free": True}]
+)
+def test_packing_and_padding_free_are_accepted_with_cleaning(tmp_path, mode, flag):
+    args = make(tmp_path, token_cleaning=mode, **flag)
+    assert args.packing == flag.get("packing", False)
+
+
+def test_wrapped_packing_is_refused_with_cleaning(tmp_path):
+    with pytest.raises(ValueError, match="`packing_strategy='wrapped'`.*'bfd'.*packing=False"):
+        make(tmp_path, packing=True, packing_strategy="wrapped")
+    make(tmp_path, token_cleaning="none", packing=True, packing_strategy="wrapped")  # plain SFT keeps every option
+
+
+def test_sample_level_with_packing_is_refused_outside_online_mode(tmp_path):
+    with pytest.raises(ValueError, match="`token_selection='sample'`.*several samples.*packing=False"):
+        make(tmp_path, packing=True, token_selection="sample")
+    # Online mode tells the sequences of a packed batch apart by their position ids; padding-free keeps one per row.
+    make(tmp_path, packing=True, token_cleaning="online", token_selection="sample")
+    make(tmp_path, padding_free=True, token_selection="sample")
 
 
 def test_ref_model_init_kwargs_from_cli_json(tmp_path):

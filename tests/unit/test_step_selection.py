@@ -631,11 +631,25 @@ def test_collator_float_column_wrong_length_is_an_error():
         TokenCleaningCollator(SpyCollator())(examples)
 
 
-def test_collator_float_column_needs_attention_mask():
-    # Padding-free collation returns no attention mask, so the scores cannot be aligned.
-    collator = TokenCleaningCollator(DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True))
-    with pytest.raises(ValueError, match="attention_mask"):
-        collator(scored_examples())
+def test_collator_float_column_needs_attention_mask_or_position_ids():
+    # A collator that returns neither leaves nothing to align the scores with.
+    def bare(examples):
+        batch = DataCollatorForLanguageModeling(pad_token_id=PAD)(examples)
+        return {key: value for key, value in batch.items() if key != "attention_mask"}
+
+    with pytest.raises(ValueError, match="attention_mask.*position_ids"):
+        TokenCleaningCollator(bare)(scored_examples())
+
+
+def test_collator_flattens_float_columns_of_padding_free_batches():
+    # Padding-free collation: the examples back to back in one row; the scores follow them, NaN on padding.
+    collator = TokenCleaningCollator(
+        DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True, pad_to_multiple_of=10)
+    )
+    batch = collator(scored_examples())
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 0]]
+    assert batch["labels"].tolist() == [[X, X, 6, X, 2, X, 8, 2, X, X]]
+    assert_same(batch["token_scores"], [[NAN, NAN, 0.5, -1.0, 2.0, NAN, 3.0, 4.0, NAN, NAN]])
 
 
 def test_collated_scores_feed_select_step():
