@@ -489,6 +489,29 @@ def run_demo(settings: DemoSettings) -> dict:
         }
 
     rows: dict[str, dict[str, Any]] = {}
+
+    def summary(finished: bool) -> dict[str, Any]:
+        report = probe.token_cleaning_state.report
+        return {
+            "table": rows,
+            "why_reference": reference_sentence(rows, len(warmup_rows)),
+            "train_response_tokens": int(response.sum()),
+            "train_junk_tokens": int(junk.sum()),
+            "train_junk_rows": sum(s is not None for s in train_spans),
+            "junk_kinds": {k: sum(1 for s in train_spans if s and s[0] == k) for k in JUNK_KINDS},
+            "heldout_junk_tokens": int(heldout_junk_mask.sum()),
+            # The most junk the trained span row can mask (its keep ratio caps what it masks), when it ran.
+            "span_junk_ceiling": span_ceiling(response, junk) if "span" in arms else None,
+            "score_share_abs_below_0.01": (report.get("scores") or {}).get("share_abs_below_0.01"),
+            "report": os.path.join(settings.output_dir, first_cleaning or "scores", "token_cleaning", "report.json"),
+            "stage_seconds": times,
+            "seconds": round(time.perf_counter() - started, 1),
+            "load_average": _load_average(),
+            "settings": asdict(settings),
+            # False while rows are still running (results.json is rewritten after each row).
+            "finished": finished,
+        }
+
     if settings.baselines:
         rows["base (not trained)"] = heldout_nll(probe, "base")
         rows[REFERENCE_LABEL] = heldout_nll(probe, "ref")
@@ -519,25 +542,10 @@ def run_demo(settings: DemoSettings) -> dict:
                 del trainer
             rows[arm.label] = row
         t = lap(name, t)
+        # Every finished row is on disk: a long run stopped part way keeps what it measured.
+        atomic_write_json(os.path.join(settings.output_dir, "results.json"), summary(finished=False))
 
-    report = probe.token_cleaning_state.report
-    results = {
-        "table": rows,
-        "why_reference": reference_sentence(rows, len(warmup_rows)),
-        "train_response_tokens": int(response.sum()),
-        "train_junk_tokens": int(junk.sum()),
-        "train_junk_rows": sum(s is not None for s in train_spans),
-        "junk_kinds": {k: sum(1 for s in train_spans if s and s[0] == k) for k in JUNK_KINDS},
-        "heldout_junk_tokens": int(heldout_junk_mask.sum()),
-        # The most junk the trained span row can mask (its keep ratio caps what it masks), when it ran.
-        "span_junk_ceiling": span_ceiling(response, junk) if "span" in arms else None,
-        "score_share_abs_below_0.01": (report.get("scores") or {}).get("share_abs_below_0.01"),
-        "report": os.path.join(settings.output_dir, first_cleaning or "scores", "token_cleaning", "report.json"),
-        "stage_seconds": times,
-        "seconds": round(time.perf_counter() - started, 1),
-        "load_average": _load_average(),
-        "settings": asdict(settings),
-    }
+    results = summary(finished=True)
     atomic_write_json(os.path.join(settings.output_dir, "results.json"), results)
     print(format_table(results), flush=True)
     return results

@@ -5,6 +5,7 @@ where each row starts; NaN marks a position that is not a response token (prompt
 selector returns a bool array of the same shape, never True where the score is NaN.
 """
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -366,56 +367,86 @@ _GATE_CHUNK = 1 << 16
 _GATE_CHUNKED_FROM = 1 << 20
 # Values drawn (at a fixed stride) to bracket an order statistic before the exact pass.
 _GATE_SAMPLE = 1 << 16
+# Threads of the chunked gate's passes, each over its own contiguous part of the arrays.
+_GATE_THREADS = 2
+
+
+def _in_parts(size: int, work):
+    """`[work(start, stop) for each part]`: `[0, size)` cut into `_GATE_THREADS` contiguous parts (on chunk
+    boundaries) run on as many threads; results in part order."""
+    chunks = -(-size // _GATE_CHUNK)
+    parts = max(1, min(_GATE_THREADS, chunks))
+    bounds = [min(size, _GATE_CHUNK * (chunks * i // parts)) for i in range(parts + 1)]
+    if parts == 1:
+        return [work(0, size)]
+    with ThreadPoolExecutor(parts) as pool:
+        return [done.result() for done in [pool.submit(work, a, b) for a, b in zip(bounds[:-1], bounds[1:])]]
+
+
+def _last_of_first(size: int, matches, count: int) -> int:
+    """The position of the `count`-th True of `matches(start, stop)` (a bool array per chunk) in array order; -1
+    when `count` is 0. Scans chunk by chunk from the start and stops there."""
+    if count <= 0:
+        return -1
+    for i in range(0, size, _GATE_CHUNK):
+        hits = np.flatnonzero(matches(i, min(i + _GATE_CHUNK, size)))
+        if hits.size >= count:
+            return i + int(hits[count - 1])
+        count -= hits.size
+    raise AssertionError("fewer matches than counted")
 
 
 def _gate_chunked(scores: np.ndarray, ref_losses: np.ndarray, ratio: float) -> np.ndarray:
     """
     `_gate` without full-size temporaries: the same kept tokens, with each threshold found by a sample-bracketed
     select (a strided sample brackets the order statistic; one exact pass counts the values below the bracket and
-    partitions the few inside it) and every mask built chunk by chunk. Memory: the bool result and cache-sized chunks.
+    partitions the few inside it) and every mask built chunk by chunk, on `_GATE_THREADS` threads. Ties at a threshold
+    go to the earliest positions: those up to the position of the last one taken. Memory: the bool result and
+    cache-sized chunks.
     """
     size = scores.size
     stride = max(1, size // _GATE_SAMPLE)
     sample_scores = scores[::stride]
 
-    def score_chunks():
-        for i in range(0, size, _GATE_CHUNK):
-            yield scores[i : i + _GATE_CHUNK], None
-
     # Upper half: the top floor(n / 2) by score, i.e. the values above the (n - floor(n / 2))-th smallest, plus the
     # earliest of those equal to it (as `_top`). `n` is counted in the same pass. (With a single response token the
     # upper half is empty and the rank only needs to exist.)
     sample = np.sort(sample_scores[~np.isnan(sample_scores)])
-    t1, n, n_le = _kth_smallest(score_chunks, sample, lambda n: n - max(keep_count(0.5, n), 1), estimate=size)
+    t1, n, n_le = _kth_smallest(
+        size, lambda a, b: (scores[a:b], None), sample, lambda n: n - max(keep_count(0.5, n), 1), estimate=size
+    )
     n_mask = n - keep_count(ratio, n)
     keep = np.empty(size, dtype=bool)
     if n_mask == 0:  # also when there is no response token at all
-        for i in range(0, size, _GATE_CHUNK):
-            np.equal(scores[i : i + _GATE_CHUNK], scores[i : i + _GATE_CHUNK], out=keep[i : i + _GATE_CHUNK])
+
+        def valid(start, stop):
+            for i in range(start, stop, _GATE_CHUNK):
+                chunk = scores[i : min(i + _GATE_CHUNK, stop)]
+                np.equal(chunk, chunk, out=keep[i : i + chunk.size])
+
+        _in_parts(size, valid)
         return keep
     n_top = keep_count(0.5, n)
-    upper_ties = n_top - (n - n_le)  # earliest positions scoring exactly t1 that belong to the upper half
-    lower_buffer = np.empty(_GATE_CHUNK, dtype=bool)
+    # Positions scoring exactly t1 up to this one belong to the upper half.
+    last_upper = _last_of_first(size, lambda a, b: scores[a:b] == t1, n_top - (n - n_le)) if n_top else -1
 
-    def candidate_chunks():
-        """`(start, candidate mask)` chunk by chunk: the lower half by score (the mask is reused between chunks)."""
-        ties_left = upper_ties
-        for i in range(0, size, _GATE_CHUNK):
-            chunk = scores[i : i + _GATE_CHUNK]
-            lower = lower_buffer[: chunk.size]
-            if n_top:
-                np.less_equal(chunk, t1, out=lower)
-            else:
-                np.equal(chunk, chunk, out=lower)
-            if ties_left > 0:
-                tied = np.flatnonzero(chunk == t1)[:ties_left]
-                lower[tied] = False
-                ties_left -= tied.size
-            yield i, lower
+    def lower(i: int, chunk: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The candidates (lower half by score) among the chunk starting at `i`, written into `out`."""
+        out = out[: chunk.size]
+        if not n_top:
+            return np.equal(chunk, chunk, out=out)
+        np.less_equal(chunk, t1, out=out)
+        if i <= last_upper:
+            end = min(last_upper + 1 - i, chunk.size)
+            out[:end] &= chunk[:end] != t1
+        return out
 
-    def ref_chunks():
-        for i, lower in candidate_chunks():
-            yield ref_losses[i : i + _GATE_CHUNK], lower
+    per_thread = threading.local()  # one candidate buffer per thread
+
+    def ref_chunk(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if getattr(per_thread, "buffer", None) is None:
+            per_thread.buffer = np.empty(_GATE_CHUNK, dtype=bool)
+        return ref_losses[a:b], lower(a, scores[a:b], per_thread.buffer)
 
     # Among the n - floor(n / 2) candidates, mask the n_mask highest reference losses: the values above the
     # (n_cand - n_mask)-th smallest, plus the earliest candidates equal to it.
@@ -423,67 +454,79 @@ def _gate_chunked(scores: np.ndarray, ref_losses: np.ndarray, ratio: float) -> n
     sampled = sample_scores <= t1 if n_top else ~np.isnan(sample_scores)
     sample = ref_losses[::stride][sampled]
     sample = np.sort(sample[~np.isnan(sample)])
-    t2, _, r_le = _kth_smallest(ref_chunks, sample, lambda _: n_candidates - n_mask, estimate=n_candidates)
-    masked_ties = n_mask - (n_candidates - r_le)
-    masked_buffer = np.empty(_GATE_CHUNK, dtype=bool)
-    for i, lower in candidate_chunks():
-        refs = ref_losses[i : i + _GATE_CHUNK]
-        masked = masked_buffer[: refs.size]
-        np.greater(refs, t2, out=masked)
-        masked &= lower
-        if masked_ties > 0:
-            tied = np.flatnonzero(lower & (refs == t2))[:masked_ties]
-            masked[tied] = True
-            masked_ties -= tied.size
-        part = keep[i : i + _GATE_CHUNK]
-        if n == size:  # no NaN: every position is a response token
-            np.logical_not(masked, out=part)
-        else:
-            chunk = scores[i : i + _GATE_CHUNK]
-            np.equal(chunk, chunk, out=part)
-            part ^= masked  # masked positions are response tokens
+    t2, _, r_le = _kth_smallest(size, ref_chunk, sample, lambda _: n_candidates - n_mask, estimate=n_candidates)
+    last_masked = _last_of_first(
+        size, lambda a, b: ref_chunk(a, b)[1] & (ref_losses[a:b] == t2), n_mask - (n_candidates - r_le)
+    )
+
+    def mask(start: int, stop: int) -> None:
+        candidates = np.empty(_GATE_CHUNK, dtype=bool)
+        masked = np.empty(_GATE_CHUNK, dtype=bool)
+        for i in range(start, stop, _GATE_CHUNK):
+            chunk, refs = scores[i : min(i + _GATE_CHUNK, stop)], ref_losses[i : min(i + _GATE_CHUNK, stop)]
+            low = lower(i, chunk, candidates)
+            hit = np.greater(refs, t2, out=masked[: chunk.size])
+            if i <= last_masked:
+                end = min(last_masked + 1 - i, chunk.size)
+                hit[:end] |= refs[:end] == t2
+            hit &= low
+            part = keep[i : i + chunk.size]
+            if n == size:  # no NaN: every position is a response token
+                np.logical_not(hit, out=part)
+            else:
+                np.equal(chunk, chunk, out=part)
+                part ^= hit  # masked positions are response tokens
+
+    _in_parts(size, mask)
     return keep
 
 
-def _kth_smallest(chunks, sample: np.ndarray, kth, estimate: int) -> tuple[np.float32, int, int]:
+def _kth_smallest(size: int, chunk, sample: np.ndarray, kth, estimate: int) -> tuple[np.float32, int, int]:
     """
-    `(value, n, n_le)`: the `kth(n)`-th smallest (0-based) of the non-NaN values that `chunks()` yields as
-    `(values, eligible mask or None)`, how many there are, and how many are at most that value. `sample` (sorted,
-    non-NaN) brackets the value; one pass counts the values below the bracket and keeps those inside it, which are then
-    partitioned. A bracket that misses (a sample unlike the whole) is widened and the pass repeated; the last try spans
-    everything, so the result is always exact.
+    `(value, n, n_le)`: the `kth(n)`-th smallest (0-based) of the non-NaN values that `chunk(start, stop)` gives as
+    `(values, eligible mask or None)` over `[0, size)`, how many there are, and how many are at most that value.
+    `sample` (sorted, non-NaN) brackets the value; one pass (on `_GATE_THREADS` threads) counts the values below the
+    bracket and keeps those inside it, which are then partitioned. A bracket that misses (a sample unlike the whole)
+    is widened and the pass repeated; the last try spans everything, so the result is always exact.
     """
     m = sample.size
     spread = 4 * int(np.sqrt(m)) + 16
-    flags = np.empty(_GATE_CHUNK, dtype=bool)
     for attempt in range(4):
         lo, hi = -np.inf, np.inf
         if m and attempt < 3:
             rank = int(kth(estimate) * m / max(estimate, 1))
             lo = sample[rank - spread] if rank - spread >= 0 else -np.inf
             hi = sample[rank + spread] if rank + spread < m else np.inf
-        n, below, equal, inside = 0, 0, 0, []
-        for values, eligible in chunks():
-            flag = flags[: values.size]
-            if eligible is None:
-                n += int(np.count_nonzero(np.equal(values, values, out=flag)))
-            else:
-                n += int(np.count_nonzero(eligible))
-            np.less(values, lo, out=flag)
-            if eligible is not None:
-                flag &= eligible
-            below += int(np.count_nonzero(flag))
-            if lo == hi:
-                np.equal(values, lo, out=flag)
-            else:
-                np.greater_equal(values, lo, out=flag)
-                flag &= values <= hi
-            if eligible is not None:
-                flag &= eligible
-            if lo == hi:
-                equal += int(np.count_nonzero(flag))
-            else:
-                inside.append(values[flag])
+
+        def count(start: int, stop: int, lo=lo, hi=hi) -> tuple[int, int, int, list]:
+            n, below, equal, inside = 0, 0, 0, []
+            flags = np.empty(_GATE_CHUNK, dtype=bool)
+            for i in range(start, stop, _GATE_CHUNK):
+                values, eligible = chunk(i, min(i + _GATE_CHUNK, stop))
+                flag = flags[: values.size]
+                if eligible is None:
+                    n += int(np.count_nonzero(np.equal(values, values, out=flag)))
+                else:
+                    n += int(np.count_nonzero(eligible))
+                np.less(values, lo, out=flag)
+                if eligible is not None:
+                    flag &= eligible
+                below += int(np.count_nonzero(flag))
+                if lo == hi:
+                    np.equal(values, lo, out=flag)
+                else:
+                    np.greater_equal(values, lo, out=flag)
+                    flag &= values <= hi
+                if eligible is not None:
+                    flag &= eligible
+                if lo == hi:
+                    equal += int(np.count_nonzero(flag))
+                else:
+                    inside.append(values[flag])
+            return n, below, equal, inside
+
+        parts = _in_parts(size, count)
+        n, below, equal = (sum(part[j] for part in parts) for j in range(3))
         if n == 0:
             return np.float32(np.nan), 0, 0
         k = kth(n) - below
@@ -491,6 +534,7 @@ def _kth_smallest(chunks, sample: np.ndarray, kth, estimate: int) -> tuple[np.fl
             if 0 <= k < equal:
                 return np.float32(lo), n, below + equal
         else:
+            inside = [values for part in parts for values in part[3]]
             values = np.concatenate(inside) if inside else np.zeros(0, np.float32)
             if 0 <= k < values.size:
                 value = np.partition(values, k)[k]

@@ -190,14 +190,15 @@ def test_gate_refuses_ratios_that_need_more_than_the_lower_half():
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.8, 0.97, 1.0])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_chunked_gate_matches_the_sorting_reference(monkeypatch, ratio, seed):
+@pytest.mark.parametrize("seed, threads", [(0, 1), (1, 2), (2, 3)])
+def test_chunked_gate_matches_the_sorting_reference(monkeypatch, ratio, seed, threads):
     # Arrays of a million values and more take the chunked gate (sample-bracketed thresholds, masks chunk by chunk):
     # forced here on small arrays and small chunks, with coarse values (ties across chunk edges), NaN gaps, -0.0 beside
     # +0.0, and a sample too small to bracket well (the exact pass must widen it).
     monkeypatch.setattr(selection, "_GATE_CHUNKED_FROM", 0)
     monkeypatch.setattr(selection, "_GATE_CHUNK", 37)
     monkeypatch.setattr(selection, "_GATE_SAMPLE", 16)
+    monkeypatch.setattr(selection, "_GATE_THREADS", threads)
     rng = np.random.default_rng(seed)
     scores = rng.integers(-3, 4, size=3000).astype(np.float32)
     scores[scores == 0] = np.where(rng.random(int((scores == 0).sum())) < 0.5, -0.0, 0.0)
@@ -244,32 +245,34 @@ def test_window_bits_do_not_depend_on_the_threads_and_in_place_gives_the_same(mo
         window_mean(values, 5, out=np.empty(values.size, dtype=np.float64))
 
 
-def test_order_statistic_is_exact_when_the_sample_misleads():
+def test_order_statistic_is_exact_when_the_sample_misleads(monkeypatch):
     # A sample that does not resemble the values (as a strided sample of periodic data would not): the first bracket
     # misses, the pass is repeated with wider ones, and the result is still the partition's.
     rng = np.random.default_rng(3)
     values = rng.standard_normal(20000).astype(np.float32)
     misleading = np.sort(rng.standard_normal(4096).astype(np.float32) + 50)
 
-    def chunks():
-        for i in range(0, values.size, 999):
-            yield values[i : i + 999], None
+    monkeypatch.setattr(selection, "_GATE_CHUNK", 999)
+
+    def chunks(a, b):
+        return values[a:b], None
 
     for kth in (0, 7, 10000, 19999):
-        value, n, n_le = selection._kth_smallest(chunks, misleading, lambda n, kth=kth: kth, estimate=values.size)
+        value, n, n_le = selection._kth_smallest(
+            values.size, chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
+        )
         assert value == np.partition(values, kth)[kth]
         assert (n, n_le) == (values.size, int((values <= value).sum()))
     # The same over the values an eligibility mask picks (the gate's candidates).
     eligible = rng.random(values.size) < 0.4
     picked = values[eligible]
 
-    def masked_chunks():
-        for i in range(0, values.size, 999):
-            yield values[i : i + 999], eligible[i : i + 999]
+    def masked_chunks(a, b):
+        return values[a:b], eligible[a:b]
 
     for kth in (0, 123, picked.size - 1):
         value, n, n_le = selection._kth_smallest(
-            masked_chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
+            values.size, masked_chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
         )
         assert value == np.partition(picked, kth)[kth]
         assert (n, n_le) == (picked.size, int((picked <= value).sum()))
