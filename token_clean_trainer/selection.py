@@ -249,6 +249,7 @@ def _window_part(values, span_start, out, half, start, stop, head, tail) -> None
     valid = np.empty(size + 2 * half, dtype=bool)
     adjacent = np.empty(size + 2 * half - 1, dtype=bool)
     inner = np.empty(size, dtype=bool)
+    gaps = np.empty(size, dtype=bool)
     total = np.empty(size)
     for begin in range(start, stop, block):
         end = min(begin + block, stop)
@@ -279,10 +280,14 @@ def _window_part(values, span_start, out, half, start, stop, head, tail) -> None
             np.add(sums, raw[half + shift : half + shift + m], out=sums)
             np.add(sums, raw[half - shift : half - shift + m], out=sums)
         np.divide(sums, window, out=sums)
-        edge = np.flatnonzero(~inside & ok[half : half + m])
+        # Positions that are no response token get numpy's NaN, whatever NaN the input held there.
+        missing = np.logical_not(ok[half : half + m], out=gaps[:m])
+        np.copyto(sums, np.nan, where=missing)
+        # The rest of the positions not settled by the plain sum: those whose window crosses a span edge.
+        edge = np.flatnonzero(~np.logical_or(inside, missing, out=inside))
         if edge.size:
             sums[edge] = _edge_means(raw, adj, edge + half, half)
-        out[begin:end] = sums  # float64 -> float32, rounded as `astype` rounds; NaN positions stay NaN
+        out[begin:end] = sums  # float64 -> float32, rounded as `astype` rounds
 
 
 def _edge_means(raw: np.ndarray, adj: np.ndarray, at: np.ndarray, half: int) -> np.ndarray:
