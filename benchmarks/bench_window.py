@@ -14,8 +14,8 @@ Two layouts, each measured in fresh interpreters (so the peak resident set is th
 
 The figure is the median over repetitions, with the split between the two windows and the gate, and the CPU time of
 the process (all threads: the window and the gate run two); the load average is stored beside it (the P6 goal,
-<= 1 s and <= 0.5 GB extra, is for an idle machine: on a loaded one the CPU time says more than the wall time). "Extra" is the peak resident set
-above the inputs (scores and reference losses), output included.
+<= 1 s and <= 0.5 GB extra, is for an idle machine: on a loaded one the CPU time says more than the wall time).
+"Extra" is the peak resident set above the inputs (scores and reference losses), output included.
 """
 
 import argparse
@@ -144,11 +144,13 @@ def main() -> int:
             "runs": runs,
             "load_average": [load_before, [round(x, 2) for x in os.getloadavg()]],
         }
+        row = results[layout]
         print(
             f"{layout}: {args.n:,} scores, window {args.window} + junk gate: {seconds:.3f} s "
-            f"(windows {results[layout]['window_seconds']:.3f} s, gate {results[layout]['gate_seconds']:.3f} s), "
-            f"{extra:.3f} GB extra, {results[layout]['cpu_seconds']:.3f} CPU s; second run in the same process {results[layout]['seconds_second_run']:.3f} s "
-            f"({results[layout]['cpu_seconds_second_run']:.3f} CPU s) (load average {load_before[0]} -> {results[layout]['load_average'][1][0]}; goal {GOAL})"
+            f"(windows {row['window_seconds']:.3f} s, gate {row['gate_seconds']:.3f} s), {extra:.3f} GB extra, "
+            f"{row['cpu_seconds']:.3f} CPU s; second run in the same process {row['seconds_second_run']:.3f} s "
+            f"({row['cpu_seconds_second_run']:.3f} CPU s) (load average {load_before[0]} -> "
+            f"{row['load_average'][1][0]}; goal {GOAL})"
         )
     record = {
         "n": args.n,
