@@ -274,12 +274,13 @@ def _window_part(values, span_start, out, half, start, stop, head, tail) -> None
         for k in range(2, 2 * half):
             np.logical_and(inside, adj[k : k + m], out=inside)
         sums = total[:m]
-        np.add(raw[half : half + m], raw[half + 1 : half + 1 + m], out=sums)
-        np.add(sums, raw[half - 1 : half - 1 + m], out=sums)
-        for shift in range(2, half + 1):
-            np.add(sums, raw[half + shift : half + shift + m], out=sums)
-            np.add(sums, raw[half - shift : half - shift + m], out=sums)
-        np.divide(sums, window, out=sums)
+        if inside.any():  # else every response token here is near a span edge (spans shorter than the window)
+            np.add(raw[half : half + m], raw[half + 1 : half + 1 + m], out=sums)
+            np.add(sums, raw[half - 1 : half - 1 + m], out=sums)
+            for shift in range(2, half + 1):
+                np.add(sums, raw[half + shift : half + shift + m], out=sums)
+                np.add(sums, raw[half - shift : half - shift + m], out=sums)
+            np.divide(sums, window, out=sums)
         # Positions that are no response token get numpy's NaN, whatever NaN the input held there.
         missing = np.logical_not(ok[half : half + m], out=gaps[:m])
         np.copyto(sums, np.nan, where=missing)
