@@ -181,16 +181,19 @@ def response_span_starts(layout: ResponseLayout) -> np.ndarray:
     return np.concatenate(span_starts).astype(np.int64) if span_starts else np.zeros(0, np.int64)
 
 
-def compact_window_mean(layout: ResponseLayout, values: np.ndarray, window: int) -> np.ndarray:
+def compact_window_mean(
+    layout: ResponseLayout, values: np.ndarray, window: int, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """
     `selection.window_mean` of a compact array, its `span_start` marking where each response span begins, so that
-    the window stays within its span, as it does over the flat layout.
+    the window stays within its span, as it does over the flat layout. `out` as there: a float32 array to write into,
+    possibly `values` itself when the caller no longer needs the raw values (no second full-size array).
     """
     if window == 1:
         return values
     span_start = np.zeros(len(values), dtype=bool)
     span_start[response_span_starts(layout)] = True
-    return window_mean(np.asarray(values, dtype=np.float32), window, span_start=span_start)
+    return window_mean(np.asarray(values, dtype=np.float32), window, span_start=span_start, out=out)
 
 
 def _sort_keys(values: np.ndarray) -> np.ndarray:

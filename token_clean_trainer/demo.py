@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .evaluation import nll_summary, response_losses
-from .selection import select_tokens
+from .selection import keep_count, select_junk_gate, select_tokens, window_mean
 from .utils import atomic_write_json, flat_list_column
 
 
@@ -52,7 +52,7 @@ class DemoSettings:
     lora_r: int = 16
     seed: int = 42
     # Table rows, by name in `ARMS`, in order (comma-separated).
-    arms: str = "plain,paper,span,random,bound"
+    arms: str = "plain,paper,span,span_same_budget,random,bound"
     # A warm-up adapter folder from an earlier run: skips the warm-up (e.g. to add or rerun rows). Empty: train one.
     reference_adapter: str = ""
     # Score cache shared by the cleaning rows; empty: <output_dir>/score_cache.
@@ -264,6 +264,30 @@ def _random_keep(x: MaskInputs) -> np.ndarray:
     return select_tokens("random", scores, x.offsets, x.keep_ratio, seed=x.seed).keep
 
 
+SPAN_WINDOW, SPAN_KEEP_RATIO = 5, 0.8  # the trained span row's settings (`ARMS["span"]`)
+
+
+def span_keep(x: MaskInputs, ratio: float, window: int = SPAN_WINDOW) -> np.ndarray:
+    """
+    The span rule's keep mask over the flat train arrays: window means of the scores and of the reference losses over
+    each response span (NaN off the response tokens separates spans, as the trainer's span starts do), then the junk
+    gate over all rows, keeping `ratio`: what `TokenCleanSFTTrainer` selects with `token_score_window=window`,
+    `token_score_rule="junk_gate"`, `token_selection="global"`.
+    """
+    scores = np.where(x.response, x.scores, np.nan).astype(np.float32)
+    refs = np.where(x.response, x.ref_losses, np.nan).astype(np.float32)
+    return select_junk_gate(window_mean(scores, window), window_mean(refs, window), x.offsets, ratio, "global").keep
+
+
+def span_ceiling(response: np.ndarray, junk: np.ndarray, ratio: float = SPAN_KEEP_RATIO) -> float:
+    """
+    The largest share of the junk a rule keeping `ratio` of the response tokens can mask: it masks
+    `N - floor(ratio * N)` tokens, so when the junk is more than that, the rest of it is kept whatever the scores.
+    """
+    n, n_junk = int(response.sum()), int((junk & response).sum())
+    return min(1.0, (n - keep_count(ratio, n)) / n_junk) if n_junk else 1.0
+
+
 PLAIN_LABEL = "plain SFT (every token)"
 REFERENCE_LABEL = "reference (warm-up, clean rows)"
 ARMS: dict[str, CleaningArm | MaskArm] = {
@@ -271,8 +295,13 @@ ARMS: dict[str, CleaningArm | MaskArm] = {
     "paper": CleaningArm("paper: global top 60% of L_base - L_ref"),
     # Beyond the paper: 5-token span means, and the junk gate masking 20% from the lower half by score.
     "span": CleaningArm(
-        "span: window 5 + junk gate, keep 0.8",
-        {"token_score_window": 5, "token_score_rule": "junk_gate", "token_keep_ratio": 0.8},
+        f"span: window {SPAN_WINDOW} + junk gate, keep {SPAN_KEEP_RATIO}",
+        {"token_score_window": SPAN_WINDOW, "token_score_rule": "junk_gate", "token_keep_ratio": SPAN_KEEP_RATIO},
+    ),
+    # The span rule masking as many tokens as the paper's rule (its keep ratio): which of the two finds more junk for
+    # the same budget. Mask only: at keep 0.8 the span rule cannot mask more junk than 20% of the response tokens.
+    "span_same_budget": MaskArm(
+        "span rule at the paper's masked share (mask only)", lambda x: span_keep(x, x.keep_ratio), train=False
     ),
     "random": MaskArm("random 60% (mask only, not trained)", _random_keep, train=False),
     "bound": MaskArm("bound: mask exactly the junk", lambda x: x.response & ~x.junk),
@@ -449,9 +478,7 @@ def run_demo(settings: DemoSettings) -> dict:
     response = ~np.isnan(state.scores)
     junk = junk_token_mask(prepared_train, list(train), train_spans, tokenizer) & response
     heldout_junk_mask = junk_token_mask(prepared_junk, list(heldout_junk), heldout_spans, tokenizer)
-    inputs = MaskInputs(
-        offsets, response, base_losses, ref_losses, junk, settings.keep_ratio, settings.seed
-    )
+    inputs = MaskInputs(offsets, response, base_losses, ref_losses, junk, settings.keep_ratio, settings.seed)
 
     def heldout_nll(trainer, role: str) -> dict[str, Any]:
         clean = response_losses(trainer, role=role, dataset=prepared_clean)
@@ -462,6 +489,29 @@ def run_demo(settings: DemoSettings) -> dict:
         }
 
     rows: dict[str, dict[str, Any]] = {}
+
+    def summary(finished: bool) -> dict[str, Any]:
+        report = probe.token_cleaning_state.report
+        return {
+            "table": rows,
+            "why_reference": reference_sentence(rows, len(warmup_rows)),
+            "train_response_tokens": int(response.sum()),
+            "train_junk_tokens": int(junk.sum()),
+            "train_junk_rows": sum(s is not None for s in train_spans),
+            "junk_kinds": {k: sum(1 for s in train_spans if s and s[0] == k) for k in JUNK_KINDS},
+            "heldout_junk_tokens": int(heldout_junk_mask.sum()),
+            # The most junk the trained span row can mask (its keep ratio caps what it masks), when it ran.
+            "span_junk_ceiling": span_ceiling(response, junk) if "span" in arms else None,
+            "score_share_abs_below_0.01": (report.get("scores") or {}).get("share_abs_below_0.01"),
+            "report": os.path.join(settings.output_dir, first_cleaning or "scores", "token_cleaning", "report.json"),
+            "stage_seconds": times,
+            "seconds": round(time.perf_counter() - started, 1),
+            "load_average": _load_average(),
+            "settings": asdict(settings),
+            # False while rows are still running (results.json is rewritten after each row).
+            "finished": finished,
+        }
+
     if settings.baselines:
         rows["base (not trained)"] = heldout_nll(probe, "base")
         rows[REFERENCE_LABEL] = heldout_nll(probe, "ref")
@@ -492,23 +542,10 @@ def run_demo(settings: DemoSettings) -> dict:
                 del trainer
             rows[arm.label] = row
         t = lap(name, t)
+        # Every finished row is on disk: a long run stopped part way keeps what it measured.
+        atomic_write_json(os.path.join(settings.output_dir, "results.json"), summary(finished=False))
 
-    report = probe.token_cleaning_state.report
-    results = {
-        "table": rows,
-        "why_reference": reference_sentence(rows, len(warmup_rows)),
-        "train_response_tokens": int(response.sum()),
-        "train_junk_tokens": int(junk.sum()),
-        "train_junk_rows": sum(s is not None for s in train_spans),
-        "junk_kinds": {k: sum(1 for s in train_spans if s and s[0] == k) for k in JUNK_KINDS},
-        "heldout_junk_tokens": int(heldout_junk_mask.sum()),
-        "score_share_abs_below_0.01": (report.get("scores") or {}).get("share_abs_below_0.01"),
-        "report": os.path.join(settings.output_dir, first_cleaning or "scores", "token_cleaning", "report.json"),
-        "stage_seconds": times,
-        "seconds": round(time.perf_counter() - started, 1),
-        "load_average": _load_average(),
-        "settings": asdict(settings),
-    }
+    results = summary(finished=True)
     atomic_write_json(os.path.join(settings.output_dir, "results.json"), results)
     print(format_table(results), flush=True)
     return results
@@ -568,9 +605,15 @@ def format_table(results: dict) -> str:
             f"{cell(row.get('junk_nll'), '10.3f')}"
         )
     share = results.get("score_share_abs_below_0.01")
+    ceiling = results.get("span_junk_ceiling")
     lines += [
         "",
         results["why_reference"],
+        f"The span row masks {1 - SPAN_KEEP_RATIO:.0%} of the response tokens; the junk is "
+        f"{results['train_junk_tokens'] / results['train_response_tokens']:.1%} of them, so it can mask at most "
+        f"{ceiling:.1%} of the junk."
+        if ceiling is not None
+        else None,
         f"Scores with |L_base - L_ref| < 0.01: {100 * share:.1f}% of train response tokens."
         if share is not None
         else "",

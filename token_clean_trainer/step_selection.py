@@ -231,7 +231,8 @@ def select_step(
     local_ranked = window_mean(local_scores, window, span_start=local_starts)
     if rule == "junk_gate":
         local_refs = np.concatenate(flat_refs) if flat_refs else np.zeros(0, np.float32)
-        local_refs = window_mean(local_refs, window, span_start=local_starts)
+        if window > 1:  # a fresh array: windowed in place, its raw values are not needed again
+            local_refs = window_mean(local_refs, window, span_start=local_starts, out=local_refs)
 
     if level == "batch":
         # Channels: the raw scores (for the statistics), then what is ranked when it differs from them.

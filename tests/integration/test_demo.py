@@ -10,15 +10,22 @@ from token_clean_trainer.assets import load_chatterbot_dataset
 from token_clean_trainer.demo import (
     ARMS,
     DemoSettings,
+    MaskInputs,
+    format_table,
     inject_junk,
     junk_token_mask,
     mask_shares,
     reference_sentence,
     run_demo,
+    span_ceiling,
+    span_keep,
 )
+from token_clean_trainer.selection import keep_count, select_junk_gate, window_mean
 from token_clean_trainer.token_clean_trainer import TokenCleanSFTTrainer
 
 from ..conftest import cpu_args
+
+nan = np.nan
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +106,33 @@ def test_mask_shares_on_hand_built_masks():
     assert mask_shares(response, response, junk) == {"masked": 0.0, "junk_masked": 0.0, "clean_masked": 0.0}
 
 
+def test_span_keep_is_the_trainers_window_and_gate_over_each_response_span():
+    # Two rows flattened: position 0 of each is NaN (no response), row 0 has a prompt gap at 3; a trained context
+    # token (position 7, finite losses, not a response token) must neither be ranked nor bridge two spans.
+    base = np.array([nan, 5, 5, 1, 4, 4, nan, 2, 6, 6, 6, 1], dtype=np.float32)
+    ref = np.array([nan, 6, 6, 1, 1, 1, nan, 2, 7, 7, 1, 1], dtype=np.float32)
+    response = np.array([0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1], dtype=bool)
+    x = MaskInputs(np.array([0, 6, 12]), response, base, ref, np.zeros(12, bool), 0.6, 0)
+    keep = span_keep(x, 0.6)
+    scores = np.where(response, base - ref, nan).astype(np.float32)
+    refs = np.where(response, ref, nan).astype(np.float32)
+    expected = select_junk_gate(window_mean(scores, 5), window_mean(refs, 5), x.offsets, 0.6, "global").keep
+    np.testing.assert_array_equal(keep, expected)
+    assert not keep[~response].any() and int(keep.sum()) == keep_count(0.6, 8)
+    # The span [8, 12) averages only itself: the context token at 7 is not in its window.
+    assert window_mean(scores, 5)[8] == np.float32((-1 - 1 + 5) / 3)
+
+
+def test_span_ceiling_is_the_masked_budget_over_the_junk():
+    response = np.ones(100, dtype=bool)
+    junk = np.zeros(100, dtype=bool)
+    junk[:40] = True  # junk is 40% of the tokens, the rule masks 20: at most half of the junk
+    assert span_ceiling(response, junk, 0.8) == 0.5
+    junk[10:] = False  # 10 junk tokens, 20 masked: all of it can be masked
+    assert span_ceiling(response, junk, 0.8) == 1.0
+    assert span_ceiling(response, np.zeros(100, dtype=bool), 0.8) == 1.0
+
+
 def test_reference_sentence_splits_the_gap_with_the_bound_row():
     rows = {
         "reference (warm-up, clean rows)": {"clean_nll": 1.40},
@@ -130,13 +164,19 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
         "plain SFT (every token)",
         ARMS["paper"].label,
         ARMS["span"].label,
+        ARMS["span_same_budget"].label,
         ARMS["random"].label,
         ARMS["bound"].label,
     ]
     assert results["train_junk_rows"] == 12 and results["train_junk_tokens"] > 0
-    plain, paper, span, random, bound = (table[k] for k in list(table)[2:])
-    # The span rule masks 1 - 0.8 of the response tokens, all from the lower half by score.
+    plain, paper, span, same_budget, random, bound = (table[k] for k in list(table)[2:])
+    # The span rule masks 1 - 0.8 of the response tokens, all from the lower half by score; at the paper's budget, 0.4.
     assert span["masked"] == pytest.approx(0.2, abs=0.01)
+    assert same_budget["masked"] == pytest.approx(0.4, abs=0.01) and "clean_nll" not in same_budget
+    # Its ceiling: 20% of the response tokens, over the junk tokens.
+    share = results["train_junk_tokens"] / results["train_response_tokens"]
+    assert results["span_junk_ceiling"] == pytest.approx(min(1.0, 0.2 / share), abs=0.01)
+    assert "can mask at most" in format_table(results)
     assert plain["masked"] == 0 and plain["junk_masked"] == 0
     assert bound["junk_masked"] == 1.0 and bound["clean_masked"] == 0.0
     assert paper["masked"] == pytest.approx(0.4, abs=0.01) and random["masked"] == pytest.approx(0.4, abs=0.01)

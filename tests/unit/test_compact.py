@@ -183,6 +183,10 @@ def test_window_mean_never_crosses_a_row_or_a_prompt_gap(dataset):
     flat = np.full(response.size, np.nan, dtype=np.float32)
     flat[response] = values
     np.testing.assert_array_equal(compact_window_mean(layout, values, 3), window_mean(flat, 3)[response])
+    # In place (the caller's raw values are not needed again): the same means, no second array.
+    in_place = values.copy()
+    assert compact_window_mean(layout, in_place, 3, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, window_mean(flat, 3)[response])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 100, 10_001])

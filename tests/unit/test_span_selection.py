@@ -112,6 +112,18 @@ def test_window_bits_do_not_depend_on_the_rest_of_the_array(monkeypatch):
         assert_same_bits(got[201:], window_mean(values[201:], 5))
 
 
+def test_window_writes_numpys_nan_off_the_response_tokens_whatever_nan_was_there(monkeypatch):
+    # x86 arithmetic makes a negative NaN (inf - inf); off the response tokens the result holds np.nan's bits, as the
+    # reference's does, at every block boundary.
+    values, starts = random_spans(500, seed=11)
+    gaps = np.flatnonzero(np.isnan(values))
+    values[gaps[::2]] = -np.float32(np.nan)
+    assert np.signbit(values[gaps[0]])
+    for block in (7, 1 << 15):
+        monkeypatch.setattr(selection, "_WINDOW_BLOCK", block)
+        assert_same_bits(window_mean(values, 5), naive_window_mean(values, 5))
+
+
 def test_window_keeps_the_sign_of_zero_as_the_reference_does():
     # -log(1) is -0.0: a span of such losses averages to -0.0 when the whole window is inside it, +0.0 otherwise.
     values = np.array([nan, -0.0, -0.0, -0.0, -0.0, -0.0, nan, -0.0], dtype=np.float32)
@@ -187,3 +199,92 @@ def test_gate_matches_a_sorting_reference_with_many_ties(ratio):
 def test_gate_refuses_ratios_that_need_more_than_the_lower_half():
     with pytest.raises(ValueError, match="at least 0.5"):
         select_junk_gate(np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.float32), np.array([0, 4]), 0.4, "global")
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 0.97, 1.0])
+@pytest.mark.parametrize("seed, threads", [(0, 1), (1, 2), (2, 3)])
+def test_chunked_gate_matches_the_sorting_reference(monkeypatch, ratio, seed, threads):
+    # Arrays of a million values and more take the chunked gate (sample-bracketed thresholds, masks chunk by chunk):
+    # forced here on small arrays and small chunks, with coarse values (ties across chunk edges), NaN gaps, -0.0 beside
+    # +0.0, and a sample too small to bracket well (the exact pass must widen it).
+    monkeypatch.setattr(selection, "_GATE_CHUNKED_FROM", 0)
+    monkeypatch.setattr(selection, "_GATE_CHUNK", 37)
+    monkeypatch.setattr(selection, "_GATE_SAMPLE", 16)
+    monkeypatch.setattr(selection, "_GATE_THREADS", threads)
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-3, 4, size=3000).astype(np.float32)
+    scores[scores == 0] = np.where(rng.random(int((scores == 0).sum())) < 0.5, -0.0, 0.0)
+    ref = rng.integers(0, 5, size=3000).astype(np.float32)
+    scores[rng.random(3000) < 0.3] = nan
+    ref[np.isnan(scores)] = nan
+    keep = select_junk_gate(scores, ref, np.array([0, 3000]), ratio, "global").keep
+    np.testing.assert_array_equal(keep, naive_gate(scores, ref, ratio))
+    # Continuous values: every threshold lands inside a tight bracket of the sample.
+    scores, ref = rng.standard_normal(5000).astype(np.float32), rng.random(5000).astype(np.float32)
+    scores[rng.random(5000) < 0.2] = nan
+    monkeypatch.setattr(selection, "_GATE_SAMPLE", 1000)
+    keep = select_junk_gate(scores, ref, np.array([0, 5000]), ratio, "global").keep
+    np.testing.assert_array_equal(keep, naive_gate(scores, ref, ratio))
+
+
+@pytest.mark.parametrize("n_valid", [0, 1, 2, 3])
+def test_chunked_gate_with_almost_no_response_token(monkeypatch, n_valid):
+    monkeypatch.setattr(selection, "_GATE_CHUNKED_FROM", 0)
+    monkeypatch.setattr(selection, "_GATE_CHUNK", 2)
+    scores = np.full(7, nan, dtype=np.float32)
+    scores[[1, 3, 5][:n_valid]] = [0.5, -1.0, 0.5][:n_valid]
+    ref = np.where(np.isnan(scores), nan, 1.0).astype(np.float32)
+    for ratio in (0.5, 0.8):
+        keep = select_junk_gate(scores, ref, np.array([0, 7]), ratio, "global").keep
+        np.testing.assert_array_equal(keep, naive_gate(scores, ref, ratio))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_window_bits_do_not_depend_on_the_threads_and_in_place_gives_the_same(monkeypatch, threads):
+    values, starts = random_spans(5000, seed=threads, start_share=0.03)
+    monkeypatch.setattr(selection, "_WINDOW_THREADS", threads)
+    monkeypatch.setattr(selection, "_WINDOW_THREADED_FROM", 0)
+    monkeypatch.setattr(selection, "_WINDOW_BLOCK", 61)
+    expected = naive_window_mean(values, 5, starts)
+    assert_same_bits(window_mean(values, 5, span_start=starts), expected)
+    out = np.empty_like(values)
+    assert window_mean(values, 5, span_start=starts, out=out) is out
+    assert_same_bits(out, expected)
+    in_place = values.copy()
+    assert window_mean(in_place, 5, span_start=starts, out=in_place) is in_place
+    assert_same_bits(in_place, expected)
+    with pytest.raises(ValueError, match="out"):
+        window_mean(values, 5, out=np.empty(values.size, dtype=np.float64))
+
+
+def test_order_statistic_is_exact_when_the_sample_misleads(monkeypatch):
+    # A sample that does not resemble the values (as a strided sample of periodic data would not): the first bracket
+    # misses, the pass is repeated with wider ones, and the result is still the partition's.
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal(20000).astype(np.float32)
+    misleading = np.sort(rng.standard_normal(4096).astype(np.float32) + 50)
+
+    monkeypatch.setattr(selection, "_GATE_CHUNK", 999)
+
+    def chunks(a, b):
+        return values[a:b], None
+
+    for kth in (0, 7, 10000, 19999):
+        value, n, n_le = selection._kth_smallest(
+            values.size, chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
+        )
+        assert value == np.partition(values, kth)[kth]
+        assert (n, n_le) == (values.size, int((values <= value).sum()))
+    # The same over the values an eligibility mask picks (the gate's candidates).
+    eligible = rng.random(values.size) < 0.4
+    picked = values[eligible]
+
+    def masked_chunks(a, b):
+        return values[a:b], eligible[a:b]
+
+    for kth in (0, 123, picked.size - 1):
+        value, n, n_le = selection._kth_smallest(
+            values.size, masked_chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
+        )
+        assert value == np.partition(picked, kth)[kth]
+        assert (n, n_le) == (picked.size, int((picked <= value).sum()))
