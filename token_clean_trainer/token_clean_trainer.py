@@ -1049,11 +1049,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             self._self_evolving_dataset = self._without_token_columns(self.train_dataset)
         dataset = self._self_evolving_dataset
         started = time.perf_counter()
-        layout = collective.together(lambda: self._response_layout(dataset) if collective.is_main else None)
-        offsets = self._offsets(dataset)
-        response_offsets, bits = self._share_layout(layout)
-        bounds = chunk_bounds(len(dataset), args.self_evolving_rounds)
-        needs_scores = args.token_selection in ("global", "sample")
+        run = self._new_self_evolving_run(dataset)
         identity = {
             "mode": "self_evolving",
             "selection": args.token_selection,
@@ -1065,17 +1061,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             # The base side is the original model (taken now, before any round trains or a checkpoint is loaded).
             "base": self._role_key("base"),
         }
-        run = _SelfEvolvingRun(
-            dataset=dataset,
-            layout=layout,
-            offsets=offsets,
-            response_offsets=response_offsets,
-            response_bits=bits,
-            bounds=bounds,
-            needs_scores=needs_scores,
-            keep_bits=np.zeros((int(offsets[-1]) + 7) // 8, dtype=np.uint8),
-            ref_all=np.full(layout.n_response, np.nan, dtype=np.float32) if collective.is_main else None,
-        )
+        offsets, bounds, needs_scores = run.offsets, run.bounds, run.needs_scores
         if is_peft_model(self.model):
             identity["lora"] = args.self_evolving_lora
         start_round, resume_path = 0, None
@@ -1154,6 +1140,24 @@ class TokenCleanSFTTrainer(SFTTrainer):
         metrics["train_runtime"] = sum(o.metrics.get("train_runtime", 0.0) for o in outputs)
         metrics["train_loss"] = loss
         return TrainOutput(global_step=steps, training_loss=loss, metrics=metrics)
+
+    def _new_self_evolving_run(self, dataset: Dataset) -> "_SelfEvolvingRun":
+        """The rounds' shared state before round 0: the layout, every mask empty, the reference losses all NaN."""
+        collective = self._collective
+        layout = collective.together(lambda: self._response_layout(dataset) if collective.is_main else None)
+        offsets = self._offsets(dataset)
+        response_offsets, bits = self._share_layout(layout)
+        return _SelfEvolvingRun(
+            dataset=dataset,
+            layout=layout,
+            offsets=offsets,
+            response_offsets=response_offsets,
+            response_bits=bits,
+            bounds=chunk_bounds(len(dataset), self.args.self_evolving_rounds),
+            needs_scores=self.args.token_selection in ("global", "sample"),
+            keep_bits=np.zeros((int(offsets[-1]) + 7) // 8, dtype=np.uint8),
+            ref_all=np.full(layout.n_response, np.nan, dtype=np.float32) if collective.is_main else None,
+        )
 
     def _prepare_round(self, run: "_SelfEvolvingRun", identity: dict[str, Any], t: int) -> None:
         """
