@@ -206,6 +206,10 @@ def build_token_sample(
     )  # fmt: skip
 
 
+# Rows per block when the compact token sample ranks rows by mean score or mean reference loss.
+RANK_ROWS = 1 << 10
+
+
 def _compact_token_sample(layout, input_ids, tokenizer, base_losses, ref_losses, keep, settings, rows, seed):
     """`build_token_sample` over compact arrays: rows ranked by kept fraction, or, with tokens chosen per step
     (`keep=None`), by mean score or mean reference loss, as over the flat layout."""
@@ -219,13 +223,15 @@ def _compact_token_sample(layout, input_ids, tokenizer, base_losses, ref_losses,
         rank = kept_per_row(bounds, keep).astype(np.float64) / np.maximum(n_response, 1)
     else:
         rank_name = "mean score" if has_scores else "mean reference loss"
-        if has_scores:
-            values = np.nan_to_num(base_losses - ref_losses)
-        elif ref_losses is not None:
-            values = np.nan_to_num(ref_losses)
-        else:
-            values = np.zeros(layout.n_response, dtype=np.float32)
-        rank = _per_row_sums(values, bounds) / np.maximum(n_response, 1)
+        rank = np.zeros(layout.rows, dtype=np.float64)
+        # `RANK_ROWS` rows at a time: the float64 temporaries stay small at any dataset size.
+        for a in range(0, layout.rows if ref_losses is not None else 0, RANK_ROWS):
+            b = min(a + RANK_ROWS, layout.rows)
+            part = slice(int(bounds[a]), int(bounds[b]))
+            values = base_losses[part] - ref_losses[part] if has_scores else ref_losses[part]
+            # Each row's sum is reduced on its own, so summing a block of rows gives the sums of the whole array.
+            rank[a:b] = _per_row_sums(np.nan_to_num(values), bounds[a : b + 1] - bounds[a])
+        rank /= np.maximum(n_response, 1)
     chosen = choose_rows(rank, n_response > 0, rows, seed)
 
     def row_arrays(row: int):

@@ -35,6 +35,7 @@ from .collator import (
     TokenCleaningCollator,
 )
 from .compact import (
+    CHUNK_ROWS,
     ResponseLayout,
     compact_keep,
     compact_window_mean,
@@ -1759,10 +1760,14 @@ def _log_fields(report: dict[str, Any]) -> dict[str, float]:
 
 def _row_lengths(dataset: Dataset) -> np.ndarray:
     """Token count of every row of a prepared dataset, read from Arrow (no Python object per row)."""
-    table = dataset.with_format("arrow").select_columns(["input_ids"])[:]
-    # Chunk by chunk: combining the chunks would copy the whole token column.
-    chunks = table.column("input_ids").chunks
-    lengths = [pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in chunks]
+    column = dataset.with_format("arrow").select_columns(["input_ids"])
+    lengths = []
+    # A block of rows at a time: a dataset that is a selection of rows (a self-evolving chunk) is copied on reading,
+    # so reading it whole would copy its token column.
+    for start in range(0, len(dataset), CHUNK_ROWS):
+        # Arrow chunk by chunk: combining the chunks would copy the tokens.
+        for chunk in column[start : start + CHUNK_ROWS].column("input_ids").chunks:
+            lengths.append(pc.list_value_length(chunk).to_numpy(zero_copy_only=False))
     return np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, dtype=np.int64)
 
 

@@ -286,10 +286,12 @@ def test_row_store_expands_compact_values_to_the_flat_row(dataset):
         np.testing.assert_array_equal(packed.row(row), keep[offsets[row] : offsets[row + 1]])
 
 
+@pytest.mark.parametrize("rank_rows", [1 << 10, 2])
 @pytest.mark.parametrize("sides", ["scores", "ref"])
-def test_per_step_report_and_sample_match_the_flat_layout(dataset, sides):
+def test_per_step_report_and_sample_match_the_flat_layout(dataset, sides, rank_rows, monkeypatch):
     """`token_selection="batch"` (scores, no keep mask) and online mode (reference losses only) in the compact layout
-    give the flat layout's report and token sample."""
+    give the flat layout's report and token sample (rows ranked in one block, or in blocks of two rows)."""
+    monkeypatch.setattr("token_clean_trainer.report_html.RANK_ROWS", rank_rows)
     base_rows, ref_rows = losses(np.random.default_rng(6), LABELS)
     (lengths, labels, offsets, response), base, ref, scores, _, _ = flat_path(
         dataset, base_rows, ref_rows, "global", 1
