@@ -1078,7 +1078,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             payload, saved_bits = load_checkpoint_state(resume_path, packed=True)
             check_resume_matches(payload, identity, resume_path)
             start_round, self._round_records = payload["round"], payload["rounds"]
-            run.keep_bits = saved_bits
+            run.keep_bits = np.array(saved_bits, dtype=np.uint8)  # written to by the later rounds
             run.base_losses = self._saved_base_losses(run, resume_path) if collective.is_main else None
             run.base_done = run.base_losses is not None or start_round >= len(bounds) - 1
         run.base_done = run.base_done or not needs_scores or len(bounds) < 2
