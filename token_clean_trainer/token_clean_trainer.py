@@ -487,8 +487,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if mode == "self_evolving":
             return self._train_self_evolving(resume_from_checkpoint, train_kwargs)
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            # Skips a checkpoint folder a kill left half-written (Trainer saves in place).
-            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, self._selects_per_step)
+            # Skips a checkpoint folder a kill left half-written (Trainer saves in place), and prefers one that holds
+            # the token-cleaning state (written after Trainer's files): a fixed-mode resume then reads its keep mask
+            # instead of scoring again; only checkpoints of earlier versions have none.
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, with_state=True)
+            if resume_from_checkpoint is None and not self._selects_per_step:
+                resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
         self._step_records, self._step_log_window = [], []
