@@ -1,9 +1,12 @@
-"""Host memory and selection time of fixed-mode scoring at scale, with simulated ranks (not a test).
+"""Host memory and selection time of token-cleaning preparation at scale, with simulated ranks (not a test).
 
 The paper-scale case is 300k rows x 2,048 positions with half of them response tokens (about 307M response
-positions). This benchmark runs the trainer's own fixed-mode preparation (`TokenCleanSFTTrainer._prepare_token_cleaning`
--> `_score_and_select_compact` -> `_response_losses`, `_select`, `_build_report`, `_publish_report`, the row store) on
-an in-memory prepared dataset, with real processes over gloo. Only the forwards are simulated: `_token_losses` is
+positions). This benchmark runs the trainer's own preparation on an in-memory prepared dataset, with real processes
+over gloo: fixed mode (`TokenCleanSFTTrainer._prepare_token_cleaning` -> `_score_and_select` -> `_response_losses`,
+`_select`, `_build_report`, `_publish_report`, the row store; `--selection batch` keeps the compact scores for per-step
+ranking), online mode's reference pass (`--mode online`: `_score_reference`, the row store) and the scoring and
+selection of every self-evolving round (`--mode self_evolving`: `_new_self_evolving_run`, then per round
+`_prepare_round` and the report of the rounds so far; training between rounds is not part of it). Only the forwards are simulated: `_token_losses` is
 replaced by a loop that gives each process synthetic losses for its round-robin share of every shard (`deal_rows`, as
 `_score_shards` deals them) and sends them to the main process with the trainer's `gather_shard`; the main process
 writes each shard into its compact arrays through the trainer's sink. The forwards are the GPUs' business; the host
@@ -15,6 +18,9 @@ shared by `input_ids` and `labels`) is part of the baseline, as a memory-mapped 
 
     python benchmarks/bench_scale.py                       # 300k rows x 2,048
     python benchmarks/bench_scale.py --rows 30000          # a tenth: the ratios do not depend on the size
+    python benchmarks/bench_scale.py --rows 30000 --selection batch
+    python benchmarks/bench_scale.py --rows 30000 --mode online
+    python benchmarks/bench_scale.py --rows 30000 --mode self_evolving --rounds 3
 """
 
 import argparse
@@ -88,10 +94,11 @@ def bench_trainer(args, collective, out_dir: str, timings: dict):
 
     T = module.TokenCleanSFTTrainer
     names = [
-        "_prepare_token_cleaning", "_score_and_select", "_score_and_select_compact", "_response_layout",
+        "_prepare_token_cleaning", "_score_and_select", "_response_layout", "_share_layout", "_score_reference",
         "_response_losses", "_select", "_build_report", "_publish_report", "_warn_if_weak_reference", "_last_report",
         "_check_scores", "_shard_bounds", "_describe_reference", "_selects_per_step", "_seed", "_without_token_columns",
-        "_offsets",
+        "_offsets", "_new_self_evolving_run", "_prepare_round", "_self_evolving_base_pass", "_set_round_checkpoint",
+        "_self_evolving_report",
     ]  # fmt: skip
     namespace = {name: T.__dict__[name] for name in names}
 
@@ -101,7 +108,7 @@ def bench_trainer(args, collective, out_dir: str, timings: dict):
         for i, (start, end) in enumerate(bounds):
             rows = list(range(start, end))
             mine = deal_rows(rows, lengths[start:end], collective.world, collective.rank)
-            rng = np.random.default_rng([i, collective.rank, 0 if role == "base" else 1])
+            rng = np.random.default_rng([i, collective.rank, 0 if role == "base" else 1, start])
             local = []
             for row in mine:
                 values = rng.random(int(lengths[row]), dtype=np.float32) + np.float32(1 if role == "base" else 0.5)
@@ -114,19 +121,27 @@ def bench_trainer(args, collective, out_dir: str, timings: dict):
 
     def _token_sample(self, offsets, response, fields, layout=None):
         return build_token_sample(
-            input_ids=lambda rows: self.train_dataset.select(rows)["input_ids"], tokenizer=self._tokenizer,
+            input_ids=lambda rows: (self._self_evolving_dataset or self.train_dataset).select(rows)["input_ids"],
+            tokenizer=self._tokenizer,
             offsets=offsets, response=response, base_losses=fields.get("base_losses"),
             ref_losses=fields.get("ref_losses"), keep=fields.get("keep"), settings={}, seed=0, layout=layout,
         )  # fmt: skip
 
-    namespace.update(_token_losses=_token_losses, _token_sample=_token_sample, _has_reference=lambda self: True)
+    namespace.update(
+        _token_losses=_token_losses,
+        _token_sample=_token_sample,
+        _has_reference=lambda self: True,
+        # The identity of per-step checkpoints hashes the dataset: not the question here.
+        _resume_identity=lambda self: {},
+    )
     Bench = type("BenchTrainer", (), namespace)
     trainer = Bench()
     trainer.args = SimpleNamespace(
-        token_cleaning="fixed", token_selection="global", token_keep_ratio=0.6, token_score_rule="excess",
+        token_cleaning=args.mode, token_selection=args.selection, token_keep_ratio=0.6, token_score_rule="excess",
         token_score_window=1, token_selection_seed=None, seed=0, max_length=None, output_dir=out_dir,
-        score_shard_rows=args.shard_rows, report_to=[],
+        score_shard_rows=args.shard_rows, report_to=[], self_evolving_rounds=args.rounds, score_cache_dir=None,
     )  # fmt: skip
+    trainer._self_evolving_dataset = None
     trainer.token_cleaning_enabled = True
     trainer.token_cleaning_state = None
     trainer._collective = collective
@@ -151,6 +166,26 @@ def bench_trainer(args, collective, out_dir: str, timings: dict):
     return trainer
 
 
+def self_evolving_rounds(trainer, dataset, collective, timings: dict):
+    """Every round's scoring and selection (`_prepare_round`) and the report of the rounds so far, as `train()` runs
+    them between the rounds' training."""
+    from token_clean_trainer.report import write_report
+
+    trainer._round_records = []
+    trainer._self_evolving_dataset = dataset
+    run = trainer._new_self_evolving_run(dataset)
+    for t, (start, end) in enumerate(run.bounds):
+        trainer.train_dataset = dataset.select(range(start, end))
+        trainer._prepare_round(run, {}, t)
+        if collective.is_main:
+            started = time.perf_counter()
+            report = trainer._self_evolving_report(run, t, started)
+            write_report(os.path.join(trainer.args.output_dir, "token_cleaning"), report)
+            timings[f"round_{t}_report_s"] = time.perf_counter() - started
+        timings[f"peak_after_round_{t}_mb"] = status("VmHWM")
+    return run
+
+
 def worker(rank: int, world: int, args, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -167,11 +202,20 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
         reset_peak()
         baseline = status("VmRSS")
         started = time.perf_counter()
-        state = trainer._prepare_token_cleaning()
+        response = args.rows * (args.length // 2 - 0)
+        if args.mode == "self_evolving":
+            run = self_evolving_rounds(trainer, dataset, collective, timings)
+            kept = int(np.unpackbits(run.keep_bits).sum())
+            first = run.bounds[1][0] * (args.length // 2)
+            assert abs(kept - (first + 0.6 * (response - first))) < 2 * args.rounds, (kept, response)
+        else:
+            state = trainer._prepare_token_cleaning()
+            if state.keep_bits is not None:
+                kept = int(np.unpackbits(state.keep_bits).sum())
+                assert abs(kept - 0.6 * response) < 2, (kept, response)
+            else:  # per-step selection: every process holds the compact values
+                assert trainer._row_store._values.size == response
         timings["prepare_s"] = time.perf_counter() - started
-    kept = int(state.keep.sum())
-    response = args.rows * (args.length // 2 - 0)
-    assert abs(kept - 0.6 * response) < 2, (kept, response)
     assert trainer._row_store.ready
     peak = status("VmHWM")
     result = {
@@ -196,8 +240,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--shard_rows", type=int, default=2048)
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/scale")
+    parser.add_argument("--mode", choices=["fixed", "online", "self_evolving"], default="fixed")
+    parser.add_argument("--selection", choices=["global", "batch", "sample"], default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="self-evolving rounds")
+    parser.add_argument("--out", default=None, help="defaults to benchmarks/results/scale[_<mode>_<selection>]")
     args = parser.parse_args()
+    if args.selection is None:
+        args.selection = "batch" if args.mode == "online" else "global"
+    if args.out is None:
+        plain = (args.mode, args.selection) == ("fixed", "global")
+        args.out = "benchmarks/results/scale" + ("" if plain else f"_{args.mode}_{args.selection}")
     os.makedirs(args.out, exist_ok=True)
     port = 29500 + os.getpid() % 1000
     mp.spawn(worker, args=(args.world, args, port, args.out), nprocs=args.world, join=True)

@@ -24,6 +24,8 @@ class RowStore:
 
     The trainer fills it once the model is prepared, before the first batch is collated; the collator reads the row
     of every example. Keep masks are stored packed (one bit per position), so a process holds 1/32 of a float array.
+    Per-token float values are stored compact ([`set_compact_values`]): only the response positions, with the packed
+    response mask that puts a row back over its label positions (NaN elsewhere) when it is looked up.
     """
 
     def __init__(self):
@@ -31,25 +33,58 @@ class RowStore:
         self.offsets: np.ndarray | None = None
         self._bits: np.ndarray | None = None
         self._values: np.ndarray | None = None
+        self._response_offsets: np.ndarray | None = None
+        self._response_bits: np.ndarray | None = None
 
     def set_keep(self, offsets: np.ndarray, keep: np.ndarray) -> None:
+        self.set_keep_bits(offsets, np.packbits(np.asarray(keep, dtype=bool)))  # no copy of a bool mask
+
+    def set_keep_bits(self, offsets: np.ndarray, bits: np.ndarray) -> None:
+        """The keep mask already packed (`np.packbits` over every label position, in row order)."""
         self.column, self.offsets = TOKEN_KEEP_COLUMN, offsets
-        self._bits, self._values = np.packbits(np.asarray(keep, dtype=bool)), None  # no copy of a bool mask
+        self._bits, self._values, self._response_offsets, self._response_bits = bits, None, None, None
 
     def set_values(self, column: str, offsets: np.ndarray, values: np.ndarray) -> None:
         self.column, self.offsets = column, offsets
         self._bits, self._values = None, np.asarray(values, dtype=np.float32)
+        self._response_offsets = self._response_bits = None
+
+    def set_compact_values(
+        self,
+        column: str,
+        offsets: np.ndarray,
+        response_offsets: np.ndarray,
+        response_bits: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
+        """
+        Float values at the response positions only (`values[response_offsets[i]:response_offsets[i + 1]]` are row
+        `i`'s, in position order); `response_bits` is the packed response mask over every label position. `row()`
+        still returns one value per label position, NaN off the response tokens.
+        """
+        self.column, self.offsets, self._bits = column, offsets, None
+        self._values = np.asarray(values, dtype=np.float32)
+        self._response_offsets, self._response_bits = response_offsets, response_bits
 
     @property
     def ready(self) -> bool:
         return self.column is not None
 
+    @staticmethod
+    def _unpack(bits: np.ndarray, start: int, end: int) -> np.ndarray:
+        chunk = np.unpackbits(bits[start // 8 : (end + 7) // 8])
+        return chunk[start % 8 : start % 8 + end - start].astype(bool)
+
     def row(self, index: int) -> np.ndarray:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        if self._response_bits is not None:
+            response = self._unpack(self._response_bits, start, end)
+            out = np.full(end - start, np.nan, dtype=np.float32)
+            out[response] = self._values[self._response_offsets[index] : self._response_offsets[index + 1]]
+            return out
         if self._values is not None:
             return self._values[start:end]
-        chunk = np.unpackbits(self._bits[start // 8 : (end + 7) // 8])
-        return chunk[start % 8 : start % 8 + end - start].astype(bool)
+        return self._unpack(self._bits, start, end)
 
 
 @dataclass

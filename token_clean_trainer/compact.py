@@ -93,6 +93,23 @@ class ResponseLayout:
             _, _, trained, response = _read_chunk(self.dataset, a, b)
             yield a, b, trained, response
 
+    def subset(self, start: int, end: int) -> "ResponseLayout":
+        """The layout of rows `[start, end)` alone (a self-evolving chunk, or the prefix of rows done so far)."""
+        if (start, end) == (0, self.rows):
+            return self
+        context = sum(int(np.count_nonzero(t & ~r)) for _, _, t, r in self.chunks(start, end))
+        # A prefix reads the same dataset (`chunks()` stops at its last row); other subsets a selection of rows.
+        dataset = self.dataset if start == 0 else self.dataset.select(range(start, end))
+        return ResponseLayout(
+            dataset,
+            self.lengths[start:end],
+            self.offsets[start : end + 1] - self.offsets[start],
+            self.response_offsets[start : end + 1] - self.response_offsets[start],
+            context,
+            self.last_trained[start:end],
+            self.chunk_rows,
+        )
+
     def row_response(self, row: int) -> np.ndarray:
         """The response mask of one row, over its label positions."""
         return _read_chunk(self.dataset, row, row + 1)[3]
@@ -168,6 +185,83 @@ def expand_keep(layout: ResponseLayout, keep: np.ndarray) -> np.ndarray:
         part = trained & ~response
         part[response] = keep[layout.response_offsets[a] : layout.response_offsets[b]]
         out[layout.offsets[a] : layout.offsets[b]] = part
+    return out
+
+
+def pack_bits(total: int, chunks) -> np.ndarray:
+    """
+    Bool chunks (in order, `total` entries in all) packed into one uint8 array of `ceil(total / 8)` bytes, as
+    `np.packbits(np.concatenate(chunks))` gives, without the concatenation: the leftover bits of a chunk go with the
+    next one.
+    """
+    out = np.zeros((total + 7) // 8, dtype=np.uint8)
+    carry, written = np.zeros(0, dtype=bool), 0
+    for chunk in chunks:
+        bits = np.concatenate([carry, np.asarray(chunk, dtype=bool)])
+        whole = bits.size - bits.size % 8
+        out[written : written + whole // 8] = np.packbits(bits[:whole])
+        written += whole // 8
+        carry = bits[whole:]
+    if carry.size:
+        out[written] = np.packbits(carry)[0]
+    return out
+
+
+def unpack_bits(bits: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Entries `[start, end)` of a packed bool array, unpacked (a copy of only those bytes)."""
+    chunk = np.unpackbits(bits[start // 8 : (end + 7) // 8])
+    return chunk[start % 8 : start % 8 + end - start].view(bool)
+
+
+def write_bits(bits: np.ndarray, start: int, values: np.ndarray) -> None:
+    """Set entries `[start, start + len(values))` of a packed bool array in place (the bytes around are kept)."""
+    end = start + len(values)
+    if end == start:
+        return
+    first, last = start // 8, (end + 7) // 8
+    chunk = np.unpackbits(bits[first:last])
+    chunk[start - 8 * first : end - 8 * first] = np.asarray(values, dtype=bool)
+    bits[first:last] = np.packbits(chunk)
+
+
+def response_bits(layout: ResponseLayout) -> np.ndarray:
+    """The response mask over every label position, packed (one bit per position): what expands a compact row."""
+    return pack_bits(int(layout.offsets[-1]), (response for _, _, _, response in layout.chunks()))
+
+
+def expand_keep_bits(layout: ResponseLayout, keep: np.ndarray, start: int = 0, end: int | None = None) -> np.ndarray:
+    """
+    [`expand_keep`] of rows `[start, end)`, packed: the keep mask over their label positions, one bit per position,
+    from a compact mask over their response positions (`keep[0]` is row `start`'s first response token).
+    """
+    end = layout.rows if end is None else end
+    base = layout.response_offsets[start]
+
+    def parts():
+        for a, b, trained, response in layout.chunks(start, end):
+            part = trained & ~response
+            part[response] = keep[layout.response_offsets[a] - base : layout.response_offsets[b] - base]
+            yield part
+
+    return pack_bits(int(layout.offsets[end] - layout.offsets[start]), parts())
+
+
+def compact_keep(layout: ResponseLayout, bits: np.ndarray, start: int = 0, end: int | None = None) -> np.ndarray:
+    """The keep mask at the response positions of rows `[start, end)`, from a packed mask over every label position."""
+    end = layout.rows if end is None else end
+    out = np.empty(int(layout.response_offsets[end] - layout.response_offsets[start]), dtype=bool)
+    base = layout.response_offsets[start]
+    for a, b, _, response in layout.chunks(start, end):
+        kept = unpack_bits(bits, int(layout.offsets[a]), int(layout.offsets[b]))
+        out[layout.response_offsets[a] - base : layout.response_offsets[b] - base] = kept[response]
+    return out
+
+
+def expand_bits(bits: np.ndarray, values: np.ndarray, size: int, fill: float = np.nan) -> np.ndarray:
+    """A compact float array over every label position (`fill` off the response tokens), from the packed response
+    mask ([`response_bits`]): [`expand`] without the dataset."""
+    out = np.full(size, fill, dtype=np.float32)
+    out[np.unpackbits(bits, count=size).view(bool)] = values
     return out
 
 
@@ -271,12 +365,19 @@ def kept_per_row(response_offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "ResponseLayout",
+    "compact_keep",
     "compact_window_mean",
     "expand",
+    "expand_bits",
     "expand_keep",
+    "expand_keep_bits",
     "kept_per_row",
     "kth_difference",
+    "pack_bits",
+    "response_bits",
     "response_layout",
     "scatter_rows",
     "select_global_difference",
+    "unpack_bits",
+    "write_bits",
 ]

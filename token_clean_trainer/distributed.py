@@ -83,7 +83,11 @@ class Collective:
         if self.world == 1:
             return np.asarray(array, dtype=dtype)
         size = self.broadcast_object(int(array.size) if self.is_main else None)
-        torch_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.uint8): torch.uint8}[np.dtype(dtype)]
+        torch_dtype = {
+            np.dtype(np.float32): torch.float32,
+            np.dtype(np.uint8): torch.uint8,
+            np.dtype(np.int64): torch.int64,
+        }[np.dtype(dtype)]
         if self.is_main:
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(self.device)
         else:

@@ -305,22 +305,44 @@ def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> d
     per-token rule scatters them.
     """
     dropped = np.asarray(dropped, dtype=bool)
-    begins = dropped.copy()
-    begins[1:] &= ~dropped[:-1]
-    if span_starts is not None and len(span_starts):
-        begins[span_starts] = dropped[span_starts]
-    ends = dropped.copy()
-    ends[:-1] &= ~dropped[1:]
-    if span_starts is not None and len(span_starts):
-        before = np.asarray(span_starts)[np.asarray(span_starts) > 0] - 1
-        ends[before] = dropped[before]
-    first, last = np.flatnonzero(begins), np.flatnonzero(ends)
-    count, tokens = int(first.size), int(np.count_nonzero(dropped))
+    n = dropped.size
+    span_starts = np.asarray(span_starts if span_starts is not None else [], dtype=np.int64)
+    count = longest = 0
+    open_begin = None  # a run that began in an earlier chunk and has not ended yet (runs never overlap)
+    # Chunk by chunk, so no int64 array of run boundaries over the whole array exists (hundreds of MB at scale).
+    for a in range(0, n, _CHUNK):
+        b = min(a + _CHUNK, n)
+        part = dropped[a:b]
+        begins = part.copy()
+        begins[1:] &= ~part[:-1]
+        if a:
+            begins[0] &= ~dropped[a - 1]
+        ends = part.copy()
+        ends[:-1] &= ~part[1:]
+        if b < n:
+            ends[-1] &= ~dropped[b]
+        here = span_starts[(span_starts >= a) & (span_starts < b)] - a
+        begins[here] = part[here]  # a run starts at a span start even after a dropped token of the span before
+        before = span_starts[(span_starts > a) & (span_starts <= b)] - 1 - a
+        ends[before] = part[before]  # ... and ends where the next span begins
+        first, last = np.flatnonzero(begins) + a, np.flatnonzero(ends) + a
+        if open_begin is not None and last.size:
+            longest = max(longest, int(last[0]) - open_begin + 1)
+            last, open_begin = last[1:], None
+        elif open_begin is not None:
+            continue  # the whole chunk lies inside the open run
+        closed = min(first.size, last.size)
+        if closed:
+            longest = max(longest, int((last[:closed] - first[:closed]).max()) + 1)
+        if first.size > closed:
+            open_begin = int(first[-1])
+        count += int(first.size)
+    tokens = int(np.count_nonzero(dropped))
     return {
         "count": count,
         "tokens": tokens,
         "mean_length": tokens / count if count else None,
-        "max_length": int((last - first).max()) + 1 if count else None,
+        "max_length": longest if count else None,
     }
 
 

@@ -209,17 +209,33 @@ def build_token_sample(
     )  # fmt: skip
 
 
+# Rows per block when the compact token sample ranks rows by mean score or mean reference loss.
+RANK_ROWS = 1 << 10
+
+
 def _compact_token_sample(layout, input_ids, tokenizer, base_losses, ref_losses, keep, settings, rows, seed):
-    """`build_token_sample` over compact arrays (with a keep mask: the fixed-mode selections)."""
+    """`build_token_sample` over compact arrays: rows ranked by kept fraction, or, with tokens chosen per step
+    (`keep=None`), by mean score or mean reference loss, as over the flat layout."""
     from .compact import kept_per_row
 
-    if keep is None:
-        raise ValueError("The compact token sample needs the keep mask; per-step selections use the flat layout.")
     bounds = layout.response_offsets
     n_response = np.diff(bounds).astype(np.float64)
-    rank = kept_per_row(bounds, keep).astype(np.float64) / np.maximum(n_response, 1)
-    chosen = choose_rows(rank, n_response > 0, rows, seed)
     has_scores = base_losses is not None and ref_losses is not None
+    if keep is not None:
+        rank_name = "kept fraction"
+        rank = kept_per_row(bounds, keep).astype(np.float64) / np.maximum(n_response, 1)
+    else:
+        rank_name = "mean score" if has_scores else "mean reference loss"
+        rank = np.zeros(layout.rows, dtype=np.float64)
+        # `RANK_ROWS` rows at a time: the float64 temporaries stay small at any dataset size.
+        for a in range(0, layout.rows if ref_losses is not None else 0, RANK_ROWS):
+            b = min(a + RANK_ROWS, layout.rows)
+            part = slice(int(bounds[a]), int(bounds[b]))
+            values = base_losses[part] - ref_losses[part] if has_scores else ref_losses[part]
+            # Each row's sum is reduced on its own, so summing a block of rows gives the sums of the whole array.
+            rank[a:b] = _per_row_sums(np.nan_to_num(values), bounds[a : b + 1] - bounds[a])
+        rank /= np.maximum(n_response, 1)
+    chosen = choose_rows(rank, n_response > 0, rows, seed)
 
     def row_arrays(row: int):
         row_response = layout.row_response(row)
@@ -236,8 +252,8 @@ def _compact_token_sample(layout, input_ids, tokenizer, base_losses, ref_losses,
         return row_response, base, ref, base - ref if has_scores else None, full(keep, False)
 
     return _sample(
-        chosen, rank, "kept fraction", row_arrays, input_ids, tokenizer, layout.rows, has_scores, True, settings,
-        rows, seed,
+        chosen, rank, rank_name, row_arrays, input_ids, tokenizer, layout.rows, has_scores, keep is not None,
+        settings, rows, seed,
     )  # fmt: skip
 
 

@@ -90,8 +90,9 @@ def save_checkpoint_state(
     folder: str, payload: dict[str, Any], arrays: dict[str, np.ndarray] | np.ndarray | None
 ) -> None:
     """
-    Write the token-cleaning state next to a Trainer checkpoint: JSON, plus its arrays (`keep`, packed to bits; and
-    the float32 `base_losses` a self-evolving run still needs when it keeps no score cache).
+    Write the token-cleaning state next to a Trainer checkpoint: JSON, plus its arrays (`keep`, packed to bits, or
+    `keep_bits` already packed with its `keep_size`; and the float32 `base_losses` at the response positions a
+    self-evolving run still needs when it keeps no score cache).
     """
     if isinstance(arrays, np.ndarray):
         arrays = {"keep": arrays}
@@ -100,7 +101,12 @@ def save_checkpoint_state(
         os.unlink(arrays_path)  # never leave a mask from an earlier save next to a state that has none
     if arrays:
         stored: dict[str, np.ndarray] = {}
-        if arrays.get("keep") is not None:
+        if arrays.get("keep_bits") is not None:  # already packed: `keep_size` entries
+            stored.update(
+                keep_bits=np.ascontiguousarray(arrays["keep_bits"], dtype=np.uint8),
+                keep_size=np.array([int(arrays["keep_size"])], dtype=np.int64),
+            )
+        elif arrays.get("keep") is not None:
             keep = arrays["keep"].astype(bool)
             stored.update(keep_bits=np.packbits(keep), keep_size=np.array([keep.size], dtype=np.int64))
         if arrays.get("base_losses") is not None:
@@ -109,8 +115,11 @@ def save_checkpoint_state(
     atomic_write_json(os.path.join(folder, STATE_JSON), {"format": STATE_FORMAT_VERSION, **payload})
 
 
-def load_checkpoint_state(folder: str) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Read what [`save_checkpoint_state`] wrote; a clear error when the checkpoint has no token-cleaning state."""
+def load_checkpoint_state(folder: str, packed: bool = False) -> tuple[dict[str, Any], np.ndarray | None]:
+    """
+    Read what [`save_checkpoint_state`] wrote; a clear error when the checkpoint has no token-cleaning state. The keep
+    mask comes unpacked (one bool per label position), or as stored (`np.packbits`) with `packed=True`.
+    """
     path = os.path.join(folder, STATE_JSON)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -126,7 +135,9 @@ def load_checkpoint_state(folder: str) -> tuple[dict[str, Any], np.ndarray | Non
     arrays_path = os.path.join(folder, STATE_ARRAYS)
     if os.path.isfile(arrays_path):
         arrays = load_file(arrays_path)
-        if "keep_bits" in arrays:
+        if "keep_bits" in arrays and packed:
+            keep = arrays["keep_bits"]
+        elif "keep_bits" in arrays:
             keep = np.unpackbits(arrays["keep_bits"], count=int(arrays["keep_size"][0])).astype(bool)
     return payload, keep
 

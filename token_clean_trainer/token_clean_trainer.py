@@ -35,13 +35,17 @@ from .collator import (
     TokenCleaningCollator,
 )
 from .compact import (
+    CHUNK_ROWS,
     ResponseLayout,
+    compact_keep,
     compact_window_mean,
-    expand,
-    expand_keep,
+    expand_bits,
+    expand_keep_bits,
+    response_bits,
     response_layout,
     scatter_rows,
     select_global_difference,
+    write_bits,
 )
 from .distributed import Collective, decide_on_main
 from .hub import (
@@ -55,10 +59,7 @@ from .hub import hub_ignore_patterns as _hub_ignore_patterns
 from .positions import (
     RESPONSE_MASK_COLUMN,
     assistant_token_mask,
-    keep_context,
     mask_sequence_starts,
-    only_response,
-    response_positions,
     truncate_like_trl,
 )
 from .reference import Reference, base_weights_key
@@ -92,7 +93,7 @@ from .self_evolving import (
 )
 from .step_selection import apply_keep, response_mask, select_step
 from .token_clean_config import TokenCleanConfig, config_values
-from .utils import file_provenance, fingerprint_module, flat_list_column, is_peft_model, list_array, sha256_json
+from .utils import file_provenance, fingerprint_module, is_peft_model, list_array, sha256_json
 from .validation import DatasetValidationError, validate_raw_dataset
 
 logger = logging.getLogger(__name__)
@@ -100,30 +101,57 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenCleaningState:
-    """Scores and masks of the prepared train dataset, flat over label positions (see `selection.py`)."""
+    """
+    Scores and masks of the prepared train dataset. Held compact: the keep mask packed (one bit per label position),
+    float values over the response positions only (see `compact.py`), with the packed response mask that expands
+    them. `keep`, `scores`, `base_losses` and `ref_losses` give the flat layout (one entry per label position, NaN off
+    the response tokens) on demand.
+    """
 
     offsets: np.ndarray
-    base_losses: np.ndarray | None
-    ref_losses: np.ndarray | None
-    keep: np.ndarray | None  # None when tokens are chosen per optimizer step
+    keep_bits: np.ndarray | None  # None when tokens are chosen per optimizer step
     threshold: float | None
     report: dict[str, Any] = field(default_factory=dict)
-    # The scores themselves where the losses are not kept (processes other than the main one, per-step selection).
-    score_values: np.ndarray | None = None
-    # Fixed mode with a keep mask, on the main process: the scores at the response positions only, and their layout.
+    # Row offsets of the compact arrays (`rows + 1`) and the packed response mask over every label position: where
+    # the compact values below go.
+    response_offsets: np.ndarray | None = None
+    response_bits: np.ndarray | None = None
+    # Float32 over the response positions only; each is None where this process does not hold it.
     compact_scores: np.ndarray | None = None
+    compact_base: np.ndarray | None = None
+    compact_ref: np.ndarray | None = None
+    # On the main process: where the response tokens sit (row offsets of the compact arrays, the dataset).
     layout: ResponseLayout | None = None
 
     @property
+    def positions(self) -> int:
+        return int(self.offsets[-1])
+
+    def _expand(self, values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else expand_bits(self.response_bits, values, self.positions)
+
+    @property
+    def keep(self) -> np.ndarray | None:
+        """The keep mask over every label position (unpacked on each call); None when tokens are chosen per step."""
+        return None if self.keep_bits is None else np.unpackbits(self.keep_bits, count=self.positions).view(bool)
+
+    @property
+    def base_losses(self) -> np.ndarray | None:
+        return self._expand(self.compact_base)
+
+    @property
+    def ref_losses(self) -> np.ndarray | None:
+        return self._expand(self.compact_ref)
+
+    @property
     def scores(self) -> np.ndarray:
-        """`L_base - L_ref` per label position; all NaN for baselines run without a reference."""
-        if self.score_values is not None:
-            return self.score_values
+        """`L_base - L_ref` per label position; all NaN for baselines run without a reference (and on processes
+        that hold no scores)."""
         if self.compact_scores is not None:
-            return expand(self.layout, self.compact_scores)
-        if self.base_losses is None or self.ref_losses is None:
-            return np.full(int(self.offsets[-1]), np.nan, dtype=np.float32)
-        return self.base_losses - self.ref_losses
+            return self._expand(self.compact_scores)
+        if self.compact_base is not None and self.compact_ref is not None:
+            return self._expand(self.compact_base - self.compact_ref)
+        return np.full(self.positions, np.nan, dtype=np.float32)
 
 
 class TokenCleanSFTTrainer(SFTTrainer):
@@ -489,8 +517,12 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if mode == "self_evolving":
             return self._train_self_evolving(resume_from_checkpoint, train_kwargs)
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            # Skips a checkpoint folder a kill left half-written (Trainer saves in place).
-            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, self._selects_per_step)
+            # Skips a checkpoint folder a kill left half-written (Trainer saves in place), and prefers one that holds
+            # the token-cleaning state (written after Trainer's files): a fixed-mode resume then reads its keep mask
+            # instead of scoring again; only checkpoints of earlier versions have none.
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, with_state=True)
+            if resume_from_checkpoint is None and not self._selects_per_step:
+                resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
         self._step_records = []
@@ -522,15 +554,15 @@ class TokenCleanSFTTrainer(SFTTrainer):
         path = os.path.join(folder, STATE_JSON)
         if not os.path.isfile(path) and not self._selects_per_step:
             return  # a checkpoint of an older version: the masks are recomputed (or read from the score cache)
-        payload, keep = load_checkpoint_state(folder)
+        payload, keep_bits = load_checkpoint_state(folder, packed=True)
         check_resume_matches(payload, self._resume_identity(), folder)
         if self._selects_per_step:
             self._step_records = list(payload.get("steps", []))
             return
         offsets = self._offsets(self._without_token_columns(self.train_dataset))
         summary = payload.get("summary", {})
-        self.token_cleaning_state = TokenCleaningState(offsets, None, None, keep, summary.get("threshold"), summary)
-        self._row_store.set_keep(offsets, keep)
+        self.token_cleaning_state = TokenCleaningState(offsets, keep_bits, summary.get("threshold"), summary)
+        self._row_store.set_keep_bits(offsets, keep_bits)
 
     def _resume_identity(self) -> dict[str, Any]:
         dataset = self._without_token_columns(self.train_dataset)
@@ -626,108 +658,48 @@ class TokenCleanSFTTrainer(SFTTrainer):
             dataset = self._without_token_columns(self.train_dataset)
             if self.args.token_cleaning == "online":
                 state = self._score_reference(dataset)
-                self._row_store.set_values(TOKEN_REF_LOSSES_COLUMN, state.offsets, state.ref_losses)
+                values = state.compact_ref
             else:
                 state = self._score_and_select(dataset)
-                if state.keep is None:  # token_selection="batch": the static scores are ranked per step
-                    self._row_store.set_values(TOKEN_SCORES_COLUMN, state.offsets, state.scores)
-                else:
-                    self._row_store.set_keep(state.offsets, state.keep)
+                values = state.compact_scores
+            if state.keep_bits is None:
+                # Per-step selection ranks the static scores (fixed, "batch") or the reference losses (online): every
+                # process holds them compact and expands a row when the collator asks for it.
+                column = TOKEN_REF_LOSSES_COLUMN if self.args.token_cleaning == "online" else TOKEN_SCORES_COLUMN
+                self._row_store.set_compact_values(
+                    column, state.offsets, state.response_offsets, state.response_bits, values
+                )
+            else:
+                self._row_store.set_keep_bits(state.offsets, state.keep_bits)
             if self._selects_per_step:
                 self._step_identity = self._resume_identity()
             self.token_cleaning_state = state
         return self.token_cleaning_state
 
-    def _response_positions(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _share_layout(self, layout: ResponseLayout | None) -> tuple[np.ndarray, np.ndarray]:
         """
-        `(lengths, labels, offsets, response)` flat over the label positions of the prepared dataset (see
-        `positions.response_positions`). `response` marks the response tokens, the only ones ranked; trained positions
-        outside it (`positions.context_positions`) stay trained and are never dropped.
+        `(response_offsets, response_bits)` of the main process's layout on every process: the compact arrays' row
+        offsets (int64, `rows + 1`) and the packed response mask (one bit per label position), all a process needs to
+        put a compact row back over its label positions.
         """
-        # Read through Arrow: no Python object per token, even at 300k rows.
-        lengths, labels = flat_list_column(dataset, "labels" if "labels" in dataset.column_names else "input_ids")
-        mask = None
-        if RESPONSE_MASK_COLUMN in dataset.column_names:
-            mask = flat_list_column(dataset, RESPONSE_MASK_COLUMN)[1].astype(bool)
-        lengths, labels, offsets, response = response_positions(lengths, labels, mask)
-        if not response.any():
-            raise ValueError(
-                f"The prepared train dataset ({len(lengths)} rows) has no response token to score: every label is "
-                "-100 after prompt masking and truncation. Check the `completion` field, `completion_only_loss` and "
-                f"`max_length={self.args.max_length}`."
-            )
-        return lengths, labels, offsets, response
+        collective = self._collective
+        bits = collective.together(lambda: response_bits(layout) if collective.is_main else None)
+        offsets = layout.response_offsets if collective.is_main else None
+        if collective.world > 1:
+            bits = collective.broadcast_array(bits, np.uint8)
+            offsets = collective.broadcast_array(offsets, np.int64)
+        return offsets, bits
 
     def _score_and_select(self, dataset: Dataset) -> TokenCleaningState:
         """
-        Fixed mode, on every process: both passes (sharded over the processes), then selection on the main process
-        only. The others receive the keep mask (packed, one bit per position), or the scores for per-step selection.
+        Fixed mode, in the compact layout. The main process holds one float32 array per side over the response
+        positions only, filled shard by shard (`compact.scatter_rows`); the paper's global top-k ranks `base - ref`
+        without a copy of the scores; the losses are dropped once the keep mask and the report exist. Every process
+        ends with the packed keep mask, or, with `token_selection="batch"` (ranked per optimizer step), the compact
+        scores.
         """
         args = self.args
-        if args.token_selection != "batch":
-            return self._score_and_select_compact(dataset)
-        started = time.perf_counter()
-        collective = self._collective
-        positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
-        offsets = self._offsets(dataset)
-        cache_stats: dict[str, dict[str, int]] = {}
-        # Held only until the masks and the report exist; then only the scores are kept.
-        losses: dict[str, np.ndarray | None] = {"base": None, "ref": None}
-        if self._has_reference():
-            losses["base"], cache_stats["base"] = self._token_losses(dataset, "base")
-            losses["ref"], cache_stats["ref"] = self._token_losses(dataset, "ref")
-            self.reference.release()
-
-        def select() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
-            if not collective.is_main:
-                return None, None, {}, None
-            _, labels, _, response = positions
-            scores = None
-            if losses["base"] is not None:
-                # Trained tokens that are not response tokens are never ranked (NaN) and never dropped.
-                losses["base"] = only_response(losses["base"], response)
-                losses["ref"] = only_response(losses["ref"], response)
-                scores = losses["base"] - losses["ref"]
-                self._check_scores(scores, response)
-                ranking = scores
-            else:
-                # Baselines that need no scores (random, full) rank nothing; only which positions are responses count.
-                ranking = np.where(response, np.float32(0), np.float32(np.nan))
-            keep = threshold = None
-            if args.token_selection != "batch":
-                selection = self._select(ranking, losses["ref"], offsets, seed=self._seed)
-                keep, threshold = keep_context(selection.keep, labels, offsets, response), selection.threshold
-            report = self._build_report(
-                positions,
-                started,
-                scores=scores,
-                base_losses=losses["base"],
-                ref_losses=losses["ref"],
-                keep=keep,
-                threshold=threshold,
-                cache_stats=cache_stats,
-            )
-            self._publish_report(report)
-            return keep, threshold, _log_fields(report) if keep is not None else {}, scores
-
-        keep, threshold, summary, scores = collective.together(select)
-        losses.clear()  # only the scores stay (for `score_tokens()` and per-step ranking)
-        threshold, summary = collective.broadcast_object((threshold, summary))
-        if args.token_selection == "batch" and collective.world > 1:
-            scores = collective.broadcast_array(scores, np.float32)
-        elif collective.world > 1:
-            keep = collective.broadcast_bools(keep)
-        report = self._last_report(summary)
-        return TokenCleaningState(offsets, None, None, keep, threshold, report, score_values=scores)
-
-    def _score_and_select_compact(self, dataset: Dataset) -> TokenCleaningState:
-        """
-        Fixed mode with a keep mask (every selection but `"batch"`): `_score_and_select` in the compact layout. The main
-        process holds one float32 array per side over the response positions only, filled shard by shard
-        (`compact.scatter_rows`); the paper's global top-k ranks `base - ref` without a copy of the scores; the losses
-        are dropped once the keep mask and the report exist. Every process ends with the flat keep mask.
-        """
-        args = self.args
+        per_step = args.token_selection == "batch"
         started = time.perf_counter()
         collective = self._collective
         offsets = self._offsets(dataset)
@@ -747,7 +719,9 @@ class TokenCleanSFTTrainer(SFTTrainer):
             if base is not None:
                 self._check_scores(base, None)
                 self._check_scores(ref, None)
-            if base is not None and plain and args.token_selection == "global":
+            if per_step:
+                selection = None
+            elif base is not None and plain and args.token_selection == "global":
                 selection = select_global_difference(base, ref, args.token_keep_ratio)
             else:
                 # Baselines that need no scores (random, full) rank nothing: every response token ranks the same.
@@ -760,9 +734,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
                     mean=lambda values, window: compact_window_mean(layout, values, window),
                 )
                 del ranking
+            kept = None if selection is None else selection.keep
+            threshold = None if selection is None else selection.threshold
             # The token sample and the mean losses first: then the scores are computed in place of the base losses.
             tokens = self._token_sample(
-                layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": selection.keep}, layout
+                layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": kept}, layout
             )
             means = {"base_loss_mean": _nanmean(base), "ref_loss_mean": _nanmean(ref)}
             scores = None
@@ -776,24 +752,38 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 scores=scores,
                 base_losses=None,
                 ref_losses=None,
-                keep=selection.keep,
-                threshold=selection.threshold,
+                keep=kept,
+                threshold=threshold,
                 cache_stats=cache_stats,
                 tokens=tokens,
             )
             report.update(means)
             self._publish_report(report)  # writes the histogram and drops the report's reference to the scores
-            keep = expand_keep(layout, selection.keep)
-            # Only the compact scores stay, for `score_tokens()` (one float32 array of response positions).
-            return keep, selection.threshold, _log_fields(report), scores
+            keep_bits = None if kept is None else expand_keep_bits(layout, kept)
+            # Only the compact scores stay, for `score_tokens()` and per-step ranking (one float32 array of response
+            # positions).
+            return keep_bits, threshold, _log_fields(report) if kept is not None else {}, scores
 
-        keep, threshold, summary, scores = collective.together(select)
+        keep_bits, threshold, summary, scores = collective.together(select)
         losses.clear()
         threshold, summary = collective.broadcast_object((threshold, summary))
-        if collective.world > 1:
-            keep = collective.broadcast_bools(keep)
+        response_offsets, bits = self._share_layout(layout)
+        if per_step and collective.world > 1:
+            # Every process trains on any row, so each needs the scores of every row (response positions only).
+            scores = collective.broadcast_array(scores, np.float32)
+        elif collective.world > 1:
+            keep_bits = collective.broadcast_array(keep_bits, np.uint8)
         report = self._last_report(summary)
-        return TokenCleaningState(offsets, None, None, keep, threshold, report, compact_scores=scores, layout=layout)
+        return TokenCleaningState(
+            offsets,
+            keep_bits,
+            threshold,
+            report,
+            response_offsets=response_offsets,
+            response_bits=bits,
+            compact_scores=scores,
+            layout=layout,
+        )
 
     def _response_layout(self, dataset: Dataset) -> ResponseLayout:
         """`compact.response_layout`, with the trainer's error for a dataset without any response token."""
@@ -807,17 +797,25 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return layout
 
     def _response_losses(
-        self, dataset: Dataset, role: str, layout: ResponseLayout | None
+        self,
+        dataset: Dataset,
+        role: str,
+        layout: ResponseLayout | None,
+        out: np.ndarray | None = None,
+        first_row: int = 0,
     ) -> tuple[np.ndarray | None, dict[str, int]]:
         """
         One side's losses at the response positions only (compact, float32), on the main process (None elsewhere):
         `_token_losses` with every shard written into one preallocated array as it arrives, never concatenated.
+        `dataset` may be rows `first_row, first_row + 1, ...` of the layout's dataset (a self-evolving chunk); their
+        losses then go into their place in `out`, the compact array of the whole layout.
         """
-        out = np.empty(layout.n_response, dtype=np.float32) if layout is not None else None
+        if layout is not None and out is None:
+            out = np.empty(layout.n_response, dtype=np.float32)
         bounds = self._shard_bounds(len(dataset))
 
         def sink(i: int, rows: list[np.ndarray]) -> None:
-            scatter_rows(layout, bounds[i][0], rows, out)
+            scatter_rows(layout, first_row + bounds[i][0], rows, out)
 
         _, stats = self._token_losses(dataset, role, sink=sink)
         return out, stats
@@ -861,24 +859,24 @@ class TokenCleanSFTTrainer(SFTTrainer):
         return self._report if self._collective.is_main else dict(summary)
 
     def _score_reference(self, dataset: Dataset) -> TokenCleaningState:
-        """Online mode: the fixed reference's losses, computed once before training (the model's come per step)."""
+        """
+        Online mode: the fixed reference's losses, computed once before training (the model's come per step), at the
+        response positions only (the only ones ranked per step), on every process.
+        """
         started = time.perf_counter()
         collective = self._collective
-        positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
+        layout = collective.together(lambda: self._response_layout(dataset) if collective.is_main else None)
         offsets = self._offsets(dataset)
-        ref_losses, ref_stats = self._token_losses(dataset, "ref")
+        ref_losses, ref_stats = self._response_losses(dataset, "ref", layout)
         self.reference.release()
-        if collective.is_main:
-            # Only response tokens are ranked per step: the stored losses are NaN everywhere else.
-            ref_losses = only_response(ref_losses, positions[3])
 
         def report() -> None:
             if not collective.is_main:
                 return
-            self._check_scores(ref_losses, positions[3])
+            self._check_scores(ref_losses, None)
             self._publish_report(
                 self._build_report(
-                    positions,
+                    layout,
                     started,
                     scores=None,
                     base_losses=None,
@@ -890,15 +888,25 @@ class TokenCleanSFTTrainer(SFTTrainer):
             )
 
         collective.together(report)
+        response_offsets, bits = self._share_layout(layout)
         if collective.world > 1:
             # Every process trains on any row, so each needs the reference losses of every row.
             ref_losses = collective.broadcast_array(ref_losses, np.float32)
-        return TokenCleaningState(offsets, None, ref_losses, None, None, self._last_report({}))
+        return TokenCleaningState(
+            offsets,
+            None,
+            None,
+            self._last_report({}),
+            response_offsets=response_offsets,
+            response_bits=bits,
+            compact_ref=ref_losses,
+            layout=layout,
+        )
 
     def _build_report(self, positions, started: float, **fields) -> dict[str, Any]:
         """
         `build_report` with what every mode shares: the config, TRL's row counts, the reference, the time.
-        `positions` is `_response_positions`'s tuple (flat arrays) or a `compact.ResponseLayout` (compact arrays).
+        `positions` is a `compact.ResponseLayout` (compact arrays) or a flat `(lengths, labels, offsets, response)` tuple.
         """
         layout = positions if isinstance(positions, ResponseLayout) else None
         tokens = fields.pop("tokens", None)
@@ -1082,10 +1090,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             self._self_evolving_dataset = self._without_token_columns(self.train_dataset)
         dataset = self._self_evolving_dataset
         started = time.perf_counter()
-        positions = collective.together(lambda: self._response_positions(dataset) if collective.is_main else None)
-        offsets = self._offsets(dataset)
-        bounds = chunk_bounds(len(dataset), args.self_evolving_rounds)
-        needs_scores = args.token_selection in ("global", "sample")
+        run = self._new_self_evolving_run(dataset)
         identity = {
             "mode": "self_evolving",
             "selection": args.token_selection,
@@ -1097,15 +1102,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             # The base side is the original model (taken now, before any round trains or a checkpoint is loaded).
             "base": self._role_key("base"),
         }
-        run = _SelfEvolvingRun(
-            dataset=dataset,
-            positions=positions,
-            offsets=offsets,
-            bounds=bounds,
-            needs_scores=needs_scores,
-            keep_all=np.zeros(int(offsets[-1]), dtype=bool),
-            ref_all=np.full(int(offsets[-1]), np.nan, dtype=np.float32) if collective.is_main else None,
-        )
+        offsets, bounds, needs_scores = run.offsets, run.bounds, run.needs_scores
         if is_peft_model(self.model):
             identity["lora"] = args.self_evolving_lora
         start_round, resume_path = 0, None
@@ -1118,11 +1115,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
                 raise ValueError(
                     f"No self-evolving checkpoint found under {os.path.join(args.output_dir, 'self_evolving')}."
                 )
-            payload, saved_keep = load_checkpoint_state(resume_path)
+            payload, saved_bits = load_checkpoint_state(resume_path, packed=True)
             check_resume_matches(payload, identity, resume_path)
             start_round, self._round_records = payload["round"], payload["rounds"]
-            run.keep_all = saved_keep
-            run.base_losses = load_base_losses(resume_path) if collective.is_main else None
+            run.keep_bits = np.array(saved_bits, dtype=np.uint8)  # written to by the later rounds
+            run.base_losses = self._saved_base_losses(run, resume_path) if collective.is_main else None
             run.base_done = run.base_losses is not None or start_round >= len(bounds) - 1
         run.base_done = run.base_done or not needs_scores or len(bounds) < 2
 
@@ -1138,7 +1135,7 @@ class TokenCleanSFTTrainer(SFTTrainer):
             self._round_index = t
             self.train_dataset = dataset.select(range(start, end))  # carries the global row ids the collator looks up
             if resumed:
-                self._row_store.set_keep(offsets, run.keep_all)
+                self._row_store.set_keep_bits(offsets, run.keep_bits)
                 self._set_round_checkpoint(identity, run, t)
             else:
                 self._on_model_prepared = functools.partial(self._prepare_round, run, identity, t)
@@ -1165,10 +1162,18 @@ class TokenCleanSFTTrainer(SFTTrainer):
         if collective.is_main:
             print_summary(report, os.path.join(args.output_dir, "token_cleaning"))
             self._warn_if_weak_reference(report)
-        self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, run.keep_all))
         self.token_cleaning_state = TokenCleaningState(
-            offsets, run.base_losses, run.ref_all, run.keep_all, None, report if collective.is_main else {}
+            offsets,
+            run.keep_bits,
+            None,
+            report if collective.is_main else {},
+            response_offsets=run.response_offsets,
+            response_bits=run.response_bits,
+            compact_base=run.base_losses,
+            compact_ref=run.ref_all,
+            layout=run.layout,
         )
+        self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(offsets, self.token_cleaning_state.keep))
         self.state.log_history = log_history
         steps = sum(o.global_step for o in outputs)
         loss = sum(o.training_loss * o.global_step for o in outputs) / steps if steps else 0.0
@@ -1177,13 +1182,32 @@ class TokenCleanSFTTrainer(SFTTrainer):
         metrics["train_loss"] = loss
         return TrainOutput(global_step=steps, training_loss=loss, metrics=metrics)
 
+    def _new_self_evolving_run(self, dataset: Dataset) -> "_SelfEvolvingRun":
+        """The rounds' shared state before round 0: the layout, every mask empty, the reference losses all NaN."""
+        collective = self._collective
+        layout = collective.together(lambda: self._response_layout(dataset) if collective.is_main else None)
+        offsets = self._offsets(dataset)
+        response_offsets, bits = self._share_layout(layout)
+        return _SelfEvolvingRun(
+            dataset=dataset,
+            layout=layout,
+            offsets=offsets,
+            response_offsets=response_offsets,
+            response_bits=bits,
+            bounds=chunk_bounds(len(dataset), self.args.self_evolving_rounds),
+            needs_scores=self.args.token_selection in ("global", "sample"),
+            keep_bits=np.zeros((int(offsets[-1]) + 7) // 8, dtype=np.uint8),
+            ref_all=np.full(layout.n_response, np.nan, dtype=np.float32) if collective.is_main else None,
+        )
+
     def _prepare_round(self, run: "_SelfEvolvingRun", identity: dict[str, Any], t: int) -> None:
         """
         Round `t`'s masks, on the model as accelerate prepared it for this round, before its first step.
 
         Round 0 also takes the base pass over chunks 1..T (chunk 0 is never scored): the model still holds the
         original weights then, and the base never changes. Round `t >= 1` scores its chunk with the model as it stands
-        after round `t - 1` (the reference of the round) and selects within the chunk on the main process.
+        after round `t - 1` (the reference of the round) and selects within the chunk on the main process, over the
+        chunk's response positions only (compact, see `compact.py`).
         """
         args = self.args
         collective = self._collective
@@ -1191,54 +1215,71 @@ class TokenCleanSFTTrainer(SFTTrainer):
         begin, finish = int(run.offsets[start]), int(run.offsets[end])
         if not run.base_done:
             self._self_evolving_base_pass(run, allow_compute=t == 0)
-        ref_losses = None
-        if t > 0 and run.needs_scores and args.token_selection != "full":
-            ref_losses, run.cache_stats[f"ref_round_{t}"] = self._token_losses(self.train_dataset, "model")
+        scored = t > 0 and run.needs_scores and args.token_selection != "full"
+        if scored:
+            # The round's losses go straight into their place in the compact reference array, shard by shard.
+            _, run.cache_stats[f"ref_round_{t}"] = self._response_losses(
+                self.train_dataset, "model", run.layout, out=run.ref_all, first_row=start
+            )
 
         def select() -> tuple[np.ndarray | None, dict[str, Any] | None]:
             if not collective.is_main:
                 return None, None
-            chunk_response = run.positions[3][begin:finish]
-            chunk_offsets = run.offsets[start : end + 1] - begin
+            low, high = int(run.layout.response_offsets[start]), int(run.layout.response_offsets[end])
             scores = threshold = None
             if t == 0 or args.token_selection == "full":
-                keep = chunk_response.copy()
+                keep = np.ones(high - low, dtype=bool)
             else:
-                if ref_losses is not None:
-                    run.ref_all[begin:finish] = only_response(ref_losses, chunk_response)
-                    scores = run.base_losses[begin:finish] - run.ref_all[begin:finish]
-                    self._check_scores(scores, chunk_response)
+                chunk = run.layout.subset(start, end)
+                ranking = np.zeros(high - low, dtype=np.float32)
+                if scored:
+                    scores = run.base_losses[low:high] - run.ref_all[low:high]
+                    self._check_scores(scores, None)
                     ranking = scores
-                else:
-                    ranking = np.where(chunk_response, np.float32(0), np.float32(np.nan))
-                selection = self._select(ranking, run.ref_all[begin:finish], chunk_offsets, seed=self._seed + t)
+                selection = self._select(
+                    ranking,
+                    run.ref_all[low:high],
+                    chunk.response_offsets,
+                    seed=self._seed + t,
+                    mean=lambda values, window: compact_window_mean(chunk, values, window),
+                )
                 keep, threshold = selection.keep, selection.threshold
             # Trained tokens that are not response tokens are never ranked and never dropped.
-            keep = keep_context(keep, run.positions[1][begin:finish], chunk_offsets, chunk_response)
-            return keep, _round_record(t, (start, end), chunk_response, keep, threshold, scores)
+            bits = expand_keep_bits(run.layout, keep, start, end)
+            return bits, _round_record(t, (start, end), high - low, keep, threshold, scores)
 
-        keep, record = collective.together(select)
+        bits, record = collective.together(select)
         record = collective.broadcast_object(record)
         if collective.world > 1:
-            keep = collective.broadcast_bools(keep)
-        run.keep_all[begin:finish] = keep
+            bits = collective.broadcast_array(bits, np.uint8)
+        write_bits(run.keep_bits, begin, np.unpackbits(bits, count=finish - begin))
         self._round_records = self._round_records[:t] + [record]
-        self._row_store.set_keep(run.offsets, run.keep_all)
+        self._row_store.set_keep_bits(run.offsets, run.keep_bits)
         self._set_round_checkpoint(identity, run, t)
 
     def _self_evolving_base_pass(self, run: "_SelfEvolvingRun", allow_compute: bool) -> None:
-        """The original model's losses over chunks 1..T, computed before round 0 trains (or read from the cache)."""
+        """The original model's losses over chunks 1..T, computed before round 0 trains (or read from the cache), at
+        the response positions only (NaN in chunk 0)."""
         first = run.bounds[1][0]
         rest = self._without_token_columns(run.dataset).select(range(first, len(run.dataset)))
         if not allow_compute and not self._base_recomputable():
             # Resumed after training began without the losses in the checkpoint: only a full cache hit is right.
             self._require_cached(rest, "base")
-        losses, run.cache_stats["base"] = self._token_losses(rest, "base")
         if self._collective.is_main:
-            run.base_losses = np.full(int(run.offsets[-1]), np.nan, dtype=np.float32)
-            run.base_losses[int(run.offsets[first]) :] = losses
-            run.base_losses = only_response(run.base_losses, run.positions[3])
+            run.base_losses = np.full(run.layout.n_response, np.nan, dtype=np.float32)
+        _, run.cache_stats["base"] = self._response_losses(
+            rest, "base", run.layout, out=run.base_losses, first_row=first
+        )
         run.base_done = True
+
+    @staticmethod
+    def _saved_base_losses(run: "_SelfEvolvingRun", folder: str) -> np.ndarray | None:
+        """The compact base losses a checkpoint carries (a checkpoint of an earlier version holds them over every label
+        position: their response positions are taken)."""
+        base = load_base_losses(folder)
+        if base is not None and base.size != run.layout.n_response:
+            base = np.ascontiguousarray(base[np.unpackbits(run.response_bits, count=base.size).view(bool)])
+        return base
 
     def _base_recomputable(self) -> bool:
         """Whether the base is still in memory after training began: a PEFT model whose adapters can be switched off."""
@@ -1268,24 +1309,24 @@ class TokenCleanSFTTrainer(SFTTrainer):
         """What every checkpoint of round `t` carries: the round, its records, all masks so far and (without a score
         cache) the base losses the later rounds still need."""
         self._checkpoint_payload = {**identity, "round": t, "rounds": self._round_records}
-        arrays: dict[str, np.ndarray] = {"keep": run.keep_all}
+        arrays: dict[str, Any] = {"keep_bits": run.keep_bits, "keep_size": int(run.offsets[-1])}
         if run.base_losses is not None and self.args.score_cache_dir is None and t < len(run.bounds) - 1:
             arrays["base_losses"] = run.base_losses
         self._checkpoint_arrays = arrays
 
     def _self_evolving_report(self, run: "_SelfEvolvingRun", t: int, started: float) -> dict[str, Any]:
         """The report over the rounds done so far: a prefix of the rows, since the chunks are contiguous."""
-        lengths, labels, offsets, response = run.positions
         prefix_rows = run.bounds[t][1]
-        prefix = int(offsets[prefix_rows])
+        layout = run.layout.subset(0, prefix_rows)
+        prefix = layout.n_response
         base = run.base_losses
         report = self._build_report(
-            (lengths[:prefix_rows], labels[:prefix], offsets[: prefix_rows + 1], response[:prefix]),
+            layout,
             started,
             scores=(base[:prefix] - run.ref_all[:prefix]) if base is not None else None,
             base_losses=base[:prefix] if base is not None else None,
             ref_losses=run.ref_all[:prefix],
-            keep=run.keep_all[:prefix],
+            keep=compact_keep(run.layout, run.keep_bits, 0, prefix_rows),
             threshold=None,
             cache_stats=run.cache_stats,
             reference={"kind": "self_evolving", "rounds_done": t + 1, "rounds": len(run.bounds)},
@@ -1366,10 +1407,11 @@ class TokenCleanSFTTrainer(SFTTrainer):
             payload, arrays = self._checkpoint_payload, self._checkpoint_arrays
         elif self._selects_per_step and state is not None:
             payload, arrays = {**self._step_identity, "steps": self._step_records}, None
-        elif state is not None and state.keep is not None:
+        elif state is not None and state.keep_bits is not None:
             # Fixed mode: the masks themselves (one bit per position), so a resume needs neither model nor cache.
             summary = {"kept_fraction": state.report.get("kept_fraction"), "threshold": state.threshold}
-            payload, arrays = {**self._resume_identity(), "summary": summary}, {"keep": state.keep}
+            arrays = {"keep_bits": state.keep_bits, "keep_size": state.positions}
+            payload = {**self._resume_identity(), "summary": summary}
         else:
             return
         if self.args.should_save:
@@ -1683,14 +1725,19 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
 @dataclass
 class _SelfEvolvingRun:
-    """State of one self-evolving run, shared by its rounds (masks on every process; losses on the main one)."""
+    """
+    State of one self-evolving run, shared by its rounds: the packed masks and the layout's row offsets and response
+    bits on every process; the layout and the compact losses (response positions only) on the main one.
+    """
 
     dataset: Dataset
-    positions: tuple | None  # (lengths, labels, offsets, response) on the main process
+    layout: ResponseLayout | None
     offsets: np.ndarray
+    response_offsets: np.ndarray
+    response_bits: np.ndarray
     bounds: list[tuple[int, int]]
     needs_scores: bool
-    keep_all: np.ndarray
+    keep_bits: np.ndarray
     ref_all: np.ndarray | None
     base_losses: np.ndarray | None = None
     base_done: bool = False
@@ -1706,8 +1753,9 @@ class _SaveAtRoundEnd(TrainerCallback):
         return control
 
 
-def _round_record(round_index, rows, response, keep, threshold, scores) -> dict[str, Any]:
-    n_response, n_kept = int(response.sum()), int((keep & response).sum())
+def _round_record(round_index, rows, n_response, keep, threshold, scores) -> dict[str, Any]:
+    """One round's record from its chunk's compact keep mask and scores (response positions only)."""
+    n_response, n_kept = int(n_response), int(np.count_nonzero(keep))
     record: dict[str, Any] = {
         "round": round_index,
         "rows": [int(rows[0]), int(rows[1])],
@@ -1760,10 +1808,14 @@ def _log_fields(report: dict[str, Any]) -> dict[str, float]:
 
 def _row_lengths(dataset: Dataset) -> np.ndarray:
     """Token count of every row of a prepared dataset, read from Arrow (no Python object per row)."""
-    table = dataset.with_format("arrow").select_columns(["input_ids"])[:]
-    # Chunk by chunk: combining the chunks would copy the whole token column.
-    chunks = table.column("input_ids").chunks
-    lengths = [pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in chunks]
+    column = dataset.with_format("arrow").select_columns(["input_ids"])
+    lengths = []
+    # A block of rows at a time: a dataset that is a selection of rows (a self-evolving chunk) is copied on reading,
+    # so reading it whole would copy its token column.
+    for start in range(0, len(dataset), CHUNK_ROWS):
+        # Arrow chunk by chunk: combining the chunks would copy the tokens.
+        for chunk in column[start : start + CHUNK_ROWS].column("input_ids").chunks:
+            lengths.append(pc.list_value_length(chunk).to_numpy(zero_copy_only=False))
     return np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, dtype=np.int64)
 
 

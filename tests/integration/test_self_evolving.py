@@ -39,9 +39,9 @@ class RecordingTrainer(TokenCleanSFTTrainer):
 
         self.add_callback(AtRoundEnd())
 
-    def _token_losses(self, dataset, role):
+    def _token_losses(self, dataset, role, sink=None):
         self.scoring_calls.append((role, len(dataset), fingerprint_module(self.model)))
-        return super()._token_losses(dataset, role)
+        return super()._token_losses(dataset, role, sink=sink)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -218,11 +218,11 @@ class MergeRecordingTrainer(RecordingTrainer):
 
         self.add_callback(AtRoundEnd())
 
-    def _token_losses(self, dataset, role):
+    def _token_losses(self, dataset, role, sink=None):
         self.scoring_logits.append((role, self._logits()))
         lora_b = [p for n, p in self.model.named_parameters() if "lora_B" in n]
         self.fresh_adapter.append(all(torch.count_nonzero(p) == 0 for p in lora_b))
-        return super()._token_losses(dataset, role)
+        return super()._token_losses(dataset, role, sink=sink)
 
 
 def test_lora_merge_rounds(tmp_path, tiny_model_dir, tokenizer):

@@ -209,3 +209,128 @@ def test_radix_select_of_differences_is_the_partition_element():
     ranked = np.sort(base - ref)
     for kth in (0, 1, 17, 2500, base.size - 2, base.size - 1):
         assert kth_difference(base, ref, kth) == ranked[kth]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed masks and compact values on every process (per-step selection, online mode, self-evolving rounds)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[0], [5], [8, 3], [3, 5, 7, 1, 16], [13, 0, 2, 9]])
+def test_pack_bits_of_chunks_is_packbits_of_their_concatenation(sizes):
+    from token_clean_trainer.compact import pack_bits, unpack_bits, write_bits
+
+    rng = np.random.default_rng(len(sizes))
+    chunks = [rng.random(n) < 0.5 for n in sizes]
+    whole = np.concatenate(chunks)
+    bits = pack_bits(whole.size, chunks)
+    np.testing.assert_array_equal(bits, np.packbits(whole))
+    for start, end in ((0, whole.size), (1, max(1, whole.size - 2)), (whole.size // 2, whole.size)):
+        np.testing.assert_array_equal(unpack_bits(bits, start, end), whole[start:end])
+    # Writing a range leaves every other bit alone, across byte boundaries.
+    if whole.size > 4:
+        values = ~whole[2 : whole.size - 1]
+        write_bits(bits, 2, values)
+        expected = whole.copy()
+        expected[2 : whole.size - 1] = values
+        np.testing.assert_array_equal(np.unpackbits(bits, count=whole.size).view(bool), expected)
+
+
+def test_packed_keep_and_response_masks_match_the_flat_ones(dataset):
+    from token_clean_trainer.compact import compact_keep, expand_bits, expand_keep_bits, response_bits
+
+    base_rows, ref_rows = losses(np.random.default_rng(4), LABELS)
+    positions, base, _, _, keep, _ = flat_path(dataset, base_rows, ref_rows, "global", 0.6)
+    layout, cbase, _, selection = compact_path(dataset, base_rows, ref_rows, "global", 0.6)
+    response = positions[3]
+    bits = response_bits(layout)
+    np.testing.assert_array_equal(bits, np.packbits(response))
+    np.testing.assert_array_equal(expand_bits(bits, cbase, response.size), base)
+    keep_bits = expand_keep_bits(layout, selection.keep)
+    np.testing.assert_array_equal(keep_bits, np.packbits(keep))
+    np.testing.assert_array_equal(compact_keep(layout, keep_bits), selection.keep)
+    # One range of rows at a time (a self-evolving chunk): rows 1-4, their keep mask from their compact part.
+    lo, hi = layout.response_offsets[1], layout.response_offsets[4]
+    part = expand_keep_bits(layout, selection.keep[lo:hi], 1, 4)
+    begin, end = layout.offsets[1], layout.offsets[4]
+    np.testing.assert_array_equal(np.unpackbits(part, count=end - begin).view(bool), keep[begin:end])
+    np.testing.assert_array_equal(compact_keep(layout, keep_bits, 1, 4), selection.keep[lo:hi])
+
+
+def test_subset_layout_is_the_layout_of_those_rows(dataset):
+    layout = response_layout(dataset, chunk_rows=2)
+    for start, end in ((0, 4), (1, 5), (3, 6), (0, 6)):
+        sub = layout.subset(start, end)
+        alone = response_layout(dataset.select(range(start, end)))
+        for name in ("lengths", "offsets", "response_offsets", "last_trained"):
+            np.testing.assert_array_equal(getattr(sub, name), getattr(alone, name))
+        assert sub.context_tokens == alone.context_tokens
+        values = np.arange(sub.n_response, dtype=np.float32)
+        np.testing.assert_array_equal(compact_window_mean(sub, values, 3), compact_window_mean(alone, values, 3))
+
+
+def test_row_store_expands_compact_values_to_the_flat_row(dataset):
+    from token_clean_trainer.collator import TOKEN_SCORES_COLUMN, RowStore
+    from token_clean_trainer.compact import response_bits
+
+    base_rows, ref_rows = losses(np.random.default_rng(5), LABELS)
+    (_, _, offsets, _), _, _, scores, keep, _ = flat_path(dataset, base_rows, ref_rows, "global", 0.6)
+    layout, cbase, cref, _ = compact_path(dataset, base_rows, ref_rows, "global", 0.6)
+    flat, compact = RowStore(), RowStore()
+    flat.set_values(TOKEN_SCORES_COLUMN, offsets, scores)
+    compact.set_compact_values(
+        TOKEN_SCORES_COLUMN, offsets, layout.response_offsets, response_bits(layout), cbase - cref
+    )
+    for row in range(len(LABELS)):
+        np.testing.assert_array_equal(compact.row(row), flat.row(row))  # NaN off the response tokens, in both
+        assert compact.row(row).dtype == np.float32
+    packed = RowStore()
+    packed.set_keep_bits(offsets, np.packbits(keep))
+    for row in range(len(LABELS)):
+        np.testing.assert_array_equal(packed.row(row), keep[offsets[row] : offsets[row + 1]])
+
+
+@pytest.mark.parametrize("rank_rows", [1 << 10, 2])
+@pytest.mark.parametrize("sides", ["scores", "ref"])
+def test_per_step_report_and_sample_match_the_flat_layout(dataset, sides, rank_rows, monkeypatch):
+    """`token_selection="batch"` (scores, no keep mask) and online mode (reference losses only) in the compact layout
+    give the flat layout's report and token sample (rows ranked in one block, or in blocks of two rows)."""
+    monkeypatch.setattr("token_clean_trainer.report_html.RANK_ROWS", rank_rows)
+    base_rows, ref_rows = losses(np.random.default_rng(6), LABELS)
+    (lengths, labels, offsets, response), base, ref, scores, _, _ = flat_path(
+        dataset, base_rows, ref_rows, "global", 1
+    )
+    layout, cbase, cref, _ = compact_path(dataset, base_rows, ref_rows, "global", 1)
+    if sides == "ref":
+        base = scores = cbase = None
+    cscores = None if cbase is None else cbase - cref
+    common = dict(
+        args=args("batch", 0.6), prepare_stats={}, cache_stats={}, reference={"kind": "model"}, seconds=0.0,
+        tokenizer=WordTokenizer(), keep=None, threshold=None,
+    )  # fmt: skip
+    flat = build_report(
+        lengths=lengths, offsets=offsets, labels=labels, response=response, scores=scores, base_losses=base,
+        ref_losses=ref, **common,
+    )  # fmt: skip
+    compact = build_report(
+        lengths=None, offsets=None, labels=None, response=None, scores=cscores, base_losses=cbase, ref_losses=cref,
+        layout=layout, **common,
+    )  # fmt: skip
+    flat_hist, compact_hist = flat.pop("_histogram", None), compact.pop("_histogram", None)
+    if flat_hist is not None:
+        np.testing.assert_array_equal(flat_hist["scores"][response], compact_hist["scores"])
+    for key in ("base_loss_mean", "ref_loss_mean"):
+        expected = flat.pop(key)
+        assert compact.pop(key) == (None if expected is None else pytest.approx(expected, rel=1e-12, abs=0))
+    assert compact == flat
+    assert flat["kept_tokens"] is None and (flat["ref_losses"] is not None) == (sides == "ref")
+
+    sample = dict(input_ids=[[1] * len(r) for r in LABELS], tokenizer=WordTokenizer(), settings={}, rows=4, seed=1)
+    flat_sample = build_token_sample(
+        offsets=offsets, response=response, base_losses=base, ref_losses=ref, keep=None, **sample
+    )
+    compact_sample = build_token_sample(
+        offsets=layout.offsets, response=None, base_losses=cbase, ref_losses=cref, keep=None, layout=layout, **sample
+    )
+    assert compact_sample == flat_sample
+    assert compact_sample["sampling"]["rank"] == ("mean score" if sides == "scores" else "mean reference loss")

@@ -394,6 +394,40 @@ def test_masked_runs_count_consecutive_dropped_tokens_within_spans():
     }
 
 
+def _masked_runs_whole(dropped, span_starts=None):
+    """`masked_runs` over the whole array at once (int64 boundaries of every run): the reference for the chunked one."""
+    begins = dropped.copy()
+    begins[1:] &= ~dropped[:-1]
+    ends = dropped.copy()
+    ends[:-1] &= ~dropped[1:]
+    if span_starts is not None and len(span_starts):
+        begins[span_starts] = dropped[span_starts]
+        before = span_starts[span_starts > 0] - 1
+        ends[before] = dropped[before]
+    first, last = np.flatnonzero(begins), np.flatnonzero(ends)
+    count, tokens = int(first.size), int(dropped.sum())
+    return {
+        "count": count,
+        "tokens": tokens,
+        "mean_length": tokens / count if count else None,
+        "max_length": int((last - first).max()) + 1 if count else None,
+    }
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 22])
+def test_masked_runs_chunk_by_chunk_equal_the_whole_array(monkeypatch, chunk):
+    from token_clean_trainer import report
+    from token_clean_trainer.report import masked_runs
+
+    monkeypatch.setattr(report, "_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    for p in (0.0, 0.2, 0.7, 1.0):
+        dropped = rng.random(50) < p
+        spans = np.unique(np.concatenate([[0], rng.integers(0, 50, size=6)]))
+        assert masked_runs(dropped) == _masked_runs_whole(dropped)
+        assert masked_runs(dropped, span_starts=spans) == _masked_runs_whole(dropped, spans)
+
+
 def test_report_summary_and_page_show_the_masked_runs_and_the_rule():
     from token_clean_trainer.report import add_step_summary
 

@@ -91,6 +91,33 @@ def test_state_round_trip_hand_mask_of_13(tmp_path):
     assert keep.tolist() == [bool(b) for b in bits]
 
 
+@pytest.mark.parametrize("size", [1, 13, 64])
+def test_state_round_trip_of_a_packed_keep_mask(tmp_path, size):
+    """A mask handed over packed (what every process holds) is stored as it is and read back packed or unpacked."""
+    keep = np.arange(size) % 3 != 1
+    save_checkpoint_state(str(tmp_path), PAYLOAD, {"keep_bits": np.packbits(keep), "keep_size": size})
+    _, packed = load_checkpoint_state(str(tmp_path), packed=True)
+    np.testing.assert_array_equal(packed, np.packbits(keep))
+    _, unpacked = load_checkpoint_state(str(tmp_path))
+    np.testing.assert_array_equal(unpacked, keep)
+
+
+def test_base_losses_of_an_earlier_checkpoint_are_taken_at_the_response_positions(tmp_path):
+    """Checkpoints written before the compact layout hold the base losses over every label position (NaN off the
+    response tokens); a resume takes their response positions, which is what a checkpoint of this version holds."""
+    from types import SimpleNamespace
+
+    from token_clean_trainer.token_clean_trainer import TokenCleanSFTTrainer
+
+    response = np.array([0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0], dtype=bool)
+    flat = np.where(response, np.arange(response.size, dtype=np.float32), np.float32(np.nan))
+    run = SimpleNamespace(layout=SimpleNamespace(n_response=int(response.sum())), response_bits=np.packbits(response))
+    save_checkpoint_state(str(tmp_path), PAYLOAD, {"keep": response, "base_losses": flat})
+    np.testing.assert_array_equal(TokenCleanSFTTrainer._saved_base_losses(run, str(tmp_path)), flat[response])
+    save_checkpoint_state(str(tmp_path), PAYLOAD, {"keep": response, "base_losses": flat[response]})
+    np.testing.assert_array_equal(TokenCleanSFTTrainer._saved_base_losses(run, str(tmp_path)), flat[response])
+
+
 def test_state_without_keep_mask(tmp_path):
     save_checkpoint_state(str(tmp_path), {"round": 0}, None)
     payload, keep = load_checkpoint_state(str(tmp_path))
