@@ -190,7 +190,10 @@ def test_word_families(a, b, same):
         ("In both examples, the subjects are poets.", "both examples"),
         ("The new example does not mention the key terms.", "The new example"),
         ("Use the information from the provided examples.", "the provided examples"),
+        ("What do the two given instructions share?", "the two given instructions"),
+        ("The first instruction saves a personality.", "The first instruction"),
         ("For example a list can hold numbers.", None),
+        ("Follow the instructions on the screen.", None),
         ("In this example, the loop stops at 10.", None),
         ("```\n# see example A\n```\nA loop stops at 10.", None),  # inside code is content
     ],

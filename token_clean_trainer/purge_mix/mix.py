@@ -667,8 +667,9 @@ _NOT_DIRECT = re.compile(
 # "ensuring that the new example uses key terms") is not self-contained: its reader never saw the examples.
 _SOURCE_REFERENCE = re.compile(
     r"(?<!for )\bexample [ab]\b"
-    r"|\b(?:the|both|these|those) (?:(?:first|second|two|given|provided|previous|source|above|original) )+examples?\b"
-    r"|\b(?:both|the two|these two) examples\b"
+    r"|\b(?:the|both|these|those) (?:(?:first|second|two|given|provided|previous|source|above|original) )+"
+    r"(?:examples?|instructions?|sources?)\b"
+    r"|\b(?:both|the two|these two) (?:examples|sources)\b"
     r"|\bthe new (?:example|instruction|response)\b|\bprevious attempt\b|\bkey terms?\b",
     re.IGNORECASE,
 )
