@@ -116,6 +116,13 @@ def test_direct_answer_asks_for_both_subjects():
     assert "both examples" in OPERATOR_TASKS["direct_answer"]
 
 
+def test_multi_step_spells_out_the_numbering_its_check_needs():
+    # In the evidence run, all 8 first multi_step attempts had two parts without the numbers the check looks for.
+    assert (
+        "'1.' and '2.'" in OPERATOR_TASKS["multi_step"] and "starting the two answers" in OPERATOR_TASKS["multi_step"]
+    )
+
+
 def test_common_words_of_the_pool_are_not_key_terms():
     topics = ["closure", "promise", "reducer", "iterator", "decorator", "generator", "callback", "singleton"]
     pool = [

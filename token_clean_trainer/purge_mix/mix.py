@@ -224,8 +224,8 @@ OPERATOR_TASKS = {
         "they have in common and how they differ."
     ),
     "multi_step": (
-        "Write ONE new instruction with two numbered parts, one built on each example, then answer both parts in "
-        "order."
+        "Write ONE new instruction with two numbered parts, one built on each example, marked '1.' and '2.', then "
+        "answer both parts in order, starting the two answers with '1.' and '2.'."
     ),
 }
 REWRITE_TASK = (
