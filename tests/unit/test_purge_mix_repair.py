@@ -123,6 +123,13 @@ def test_multi_step_spells_out_the_numbering_its_check_needs():
     )
 
 
+def test_compare_contrast_asks_to_name_the_subjects_not_the_examples():
+    # "Compare the subjects of the two examples" was copied into the instruction ("Compare the subjects of the two
+    # examples, robots.") in the evidence run: 6 of 8 first attempts referred to the examples.
+    assert "two examples" not in OPERATOR_TASKS["compare_contrast"]
+    assert "names the subject of each example" in OPERATOR_TASKS["compare_contrast"]
+
+
 def test_common_words_of_the_pool_are_not_key_terms():
     topics = ["closure", "promise", "reducer", "iterator", "decorator", "generator", "callback", "singleton"]
     pool = [

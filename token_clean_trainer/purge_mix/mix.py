@@ -220,8 +220,8 @@ OPERATOR_TASKS = {
     ),
     # Ours.
     "compare_contrast": (
-        "Write ONE new instruction that asks to compare the subjects of the two examples, then answer it: say what "
-        "they have in common and how they differ."
+        "Write ONE new instruction that names the subject of each example and asks to compare the two, then answer "
+        "it: say what they have in common and how they differ."
     ),
     "multi_step": (
         "Write ONE new instruction with two numbered parts, one built on each example, marked '1.' and '2.', then "
