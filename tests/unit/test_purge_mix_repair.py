@@ -130,6 +130,24 @@ def test_compare_contrast_asks_to_name_the_subjects_not_the_examples():
     assert "names the subject of each example" in OPERATOR_TASKS["compare_contrast"]
 
 
+def test_code_reused_in_a_new_answer_is_not_a_copied_passage():
+    code = "```\nimport heapq\nh = []\nheapq.heappush(h, 5)\nheapq.heappush(h, 1)\nprint(heapq.heappop(h))\n```"
+    sources = [
+        {"instruction": "can you write a heap in Python?", "response": "Here's a heap using heapq:\n\n" + code},
+        {"instruction": "can you write a queue?", "response": "Use collections.deque for a first-in first-out queue."},
+    ]
+    candidate = {
+        "instruction": "1. How do you build a heap with heapq? 2. How do you build a queue?",
+        "response": f"1. A heap from heapq pops the smallest item first:\n{code}\n2. A deque gives a fast queue.",
+    }
+    assert "copied_passage" not in code_defects(candidate, sources, PurgeMixConfig())
+    # Prose copied word for word still is.
+    prose = "the heapq module keeps the smallest item of the list at index zero after every push and every pop"
+    sources[0]["response"] = prose.capitalize() + ".\n" + code
+    candidate["response"] = "1. " + prose.capitalize() + ".\n2. A deque gives a fast queue."
+    assert "copied_passage" in code_defects(candidate, sources, PurgeMixConfig())
+
+
 def test_common_words_of_the_pool_are_not_key_terms():
     topics = ["closure", "promise", "reducer", "iterator", "decorator", "generator", "callback", "singleton"]
     pool = [

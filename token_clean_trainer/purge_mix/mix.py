@@ -787,7 +787,11 @@ def check_candidate(
             break
     else:
         for n, src in enumerate(sources):
-            passage = copied_passage(response, src["response"], config.purge_mix_max_copied_words)
+            # Prose only: a snippet of correct code reused inside a new, larger answer is content (as markup in
+            # code is), and the evidence run's multi_step answers on coding sources all failed on it.
+            passage = copied_passage(
+                _CODE.sub(" ", response), _CODE.sub(" ", src["response"]), config.purge_mix_max_copied_words
+            )
             if passage is not None:
                 out.append(
                     (
