@@ -212,6 +212,21 @@ class PurgeMixConfig:
     purge_mix_max_repair_cycles: int = field(
         default=2, metadata={"help": "Repair attempts after a failed checklist (0, 1 or 2)."}
     )
+    purge_mix_fusion_demo: bool = field(
+        default=True,
+        metadata={
+            "help": "Show the generator one worked fusion (about ice and boiling water) before the request. Helps "
+            "very small models keep the format; a 1B+ instruct model follows the format without it and tends to "
+            "copy the demonstration's topic instead, so recipes with such a generator turn it off."
+        },
+    )
+    purge_mix_repair_temperature: float = field(
+        default=0.9,
+        metadata={
+            "help": "Sampling temperature of repair attempts (never below `purge_mix_temperature`); each attempt also "
+            "samples with a new seed, so a repair is a new sample, not the rejected text again."
+        },
+    )
     purge_mix_min_fused_response_chars: int = field(
         default=20, metadata={"help": "A fused response shorter than this is a defect."}
     )
@@ -354,6 +369,10 @@ class PurgeMixConfig:
             raise ValueError(
                 f"`purge_mix_max_repair_cycles` is at most 2 (the method's loop), got {self.purge_mix_max_repair_cycles}."
             )
+        for name in ("purge_mix_temperature", "purge_mix_repair_temperature"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 2:
+                raise ValueError(f"`{name}` must be a number in [0, 2], got {value!r}.")
         for name in (
             "purge_mix_max_length_ratio",
             "purge_mix_min_length_ratio",

@@ -90,6 +90,36 @@ def mmr_select(embeddings: np.ndarray, centroid: np.ndarray, m: int, lam: float)
     return picked
 
 
+def pair_nearest(embeddings: np.ndarray, picks: list[int], block: int = 1024) -> list[list[int]]:
+    """
+    Pairs of `picks` (rows of `embeddings`): in pick order, each unpaired row takes its most similar unpaired row
+    (cosine; ties to the earlier pick). MMR makes consecutive picks as different as it can, so pairing them in order
+    joins the most unrelated rows of a cluster ("tell me a joke" with "my webcam is not detected"), which no
+    instruction can merge; the nearest partner keeps pairs mergeable while MMR still spreads the pairs over the
+    cluster. Picks are paired within blocks of `block` (memory and time linear in the number of picks); an odd
+    pick out of a block is dropped.
+    """
+    pairs: list[list[int]] = []
+    for start in range(0, len(picks), block):
+        chunk = picks[start : start + block]
+        x = embeddings[chunk]
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        free = np.ones(len(chunk), dtype=bool)
+        for a in range(len(chunk)):
+            if not free[a]:
+                continue
+            free[a] = False
+            scores = np.where(free, sim[a], -np.inf)
+            if not np.isfinite(scores).any():
+                break
+            b = int(np.argmax(scores))
+            free[b] = False
+            pairs.append([chunk[a], chunk[b]])
+    return pairs
+
+
 @dataclass
 class FusionJob:
     sources: list[int]  # indices into the LQ pool
@@ -102,7 +132,8 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
     The fusion jobs within the budget, and the clustering summary for the report.
 
     `pairing="cluster"`: k-means (k by silhouette unless fixed); each cluster gets a quota of MMR representatives,
-    consecutive picks are paired, and clusters take turns (largest first) until the budget is spent. The quota is
+    each pick is paired with its nearest unpaired pick (see [`pair_nearest`]), and clusters take turns (largest
+    first) until the budget is spent. The quota is
     `purge_mix_representatives`, raised to the cluster's share of the rows the budget needs (`size / n * 2 * target`,
     target = min(budget, n // 2)), so the number of pairs follows the pool and the budget instead of stopping at
     `clusters x representatives / 2`. `pairing="random"`: random pairs of the whole pool (ablation).
@@ -149,7 +180,10 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
             int(members[i]) for i in mmr_select(embeddings[members], centroids[c], quota, config.purge_mix_mmr_lambda)
         ]
         representatives[c] = picks
-        groups = [picks[i : i + group] for i in range(0, len(picks) - group + 1, group)]
+        if group == 2:
+            groups = pair_nearest(embeddings, picks)
+        else:
+            groups = [picks[i : i + group] for i in range(0, len(picks) - group + 1, group)]
         if groups:
             per_cluster.append((c, groups))
     jobs: list[FusionJob] = []
@@ -177,8 +211,8 @@ FUSION_SYSTEM = "You write high-quality instruction-tuning data: clear instructi
 OPERATOR_TASKS = {
     # The two operators the paper spells out.
     "direct_answer": (
-        "Write ONE new instruction about the topic the examples share, then answer it directly, correctly and "
-        "completely."
+        "Write ONE new question or instruction that involves the subjects of both examples, then answer it directly, "
+        "correctly and completely, starting with the answer itself."
     ),
     "merged_corpus": (
         "Use both examples as source material. Write ONE new self-contained instruction whose answer needs the "
@@ -186,12 +220,12 @@ OPERATOR_TASKS = {
     ),
     # Ours.
     "compare_contrast": (
-        "Write ONE new instruction that asks to compare the subjects of the two examples, then answer it: say what "
-        "they have in common and how they differ."
+        "Write ONE new instruction that names the subject of each example and asks to compare the two, then answer "
+        "it: say what they have in common and how they differ."
     ),
     "multi_step": (
-        "Write ONE new instruction with two numbered parts, one built on each example, then answer both parts in "
-        "order."
+        "Write ONE new instruction with two numbered parts, one built on each example, marked '1.' and '2.', then "
+        "answer both parts in order, starting the two answers with '1.' and '2.'."
     ),
 }
 REWRITE_TASK = (
@@ -288,21 +322,32 @@ def fusion_messages(
     operator: str,
     previous: dict[str, str] | None = None,
     problems: list[str] | None = None,
+    terms: list[list[str]] | None = None,
+    demo: bool = True,
 ) -> list[dict[str, str]]:
     """
-    The chat request of one fusion attempt. A repair attempt (`problems` given) says exactly what failed (the missing
-    key terms by name, the copied passage, the missing parts) and shows the previous attempt.
+    The chat request of one fusion attempt. `terms` (each source's key terms, as the key-term check computes them)
+    are named in the task, so the generator knows what the check looks for. A repair attempt (`problems` given) says
+    exactly what failed (the missing key terms by name, the copied passage, the missing parts) and quotes only the
+    previous attempt's instruction: small models shown their whole rejected answer resend it word for word (seen in
+    13 of 29 rejections), and the method regenerates from the template rather than editing the rejected text.
+    `demo` puts the worked fusion before the request.
     """
     task = REWRITE_TASK if len(sources) == 1 else OPERATOR_TASKS[operator]
-    content = f"{_format_sources(sources)}\n\nTask: {task}\n\n"
+    content = f"{_format_sources(sources)}\n\nTask: {task}\n"
+    if terms and any(terms):
+        named = [f"Example {chr(ord('A') + n)}: {', '.join(t)}" for n, t in enumerate(terms) if t]
+        content += f"Use key terms of each example ({'; '.join(named)}).\n"
+    content += "The new example must stand on its own: never mention the examples, Example A or Example B.\n\n"
     if problems is not None:  # a repair attempt
         content += "Your previous attempt was rejected. What failed:\n"
         content += "".join(f"- {problem}\n" for problem in problems)
         if previous is not None:
-            content += f"Previous attempt:\n### Instruction\n{previous['instruction']}\n### Response\n{previous['response']}\n"
-        content += "Write a new example that fixes every problem listed above; do not resend the previous attempt.\n\n"
+            content += f'The rejected attempt\'s instruction was: "{previous["instruction"][:300]}"\n'
+        content += "Write a new, different example that fixes every problem listed above.\n\n"
     content += OUTPUT_FORMAT
-    return [{"role": "system", "content": FUSION_SYSTEM}, *FUSION_DEMO, {"role": "user", "content": content}]
+    shown = FUSION_DEMO if demo else []
+    return [{"role": "system", "content": FUSION_SYSTEM}, *shown, {"role": "user", "content": content}]
 
 
 # The five judged items. Factual disagreement with a source is deliberately not among them: low-quality sources are
@@ -380,6 +425,13 @@ _TRAILER = re.compile(
     r"\n\W{0,6}(?:new\s+)?(?:instruction|response|example(?:\s+\d+)?|note|explanation)\W{0,6}:?\s*(?:\n|$)",
     re.IGNORECASE,
 )
+# Sentences of the fusion prompt that small models copy into the end of their answer: everything from there on is
+# the prompt, not the answer, and is cut like an appended note.
+_PROMPT_LEAK = re.compile(
+    r"\n[^\n]*(?:Write a new(?:, different)? (?:example|instruction) that fixes|Reply with the new example only"
+    r"|Your previous attempt was rejected|The rejected attempt's instruction was)",
+    re.IGNORECASE,
+)
 _PLACEHOLDER = re.compile(r"<\s*(?:the\s+)?new\s+(?:instruction|response)\s*>|^\s*\.\.\.\s*$", re.IGNORECASE)
 
 
@@ -397,7 +449,8 @@ def parse_pair(text: str) -> dict[str, str] | None:
     instruction = match.group("instruction").strip()
     response = match.group("response").strip()
     # Drop whatever the model appends after the pair: a second example, notes, a repeated heading.
-    response = _TRAILER.split(response)[0].strip()
+    response = _TRAILER.split(response)[0]
+    response = _PROMPT_LEAK.split("\n" + response)[0].strip()
     if not instruction or not response:
         return None
     return {"instruction": instruction, "response": response}
@@ -411,7 +464,22 @@ _STOPWORDS = frozenset(
     "may new now see two way who did get got let put say she too use yes why own off per via yet "
     # Words of the task itself: every fusion says them, so they prove nothing about the sources.
     "example examples instruction instructions response responses answer answers question questions thing things "
-    "like well many much make makes made need needs used using".split()
+    "like well many much make makes made need needs used using "
+    # Generic words of conversation: a chit-chat source's six "key terms" were often these (want, maybe, think,
+    # going, good, try, another, lot, sure, tell, said), and a fusion that kept the topic but not them failed.
+    "want wants wanted maybe perhaps think thinks thought going goes gone good better best bad great nice sure "
+    "try tries tried another lot lots tell told said says know knows knew first second last next once ever never "
+    "always often sometimes really quite just even still already soon enough right wrong kind type sort around "
+    "something anything everything nothing someone anyone everyone thing give gives gave take takes took come comes "
+    "came look looks keep keeps feel feels seem seems find found done doing able unable let lets hello please thank "
+    "thanks okay yeah hey actually simply probably usually certainly definitely time times day days year years "
+    "people person way ways part parts point place places work works worked become becomes became "
+    "i'm i've i'd i'll can't won't don't doesn't didn't isn't aren't wasn't weren't haven't hasn't shouldn't "
+    "couldn't wouldn't that's there's what's here's let's you've you'll he's she's they're we're "
+    "myself yourself itself himself herself ourselves themselves "
+    # Keywords of the programming languages in code answers: every snippet has them, they name no topic.
+    "def return returns const var elif else import print self none null true false console log write "
+    "written writes".split()
 )
 _TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9+#]*(?:'[A-Za-z]+)?")
 _ACRONYM = re.compile(r"^[A-Z][A-Z0-9+#]+(?:s)?$")
@@ -466,40 +534,88 @@ def key_terms(text: str, limit: int = 12) -> list[str]:
     return sorted(counts, key=lambda w: -counts[w])[:limit]
 
 
-def source_key_terms(source: dict[str, str], limit: int = 6) -> list[tuple[str, str]]:
+def common_terms(rows: list[dict[str, str]], share: float = 0.05, minimum: int = 3) -> frozenset[str]:
+    """
+    Normalised terms found in at least `max(minimum, share * len(rows))` of `rows`: words the whole pool uses
+    ("write", "JavaScript" and "function" in a pool of coding requests) name no row's topic, so they are not key terms
+    (the idea of inverse document frequency). Pools smaller than `minimum / share` rows only lose words in
+    `minimum` rows or more.
+    """
+    counts: dict[str, int] = {}
+    for row in rows:
+        for norm in {norm for norm, _ in _term_forms(row["instruction"] + "\n" + row["response"])}:
+            counts[norm] = counts.get(norm, 0) + 1
+    threshold = max(minimum, share * len(rows))
+    return frozenset(norm for norm, n in counts.items() if n >= threshold)
+
+
+def source_key_terms(
+    source: dict[str, str], limit: int = 6, common: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
     """The `limit` key terms of one source row as `(normalised, surface)`: instruction words count twice (they name
-    the topic), then frequency, then first appearance."""
+    the topic), then frequency, then first appearance. Terms in `common` (see [`common_terms`]) are left out, unless
+    that would leave the source with none. Words inside code are identifiers of one implementation (`myPromise`,
+    `i++`), not the topic: they count only when the prose has no term at all."""
     counts: dict[str, int] = {}
     surface: dict[str, str] = {}
-    for weight, text in ((2, source["instruction"]), (1, source["response"])):
+    prose = [(2, _CODE.sub(" ", source["instruction"])), (1, _CODE.sub(" ", source["response"]))]
+    if not any(_term_forms(text) for _, text in prose):
+        prose = [(2, source["instruction"]), (1, source["response"])]
+    for weight, text in prose:
         for norm, word in _term_forms(text):
             counts[norm] = counts.get(norm, 0) + weight
             surface.setdefault(norm, word)
-    return [(w, surface[w]) for w in sorted(counts, key=lambda w: -counts[w])[:limit]]
+    ranked = sorted(counts, key=lambda w: -counts[w])
+    specific = [w for w in ranked if w not in common] or ranked
+    return [(w, surface[w]) for w in specific[:limit]]
+
+
+def _shares_stem(a: str, b: str) -> bool:
+    """Two normalised terms of one word family: equal, or (both 5+ letters) one is the other plus a suffix of at most
+    four letters, or they share a prefix of 5+ letters that is all but one letter of the shorter ("immortal" /
+    "immortality", "absorb" / "absorption", "comput" / "computer")."""
+    if a == b:
+        return True
+    short, long = sorted((a, b), key=len)
+    if len(short) < 5:
+        return False
+    n = 0
+    while n < len(short) and short[n] == long[n]:
+        n += 1
+    return n >= len(short) - 1 and len(long) - n <= 5
+
+
+def _found(term: str, present: set[str]) -> bool:
+    return term in present or any(_shares_stem(term, other) for other in present)
 
 
 def key_term_coverage(
-    text: str, sources: list[dict[str, str]], coverage: float, limit: int = 6
+    text: str,
+    sources: list[dict[str, str]],
+    coverage: float,
+    limit: int = 6,
+    common: frozenset[str] = frozenset(),
 ) -> list[tuple[int, list[str], int]]:
     """
     The sources `text` does not cover, as `(source index, missing surface terms, terms required)`.
 
     A source is covered when `text` holds at least `max(1, ceil(coverage * n))` of its `n` key terms (normalised
-    forms), and, when the source has key terms that the other sources lack, at least one of those: one generic word
-    shared by both sources never covers both.
+    forms, or a form of the same word family: see `_shares_stem`), and, when the source has key terms that the other
+    sources lack, at least one of those: one generic word shared by both sources never covers both. The requirement
+    is proportional to the source: a chit-chat row with two key terms needs one of them, a row with six needs two.
     """
     present = {norm for norm, _ in _term_forms(text)}
-    terms = [source_key_terms(src, limit) for src in sources]
+    terms = [source_key_terms(src, limit, common) for src in sources]
     out = []
     for i, mine in enumerate(terms):
         if not mine:
             continue
         others = {norm for j, theirs in enumerate(terms) if j != i for norm, _ in theirs}
         distinct = [norm for norm, _ in mine if norm not in others]
-        found = [norm for norm, _ in mine if norm in present]
+        found = [norm for norm, _ in mine if _found(norm, present)]
         required = min(len(mine), max(1, math.ceil(coverage * len(mine))))
-        if len(found) < required or (distinct and not any(norm in present for norm in distinct)):
-            missing = [word for norm, word in mine if norm not in present]
+        if len(found) < required or (distinct and not any(_found(norm, present) for norm in distinct)):
+            missing = [word for norm, word in mine if not _found(norm, present)]
             out.append((i, missing, required))
     return out
 
@@ -547,6 +663,24 @@ _NOT_DIRECT = re.compile(
 )
 
 
+# A training pair that points at the prompt ("as described in the first example", "the `Point` type from Example A",
+# "ensuring that the new example uses key terms") is not self-contained: its reader never saw the examples.
+_SOURCE_REFERENCE = re.compile(
+    r"(?<!for )\bexample [ab]\b"
+    r"|\b(?:the|both|these|those) (?:(?:first|second|two|given|provided|previous|source|above|original) )+"
+    r"(?:examples?|instructions?|sources?)\b"
+    r"|\b(?:both|the two|these two) (?:examples|sources)\b"
+    r"|\bthe new (?:example|instruction|response)\b|\bprevious attempt\b|\bkey terms?\b",
+    re.IGNORECASE,
+)
+
+
+def mentions_sources(text: str) -> str | None:
+    """The first phrase of `text` (outside code) that refers to the prompt's examples or task, else `None`."""
+    match = _SOURCE_REFERENCE.search(_CODE.sub(" ", text or ""))
+    return match.group(0) if match else None
+
+
 def numbered_parts(text: str) -> set[str]:
     """The part numbers a text marks ("1." / "2)" / "Part 2:" / "Step 1:" / "First," ...)."""
     found = set(_PART.findall(text or ""))
@@ -556,7 +690,13 @@ def numbered_parts(text: str) -> set[str]:
     return found
 
 
-def operator_findings(candidate: dict[str, str], sources: list[dict[str, str]], operator: str, config):
+def operator_findings(
+    candidate: dict[str, str],
+    sources: list[dict[str, str]],
+    operator: str,
+    config,
+    common: frozenset[str] = frozenset(),
+):
     """Whether the candidate follows its operator's task; `(code, what failed)` for each way it does not."""
     instruction, response = candidate["instruction"], candidate["response"]
     out: list[tuple[str, str]] = []
@@ -583,7 +723,7 @@ def operator_findings(candidate: dict[str, str], sources: list[dict[str, str]], 
             opening = " ".join(response.split()[:4])
             out.append(("answer_not_direct", f'the response must start with the answer, not with "{opening}"'))
     elif operator == "merged_corpus" and len(sources) > 1:
-        for i, missing, _ in key_term_coverage(response, sources, 0.0):
+        for i, missing, _ in key_term_coverage(response, sources, 0.0, common=common):
             label = chr(ord("A") + i)
             out.append(
                 (
@@ -600,10 +740,12 @@ def check_candidate(
     sources: list[dict[str, str]],
     config: PurgeMixConfig,
     operator: str | None = None,
+    common: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
     """
     Deterministic checks of a fused pair (no LLM): `(code, what failed)` for every defect; empty means it passes.
-    The second element is written for the model and goes into the repair prompt as it is.
+    The second element is written for the model and goes into the repair prompt as it is. `common`: the pool's
+    common terms, which are not key terms (see [`common_terms`]).
     """
     if candidate is None:
         return [
@@ -645,7 +787,11 @@ def check_candidate(
             break
     else:
         for n, src in enumerate(sources):
-            passage = copied_passage(response, src["response"], config.purge_mix_max_copied_words)
+            # Prose only: a snippet of correct code reused inside a new, larger answer is content (as markup in
+            # code is), and the evidence run's multi_step answers on coding sources all failed on it.
+            passage = copied_passage(
+                _CODE.sub(" ", response), _CODE.sub(" ", src["response"]), config.purge_mix_max_copied_words
+            )
             if passage is not None:
                 out.append(
                     (
@@ -662,8 +808,17 @@ def check_candidate(
                 "the example copies the worked example about ice and boiling water instead of using Examples A and B",
             )
         )
+    reference = mentions_sources(instruction + "\n" + response)
+    if reference is not None:
+        out.append(
+            (
+                "mentions_sources",
+                f'the new example must stand on its own, but it refers to "{reference}"; say the information itself '
+                "and never mention the examples",
+            )
+        )
     for i, missing, required in key_term_coverage(
-        instruction + "\n" + response, sources, config.purge_mix_key_term_coverage
+        instruction + "\n" + response, sources, config.purge_mix_key_term_coverage, common=common
     ):
         label = chr(ord("A") + i) if len(sources) > 1 else "the example"
         out.append(
@@ -674,7 +829,7 @@ def check_candidate(
             )
         )
     if operator is not None and len(sources) > 1:
-        out.extend(operator_findings(candidate, sources, operator, config))
+        out.extend(operator_findings(candidate, sources, operator, config, common))
     return out
 
 
@@ -683,9 +838,10 @@ def code_defects(
     sources: list[dict[str, str]],
     config: PurgeMixConfig,
     operator: str | None = None,
+    common: frozenset[str] = frozenset(),
 ) -> list[str]:
     """The defect codes of [`check_candidate`] (each code once, in order); an empty list means it passes."""
-    return list(dict.fromkeys(code for code, _ in check_candidate(candidate, sources, config, operator)))
+    return list(dict.fromkeys(code for code, _ in check_candidate(candidate, sources, config, operator, common)))
 
 
 _NONE_LIKE = re.compile(
@@ -809,6 +965,14 @@ def run_fusions(
 
     results = [FusionResult(sources=list(j.sources), cluster=j.cluster) for j in jobs]
     operator = [j.operator for j in jobs]
+    # Words most of the pool uses are no row's key terms; the key terms of each job are named in its prompt.
+    common = common_terms(pool)
+    terms = [
+        [[word for _, word in source_key_terms(pool[i], common=common)] for i in job.sources]
+        if len(job.sources) > 1
+        else None
+        for job in jobs
+    ]
     previous: list[dict[str, str] | None] = [None] * len(jobs)
     open_jobs = list(range(len(jobs)))
     max_cycles = config.purge_mix_max_repair_cycles if config.purge_mix_checklist else 0
@@ -820,11 +984,16 @@ def run_fusions(
         for j in open_jobs:
             sources = [pool[i] for i in jobs[j].sources]
             problems = results[j].problems[-1] if results[j].problems else None
-            prompts.append(fusion_messages(sources, operator[j], previous[j], problems))
+            prompts.append(
+                fusion_messages(sources, operator[j], previous[j], problems, terms[j], config.purge_mix_fusion_demo)
+            )
             results[j].operators.append(operator[j] if len(sources) > 1 else "rewrite")
         # The attempt number goes into the request seed: a repair whose prompt happens to equal the previous one (same
-        # candidate, same defects) is a new sample, not a replay of the cached reply.
-        replies = generator.generate(prompts, stage="fusion", seed=generator.defaults["seed"] + cycle)
+        # candidate, same defects) is a new sample, not a replay of the cached reply. Repairs sample hotter.
+        sampling = {"seed": generator.defaults["seed"] + cycle}
+        if cycle > 0:
+            sampling["temperature"] = max(config.purge_mix_repair_temperature, generator.defaults["temperature"])
+        replies = generator.generate(prompts, stage="fusion", **sampling)
         candidates = {j: parse_pair(r.text) for j, r in zip(open_jobs, replies)}
         findings = {
             j: check_candidate(
@@ -832,6 +1001,7 @@ def run_fusions(
                 [pool[i] for i in jobs[j].sources],
                 config,
                 results[j].operators[-1] if len(jobs[j].sources) > 1 else None,
+                common,
             )
             for j in open_jobs
         }
