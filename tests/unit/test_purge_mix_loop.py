@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from tests.unit.scripted_llm import ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.generators import CachedGenerator, Completion
 from token_clean_trainer.purge_mix.mix import (
@@ -301,24 +302,6 @@ def test_html_inside_code_is_not_markup_noise():
     assert "markup_noise" not in code_defects(candidate, sources, PurgeMixConfig())
     raw = {**candidate, "response": candidate["response"].replace("`", "")}
     assert "markup_noise" in code_defects(raw, sources, PurgeMixConfig())
-
-
-class ScriptedBackend:
-    """Answers by the stage it recognises in the prompt, from queues of scripted replies; records every call."""
-
-    identity = "scripted"
-
-    def __init__(self, fusions, checklists):
-        self.fusions, self.checklists = list(fusions), list(checklists)
-        self.calls = []
-
-    def generate(self, payloads, on_result):
-        for i, payload in enumerate(payloads):
-            text = payload["messages"][-1]["content"]
-            kind = "checklist" if "Check the new example" in text else "fusion"
-            self.calls.append((kind, text))
-            reply = (self.checklists if kind == "checklist" else self.fusions).pop(0)
-            on_result(i, Completion(reply, 10, 5))
 
 
 GOOD_PAIR = (

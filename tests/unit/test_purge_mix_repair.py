@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from tests.unit.scripted_llm import ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
-from token_clean_trainer.purge_mix.generators import CachedGenerator, Completion
+from token_clean_trainer.purge_mix.generators import CachedGenerator
 from token_clean_trainer.purge_mix.mix import (
     FUSION_DEMO,
     OPERATOR_TASKS,
@@ -47,24 +48,8 @@ GOOD = (
 GOOD_2 = GOOD.replace("first.", "before it runs.")
 
 
-class RecordingBackend:
-    """Scripted replies by stage; keeps every payload (messages and sampling settings)."""
-
-    identity = "recording"
-
-    def __init__(self, fusions, checklists):
-        self.fusions, self.checklists = list(fusions), list(checklists)
-        self.payloads = []
-
-    def generate(self, payloads, on_result):
-        for i, payload in enumerate(payloads):
-            checklist = "Check the new example" in payload["messages"][-1]["content"]
-            self.payloads.append(("checklist" if checklist else "fusion", payload))
-            on_result(i, Completion((self.checklists if checklist else self.fusions).pop(0), 10, 5))
-
-
 def _run(fusions, checklists, sources=SOURCES, **overrides):
-    backend = RecordingBackend(fusions, checklists)
+    backend = ScriptedBackend(fusions, checklists)
     generator = CachedGenerator(backend, None, temperature=overrides.pop("temperature", 0.7), seed=42)
     results = run_fusions([FusionJob([0, 1], "direct_answer")], sources, generator, PurgeMixConfig(**overrides))
     fusion_payloads = [p for kind, p in backend.payloads if kind == "fusion"]
