@@ -1,4 +1,7 @@
-"""Scores a tiny dataset under `accelerate launch` and writes the scores and masks (run by test_distributed.py)."""
+"""
+Scores a tiny dataset under `accelerate launch`, trains two steps and writes the scores, masks and forward counts (run
+by test_distributed.py, and packed by test_packing_cleaning.py through score_packed_distributed.py).
+"""
 
 import json
 import sys
@@ -11,19 +14,23 @@ from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
 
 
-def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
+def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str, packed: bool = False) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # 23 rows and 5-row shards: every shard splits unevenly over 2 processes.
+    # 23 rows and 5-row shards: every shard splits unevenly over 2 processes. Packed: 23 rows packed into fewer rows
+    # of 128 tokens, in 3-row shards scored 2 rows a forward.
+    layout = (
+        dict(packing=True, token_score_window=3, score_shard_rows=3, score_batch_size=2, per_device_train_batch_size=2)
+        if packed
+        else dict(score_shard_rows=5, score_batch_size=3)
+    )
     trainer = TokenCleanSFTTrainer(
         AutoModelForCausalLM.from_pretrained(model_dir),
-        args=cpu_args(
-            out_dir, ref_model_name_or_path=ref_dir, score_shard_rows=5, score_batch_size=3, max_steps=2, use_cpu=True
-        ),
+        args=cpu_args(out_dir, ref_model_name_or_path=ref_dir, max_steps=2, use_cpu=True, **layout),
         train_dataset=Dataset.from_list(arithmetic_rows(23)),
         processing_class=tokenizer,
     )
     scored = trainer.score_tokens()
-    trainer.train()  # masks reach every process's dataloader
+    trainer.train()  # masks reach every process's dataloader (flattened with each padding-free batch when packed)
     forwards = trainer._collective.all_gather_object(trainer.scoring_stats.forwards)
     if trainer.accelerator.is_main_process:
         scores = np.concatenate(scored["token_scores"]).astype(float)
@@ -35,6 +42,7 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
                     "threshold": trainer.token_cleaning_state.threshold,
                     "processes": trainer.accelerator.num_processes,
                     "forwards": forwards,
+                    "step": trainer.state.global_step,
                 },
                 f,
             )

@@ -1,54 +1,8 @@
-"""Scores a packed tiny dataset under `accelerate launch` and writes the scores, masks and forward counts (run by
-test_packing_cleaning.py)."""
+"""`score_distributed.py` on packed rows (run by test_packing_cleaning.py under 1 and 2 processes)."""
 
-import json
 import sys
 
-import numpy as np
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from tests.conftest import arithmetic_rows, cpu_args
-from token_clean_trainer import TokenCleanSFTTrainer
-
-
-def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # 23 rows packed into fewer rows of 128 tokens, in 3-row shards scored 2 rows a forward: uneven over 2 processes.
-    trainer = TokenCleanSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        args=cpu_args(
-            out_dir,
-            ref_model_name_or_path=ref_dir,
-            packing=True,
-            token_score_window=3,
-            score_shard_rows=3,
-            score_batch_size=2,
-            max_steps=2,
-            per_device_train_batch_size=2,
-            use_cpu=True,
-        ),
-        train_dataset=Dataset.from_list(arithmetic_rows(23)),
-        processing_class=tokenizer,
-    )
-    scored = trainer.score_tokens()
-    trainer.train()  # masks reach every process's dataloader, flattened with each padding-free batch
-    forwards = trainer._collective.all_gather_object(trainer.scoring_stats.forwards)
-    if trainer.accelerator.is_main_process:
-        scores = np.concatenate(scored["token_scores"]).astype(float)
-        with open(result_path, "w") as f:
-            json.dump(
-                {
-                    "scores": [None if np.isnan(x) else x for x in scores],
-                    "keep": [bool(x) for row in scored["token_keep"] for x in row],
-                    "rows": len(trainer.train_dataset),
-                    "processes": trainer.accelerator.num_processes,
-                    "forwards": forwards,
-                    "step": trainer.state.global_step,
-                },
-                f,
-            )
-
+from score_distributed import main  # the script's own folder is first on sys.path
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:5], packed=True)
