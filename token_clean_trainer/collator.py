@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .compact import unpack_bits
 from .step_selection import rows_to_flat, rows_to_padded
 
 # The index of a row in the prepared train dataset: the key under which its mask (or per-token values) is found.
@@ -70,21 +71,16 @@ class RowStore:
     def ready(self) -> bool:
         return self.column is not None
 
-    @staticmethod
-    def _unpack(bits: np.ndarray, start: int, end: int) -> np.ndarray:
-        chunk = np.unpackbits(bits[start // 8 : (end + 7) // 8])
-        return chunk[start % 8 : start % 8 + end - start].astype(bool)
-
     def row(self, index: int) -> np.ndarray:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         if self._response_bits is not None:
-            response = self._unpack(self._response_bits, start, end)
+            response = unpack_bits(self._response_bits, start, end)
             out = np.full(end - start, np.nan, dtype=np.float32)
             out[response] = self._values[self._response_offsets[index] : self._response_offsets[index + 1]]
             return out
         if self._values is not None:
             return self._values[start:end]
-        return self._unpack(self._bits, start, end)
+        return unpack_bits(self._bits, start, end)
 
 
 @dataclass
