@@ -2,6 +2,15 @@
 
 from token_clean_trainer.purge_mix.generators import Completion
 
+# A checklist verdict with the five judged fields true.
+FIVE_TRUE = {
+    "instruction_clear": True,
+    "answers_instruction": True,
+    "complete": True,
+    "keeps_key_terms": True,
+    "consistent_with_instruction": True,
+}
+
 
 class ScriptedBackend:
     """

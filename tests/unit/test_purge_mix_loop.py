@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.unit.scripted_llm import ScriptedBackend
+from tests.unit.scripted_llm import FIVE_TRUE, ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.generators import CachedGenerator, Completion
 from token_clean_trainer.purge_mix.mix import (
@@ -135,15 +135,6 @@ def test_copies_of_the_prompt_demonstrations_are_defects():
     copied = parse_pair(FUSION_DEMO[1]["content"])
     assert "copied_demonstration" in code_defects(copied, SOURCES, PurgeMixConfig())
     assert checklist_verdict(CHECKLIST_DEMO[1]["content"])[:2] == (False, ["checklist_copied_demonstration"])
-
-
-FIVE_TRUE = {
-    "instruction_clear": True,
-    "answers_instruction": True,
-    "complete": True,
-    "keeps_key_terms": True,
-    "consistent_with_instruction": True,
-}
 
 
 def test_checklist_verdict():

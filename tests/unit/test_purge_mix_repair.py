@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.unit.scripted_llm import ScriptedBackend
+from tests.unit.scripted_llm import FIVE_TRUE, ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.generators import CachedGenerator
 from token_clean_trainer.purge_mix.mix import (
@@ -32,13 +32,6 @@ SOURCES = [
     {"instruction": "What is Python?", "response": "Python is a programming language."},
     {"instruction": "What is a compiler?", "response": "A compiler translates source code into machine code."},
 ]
-FIVE_TRUE = {
-    "instruction_clear": True,
-    "answers_instruction": True,
-    "complete": True,
-    "keeps_key_terms": True,
-    "consistent_with_instruction": True,
-}
 PASS = json.dumps({**FIVE_TRUE, "source_conflicts": [], "defects": []})
 FAIL = json.dumps({**FIVE_TRUE, "complete": False, "source_conflicts": [], "defects": ["stops mid-way"]})
 GOOD = (
