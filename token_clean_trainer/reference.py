@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from transformers import AutoConfig, AutoTokenizer
+from trl.trainer.utils import use_adapter
 
 from .scoring import preserve_rng_state, unwrap_causal_lm
 from .utils import file_provenance, fingerprint_module, is_peft_model, sha256_json
@@ -249,8 +250,6 @@ class Reference:
 
     @contextlib.contextmanager
     def _adapter_on_base(self, model) -> Iterator[Any]:
-        from trl.trainer.utils import use_adapter
-
         path = self.args.ref_adapter_name_or_path
         trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
         active_before = model.active_adapter
@@ -276,3 +275,66 @@ class Reference:
             yield lambda: use_adapter(model, REF_ADAPTER_NAME)
         finally:
             remove_reference_adapter()
+
+
+class ScoringSides:
+    """
+    The three sides a token loss can be taken from, and the score-cache key of each: `"base"` (the original model: the
+    model with its adapters off under PEFT, otherwise its weights before the first step), `"ref"` (the [`Reference`])
+    and `"model"` (the trained model as it is now).
+
+    Args:
+        reference ([`Reference`]):
+            The run's reference.
+        models (`Callable[[], tuple[torch.nn.Module, torch.nn.Module]]`):
+            `(model, module a forward calls)` as they stand now: the trainer's model and the DeepSpeed engine, the
+            FSDP2 module or the plain model (accelerate replaces them when it prepares the model).
+        accelerator (`accelerate.Accelerator`):
+            Prepares a reference loaded from a path like the trained model.
+        model_source (`str`, *optional*):
+            The path or hub id the model was loaded from: it keys the cached base losses without a fingerprint.
+        model_init_kwargs (`dict`, *optional*):
+            The kwargs it was loaded with (part of that key).
+    """
+
+    def __init__(self, reference: Reference, models, accelerator, model_source=None, model_init_kwargs=None):
+        self.reference = reference
+        self.models = models
+        self.accelerator = accelerator
+        self.model_source = model_source
+        self.model_init_kwargs = model_init_kwargs or {}
+        self._base_identity: Any = None
+
+    def key(self, role: str) -> str:
+        """
+        Cache key of one side, taken on every process (fingerprints gather sharded weights together). The base and a
+        reference given by path are keyed by provenance, so a fully cached run loads nothing.
+        """
+        model, _ = self.models()
+        if role == "model":
+            return sha256_json({"model": fingerprint_module(model), "whole_module": True})
+        if self._base_identity is None:
+            # Taken before the first step (the base is the model's initial weights, or its base under PEFT).
+            if self.model_source is not None:
+                init = {k: str(v) for k, v in sorted(self.model_init_kwargs.items())}
+                self._base_identity = {"source": file_provenance(self.model_source), "init": init}
+            elif is_peft_model(model):
+                self._base_identity = base_weights_key(model)
+            else:
+                self._base_identity = fingerprint_module(model)
+        if role == "base":
+            return sha256_json({"model": self._base_identity, "adapter": None})
+        return self.reference.identity(base_key=sha256_json(self._base_identity))
+
+    @contextlib.contextmanager
+    def scoring(self, role: str) -> Iterator[tuple[torch.nn.Module, Any]]:
+        """Yield `(module to call, forward context factory)` for one side; release what it loaded on exit."""
+        model, prepared = self.models()
+        if role == "model":
+            yield prepared, contextlib.nullcontext
+        elif role == "base":
+            yield prepared, (lambda: use_adapter(model, None)) if is_peft_model(model) else contextlib.nullcontext
+        else:
+            dtype = next(unwrap_causal_lm(model).parameters()).dtype
+            with self.reference.scoring(model, self.accelerator, dtype) as (ref_model, context):
+                yield (prepared if ref_model is None else ref_model), context

@@ -10,7 +10,7 @@ NaN where a position is not a response token. Pure torch/numpy, no model and no 
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -314,13 +314,100 @@ def apply_keep(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return labels.masked_fill(~keep.to(labels.device) & (labels != -100), -100)
 
 
+@dataclass
+class StepRecords:
+    """
+    The state of per-step selection (online mode, `token_selection="batch"`): one record per optimizer step, and the
+    run identity a checkpoint carries with them (a resume replays the records instead of recomputing them).
+    """
+
+    identity: dict
+    records: list[dict] = field(default_factory=list)
+
+    def checkpoint(self) -> tuple[dict, None]:
+        """`(payload, arrays)` of a checkpoint: the identity and the records, no arrays."""
+        return {**self.identity, "steps": self.records}, None
+
+
+def select_step_tokens(
+    batch_samples: list[dict],
+    args,
+    gather: GatherFn,
+    current_losses: Callable[[dict], torch.Tensor] | None = None,
+) -> StepSelection:
+    """
+    Choose the kept tokens of one optimizer step and set the others' labels to `-100` in `batch_samples`, in place.
+
+    Each micro-batch carries its static values in a column the collator filled (`token_scores` with
+    `token_selection="batch"`, `token_ref_losses` in online mode, where `current_losses(batch)` gives the trained
+    model's losses and the ranking is Rho-1's excess loss `L_current - L_ref`). Trained tokens that are not response
+    tokens stay trained.
+    """
+    from .collator import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
+
+    online = current_losses is not None
+    column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
+    scores, responses, ref_losses = [], [], []
+    for batch in batch_samples:
+        if column not in batch:
+            raise ValueError(
+                f"A training batch has no `{column}` tensor: the train dataset was replaced or its columns removed "
+                "after scoring. Let the trainer prepare the dataset it trains on."
+            )
+        values = batch.pop(column).float()
+        # The stored column is NaN wherever a position is not a response token (see `positions.py`).
+        responses.append(response_mask(batch["labels"].cpu()) & ~torch.isnan(values.cpu()))
+        if online:
+            ref_losses.append(values)
+            # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
+            values = current_losses(batch).to(values.device) - values
+        scores.append(values)
+    selection = select_step(
+        scores,
+        [batch["labels"] for batch in batch_samples],
+        level="batch" if args.token_selection == "batch" else "sample",
+        ratio=args.token_keep_ratio,
+        gather=gather,
+        responses=responses,
+        # Span-aware ranking: the window stays inside each row's (or packed sequence's) response spans.
+        window=args.token_score_window,
+        rule=args.token_score_rule,
+        ref_losses=ref_losses if online else None,
+        position_ids=[batch.get("position_ids") for batch in batch_samples],
+    )
+    for batch, keep, response in zip(batch_samples, selection.keep, responses):
+        context = response_mask(batch["labels"].cpu()) & ~response
+        batch["labels"] = apply_keep(batch["labels"], keep | context)
+    return selection
+
+
+def accelerator_gather(accelerator) -> GatherFn:
+    """A [`GatherFn`] over accelerate's processes: every process's `(channels, n)` array, in rank order."""
+    if accelerator.num_processes == 1:
+        return single_process_gather
+
+    def gather(local: np.ndarray) -> tuple[list[np.ndarray], int]:
+        # Sizes differ from process to process: pad, gather, then cut.
+        device = accelerator.device
+        tensor = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32)).to(device)
+        sizes = accelerator.gather(torch.tensor([tensor.shape[1]], device=device)).cpu().tolist()
+        padded = accelerator.pad_across_processes(tensor, dim=1)
+        gathered = accelerator.gather(padded[None]).cpu().numpy()
+        return [gathered[rank, :, : sizes[rank]] for rank in range(len(sizes))], accelerator.process_index
+
+    return gather
+
+
 __all__ = [
+    "StepRecords",
     "StepSelection",
+    "accelerator_gather",
     "apply_keep",
     "response_mask",
     "rows_to_flat",
     "rows_to_padded",
     "select_step",
+    "select_step_tokens",
     "sequence_sizes",
     "single_process_gather",
     "span_starts",

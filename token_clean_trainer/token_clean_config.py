@@ -2,11 +2,15 @@
 
 import copy
 import json
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import SFTConfig
+
+logger = logging.getLogger(__name__)
 
 # Settings that name a local file or folder: `~` and environment variables are expanded in each (a Hub id has neither).
 PATH_SETTINGS = (
@@ -389,3 +393,35 @@ def config_values(args) -> dict[str, Any]:
     """
     accepted = {f.name for f in fields(TokenCleanConfig) if f.init}
     return {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init and f.name in accepted}
+
+
+def as_token_clean_config(args, model) -> TokenCleanConfig:
+    """
+    The config a [`TokenCleanSFTTrainer`] runs with. A [`TokenCleanConfig`] is used as given. `None`, a plain
+    [`~transformers.TrainingArguments`] or an [`~trl.SFTConfig`] keep every field they hold (tokens included) and get
+    `token_cleaning="none"`: swapping the trainer's class name alone trains exactly like `SFTTrainer`.
+    """
+    from transformers import TrainingArguments
+    from trl.trainer.utils import get_config_model_id
+
+    if isinstance(args, TokenCleanConfig):
+        return args
+    if args is not None and not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"`args` must be a `TokenCleanConfig`, an `SFTConfig` or a `TrainingArguments`, got {type(args).__name__}."
+        )
+    if args is None:
+        # SFTTrainer's own default, so the run lands in the same folder.
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        values = {"output_dir": f"{name.split('/')[-1]}-SFT"}
+    else:
+        values = config_values(args)
+    logger.info(
+        "TokenCleanSFTTrainer got %s, so token cleaning is off and it trains exactly like SFTTrainer. To clean "
+        "tokens, pass `args=TokenCleanConfig(..., token_cleaning='fixed', ref_model_name_or_path=...)`.",
+        "no `args`" if args is None else f"a plain `{type(args).__name__}`",
+    )
+    with warnings.catch_warnings():
+        # Deprecated fields (e.g. `pad_token`) already warned when `args` was built; SFTTrainer warns only once.
+        warnings.simplefilter("ignore", FutureWarning)
+        return TokenCleanConfig(**values, token_cleaning="none")

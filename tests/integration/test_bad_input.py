@@ -11,7 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-import token_clean_trainer.token_clean_trainer as trainer_module
+import token_clean_trainer.score_driver as driver_module
 from tests.conftest import arithmetic_rows, cpu_args, make_tiny_llama
 from token_clean_trainer import TokenCleanSFTTrainer
 from token_clean_trainer.validation import DatasetValidationError
@@ -24,7 +24,7 @@ def no_forward(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a scoring forward ran before the bad input was reported")
 
-    monkeypatch.setattr(trainer_module, "compute_token_losses", refuse)
+    monkeypatch.setattr(driver_module, "compute_token_losses", refuse)
 
 
 def build(tmp_path, tiny_model_dir, tokenizer, dataset=None, peft=False, ref_model=None, **overrides):
@@ -322,7 +322,7 @@ def test_too_little_free_space_fails_before_scoring(tmp_path, tiny_model_dir, ti
     trainer = build(
         tmp_path, tiny_model_dir, tokenizer, ref_model_name_or_path=tiny_ref_dir, score_cache_dir=str(tmp_path / "c")
     )
-    monkeypatch.setattr(trainer_module, "compute_token_losses", lambda *a, **k: pytest.fail("scored before the check"))
+    monkeypatch.setattr(driver_module, "compute_token_losses", lambda *a, **k: pytest.fail("scored before the check"))
     with pytest.raises(
         OSError, match=r"0\.0 MiB free, but storing the losses of 1 shards x 2 passes needs about 1\.0 MiB"
     ):

@@ -14,19 +14,26 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
+from token_clean_trainer.checkpoint import STATE_ARRAYS, STATE_JSON
 from token_clean_trainer.positions import RESPONSE_MASK_COLUMN, response_positions
-from token_clean_trainer.self_evolving import STATE_ARRAYS, STATE_JSON
 from token_clean_trainer.utils import flat_list_column
 
 
 class CountingTrainer(TokenCleanSFTTrainer):
-    """Counts scoring passes (every forward of scoring goes through `_token_losses`)."""
+    """Counts scoring passes (every forward of scoring goes through the driver's `token_losses`)."""
 
     scoring_passes = 0
 
-    def _token_losses(self, dataset, role, sink=None):
-        self.scoring_passes += 1
-        return super()._token_losses(dataset, role, sink=sink)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        driver = self._cleaning.driver
+        inner = driver.token_losses
+
+        def counting(dataset, role, sink=None):
+            self.scoring_passes += 1
+            return inner(dataset, role, sink=sink)
+
+        driver.token_losses = counting
 
 
 def build(output_dir, model_dir, tokenizer, cls=TokenCleanSFTTrainer, rows=12, **overrides):

@@ -260,7 +260,7 @@ def test_every_config_field_survives(tmp_path, tokenizer, tiny_model_dir, caplog
             eos_token="<|im_end|>", pad_token="<|endoftext|>", hub_token="secret", lr_scheduler_type="cosine"
         ),
     )
-    with caplog.at_level("INFO", logger="token_clean_trainer.token_clean_trainer"):
+    with caplog.at_level("INFO", logger="token_clean_trainer.token_clean_config"):
         trainer = TokenCleanSFTTrainer(
             AutoModelForCausalLM.from_pretrained(tiny_model_dir),
             args=args,

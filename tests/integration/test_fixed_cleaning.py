@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
-import token_clean_trainer.token_clean_trainer as trainer_module
+import token_clean_trainer.score_driver as driver_module
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer, keep_count
 
@@ -194,13 +194,13 @@ def test_cache_hit_does_no_forward_and_a_changed_row_recomputes_its_shard(
     tmp_path, tiny_model_dir, tokenizer, ref_adapter_dir, monkeypatch
 ):
     calls = []
-    real = trainer_module.compute_token_losses
+    real = driver_module.compute_token_losses
 
     def counting(*args, **kwargs):
         calls.append(len(list(args[2])))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "compute_token_losses", counting)
+    monkeypatch.setattr(driver_module, "compute_token_losses", counting)
     cache = str(tmp_path / "cache")
     settings = dict(ref_adapter_name_or_path=ref_adapter_dir, score_cache_dir=cache, score_shard_rows=8)
     rows = arithmetic_rows(24)
@@ -293,9 +293,9 @@ def test_fully_cached_run_neither_loads_nor_fingerprints_the_reference(
         raise AssertionError("the reference was loaded or fingerprinted although every score is cached")
 
     monkeypatch.setattr(reference_module.Reference, "_load", refuse)
+    # The model is given by path, so the base side is keyed by provenance too: nothing is fingerprinted (the keys of
+    # both sides are taken in `reference.py`).
     monkeypatch.setattr(reference_module, "fingerprint_module", refuse)
-    # The model is given by path, so the base side is keyed by provenance too: nothing is fingerprinted.
-    monkeypatch.setattr(trainer_module, "fingerprint_module", refuse)
     second = TokenCleanSFTTrainer(
         tiny_model_dir,
         args=cpu_args(tmp_path / "b", **settings),

@@ -152,7 +152,7 @@ def test_online_window_and_junk_gate_mask_what_the_rule_says(tmp_path, tiny_mode
         per_token = select_junk_gate(flat_scores, flat_refs, ends, 0.8, "global").keep
         assert not np.array_equal(per_token, keep)
     # The span settings are part of what a resumed run must match.
-    assert trainer._step_identity["score_window"] == 5 and trainer._step_identity["score_rule"] == "junk_gate"
+    assert trainer._steps.identity["score_window"] == 5 and trainer._steps.identity["score_rule"] == "junk_gate"
     with open(tmp_path / "token_cleaning" / "report.json") as f:
         report = json.load(f)
     assert (report["score_rule"], report["score_window"]) == ("junk_gate", 5)

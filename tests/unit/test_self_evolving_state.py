@@ -1,4 +1,4 @@
-"""Self-evolving rounds and checkpoint state (`self_evolving.py`) and the per-step report summary (`add_step_summary`)."""
+"""Self-evolving rounds (`self_evolving.py`), checkpoint state (`checkpoint.py`) and the per-step report summary (`add_step_summary`)."""
 
 import json
 import os
@@ -6,18 +6,18 @@ import os
 import numpy as np
 import pytest
 
-from token_clean_trainer.report import add_step_summary
-from token_clean_trainer.self_evolving import (
+from token_clean_trainer.checkpoint import (
     STATE_ARRAYS,
     STATE_FORMAT_VERSION,
     STATE_JSON,
     check_resume_matches,
-    chunk_bounds,
     latest_round_checkpoint,
     load_checkpoint_state,
     round_output_dir,
     save_checkpoint_state,
 )
+from token_clean_trainer.report import add_step_summary
+from token_clean_trainer.self_evolving import chunk_bounds, saved_base_losses
 
 # ---------------------------------------------------------------------------------------------------------------------
 # chunk_bounds
@@ -107,15 +107,13 @@ def test_base_losses_of_an_earlier_checkpoint_are_taken_at_the_response_position
     response tokens); a resume takes their response positions, which is what a checkpoint of this version holds."""
     from types import SimpleNamespace
 
-    from token_clean_trainer.token_clean_trainer import TokenCleanSFTTrainer
-
     response = np.array([0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0], dtype=bool)
     flat = np.where(response, np.arange(response.size, dtype=np.float32), np.float32(np.nan))
     run = SimpleNamespace(layout=SimpleNamespace(n_response=int(response.sum())), response_bits=np.packbits(response))
     save_checkpoint_state(str(tmp_path), PAYLOAD, {"keep": response, "base_losses": flat})
-    np.testing.assert_array_equal(TokenCleanSFTTrainer._saved_base_losses(run, str(tmp_path)), flat[response])
+    np.testing.assert_array_equal(saved_base_losses(run, str(tmp_path)), flat[response])
     save_checkpoint_state(str(tmp_path), PAYLOAD, {"keep": response, "base_losses": flat[response]})
-    np.testing.assert_array_equal(TokenCleanSFTTrainer._saved_base_losses(run, str(tmp_path)), flat[response])
+    np.testing.assert_array_equal(saved_base_losses(run, str(tmp_path)), flat[response])
 
 
 def test_state_without_keep_mask(tmp_path):

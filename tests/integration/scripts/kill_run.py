@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-import token_clean_trainer.token_clean_trainer as trainer_module
+import token_clean_trainer.score_driver as driver_module
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
 from token_clean_trainer.utils import fingerprint_module
@@ -33,14 +33,14 @@ class SlowSteps(TrainerCallback):
 
 
 def slow_scoring(delay: float) -> None:
-    compute = trainer_module.compute_token_losses
+    compute = driver_module.compute_token_losses
 
     def slowed(*args, **kwargs):
         result = compute(*args, **kwargs)
         time.sleep(delay)
         return result
 
-    trainer_module.compute_token_losses = slowed
+    driver_module.compute_token_losses = slowed
 
 
 def main(mode, model_dir, ref_dir, output_dir, cache_dir, result_path, delay, resume=None):
