@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 # Public names and the module that defines each. They are imported on first use (PEP 562), so `import
 # token_clean_trainer` and `token-clean --help` do not pay for torch, transformers and TRL.

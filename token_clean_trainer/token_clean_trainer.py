@@ -63,9 +63,16 @@ from .positions import (
     truncate_like_trl,
 )
 from .reference import Reference, base_weights_key
-from .report import _nanmean, add_step_summary, build_report, print_summary, write_report
-from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
-from .report_integrations import publish_to_integrations
+from .report import (
+    DEFAULT_SAMPLE_ROWS,
+    _nanmean,
+    add_step_summary,
+    build_report,
+    build_token_sample,
+    print_summary,
+    publish_to_integrations,
+    write_report,
+)
 from .scoring import (
     ScoringStats,
     compute_token_losses,
