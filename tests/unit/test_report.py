@@ -447,3 +447,54 @@ def test_report_summary_and_page_show_the_masked_runs_and_the_rule():
     assert (
         add_step_summary({}, [{"response_tokens": 1, "kept_tokens": 1, "rows_all_masked": 0}])["masked_runs"] is None
     )
+
+
+def test_report_modules_import_one_way_and_never_the_package_init():
+    """Inside `token_clean_trainer/report/` no module imports one that imports it back, none imports the top-level
+    package `__init__`, and importing the package leaves the trackers' module (and transformers) unloaded."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import token_clean_trainer.report as package
+
+    folder = os.path.dirname(package.__file__)
+    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"}
+    assert {"summary", "histogram", "tokens_html", "write", "terminal", "integrations"} <= modules
+    imports = {}
+    for module in modules:
+        with open(os.path.join(folder, module + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module is not None, (
+                    f"{module}.py imports a package __init__ (`from {'.' * node.level} import`)"
+                )
+                if node.level == 1:
+                    assert node.module in modules, (module, node.module)
+                    found.add(node.module)
+        imports[module] = found
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for other in imports[todo.pop()] - seen:
+                seen.add(other)
+                todo.append(other)
+        return seen
+
+    assert [module for module in modules if module in reachable(module)] == []
+    # The write path goes one way: write -> (histogram, tokens_html); neither of them reaches write or summary.
+    assert {"histogram", "tokens_html"} <= imports["write"]
+    assert not {"write", "summary"} & (reachable("histogram") | reachable("tokens_html"))
+    code = (
+        "import sys, token_clean_trainer.report as r; "
+        "print(sorted(m for m in ('transformers', 'token_clean_trainer.report.integrations') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(folder))}  # this checkout's package
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]", completed.stdout
+    assert package.publish_to_integrations.__module__ == "token_clean_trainer.report.integrations"

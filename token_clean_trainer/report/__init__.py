@@ -2,18 +2,20 @@
 The token-cleaning report: `report.json`, `score_histogram.json`, `histogram.png`, `tokens_sample.json`,
 `tokens.html`, the terminal summary and the trackers of `report_to`.
 
-One job per module; imports run one way (no module imports one that imports it back):
+One job per module; after the arrow, the modules of this package it imports (no module imports one that imports it
+back, and none imports this `__init__`):
 
-    rows         the user's row numbers through TRL's preparation
-    decode       token ids -> the text they stand for
-    statistics   score statistics, masked runs, token tables           <- decode
-    summary      `report.json`'s content (build_report)                <- statistics
-    histogram    bins, histogram.png, the page's SVG                    <- statistics
-    sample       the rows shown on tokens.html                          <- decode
-    tokens_html  tokens.html from the sample (template in templates/)   <- histogram, sample
-    write        the files, written once and rebuilt (regenerate)       <- histogram, tokens_html
-    terminal     the summary on the terminal
-    integrations W&B and TensorBoard (imported on first use: it loads transformers)
+    rows          the user's row numbers through TRL's preparation
+    decode        token ids -> the text they stand for
+    statistics    score statistics, masked runs, the token tables        <- decode
+    summary       `report.json`'s content (build_report)                 <- statistics
+    histogram     the bins, histogram.png, the page's SVG                 <- statistics
+    sample        the rows shown on tokens.html                           <- decode
+    tokens_html   tokens.html (template in templates/)                    <- histogram, sample, statistics
+    write         the files, written once and rebuilt (regenerate)        <- histogram, tokens_html
+    terminal      the summary on the terminal                             <- statistics
+    integrations  W&B and TensorBoard, imported on first use (it loads transformers)
+                                                                          <- histogram, terminal, tokens_html
 """
 
 from .histogram import HISTOGRAM_BINS, HISTOGRAM_DATA_FILE, draw_histogram, histogram_data

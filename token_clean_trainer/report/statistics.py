@@ -26,6 +26,14 @@ QUANTILES = {
 NEAR_ZERO = 0.01
 # Rows in each table of the token summary (most often kept, most often dropped); special tokens are all listed.
 TOKEN_TABLE_ROWS = 20
+# The tables of the token summary and their titles ("frequent" replaces "kept" and "dropped" when tokens are chosen per
+# optimizer step).
+TOKEN_TABLES = {
+    "kept": "most often kept",
+    "dropped": "most often dropped",
+    "frequent": "most frequent",
+    "special": "special tokens",
+}
 # Positions read per chunk when counting tokens, so the summary needs little memory at hundreds of millions of tokens.
 _CHUNK = 1 << 22
 

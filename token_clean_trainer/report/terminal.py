@@ -4,6 +4,8 @@ import json
 import os
 from typing import Any
 
+from .statistics import TOKEN_TABLES
+
 
 def _num(value: Any, fmt: str = ",") -> str:
     return "-" if value is None else format(value, fmt)
@@ -96,16 +98,11 @@ def token_table_lines(tokens: dict[str, Any] | None, rows: int = 8) -> list[str]
         return []
     width = 18
     lines = []
-    for name, title in (
-        ("special", "special tokens"),
-        ("kept", "most often kept"),
-        ("dropped", "most often dropped"),
-        ("frequent", "most frequent"),
-    ):
+    for name in ("special", "kept", "dropped", "frequent"):
         entries = tokens.get(name)
         if not entries:
             continue
-        lines.append(f"  {title:<{width + 2}}{'count':>9} {'kept %':>7} {'mean score':>11}")
+        lines.append(f"  {TOKEN_TABLES[name]:<{width + 2}}{'count':>9} {'kept %':>7} {'mean score':>11}")
         for e in entries[:rows]:
             share = "-" if e["kept_share"] is None else f"{100 * e['kept_share']:.1f}%"
             score = "-" if e["mean_score"] is None else f"{e['mean_score']:+.4f}"

@@ -20,6 +20,7 @@ from typing import Any
 from ..utils import atomic_write_bytes, atomic_write_json
 from .histogram import HISTOGRAM_DATA_FILE, histogram_svg
 from .sample import FORMAT_VERSION
+from .statistics import TOKEN_TABLES
 
 SAMPLE_FILE = "tokens_sample.json"
 HTML_FILE = "tokens.html"
@@ -120,12 +121,7 @@ def _token_tables_html(report: dict[str, Any]) -> str:
     if not tokens:
         return ""
     tables = []
-    for name, caption in (
-        ("kept", "most often kept"),
-        ("dropped", "most often dropped"),
-        ("frequent", "most frequent"),
-        ("special", "special tokens"),
-    ):
+    for name, caption in TOKEN_TABLES.items():
         entries = tokens.get(name)
         if not entries:
             continue
