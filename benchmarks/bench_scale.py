@@ -89,7 +89,7 @@ def bench_trainer(args, collective, out_dir: str, timings: dict):
     """The trainer's fixed-mode methods on an object holding only what they read; `_token_losses` simulated."""
     import token_clean_trainer.token_clean_trainer as module
     from token_clean_trainer.collator import RowStore
-    from token_clean_trainer.report_html import build_token_sample
+    from token_clean_trainer.report import build_token_sample
     from token_clean_trainer.scoring import deal_rows
 
     T = module.TokenCleanSFTTrainer

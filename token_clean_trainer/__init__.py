@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 # Public names and the module that defines each. They are imported on first use (PEP 562), so `import
 # token_clean_trainer` and `token-clean --help` do not pay for torch, transformers and TRL.
@@ -13,7 +13,7 @@ _LAZY = {
     "TokenCleanSFTTrainer": ".token_clean_trainer",
     "TokenCleaningCollator": ".collator",
     "keep_count": ".selection",
-    "load_report": ".token_clean_trainer",
+    "load_report": ".report.run",
     "select_global": ".selection",
     "select_random": ".selection",
     "select_sample": ".selection",
@@ -53,6 +53,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .collator import TokenCleaningCollator
     from .purge_mix import PurgeMixCallback, PurgeMixConfig
+    from .report.run import load_report
     from .selection import keep_count, select_global, select_random, select_sample, select_tokens
     from .token_clean_config import TokenCleanConfig
-    from .token_clean_trainer import TokenCleanSFTTrainer, load_report
+    from .token_clean_trainer import TokenCleanSFTTrainer

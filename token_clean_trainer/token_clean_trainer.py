@@ -5,7 +5,7 @@ Orchestration only. The data path, in the order a run takes it:
 modes) or `self_evolving.py` (rounds), both scoring through `score_driver.py` (sharded, cached) with the sides of
 `reference.py` -> `selection.py` / `compact.py` (which tokens stay) -> `collator.py` (labels -100 by row) ->
 `step_selection.py` (per optimizer step, in `get_batch_samples`) -> `checkpoint.py` (state beside checkpoints) ->
-`run_report.py` (report, logs).
+`report/` (report.json, the page, the logs).
 """
 
 import logging
@@ -45,9 +45,8 @@ from .hub import hub_ignore_patterns as _hub_ignore_patterns
 from .positions import mask_sequence_starts
 from .preparation import add_response_mask, refuse_packing_without_response_labels, refuse_unscorable_dataset
 from .reference import Reference, ScoringSides
-from .report import add_step_summary, pop_raw_row_column, with_raw_row_column
-from .report_integrations import publish_to_integrations
-from .run_report import RunReport, load_report, log_fields, model_settings, round_log_fields, step_log_fields
+from .report import add_step_summary, pop_raw_row_column, publish_to_integrations, with_raw_row_column
+from .report.run import RunReport, load_report, log_fields, model_settings, round_log_fields, step_log_fields
 from .score_driver import ScoringDriver, row_offsets
 from .scoring import ScoringStats, eval_mode, precision_context, preserve_rng_state, token_losses
 from .scoring_pass import CleaningContext, TokenCleaningState, fill_row_store, score_and_select, score_reference

@@ -20,8 +20,7 @@ from token_clean_trainer.positions import (
     only_response,
     response_positions,
 )
-from token_clean_trainer.report import build_report
-from token_clean_trainer.report_html import build_token_sample
+from token_clean_trainer.report import build_report, build_token_sample
 from token_clean_trainer.selection import select_global, select_junk_gate, select_tokens, window_mean
 
 
@@ -295,7 +294,7 @@ def test_row_store_expands_compact_values_to_the_flat_row(dataset):
 def test_per_step_report_and_sample_match_the_flat_layout(dataset, sides, rank_rows, monkeypatch):
     """`token_selection="batch"` (scores, no keep mask) and online mode (reference losses only) in the compact layout
     give the flat layout's report and token sample (rows ranked in one block, or in blocks of two rows)."""
-    monkeypatch.setattr("token_clean_trainer.report_html.RANK_ROWS", rank_rows)
+    monkeypatch.setattr("token_clean_trainer.report.sample.RANK_ROWS", rank_rows)
     base_rows, ref_rows = losses(np.random.default_rng(6), LABELS)
     (lengths, labels, offsets, response), base, ref, scores, _, _ = flat_path(
         dataset, base_rows, ref_rows, "global", 1

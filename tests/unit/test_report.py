@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 
 from token_clean_trainer.report import histogram_data, regenerate, summary_lines, write_report
-from token_clean_trainer.report_html import (
-    build_token_sample,
-    choose_rows,
-    render_tokens_html,
-    token_texts,
-)
+from token_clean_trainer.report.decode import token_texts
+from token_clean_trainer.report.sample import build_token_sample, choose_rows
+from token_clean_trainer.report.tokens_html import render_tokens_html
 
 
 def test_byte_level_tokens_decode_to_the_text_with_real_whitespace(tokenizer):
@@ -254,7 +251,7 @@ def test_token_summary_counts_kept_share_and_mean_score_per_token_string():
     assert "kept" not in per_step and per_step["frequent"][0]["token"] == " the"
     assert per_step["frequent"][0]["kept_share"] is None
     # Chunked counting gives the same tables as one pass.
-    import token_clean_trainer.report as report_module
+    import token_clean_trainer.report.statistics as report_module
 
     chunk = report_module._CHUNK
     report_module._CHUNK = 3
@@ -349,7 +346,7 @@ def test_histogram_uses_a_log_count_axis(tmp_path, monkeypatch):
 
 
 def test_page_draws_the_histogram_on_a_log_axis_with_the_threshold(tmp_path):
-    from token_clean_trainer.report_html import histogram_svg
+    from token_clean_trainer.report.histogram import histogram_svg
 
     scores = np.array([0.0] * 999 + [1.0, 2.0, np.nan], dtype=np.float32)
     data = histogram_data(scores, None, 0.5, build())
@@ -416,10 +413,9 @@ def _masked_runs_whole(dropped, span_starts=None):
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 22])
 def test_masked_runs_chunk_by_chunk_equal_the_whole_array(monkeypatch, chunk):
-    from token_clean_trainer import report
-    from token_clean_trainer.report import masked_runs
+    from token_clean_trainer.report import masked_runs, statistics
 
-    monkeypatch.setattr(report, "_CHUNK", chunk)
+    monkeypatch.setattr(statistics, "_CHUNK", chunk)
     rng = np.random.default_rng(chunk)
     for p in (0.0, 0.2, 0.7, 1.0):
         dropped = rng.random(50) < p
@@ -451,3 +447,54 @@ def test_report_summary_and_page_show_the_masked_runs_and_the_rule():
     assert (
         add_step_summary({}, [{"response_tokens": 1, "kept_tokens": 1, "rows_all_masked": 0}])["masked_runs"] is None
     )
+
+
+def test_report_modules_import_one_way_and_never_the_package_init():
+    """Inside `token_clean_trainer/report/` no module imports one that imports it back, none imports the top-level
+    package `__init__`, and importing the package leaves the trackers' module (and transformers) unloaded."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import token_clean_trainer.report as package
+
+    folder = os.path.dirname(package.__file__)
+    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py"}
+    assert {"summary", "histogram", "tokens_html", "write", "terminal", "integrations"} <= modules
+    imports = {}
+    for module in modules:
+        with open(os.path.join(folder, module + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module is not None, (
+                    f"{module}.py imports a package __init__ (`from {'.' * node.level} import`)"
+                )
+                if node.level == 1:
+                    assert node.module in modules, (module, node.module)
+                    found.add(node.module)
+        imports[module] = found
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for other in imports[todo.pop()] - seen:
+                seen.add(other)
+                todo.append(other)
+        return seen
+
+    assert [module for module in modules if module in reachable(module)] == []
+    # The write path goes one way: write -> (histogram, tokens_html); neither of them reaches write or summary.
+    assert {"histogram", "tokens_html"} <= imports["write"]
+    assert not {"write", "summary"} & (reachable("histogram") | reachable("tokens_html"))
+    code = (
+        "import sys, token_clean_trainer.report as r; "
+        "print(sorted(m for m in ('transformers', 'token_clean_trainer.report.integrations') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(folder))}  # this checkout's package
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]", completed.stdout
+    assert package.publish_to_integrations.__module__ == "token_clean_trainer.report.integrations"

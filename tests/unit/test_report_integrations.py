@@ -12,7 +12,7 @@ import pytest
 from transformers.integrations import TensorBoardCallback, WandbCallback
 
 from token_clean_trainer.report import write_report
-from token_clean_trainer.report_integrations import publish_to_integrations, report_scalars
+from token_clean_trainer.report.integrations import publish_to_integrations, report_scalars
 
 
 class FakeWandb:

@@ -1,4 +1,4 @@
-"""The report of one trainer's run: what every mode adds to `build_report`, and where the report goes.
+"""The report of one trainer's run (the trainer side of the report package): what every mode adds to `build_report`, and where the report goes.
 
 Every mode builds its report the same way (the config, TRL's row counts, the reference, the time, a sample of rows for
 `tokens.html`) and publishes it the same way (`report.json`, the histogram, the terminal summary, W&B/TensorBoard);
@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .compact import ResponseLayout
-from .report import build_report, print_summary, write_report
-from .report_html import DEFAULT_SAMPLE_ROWS, build_token_sample
-from .utils import is_peft_model
+from ..compact import ResponseLayout
+from ..utils import is_peft_model
+from .sample import DEFAULT_SAMPLE_ROWS, build_token_sample
+from .summary import build_report
+from .terminal import print_summary
+from .write import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ def warn_if_weak_reference(report: dict[str, Any]) -> None:
 
 def model_settings(model) -> dict[str, Any]:
     """The trained model's name and whether it is a PEFT model, for the page's settings table."""
-    from .scoring import unwrap_causal_lm
+    from ..scoring import unwrap_causal_lm  # here: it loads transformers, which the report's import does not
 
     return {"model": getattr(unwrap_causal_lm(model).config, "_name_or_path", None), "peft": is_peft_model(model)}
 

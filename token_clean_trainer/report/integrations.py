@@ -21,6 +21,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .histogram import HISTOGRAM_DATA_FILE
+from .terminal import summary_lines
+from .tokens_html import HTML_FILE
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "token_cleaning/"
@@ -72,9 +76,6 @@ def report_scalars(report: dict[str, Any]) -> dict[str, float]:
 
 def load_payload(folder: str) -> dict[str, Any]:
     """What the trackers receive, read from a run's `token_cleaning/` folder (files that are missing are skipped)."""
-    from .report import HISTOGRAM_DATA_FILE, summary_lines
-    from .report_html import HTML_FILE
-
     with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     payload: dict[str, Any] = {

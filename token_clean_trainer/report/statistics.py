@@ -1,0 +1,290 @@
+"""
+The numbers of a cleaning run, from its flat or compact arrays: score statistics and quantiles, the threshold's
+near-zero band, dropped tokens as runs, and the response tokens grouped by token id.
+
+Everything runs chunk by chunk (`_CHUNK` positions): at hundreds of millions of scores no float64 copy of them exists.
+"""
+
+from typing import Any
+
+import numpy as np
+
+from .decode import special_ids, token_texts
+
+QUANTILES = {
+    "p1": 0.01,
+    "p5": 0.05,
+    "p10": 0.10,
+    "p25": 0.25,
+    "p50": 0.50,
+    "p75": 0.75,
+    "p90": 0.90,
+    "p95": 0.95,
+    "p99": 0.99,
+}
+# A score this close to zero means the reference barely differs from the base on that token.
+NEAR_ZERO = 0.01
+# Rows in each table of the token summary (most often kept, most often dropped); special tokens are all listed.
+TOKEN_TABLE_ROWS = 20
+# The tables of the token summary and their titles ("frequent" replaces "kept" and "dropped" when tokens are chosen per
+# optimizer step).
+TOKEN_TABLES = {
+    "kept": "most often kept",
+    "dropped": "most often dropped",
+    "frequent": "most frequent",
+    "special": "special tokens",
+}
+# Positions read per chunk when counting tokens, so the summary needs little memory at hundreds of millions of tokens.
+_CHUNK = 1 << 22
+
+
+def threshold_band(scores: np.ndarray | None, threshold: float | None) -> dict[str, Any] | None:
+    """
+    Whether the selection threshold lies in the near-zero band (`|threshold| < 0.01`, where the reference barely
+    differs from the base) and the share of scored tokens within +-0.01 of it: tokens whose keep/drop decision turns
+    on differences the reference hardly makes.
+    """
+    if scores is None or threshold is None:
+        return None
+    n_scored = int(np.count_nonzero(~np.isnan(scores)))
+    if n_scored == 0:
+        return None
+    # Comparisons only (NaN compares False): no float copy of the scores, which can be hundreds of millions long.
+    low, high = np.float32(threshold - NEAR_ZERO), np.float32(threshold + NEAR_ZERO)
+    within = int(np.count_nonzero((scores >= low) & (scores <= high)))
+    return {"in_near_zero_band": bool(abs(threshold) < NEAR_ZERO), "share_within_0.01": within / n_scored}
+
+
+def token_summary(
+    labels: np.ndarray,
+    response: np.ndarray,
+    keep: np.ndarray | None,
+    scores: np.ndarray | None,
+    tokenizer,
+    rows: int = TOKEN_TABLE_ROWS,
+    chunks=None,
+) -> dict[str, Any] | None:
+    """
+    Response tokens grouped by token id: the `rows` ids most often kept, the `rows` most often dropped, and every special
+    token (e.g. the end-of-turn token) separately, each with its count, kept share and mean score.
+
+    Args:
+        labels (`np.ndarray`):
+            Flat label ids over the label positions (the id of the token each position predicts).
+        response (`np.ndarray`):
+            Flat bool, True on the scored response positions.
+        keep (`np.ndarray`, *optional*):
+            Flat bool keep mask; None when tokens are chosen per optimizer step (the tables then rank by count).
+        scores (`np.ndarray`, *optional*):
+            Flat float scores; None for selections that score nothing (`random`, `full`).
+        tokenizer (`PreTrainedTokenizerBase`):
+            Turns ids into the text they stand for.
+        rows (`int`, *optional*, defaults to `20`):
+            Rows per table.
+        chunks (`Callable`, *optional*):
+            Instead of the flat arrays (pass `labels=response=None`): a function returning an iterator of
+            `(ids, keep, scores)` over the response positions, chunk by chunk (see `compact.ResponseLayout`), called
+            twice; `keep` and `scores` are None when the run has none.
+    """
+    if chunks is None:
+        labels = np.asarray(labels)
+        if not response.any():
+            return None
+
+        def chunks():
+            for start in range(0, len(labels), _CHUNK):
+                part = slice(start, start + _CHUNK)
+                where = response[part]
+                yield (
+                    labels[part][where],
+                    None if keep is None else keep[part][where],
+                    None if scores is None else scores[part][where],
+                )
+
+    size = 1 + max((int(ids.max(initial=0)) for ids, _, _ in chunks()), default=-1)
+    if size == 0:
+        return None
+    count = np.zeros(size, dtype=np.int64)
+    kept = np.zeros(size, dtype=np.int64) if keep is not None else None
+    score_sum = np.zeros(size, dtype=np.float64)
+    scored = np.zeros(size, dtype=np.int64)
+    for ids, kept_part, score_part in chunks():
+        count += np.bincount(ids, minlength=size)
+        if kept is not None:
+            kept += np.bincount(ids[kept_part], minlength=size)
+        if scores is not None:
+            values = score_part.astype(np.float64)
+            finite = np.isfinite(values)
+            score_sum += np.bincount(ids[finite], weights=values[finite], minlength=size)
+            scored += np.bincount(ids[finite], minlength=size)
+    present = np.flatnonzero(count)
+    specials = special_ids(tokenizer)
+    is_special = np.isin(present, np.fromiter(specials, dtype=np.int64, count=len(specials)))
+
+    def entries(ids: np.ndarray) -> list[dict[str, Any]]:
+        out = []
+        for token_id in ids.tolist():
+            texts, _ = token_texts(tokenizer, [token_id])
+            n, k = int(count[token_id]), None if kept is None else int(kept[token_id])
+            out.append(
+                {
+                    "token": texts[0],
+                    "id": token_id,
+                    "count": n,
+                    "kept": k,
+                    "kept_share": None if k is None else k / n,
+                    "mean_score": float(score_sum[token_id] / scored[token_id]) if scored[token_id] else None,
+                }
+            )
+        return out
+
+    def top(ids: np.ndarray, by: np.ndarray) -> np.ndarray:
+        order = np.lexsort((ids, -by[ids]))  # most first; ties by id, so the tables are deterministic
+        return ids[order][:rows]
+
+    regular = present[~is_special]
+    summary: dict[str, Any] = {"distinct": int(present.size), "rows_per_table": rows}
+    if kept is not None:
+        dropped = count - kept
+        summary["kept"] = entries(top(regular[kept[regular] > 0], kept))
+        summary["dropped"] = entries(top(regular[dropped[regular] > 0], dropped))
+    else:
+        summary["frequent"] = entries(top(regular, count))
+    summary["special"] = entries(top(present[is_special], count))
+    return summary
+
+
+def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
+    """
+    `np.quantile(values.astype(np.float64), quantiles)` (method `"linear"`) through one copy of `values` in its own
+    dtype (float32 scores: half the memory of the float64 copy). The order statistics are the same values in any dtype;
+    the interpolation between them is numpy's, in float64. `values` must hold no NaN.
+    """
+    work = np.array(values, copy=True)
+    n = work.size
+    q = np.asarray(quantiles, dtype=np.float64)
+    virtual = (n - 1) * q  # numpy's virtual index of the "linear" method
+    previous = np.floor(virtual)
+    following = previous + 1
+    above, below = virtual >= n - 1, virtual < 0
+    previous[above] = following[above] = -1
+    previous[below] = following[below] = 0
+    previous, following = previous.astype(np.intp), following.astype(np.intp)
+    work.partition(np.unique(np.concatenate(([0, -1], previous, following))))
+    a, b = work[previous].astype(np.float64), work[following].astype(np.float64)
+    del work
+    gamma = virtual - previous
+    diff = b - a
+    result = a + diff * gamma
+    high = gamma >= 0.5
+    result[high] = (b - diff * (1 - gamma))[high]
+    return result
+
+
+def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
+    """
+    Distribution of the response-token scores (NaN positions ignored), in raw nats as the paper defines them. Kept and
+    dropped means need `keep`; they are None when tokens are chosen per step.
+
+    Sums run in float64 chunk by chunk and the quantiles through one float32 copy (`float64_quantiles`), so at hundreds
+    of millions of scores no float64 copy of them exists.
+    """
+    count = total = near = negative = 0
+    low, high = np.inf, -np.inf
+    for start in range(0, scores.size, _CHUNK):
+        part = scores[start : start + _CHUNK]
+        part = part[~np.isnan(part)].astype(np.float64)
+        if part.size:
+            count += part.size
+            total += float(part.sum())
+            low, high = min(low, float(part.min())), max(high, float(part.max()))
+            near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
+            negative += int(np.count_nonzero(part < 0))
+    if count == 0:
+        return {"count": 0}
+    mean = total / count
+    squares = 0.0
+    for start in range(0, scores.size, _CHUNK):
+        part = scores[start : start + _CHUNK]
+        part = part[~np.isnan(part)].astype(np.float64) - mean
+        squares += float(np.dot(part, part))
+    stats: dict[str, Any] = {
+        "count": count,
+        "mean": mean,
+        "std": float(np.sqrt(squares / count)),
+        "min": low,
+        "max": high,
+    }
+    valid = None if count == scores.size else ~np.isnan(scores)
+    quantiles = float64_quantiles(scores if valid is None else scores[valid], list(QUANTILES.values()))
+    stats.update({name: float(q) for name, q in zip(QUANTILES, quantiles)})
+    stats["share_abs_below_0.01"] = near / count
+    stats["share_negative"] = negative / count
+    stats["kept_mean"] = stats["dropped_mean"] = None
+    if keep is not None:
+        kept, dropped = scores[keep], scores[~keep if valid is None else valid & ~keep]
+        stats["kept_mean"] = float(kept.mean()) if kept.size else None
+        stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
+    return stats
+
+
+def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> dict[str, Any]:
+    """
+    The dropped response tokens as runs: maximal stretches of consecutive dropped tokens. `dropped` is a flat bool
+    array, False on every position that is not a response token, so a run never crosses a prompt, a row start or
+    padding. Over the compact layout (response positions only), `span_starts` gives the indices where a response
+    span begins, and a run ends before each. Span-aware rules (`token_score_window`) drop junk as runs; the paper's
+    per-token rule scatters them.
+    """
+    dropped = np.asarray(dropped, dtype=bool)
+    n = dropped.size
+    span_starts = np.asarray(span_starts if span_starts is not None else [], dtype=np.int64)
+    count = longest = 0
+    open_begin = None  # a run that began in an earlier chunk and has not ended yet (runs never overlap)
+    # Chunk by chunk, so no int64 array of run boundaries over the whole array exists (hundreds of MB at scale).
+    for a in range(0, n, _CHUNK):
+        b = min(a + _CHUNK, n)
+        part = dropped[a:b]
+        begins = part.copy()
+        begins[1:] &= ~part[:-1]
+        if a:
+            begins[0] &= ~dropped[a - 1]
+        ends = part.copy()
+        ends[:-1] &= ~part[1:]
+        if b < n:
+            ends[-1] &= ~dropped[b]
+        here = span_starts[(span_starts >= a) & (span_starts < b)] - a
+        begins[here] = part[here]  # a run starts at a span start even after a dropped token of the span before
+        before = span_starts[(span_starts > a) & (span_starts <= b)] - 1 - a
+        ends[before] = part[before]  # ... and ends where the next span begins
+        first, last = np.flatnonzero(begins) + a, np.flatnonzero(ends) + a
+        if open_begin is not None and last.size:
+            longest = max(longest, int(last[0]) - open_begin + 1)
+            last, open_begin = last[1:], None
+        elif open_begin is not None:
+            continue  # the whole chunk lies inside the open run
+        closed = min(first.size, last.size)
+        if closed:
+            longest = max(longest, int((last[:closed] - first[:closed]).max()) + 1)
+        if first.size > closed:
+            open_begin = int(first[-1])
+        count += int(first.size)
+    tokens = int(np.count_nonzero(dropped))
+    return {
+        "count": count,
+        "tokens": tokens,
+        "mean_length": tokens / count if count else None,
+        "max_length": longest if count else None,
+    }
+
+
+def _nanmean(values: np.ndarray | None) -> float | None:
+    """Mean of the non-NaN values, accumulated in float64 (flat and compact layouts agree to ~1e-15)."""
+    if values is None:
+        return None
+    count, total = 0, 0.0
+    for start in range(0, values.size, _CHUNK):  # in chunks: no copy of the whole array
+        part = values[start : start + _CHUNK]
+        count += part.size - int(np.count_nonzero(np.isnan(part)))
+        total += float(np.nansum(part, dtype=np.float64))
+    return total / count if count else None
