@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from token_clean_trainer.assets import load_chatterbot_dataset
-from token_clean_trainer.demo import (
+from token_clean_trainer.commands.demo import (
     ARMS,
     DemoSettings,
     MaskInputs,
