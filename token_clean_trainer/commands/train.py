@@ -105,8 +105,10 @@ def warm_up_reference(
             The warm-up's learning rate. Defaults to `args.learning_rate`.
         epochs (`float`, *optional*):
             The warm-up's epochs. Defaults to `args.num_train_epochs`.
-        dataset (`str`, *optional*) and split (`str`, *optional*):
-            Where the rows come from, for the log line and the reuse key.
+        dataset (`str`, *optional*):
+            The dataset the rows come from (part of the reuse key).
+        split (`str`, *optional*):
+            Its split (in the log line and the reuse key).
 
     A finished warm-up with the same model, rows, settings and seed (the key in `reference/warmup.json`) is reused.
     """
