@@ -180,7 +180,8 @@ def purge_mix_callbacks(recipe, train_dataset) -> list:
 
 
 def build_trainer(recipe):
-    """A `TokenCleanSFTTrainer` for a parsed recipe: data loaded, reference warmed up if asked, purge-mix applied."""
+    """A `TokenCleanSFTTrainer` for a parsed recipe: data loaded, reference warmed up if asked, purge-mix applied. It
+    stays referenced until the process ends (`KEEP_UNTIL_EXIT`)."""
     from trl import get_peft_config
 
     from ..sources import resolve_chat_template, resolve_model
@@ -211,7 +212,7 @@ def build_trainer(recipe):
             training.ref_adapter_name_or_path = reference
         else:
             training.ref_model_name_or_path = reference
-    return TokenCleanSFTTrainer(
+    trainer = TokenCleanSFTTrainer(
         model_path,
         args=training,
         train_dataset=train,
@@ -219,6 +220,17 @@ def build_trainer(recipe):
         peft_config=peft_config,
         callbacks=purge_mix_callbacks(recipe, train),
     )
+    KEEP_UNTIL_EXIT.append(trainer)  # see `KEEP_UNTIL_EXIT`: released only when the process ends
+    return trainer
+
+
+def finish(trainer, message: str) -> int:
+    """End a command's run: `message` printed once (with the process count), every process past one barrier."""
+    if trainer.accelerator.is_main_process:
+        print(f"{message} ({processes_text(trainer.accelerator.num_processes)})", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
+    return 0
 
 
 def train_command(argv: list[str]) -> int:
@@ -230,16 +242,10 @@ def train_command(argv: list[str]) -> int:
 
     def body(recipe) -> int:
         trainer = build_trainer(recipe)
-        KEEP_UNTIL_EXIT.append(trainer)
         trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
         trainer.save_model(recipe.training.output_dir)
-        if trainer.accelerator.is_main_process:
-            # The trainer printed the cleaning summary when the selection was made; it is not repeated here.
-            processes = processes_text(trainer.accelerator.num_processes)
-            print(f"token-clean train: model saved to {recipe.training.output_dir} ({processes})", flush=True)
-        trainer.accelerator.wait_for_everyone()
-        trainer.end()
-        return 0
+        # The trainer printed the cleaning summary when the selection was made; it is not repeated here.
+        return finish(trainer, f"token-clean train: model saved to {recipe.training.output_dir}")
 
     return run_recipe_command("train", argv, description, body)
 
@@ -261,22 +267,16 @@ def score_command(argv: list[str]) -> int:
             )
             return 2
         trainer = build_trainer(recipe)
-        KEEP_UNTIL_EXIT.append(trainer)
         scored = trainer.score_tokens()
         scored = scored.add_column("input_ids", trainer.train_dataset["input_ids"])
+        parquet = recipe.recipe.scores_format == "parquet"
+        path = os.path.join(recipe.training.output_dir, "token_scores.parquet" if parquet else "token_scores")
         if trainer.accelerator.is_main_process:
-            output_dir = recipe.training.output_dir
-            if recipe.recipe.scores_format == "parquet":
-                path = os.path.join(output_dir, "token_scores.parquet")
+            if parquet:
                 scored.to_parquet(path)
             else:
-                path = os.path.join(output_dir, "token_scores")
                 scored.save_to_disk(path)
-            # `score_tokens` printed the cleaning summary (once, on the main process); only the output is added here.
-            processes = processes_text(trainer.accelerator.num_processes)
-            print(f"token-clean score: {len(scored)} rows of token scores written to {path} ({processes})")
-        trainer.accelerator.wait_for_everyone()
-        trainer.end()
-        return 0
+        # `score_tokens` printed the cleaning summary (once, on the main process); only the output is added here.
+        return finish(trainer, f"token-clean score: {len(scored)} rows of token scores written to {path}")
 
     return run_recipe_command("score", argv, description, body)
