@@ -55,8 +55,8 @@ def load_recipe_dataset(script, splits: list[str], mixture=None):
     the data comes from TRL's own [`~trl.get_dataset`], exactly as `trl sft` loads it (`streaming`, `fraction`,
     `test_split_size`). Otherwise `dataset_name` may be `embedded:chatterbot`, a `save_to_disk` folder, a local
     `.json`/`.jsonl`/`.parquet`/`.csv` file (one split, `train`) or a Hub id (loaded with `datasets.load_dataset`).
-    `dataset_streaming: true` returns `IterableDataset`s (plain SFT only; see `commands.recipe.check_recipe`). `~` and environment
-    variables are expanded in local paths.
+    `dataset_streaming: true` returns `IterableDataset`s (plain SFT only; see `commands.recipe.check_recipe`). `~` and
+    environment variables are expanded in local paths.
     """
     from datasets import Dataset
 
