@@ -1,4 +1,4 @@
-"""`token-clean demo`: what token cleaning buys, measured: a controlled junk experiment on the embedded default (SmolLM2 + ChatterBot).
+"""`token-clean demo`: what token cleaning buys, measured on the embedded default (SmolLM2 + ChatterBot).
 
 The paper's fixed-model pipeline, unchanged, on data whose defects are known:
 

@@ -88,8 +88,9 @@ def warm_up_reference(
 ) -> str:
     """
     The paper's step 1: plain SFT on clean rows, every response token, with the recipe of the runs the reference
-    serves. Returns the folder it saved: `<args.output_dir>/reference/adapter` with a `peft_config` (a LoRA adapter on
-    the same base, for `ref_adapter_name_or_path`), else `<args.output_dir>/reference/model` (`ref_model_name_or_path`).
+    serves. Returns the folder it saved: `<args.output_dir>/reference/adapter` with a `peft_config` (a LoRA adapter
+    on the same base, for `ref_adapter_name_or_path`), else `<args.output_dir>/reference/model` (for
+    `ref_model_name_or_path`).
 
     Args:
         model (`str`):
