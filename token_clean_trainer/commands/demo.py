@@ -1,6 +1,6 @@
 """`token-clean demo`: what token cleaning buys, measured on the embedded default (SmolLM2 + ChatterBot).
 
-The paper's fixed-model pipeline, unchanged, on data whose defects are known:
+A controlled junk experiment: the paper's fixed-model pipeline, unchanged, on data whose defects are known:
 
 1. inject junk into half of the `train` responses: spam lines, boilerplate signatures and garbled spans, each one
    generated afresh (no string repeats), so the experiment knows exactly which tokens are junk;
