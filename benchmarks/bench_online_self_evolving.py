@@ -21,7 +21,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from token_clean_trainer import TokenCleanConfig, TokenCleanSFTTrainer
-from token_clean_trainer.assets import default_model_path, load_chatterbot_dataset
+from token_clean_trainer.assets import EMBEDDED_DATASET, default_model_path, load_chatterbot_dataset
+from token_clean_trainer.commands.train import warm_up_reference
 
 LORA = dict(
     r=16,
@@ -72,27 +73,24 @@ def take(dataset, rows: int, seed: int = 42):
     return dataset.shuffle(seed=seed).select(range(min(rows, len(dataset))))
 
 
-def warm_up_reference(model_path, tokenizer, splits, out: str, rows: int) -> str:
-    adapter_dir = os.path.join(out, "reference_adapter")
-    if os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        return adapter_dir
-    trainer = TokenCleanSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(model_path),
-        args=config(os.path.join(out, "warmup"), token_cleaning="none", learning_rate=1e-3, logging_steps=10),
-        train_dataset=take(splits["warmup"], rows),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**LORA),
+def warm_up(model_path, splits, out: str, rows: int) -> str:
+    """The reference LoRA adapter, warmed up as `token-clean train` does (reused when one with these settings exists)."""
+    return warm_up_reference(
+        model_path,
+        take(splits["warmup"], rows),
+        config(out, logging_steps=10),
+        LoraConfig(**LORA),
+        learning_rate=1e-3,
+        dataset=EMBEDDED_DATASET,
+        split="warmup",
     )
-    trainer.train()
-    trainer.model.save_pretrained(adapter_dir)
-    return adapter_dir
 
 
 def run_online(args) -> dict:
     model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = load_chatterbot_dataset()
-    adapter_dir = warm_up_reference(model_path, tokenizer, splits, args.output_dir, args.warmup_rows)
+    adapter_dir = warm_up(model_path, splits, args.output_dir, args.warmup_rows)
     train = take(splits["train"], args.train_rows)
     runs = {}
     for name, overrides in (

@@ -83,7 +83,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ModuleNotFoundError,
     ]
     try:
-        from .recipe import RecipeError
+        from .commands.recipe import RecipeError
 
         types.append(RecipeError)
     except ImportError:  # pragma: no cover - yaml is a dependency

@@ -65,7 +65,7 @@ def load_eval_dataset(spec: str, split: str = "heldout", rows: int = 0, seed: in
     """
     from datasets import Dataset
 
-    from .recipe import load_split
+    from .sources import load_split
 
     data = load_split(spec, split)
     if not isinstance(data, Dataset) or len(data) == 0:
@@ -80,7 +80,7 @@ def load_eval_model(model: str = EMBEDDED_MODEL, adapter: str | None = None, dty
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .recipe import resolve_model
+    from .sources import resolve_model
 
     path = resolve_model(model)
     tokenizer_path = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else path

@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from token_clean_trainer.assets import load_chatterbot_dataset
-from token_clean_trainer.demo import (
+from token_clean_trainer.commands.demo import (
     ARMS,
     DemoSettings,
     MaskInputs,
@@ -186,4 +186,8 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     # Every trained model moved away from the base.
     assert len({round(table[k]["clean_nll"], 6) for k in table if "clean_nll" in table[k]}) == 6
     assert (tmp_path / "demo" / "paper" / "token_cleaning" / "report.json").is_file()
+    # The reference came from `token-clean train`'s own warm-up (its reuse stamp names the demo's rows and split).
+    stamp = json.loads((tmp_path / "demo" / "reference" / "warmup.json").read_text())
+    assert stamp["path"] == str(tmp_path / "demo" / "reference" / "adapter")
+    assert stamp["identity"]["split"] == "warmup" and stamp["identity"]["rows"] == 16
     assert "bound" in results["why_reference"] or "Masking exactly the junk" in results["why_reference"]

@@ -10,13 +10,9 @@ import yaml
 from token_clean_trainer import cli
 from token_clean_trainer.commands import launch
 from token_clean_trainer.commands import train as train_command_module
-from token_clean_trainer.recipe import (
-    RecipeError,
-    parse_recipe,
-    resolve_accelerate_config,
-    resolve_chat_template,
-    validate_recipe,
-)
+from token_clean_trainer.commands.launch import resolve_accelerate_config
+from token_clean_trainer.commands.recipe import RecipeError, parse_recipe, validate_recipe
+from token_clean_trainer.sources import resolve_chat_template
 
 
 def write(tmp_path, name="recipe.yaml", **values) -> str:

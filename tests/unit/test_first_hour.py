@@ -11,7 +11,8 @@ from datasets import Dataset, IterableDataset
 from tests.unit.test_cli import BASE, write
 from token_clean_trainer import cli
 from token_clean_trainer.commands import launch
-from token_clean_trainer.recipe import load_recipe_dataset, parse_recipe, take_rows, validate_recipe
+from token_clean_trainer.commands.recipe import parse_recipe, validate_recipe
+from token_clean_trainer.sources import load_recipe_dataset, take_rows
 from token_clean_trainer.utils import atomic_write_bytes, expand_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,7 +54,7 @@ def test_recipe_paths_are_expanded(tmp_path, monkeypatch):
     recipe = parse_recipe(["--config", "~/recipe.yaml", "--output_dir", "~/out"])
     assert recipe_path == str(tmp_path / "recipe.yaml")
     assert recipe.training.output_dir == str(tmp_path / "out")
-    loaded = load_recipe_dataset(recipe.script, recipe.recipe, ["train"], mixture=recipe.mixture)
+    loaded = load_recipe_dataset(recipe.script, ["train"], mixture=recipe.mixture)
     assert len(loaded["train"]) == 3
 
 
@@ -184,7 +185,7 @@ def test_dataset_mixture_is_loaded_with_trls_get_dataset(tmp_path):
     path = write(tmp_path, **values, dataset_test_split="test")
     assert validate_recipe(path) == []
     recipe = parse_recipe(["--config", path])
-    data = load_recipe_dataset(recipe.script, recipe.recipe, ["train", "test"], mixture=recipe.mixture)
+    data = load_recipe_dataset(recipe.script, ["train", "test"], mixture=recipe.mixture)
     assert len(data["train"]) + len(data["test"]) == 10 and len(data["test"]) == 2
     prompts = list(data["train"]["prompt"]) + list(data["test"]["prompt"])
     assert sorted(p[0] for p in prompts) == ["a"] * 6 + ["b"] * 4
@@ -208,13 +209,13 @@ def test_streaming_is_refused_with_cleaning_and_honoured_for_plain_sft(tmp_path)
     )
     assert validate_recipe(path) == []
     recipe = parse_recipe(["--config", path])
-    train = load_recipe_dataset(recipe.script, recipe.recipe, ["train"], mixture=recipe.mixture)["train"]
+    train = load_recipe_dataset(recipe.script, ["train"], mixture=recipe.mixture)["train"]
     assert isinstance(train, IterableDataset)
     assert len(list(take_rows(train, 7, seed=None))) == 7
     # The packaged default streams too (converted from its in-memory splits).
     embedded = parse_recipe(["--config", write(tmp_path, "e.yaml", **plain, dataset_name="embedded:chatterbot")])
     embedded.script.dataset_streaming = True
-    assert isinstance(load_recipe_dataset(embedded.script, None, ["train"])["train"], IterableDataset)
+    assert isinstance(load_recipe_dataset(embedded.script, ["train"])["train"], IterableDataset)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,13 +7,9 @@ import re
 import pytest
 import yaml
 
-from token_clean_trainer.recipe import (
-    EMBEDDED_DATASETS,
-    EMBEDDED_MODELS,
-    resolve_accelerate_config,
-    shipped_accelerate_configs,
-    validate_recipe,
-)
+from token_clean_trainer.commands.launch import resolve_accelerate_config, shipped_accelerate_configs
+from token_clean_trainer.commands.recipe import validate_recipe
+from token_clean_trainer.sources import EMBEDDED_DATASETS, EMBEDDED_MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -6,7 +6,7 @@ from .launch import RECIPE_EPILOG, run_recipe_command
 
 
 def purge_mix_command(argv: list[str]) -> int:
-    from ..recipe import purge_mix_config_class
+    from .recipe import purge_mix_config_class
 
     if purge_mix_config_class() is None:
         print("token-clean purge-mix: the purge-mix module is not installed in this build.", file=sys.stderr)
@@ -18,7 +18,7 @@ def purge_mix_command(argv: list[str]) -> int:
 
     def body(recipe) -> int:
         from ..purge_mix import run_purge_mix
-        from ..recipe import resolve_model
+        from ..sources import resolve_model
         from .train import load_splits
 
         train, _, _ = load_splits(recipe)

@@ -54,7 +54,7 @@ def check_global_batch(recipe) -> None:
 
 def load_splits(recipe):
     """The recipe's train split, its eval split (when it evaluates) and its reference warm-up split (when it has one)."""
-    from ..recipe import load_recipe_dataset, take_rows
+    from ..sources import load_recipe_dataset, take_rows
 
     script, training, settings = recipe.script, recipe.training, recipe.recipe
     wanted = [script.dataset_train_split]
@@ -63,7 +63,7 @@ def load_splits(recipe):
         wanted.append(script.dataset_test_split)
     if settings.ref_warmup_split is not None and settings.ref_warmup_split not in wanted:
         wanted.append(settings.ref_warmup_split)
-    data = load_recipe_dataset(script, settings, wanted, mixture=recipe.mixture)
+    data = load_recipe_dataset(script, wanted, mixture=recipe.mixture)
     seed = settings.dataset_shuffle_seed
     train = take_rows(data[script.dataset_train_split], settings.dataset_train_rows, seed)
     evaluation = take_rows(data[script.dataset_test_split], settings.dataset_test_rows, seed) if use_eval else None
@@ -75,46 +75,79 @@ def load_splits(recipe):
     return train, evaluation, warmup
 
 
-def warm_up_reference(recipe, model_path: str, warmup_dataset, peft_config) -> None:
-    """The paper's step 1: plain SFT on the warm-up split; the result becomes the recipe's reference."""
-    from ..recipe import settings_hash
-    from ..token_clean_trainer import TokenCleanSFTTrainer
-    from ..utils import atomic_write_json
+def warm_up_reference(
+    model: str,
+    warmup_dataset,
+    args,
+    peft_config=None,
+    *,
+    learning_rate: float | None = None,
+    epochs: float | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+) -> str:
+    """
+    The paper's step 1: plain SFT on clean rows, every response token, with the recipe of the runs the reference
+    serves. Returns the folder it saved: `<args.output_dir>/reference/adapter` with a `peft_config` (a LoRA adapter
+    on the same base, for `ref_adapter_name_or_path`), else `<args.output_dir>/reference/model` (for
+    `ref_model_name_or_path`).
 
-    training, settings = recipe.training, recipe.recipe
-    folder = os.path.join(training.output_dir, "reference")
+    Args:
+        model (`str`):
+            Path or Hub id of the base model, as `TokenCleanSFTTrainer` takes it.
+        warmup_dataset ([`~datasets.Dataset`]):
+            The clean warm-up rows.
+        args ([`TokenCleanConfig`]):
+            The training config of the runs the reference serves; the warm-up trains with a copy of it (cleaning off,
+            no evaluation, nothing saved but the result).
+        peft_config (`peft.PeftConfig`, *optional*):
+            The LoRA config of those runs.
+        learning_rate (`float`, *optional*):
+            The warm-up's learning rate. Defaults to `args.learning_rate`.
+        epochs (`float`, *optional*):
+            The warm-up's epochs. Defaults to `args.num_train_epochs`.
+        dataset (`str`, *optional*):
+            The dataset the rows come from (part of the reuse key).
+        split (`str`, *optional*):
+            Its split (in the log line and the reuse key).
+
+    A finished warm-up with the same model, rows, settings and seed (the key in `reference/warmup.json`) is reused.
+    """
+    from ..token_clean_trainer import TokenCleanSFTTrainer
+    from ..utils import atomic_write_json, sha256_json
+
+    folder = os.path.join(args.output_dir, "reference")
     target = os.path.join(folder, "adapter" if peft_config is not None else "model")
+    learning_rate = learning_rate or args.learning_rate
+    epochs = epochs if epochs is not None else args.num_train_epochs
     identity = {
-        "model": model_path,
-        "dataset": recipe.script.dataset_name,
-        "split": settings.ref_warmup_split,
+        "model": model,
+        "dataset": dataset,
+        "split": split,
         "rows": len(warmup_dataset),
         "fingerprint": warmup_dataset._fingerprint,
-        "learning_rate": settings.ref_warmup_learning_rate or training.learning_rate,
-        "epochs": settings.ref_warmup_epochs,
+        "learning_rate": learning_rate,
+        "epochs": epochs,
         "peft": peft_config.to_dict() if peft_config is not None else None,
-        "max_length": training.max_length,
-        "chat_template": training.chat_template_path,
-        "seed": training.seed,
+        "max_length": args.max_length,
+        "chat_template": args.chat_template_path,
+        "seed": args.seed,
     }
-    key = settings_hash(identity)
+    key = sha256_json(identity)[:16]
     stamp = os.path.join(folder, "warmup.json")
     if os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
             if json.load(f).get("key") == key and os.path.isdir(target):
                 print_main(f"token-clean: reusing the warmed-up reference in {target}")
-                _set_reference(training, target, peft_config)
-                return
-    print_main(
-        f"token-clean: warming up the reference on {len(warmup_dataset)} rows of split "
-        f"{settings.ref_warmup_split!r} (every response token)"
-    )
-    args = dataclasses.replace(
-        training,
+                return target
+    of_split = f" of split {split!r}" if split is not None else ""
+    print_main(f"token-clean: warming up the reference on {len(warmup_dataset)} rows{of_split} (every response token)")
+    warmup_args = dataclasses.replace(
+        args,
         output_dir=folder,
         token_cleaning="none",
-        learning_rate=settings.ref_warmup_learning_rate or training.learning_rate,
-        num_train_epochs=settings.ref_warmup_epochs,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
         max_steps=-1,
         eval_strategy="no",
         save_strategy="no",
@@ -123,7 +156,7 @@ def warm_up_reference(recipe, model_path: str, warmup_dataset, peft_config) -> N
         ref_model_name_or_path=None,
         ref_adapter_name_or_path=None,
     )
-    warmup = TokenCleanSFTTrainer(model_path, args=args, train_dataset=warmup_dataset, peft_config=peft_config)
+    warmup = TokenCleanSFTTrainer(model, args=warmup_args, train_dataset=warmup_dataset, peft_config=peft_config)
     warmup.train()
     warmup.save_model(target)
     warmup.accelerator.wait_for_everyone()
@@ -132,14 +165,7 @@ def warm_up_reference(recipe, model_path: str, warmup_dataset, peft_config) -> N
     warmup.accelerator.wait_for_everyone()
     del warmup
     gc.collect()
-    _set_reference(training, target, peft_config)
-
-
-def _set_reference(training, target: str, peft_config) -> None:
-    if peft_config is not None:
-        training.ref_adapter_name_or_path = target
-    else:
-        training.ref_model_name_or_path = target
+    return target
 
 
 def purge_mix_callbacks(recipe, train_dataset) -> list:
@@ -155,10 +181,11 @@ def purge_mix_callbacks(recipe, train_dataset) -> list:
 
 
 def build_trainer(recipe):
-    """A `TokenCleanSFTTrainer` for a parsed recipe: data loaded, reference warmed up if asked, purge-mix applied."""
+    """A `TokenCleanSFTTrainer` for a parsed recipe: data loaded, reference warmed up if asked, purge-mix applied. It
+    stays referenced until the process ends (`KEEP_UNTIL_EXIT`)."""
     from trl import get_peft_config
 
-    from ..recipe import resolve_chat_template, resolve_model
+    from ..sources import resolve_chat_template, resolve_model
     from ..token_clean_trainer import TokenCleanSFTTrainer
 
     training, model_args = recipe.training, recipe.model
@@ -171,8 +198,22 @@ def build_trainer(recipe):
     # With LoRA, the LoraConfig is TRL's own from the recipe's `use_peft` / `lora_*` keys.
     peft_config = get_peft_config(model_args)
     if warmup is not None and training.token_cleaning not in ("none", "self_evolving"):
-        warm_up_reference(recipe, model_path, warmup, peft_config)
-    return TokenCleanSFTTrainer(
+        settings = recipe.recipe
+        reference = warm_up_reference(
+            model_path,
+            warmup,
+            training,
+            peft_config,
+            learning_rate=settings.ref_warmup_learning_rate,
+            epochs=settings.ref_warmup_epochs,
+            dataset=recipe.script.dataset_name,
+            split=settings.ref_warmup_split,
+        )
+        if peft_config is not None:
+            training.ref_adapter_name_or_path = reference
+        else:
+            training.ref_model_name_or_path = reference
+    trainer = TokenCleanSFTTrainer(
         model_path,
         args=training,
         train_dataset=train,
@@ -180,6 +221,17 @@ def build_trainer(recipe):
         peft_config=peft_config,
         callbacks=purge_mix_callbacks(recipe, train),
     )
+    KEEP_UNTIL_EXIT.append(trainer)  # see `KEEP_UNTIL_EXIT`: released only when the process ends
+    return trainer
+
+
+def finish(trainer, message: str) -> int:
+    """End a command's run: `message` printed once (with the process count), every process past one barrier."""
+    if trainer.accelerator.is_main_process:
+        print(f"{message} ({processes_text(trainer.accelerator.num_processes)})", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
+    return 0
 
 
 def train_command(argv: list[str]) -> int:
@@ -191,16 +243,10 @@ def train_command(argv: list[str]) -> int:
 
     def body(recipe) -> int:
         trainer = build_trainer(recipe)
-        KEEP_UNTIL_EXIT.append(trainer)
         trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
         trainer.save_model(recipe.training.output_dir)
-        if trainer.accelerator.is_main_process:
-            # The trainer printed the cleaning summary when the selection was made; it is not repeated here.
-            processes = processes_text(trainer.accelerator.num_processes)
-            print(f"token-clean train: model saved to {recipe.training.output_dir} ({processes})", flush=True)
-        trainer.accelerator.wait_for_everyone()
-        trainer.end()
-        return 0
+        # The trainer printed the cleaning summary when the selection was made; it is not repeated here.
+        return finish(trainer, f"token-clean train: model saved to {recipe.training.output_dir}")
 
     return run_recipe_command("train", argv, description, body)
 
@@ -222,22 +268,16 @@ def score_command(argv: list[str]) -> int:
             )
             return 2
         trainer = build_trainer(recipe)
-        KEEP_UNTIL_EXIT.append(trainer)
         scored = trainer.score_tokens()
         scored = scored.add_column("input_ids", trainer.train_dataset["input_ids"])
+        parquet = recipe.recipe.scores_format == "parquet"
+        path = os.path.join(recipe.training.output_dir, "token_scores.parquet" if parquet else "token_scores")
         if trainer.accelerator.is_main_process:
-            output_dir = recipe.training.output_dir
-            if recipe.recipe.scores_format == "parquet":
-                path = os.path.join(output_dir, "token_scores.parquet")
+            if parquet:
                 scored.to_parquet(path)
             else:
-                path = os.path.join(output_dir, "token_scores")
                 scored.save_to_disk(path)
-            # `score_tokens` printed the cleaning summary (once, on the main process); only the output is added here.
-            processes = processes_text(trainer.accelerator.num_processes)
-            print(f"token-clean score: {len(scored)} rows of token scores written to {path} ({processes})")
-        trainer.accelerator.wait_for_everyone()
-        trainer.end()
-        return 0
+        # `score_tokens` printed the cleaning summary (once, on the main process); only the output is added here.
+        return finish(trainer, f"token-clean score: {len(scored)} rows of token scores written to {path}")
 
     return run_recipe_command("score", argv, description, body)

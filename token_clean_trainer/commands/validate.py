@@ -4,7 +4,7 @@ import argparse
 
 
 def validate_command(argv: list[str]) -> int:
-    from ..recipe import validate_recipe
+    from .recipe import validate_recipe
 
     parser = argparse.ArgumentParser(
         prog="token-clean validate",

@@ -81,8 +81,8 @@ class PurgeMixResult:
 
 def resolve_model_path(name_or_path: str) -> str:
     """`embedded:smollm2` -> the converted embedded SmolLM2 folder; `~` and `$VAR` expanded in anything else (the
-    recipe's resolver)."""
-    from ..recipe import resolve_model
+    package's one resolver, `sources.resolve_model`)."""
+    from ..sources import resolve_model
 
     return resolve_model(name_or_path)
 
@@ -90,7 +90,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_input_dataset(name: str, split: str = "train", config_name: str | None = None):
     """One split of `name`, loaded by the package's one loader (`embedded:chatterbot`, a `save_to_disk` folder, a
     json/jsonl/parquet/csv file or a Hub id; the Hub only when the cache has it: runs are offline)."""
-    from ..recipe import load_split
+    from ..sources import load_split
 
     return load_split(name, split, config_name, what="split")
 

@@ -5,9 +5,9 @@ after `--config FILE` override the file). The dataclasses are TRL's [`~trl.Scrip
 [`~trl.ModelConfig`] (model and LoRA), [`TokenCleanConfig`] (training and cleaning), `PurgeMixConfig` (when the
 purge-mix module is installed) and [`RecipeArguments`] below (row counts, reference warm-up, launch settings).
 
-Two sentinels keep the smallest recipes offline: `model_name_or_path: embedded:smollm2` is the packaged
-SmolLM2-135M-Instruct and `dataset_name: embedded:chatterbot` the packaged ChatterBot corpus (splits `warmup`,
-`train`, `heldout`).
+The model and the data are named as [`~token_clean_trainer.sources`] resolves them: `model_name_or_path:
+embedded:smollm2` is the packaged SmolLM2-135M-Instruct and `dataset_name: embedded:chatterbot` the packaged ChatterBot
+corpus (splits `warmup`, `train`, `heldout`); local folders, data files and Hub ids work too.
 
 [`validate_recipe`] checks a recipe completely without loading a model or a dataset and returns every problem it
 finds (unknown keys with a did-you-mean suggestion, values of the wrong type, invalid settings), not just the first.
@@ -18,19 +18,13 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import yaml
 
-from .assets import EMBEDDED_DATASET, EMBEDDED_MODEL
-from .utils import expand_path, sha256_json
+from ..sources import EMBEDDED_DATASETS, EMBEDDED_MODELS, LOCAL_DATA_FORMATS, NAMED_CHAT_TEMPLATES, looks_local
+from ..utils import expand_path
 
-EMBEDDED_MODELS = (EMBEDDED_MODEL,)
-EMBEDDED_DATASETS = (EMBEDDED_DATASET,)
-# Chat templates shipped with the package, usable by name in `chat_template_path`.
-NAMED_CHAT_TEMPLATES = ("tulu",)
-LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SCORES_FORMATS = ("dataset", "parquet")
 
 
@@ -160,7 +154,7 @@ class RecipeArguments:
 def purge_mix_config_class():
     """`PurgeMixConfig` when the purge-mix module is installed, else `None`."""
     try:
-        from .purge_mix.config import PurgeMixConfig
+        from ..purge_mix.config import PurgeMixConfig
     except ImportError:
         return None
     return PurgeMixConfig
@@ -170,7 +164,7 @@ def recipe_dataclasses() -> tuple[type, ...]:
     """The dataclasses a recipe is parsed into, in the order [`parse_recipe`] returns them."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
-    from .token_clean_config import TokenCleanConfig
+    from ..token_clean_config import TokenCleanConfig
 
     # `DatasetMixtureConfig` is TRL's own: a recipe may list `datasets:` (with `streaming`, `test_split_size`) exactly
     # as a `trl sft` config does, and they are loaded with TRL's `get_dataset`.
@@ -275,7 +269,7 @@ def _field_owners() -> dict[str, type]:
     return owners
 
 
-def _did_you_mean(key: str, names: list[str]) -> str:
+def did_you_mean(key: str, names: list[str]) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if not close:
         # a sub-string match catches the common missing prefix or suffix, e.g. `keep_ratio` -> `token_keep_ratio`
@@ -311,7 +305,7 @@ def _check_value(action: argparse.Action, key: str, value: Any) -> str | None:
     elif expected is int and not isinstance(value, int):
         return f"`{key}` takes an integer, got {value!r}"
     if action.choices is not None and value not in action.choices:
-        return f"`{key}: {value!r}` is not one of {list(action.choices)}{_did_you_mean(str(value), list(map(str, action.choices)))}"
+        return f"`{key}: {value!r}` is not one of {list(action.choices)}{did_you_mean(str(value), list(map(str, action.choices)))}"
     return None
 
 
@@ -356,7 +350,7 @@ def validate_recipe(
             if key == "config":
                 problems.append("`config` is reserved for the recipe path itself; remove it from the file")
             else:
-                problems.append(f"unknown key `{key}`{_did_you_mean(key, names)}")
+                problems.append(f"unknown key `{key}`{did_you_mean(key, names)}")
     if not check_values:
         return problems
 
@@ -379,7 +373,7 @@ def validate_recipe(
         for item in unknown:
             if item.startswith("--"):
                 key = item[2:].split("=")[0]
-                problems.append(f"unknown option `{item}`{_did_you_mean(key, names)}")
+                problems.append(f"unknown option `{item}`{did_you_mean(key, names)}")
         for key in owners:
             if any(o == f"--{key}" or o.startswith(f"--{key}=") for o in overrides):
                 values[key] = getattr(namespace, key)
@@ -474,9 +468,9 @@ def check_recipe(
     if not model.model_name_or_path:
         problems.append("`model_name_or_path` is required (a local folder, a Hub id, or `embedded:smollm2`)")
     else:
-        problems += _check_model_ref("model_name_or_path", model.model_name_or_path, base_dir, notes)
+        problems += _check_source("model_name_or_path", model.model_name_or_path, "model", base_dir, notes)
     if training.ref_model_name_or_path:
-        problems += _check_model_ref("ref_model_name_or_path", training.ref_model_name_or_path, base_dir, notes)
+        problems += _check_source("ref_model_name_or_path", training.ref_model_name_or_path, "model", base_dir, notes)
     if mixed and script.dataset_name:
         problems.append(
             "the recipe sets both `dataset_name` and a `datasets:` mixture; keep one (TRL's `sft` script would ignore "
@@ -484,7 +478,7 @@ def check_recipe(
         )
     elif mixed:
         for entry in mixture.datasets:
-            if _looks_local(expand_path(entry.path)):
+            if looks_local(expand_path(entry.path)):
                 notes += _check_local_path("datasets[].path", entry.path, base_dir)
     elif not script.dataset_name:
         problems.append(
@@ -492,7 +486,7 @@ def check_recipe(
             "or `embedded:chatterbot`), or a `datasets:` list (TRL's dataset mixture)"
         )
     else:
-        problems += _check_dataset_ref(script.dataset_name, base_dir, notes)
+        problems += _check_source("dataset_name", script.dataset_name, "dataset", base_dir, notes)
     mode, selection = training.token_cleaning, training.token_selection
     has_reference = bool(training.ref_model_name_or_path or training.ref_adapter_name_or_path)
     if recipe.ref_warmup_split is not None:
@@ -532,6 +526,8 @@ def check_recipe(
     if training.ref_adapter_name_or_path:
         notes += _check_local_path("ref_adapter_name_or_path", training.ref_adapter_name_or_path, base_dir)
     if recipe.accelerate_config is not None:
+        from .launch import resolve_accelerate_config
+
         try:
             resolve_accelerate_config(recipe.accelerate_config)
         except ValueError as error:
@@ -579,245 +575,17 @@ def _check_streaming(script, training, recipe: RecipeArguments, mixture) -> list
     return problems
 
 
-def _looks_local(value: str) -> bool:
-    """A local path rather than a Hub id (`org/name`): write local folders as `./data/...` to be unambiguous."""
-    return value.startswith((".", "/", "~")) or value.count("/") > 1 or os.path.exists(value)
-
-
 def _check_local_path(key: str, value: str, base_dir: str) -> list[str]:
     path = os.path.join(base_dir, expand_path(value))
     return [] if os.path.exists(path) else [f"`{key}: {value}` does not exist on this machine (yet)"]
 
 
-def _check_model_ref(key: str, value: str, base_dir: str, notes: list[str]) -> list[str]:
+def _check_source(key: str, value: str, kind: str, base_dir: str, notes: list[str]) -> list[str]:
+    """An `embedded:` name must be one the package ships; a missing local path is a note; a Hub id passes here."""
+    embedded = EMBEDDED_MODELS if kind == "model" else EMBEDDED_DATASETS
     if value.startswith("embedded:"):
-        if value not in EMBEDDED_MODELS:
-            return [f"`{key}: {value}` is not an embedded model; use one of {list(EMBEDDED_MODELS)}"]
-        return []
-    if _looks_local(value):
+        known = value in embedded
+        return [] if known else [f"`{key}: {value}` is not an embedded {kind}; use one of {list(embedded)}"]
+    if looks_local(value) or os.path.splitext(value)[1] in LOCAL_DATA_FORMATS:
         notes += _check_local_path(key, value, base_dir)
     return []  # a Hub id: only checkable where the Hub is reachable
-
-
-def _check_dataset_ref(value: str, base_dir: str, notes: list[str]) -> list[str]:
-    if value.startswith("embedded:"):
-        if value not in EMBEDDED_DATASETS:
-            return [f"`dataset_name: {value}` is not an embedded dataset; use one of {list(EMBEDDED_DATASETS)}"]
-        return []
-    if _looks_local(value) or os.path.splitext(value)[1] in LOCAL_DATA_FORMATS:
-        notes += _check_local_path("dataset_name", value, base_dir)
-    return []
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Resolution: accelerate configs, chat templates, models, data
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _trl_accelerate_config_folder():
-    """TRL's own shipped accelerate configs (`trl/accelerate_configs/`), found without importing TRL."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "accelerate_configs")
-    return folder if os.path.isdir(folder) else None
-
-
-def accelerate_config_sources() -> dict[str, str]:
-    """
-    `{name: path}` of every accelerate config usable by name.
-
-    Ours come first: `cpu_multi_process` (TRL has none), `single_gpu` (TRL's says 8 processes) and the sharded
-    `fsdp2` and `zero3` we tune for token cleaning. Every other name resolves to the config TRL ships (`multi_gpu`,
-    `zero1`, `zero2`, `fsdp1`), so a copy of TRL's file is never kept here.
-    """
-    sources = {}
-    trl_folder = _trl_accelerate_config_folder()
-    if trl_folder is not None:
-        for name in sorted(os.listdir(trl_folder)):
-            if name.endswith(".yaml"):
-                sources[name[: -len(".yaml")]] = os.path.join(trl_folder, name)
-    folder = resources.files("token_clean_trainer") / "accelerate_configs"
-    for p in folder.iterdir():
-        if p.name.endswith(".yaml"):
-            sources[p.name[: -len(".yaml")]] = str(p)
-    return dict(sorted(sources.items()))
-
-
-def shipped_accelerate_configs() -> list[str]:
-    """Names of the accelerate configs shipped in this package (see [`accelerate_config_sources`] for TRL's)."""
-    folder = resources.files("token_clean_trainer") / "accelerate_configs"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def resolve_accelerate_config(name_or_path: str) -> str:
-    """The path of an accelerate config given its name (`zero3`: ours, then TRL's), or the given path if a file."""
-    path = expand_path(name_or_path)
-    if os.path.isfile(path):
-        return os.path.abspath(path)
-    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
-    sources = accelerate_config_sources()
-    if name not in sources:
-        known = list(sources)
-        raise ValueError(
-            f"{name_or_path!r} is neither a file nor a known accelerate config{_did_you_mean(name, known)}; known: "
-            f"{', '.join(known)}"
-        )
-    return sources[name]
-
-
-def resolve_chat_template(value: str | None) -> str | None:
-    """`chat_template_path` with a shipped template name (`tulu`) replaced by the packaged `.jinja` file."""
-    if value in NAMED_CHAT_TEMPLATES:
-        return str(resources.files("token_clean_trainer") / "chat_templates" / f"{value}.jinja")
-    return expand_path(value)
-
-
-def resolve_model(value: str | None) -> str | None:
-    """A model reference with the `embedded:smollm2` sentinel replaced by the converted local folder."""
-    if value in EMBEDDED_MODELS:
-        from .assets import default_model_path
-
-        return default_model_path()
-    return expand_path(value)
-
-
-def load_recipe_dataset(script, recipe: RecipeArguments | None, splits: list[str], mixture=None, purge_mix=None):
-    """
-    Load the recipe's dataset and return `{split: Dataset}` for the requested splits.
-
-    The one loader of `train`, `score`, `eval` and `purge-mix`. With a `datasets:` mixture ([`~trl.DatasetMixtureConfig`])
-    the data comes from TRL's own [`~trl.get_dataset`], exactly as `trl sft` loads it (`streaming`, `fraction`,
-    `test_split_size`). Otherwise `dataset_name` may be `embedded:chatterbot`, a `save_to_disk` folder, a local
-    `.json`/`.jsonl`/`.parquet`/`.csv` file (one split, `train`) or a Hub id (loaded with `datasets.load_dataset`).
-    `dataset_streaming: true` returns `IterableDataset`s (plain SFT only; see [`check_recipe`]). `~` and environment
-    variables are expanded in local paths. `recipe` and `purge_mix` are accepted for callers that pass a whole recipe.
-    """
-    from datasets import Dataset
-
-    data, name, streaming, _ = load_dataset_dict(script, mixture)
-    out = {}
-    for split in splits:
-        if split not in data:
-            raise ValueError(
-                f"`{split}` is not a split of {name if name.startswith('the ') else f'`dataset_name: {name}`'}; its "
-                f"splits are {list(data)}. Set `dataset_train_split` / `dataset_test_split` / `ref_warmup_split` to "
-                "one of them."
-            )
-        split_data = data[split]
-        if streaming and isinstance(split_data, Dataset):
-            split_data = split_data.to_iterable_dataset()  # embedded or `save_to_disk` data, streamed as asked
-        out[split] = split_data
-    return out
-
-
-def load_dataset_dict(script, mixture=None):
-    """
-    `(DatasetDict, description, streaming, single)` of a recipe's data. `single` is True when the source has no splits
-    of its own (a data file or a saved `Dataset`), which then becomes split `train`.
-    """
-    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
-
-    if mixture is not None and mixture.datasets:
-        from trl import get_dataset
-
-        entries = [
-            dataclasses.replace(
-                entry,
-                path=expand_path(entry.path),
-                data_dir=expand_path(entry.data_dir),
-                data_files=_expand_data_files(entry.data_files),
-            )
-            for entry in mixture.datasets
-        ]
-        streaming = bool(mixture.streaming or script.dataset_streaming)
-        data = get_dataset(dataclasses.replace(mixture, datasets=entries, streaming=streaming))
-        name = "the `datasets:` mixture"
-    else:
-        streaming = bool(script.dataset_streaming)
-        name = script.dataset_name
-        if not name:
-            raise ValueError(
-                "`dataset_name` is required (a Hub id, a local .json/.jsonl/.parquet/.csv file, a `save_to_disk` "
-                "folder, or `embedded:chatterbot`), or a `datasets:` list (TRL's dataset mixture)."
-            )
-        path = expand_path(name)
-        if name in EMBEDDED_DATASETS:
-            from .assets import load_chatterbot_dataset
-
-            data = load_chatterbot_dataset()
-        elif os.path.isdir(path) and (
-            os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
-        ):
-            data = load_from_disk(path)
-        elif os.path.isfile(path):
-            extension = os.path.splitext(path)[1]
-            if extension not in LOCAL_DATA_FORMATS:
-                raise ValueError(
-                    f"`dataset_name: {name}`: unsupported file type {extension!r}; use one of "
-                    f"{sorted(LOCAL_DATA_FORMATS)} or a `save_to_disk` folder."
-                )
-            data = load_dataset(LOCAL_DATA_FORMATS[extension], data_files=path, streaming=streaming)
-        elif _looks_local(path):
-            raise FileNotFoundError(
-                f"`dataset_name: {name}` not found (no such file or folder). Point it to a `save_to_disk` folder, a .json/.jsonl/.parquet/"
-                ".csv file, a Hub id (`org/name`), or `embedded:chatterbot`."
-            )
-        else:
-            data = load_dataset(name, name=script.dataset_config, streaming=streaming)
-    single = isinstance(data, (Dataset, IterableDataset)) or (
-        not (mixture is not None and mixture.datasets) and os.path.isfile(expand_path(name))
-    )
-    if isinstance(data, Dataset):
-        data = DatasetDict({"train": data})
-    elif isinstance(data, IterableDataset):
-        data = IterableDatasetDict({"train": data})
-    return data, name, streaming, single
-
-
-def load_split(spec: str, split: str = "train", config_name: str | None = None, what: str = "--split"):
-    """
-    One split of a dataset named as a recipe's `dataset_name` ([`load_dataset_dict`]): `embedded:chatterbot`, a
-    `save_to_disk` folder, a local `.json`/`.jsonl`/`.parquet`/`.csv` file (its one split, whatever `split` says) or a
-    Hub id. `what` names the option in the error when the split does not exist.
-    """
-    from types import SimpleNamespace
-
-    script = SimpleNamespace(dataset_name=spec, dataset_config=config_name, dataset_streaming=False)
-    data, _, _, single = load_dataset_dict(script)
-    if single:
-        return data["train"]
-    if split not in data:
-        raise ValueError(f"`{what} {split!r}` is not in {spec!r}; its splits are {sorted(data)}.")
-    return data[split]
-
-
-def _expand_data_files(value):
-    if isinstance(value, str):
-        return expand_path(value)
-    if isinstance(value, list):
-        return [expand_path(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _expand_data_files(v) for k, v in value.items()}
-    return value
-
-
-def take_rows(dataset, rows: int, seed: int | None):
-    """The first `rows` rows (after a seeded shuffle when `seed` is set); all of them when `rows` is 0."""
-    from datasets import IterableDataset
-
-    if isinstance(dataset, IterableDataset):  # streamed: a shuffle buffer and `take`, never a full read
-        if seed is not None:
-            dataset = dataset.shuffle(seed=seed, buffer_size=10_000)
-        return dataset.take(rows) if rows else dataset
-    if seed is not None:
-        dataset = dataset.shuffle(seed=seed)
-    if rows and rows < len(dataset):
-        dataset = dataset.select(range(rows))
-    return dataset
-
-
-def settings_hash(payload: dict[str, Any]) -> str:
-    return sha256_json(payload)[:16]
