@@ -2,14 +2,14 @@
 
 The paper-scale case is 300k rows x 2,048 positions with half of them response tokens (about 307M response
 positions). This benchmark runs the trainer's own preparation on an in-memory prepared dataset, with real processes
-over gloo: fixed mode (`TokenCleanSFTTrainer._prepare_token_cleaning` -> `_score_and_select` -> `_response_losses`,
-`_select`, `_build_report`, `_publish_report`, the row store; `--selection batch` keeps the compact scores for per-step
-ranking), online mode's reference pass (`--mode online`: `_score_reference`, the row store) and the scoring and
-selection of every self-evolving round (`--mode self_evolving`: `_new_self_evolving_run`, then per round
-`_prepare_round` and the report of the rounds so far; training between rounds is not part of it). Only the forwards are simulated: `_token_losses` is
+over gloo: fixed mode (`scoring_pass.score_and_select`: the driver's `response_losses`, the selection, the report, the
+row store; `--selection batch` keeps the compact scores for per-step ranking), online mode's reference pass
+(`--mode online`: `scoring_pass.score_reference`, the row store) and the scoring and selection of every self-evolving
+round (`--mode self_evolving`: `self_evolving.new_run`, then per round `prepare_round` and the report of the rounds so
+far; training between rounds is not part of it). Only the forwards are simulated: the driver's `token_losses` is
 replaced by a loop that gives each process synthetic losses for its round-robin share of every shard (`deal_rows`, as
-`_score_shards` deals them) and sends them to the main process with the trainer's `gather_shard`; the main process
-writes each shard into its compact arrays through the trainer's sink. The forwards are the GPUs' business; the host
+the driver deals them) and sends them to the main process with the driver's `gather_shard`; the main process writes
+each shard into its compact arrays through the driver's sink. The forwards are the GPUs' business; the host
 memory is the question.
 
 Peak RSS is measured from the moment the dataset exists (the kernel's high-water mark is reset then, via
@@ -85,75 +85,48 @@ class Tokenizer:
         return [f"t{i}" for i in ids]
 
 
-def bench_trainer(args, collective, out_dir: str, timings: dict):
-    """The trainer's fixed-mode methods on an object holding only what they read; `_token_losses` simulated."""
-    import token_clean_trainer.token_clean_trainer as module
-    from token_clean_trainer.collator import RowStore
-    from token_clean_trainer.report import build_token_sample
-    from token_clean_trainer.scoring import deal_rows
+def bench_context(args, collective, out_dir: str, timings: dict, dataset):
+    """The trainer's scoring pass context with only the forwards simulated: a `ScoringDriver` whose `token_losses`
+    gives each process synthetic losses for its share of every shard and gathers them like the real driver."""
+    import token_clean_trainer.scoring_pass as scoring_pass
+    from token_clean_trainer.report.run import RunReport
+    from token_clean_trainer.score_driver import ScoringDriver, gather_shard, row_lengths
+    from token_clean_trainer.scoring import ScoringStats, deal_rows
 
-    T = module.TokenCleanSFTTrainer
-    names = [
-        "_prepare_token_cleaning", "_score_and_select", "_response_layout", "_share_layout", "_score_reference",
-        "_response_losses", "_select", "_build_report", "_publish_report", "_warn_if_weak_reference", "_last_report",
-        "_check_scores", "_shard_bounds", "_describe_reference", "_selects_per_step", "_seed", "_without_token_columns",
-        "_offsets", "_new_self_evolving_run", "_prepare_round", "_self_evolving_base_pass", "_set_round_checkpoint",
-        "_self_evolving_report",
-    ]  # fmt: skip
-    namespace = {name: T.__dict__[name] for name in names}
+    class SimulatedDriver(ScoringDriver):
+        def token_losses(self, dataset, role, sink=None):
+            lengths = row_lengths(dataset)
+            for i, (start, end) in enumerate(self.shard_bounds(len(dataset))):
+                rows = list(range(start, end))
+                mine = deal_rows(rows, lengths[start:end], collective.world, collective.rank)
+                rng = np.random.default_rng([i, collective.rank, 0 if role == "base" else 1, start])
+                local = []
+                for row in mine:
+                    values = rng.random(int(lengths[row]), dtype=np.float32) + np.float32(1 if role == "base" else 0.5)
+                    values[: int(lengths[row]) - args.length // 2] = np.nan  # prompt and position 0: not scored
+                    local.append(values)
+                shard = gather_shard(collective, dataset, rows, lengths[start:end], mine, local)
+                if collective.is_main:
+                    sink(i, shard)
+            return None, {"reused": 0, "computed": len(self.shard_bounds(len(dataset)))}
 
-    def _token_losses(self, dataset, role, sink=None):
-        lengths = module._row_lengths(dataset)
-        bounds = self._shard_bounds(len(dataset))
-        for i, (start, end) in enumerate(bounds):
-            rows = list(range(start, end))
-            mine = deal_rows(rows, lengths[start:end], collective.world, collective.rank)
-            rng = np.random.default_rng([i, collective.rank, 0 if role == "base" else 1, start])
-            local = []
-            for row in mine:
-                values = rng.random(int(lengths[row]), dtype=np.float32) + np.float32(1 if role == "base" else 0.5)
-                values[: int(lengths[row]) - args.length // 2] = np.nan  # prompt and position 0: not scored
-                local.append(values)
-            shard = module.gather_shard(collective, dataset, rows, lengths[start:end], mine, local)
-            if collective.is_main:
-                sink(i, shard)
-        return None, {"reused": 0, "computed": len(bounds)}
-
-    def _token_sample(self, offsets, response, fields, layout=None):
-        return build_token_sample(
-            input_ids=lambda rows: (self._self_evolving_dataset or self.train_dataset).select(rows)["input_ids"],
-            tokenizer=self._tokenizer,
-            offsets=offsets, response=response, base_losses=fields.get("base_losses"),
-            ref_losses=fields.get("ref_losses"), keep=fields.get("keep"), settings={}, seed=0, layout=layout,
-        )  # fmt: skip
-
-    namespace.update(
-        _token_losses=_token_losses,
-        _token_sample=_token_sample,
-        _has_reference=lambda self: True,
-        # The identity of per-step checkpoints hashes the dataset: not the question here.
-        _resume_identity=lambda self: {},
-    )
-    Bench = type("BenchTrainer", (), namespace)
-    trainer = Bench()
-    trainer.args = SimpleNamespace(
+    config = SimpleNamespace(
         token_cleaning=args.mode, token_selection=args.selection, token_keep_ratio=0.6, token_score_rule="excess",
         token_score_window=1, token_selection_seed=None, seed=0, max_length=None, output_dir=out_dir,
         score_shard_rows=args.shard_rows, report_to=[], self_evolving_rounds=args.rounds, score_cache_dir=None,
+        learning_rate=0.0, num_train_epochs=1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+        world_size=collective.world,
     )  # fmt: skip
-    trainer._self_evolving_dataset = None
-    trainer.token_cleaning_enabled = True
-    trainer.token_cleaning_state = None
-    trainer._collective = collective
-    trainer._row_store = RowStore()
-    trainer._prepare_stats = {}
-    trainer._tokenizer = Tokenizer()
-    trainer.reference = SimpleNamespace(release=lambda: None, describe=lambda: {"kind": "simulated"})
-    trainer.accelerator = SimpleNamespace(is_main_process=collective.is_main)
-    trainer.callback_handler = SimpleNamespace(callbacks=[])
+    driver = SimulatedDriver(config, collective, None, torch.device("cpu"), "no", 0, True, ScoringStats())
+    report = RunReport(
+        config, Tokenizer(), is_main=collective.is_main, prepare_stats={},
+        describe_reference=lambda: {"kind": "simulated"}, model_settings=lambda: {},
+        input_ids=lambda rows: dataset.select(rows)["input_ids"], publish_to_integrations=lambda folder: None, seed=0,
+    )  # fmt: skip
+    reference = SimpleNamespace(configured=True, release=lambda: None)
 
-    # Time the global selection where the trainer calls it.
-    select = module.select_global_difference
+    # Time the global selection where the scoring pass calls it.
+    select = scoring_pass.select_global_difference
 
     def timed(*a, **k):
         started = time.perf_counter()
@@ -162,25 +135,22 @@ def bench_trainer(args, collective, out_dir: str, timings: dict):
         timings["peak_after_selection_mb"] = status("VmHWM")
         return result
 
-    module.select_global_difference = timed
-    return trainer
+    scoring_pass.select_global_difference = timed
+    return scoring_pass.CleaningContext(config, collective, driver, reference, report)
 
 
-def self_evolving_rounds(trainer, dataset, collective, timings: dict):
-    """Every round's scoring and selection (`_prepare_round`) and the report of the rounds so far, as `train()` runs
+def self_evolving_rounds(ctx, dataset, collective, timings: dict):
+    """Every round's scoring and selection (`prepare_round`) and the report of the rounds so far, as `train()` runs
     them between the rounds' training."""
-    from token_clean_trainer.report import write_report
+    from token_clean_trainer import self_evolving
 
-    trainer._round_records = []
-    trainer._self_evolving_dataset = dataset
-    run = trainer._new_self_evolving_run(dataset)
-    for t, (start, end) in enumerate(run.bounds):
-        trainer.train_dataset = dataset.select(range(start, end))
-        trainer._prepare_round(run, {}, t)
+    run = self_evolving.new_run(ctx, dataset, {}, base_recomputable=False)
+    self_evolving.resume_run(ctx, run, None)
+    for t in range(len(run.bounds)):
+        self_evolving.prepare_round(ctx, run, t)
         if collective.is_main:
             started = time.perf_counter()
-            report = trainer._self_evolving_report(run, t, started)
-            write_report(os.path.join(trainer.args.output_dir, "token_cleaning"), report)
+            ctx.report.write(self_evolving.round_report(ctx, run, t, started))
             timings[f"round_{t}_report_s"] = time.perf_counter() - started
         timings[f"peak_after_round_{t}_mb"] = status("VmHWM")
     return run
@@ -196,27 +166,33 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
     unit_mb = args.rows * (args.length // 2 - 0) * 4 / 2**20  # one float32 array of response positions
     timings: dict = {}
     with tempfile.TemporaryDirectory() as report_dir:
-        trainer = bench_trainer(args, collective, report_dir, timings)
-        trainer.train_dataset = dataset
+        from token_clean_trainer.collator import RowStore
+        from token_clean_trainer.scoring_pass import fill_row_store, score_and_select, score_reference
+
+        ctx = bench_context(args, collective, report_dir, timings, dataset)
+        store = RowStore()
         collective.barrier()
         reset_peak()
         baseline = status("VmRSS")
         started = time.perf_counter()
         response = args.rows * (args.length // 2 - 0)
         if args.mode == "self_evolving":
-            run = self_evolving_rounds(trainer, dataset, collective, timings)
+            run = self_evolving_rounds(ctx, dataset, collective, timings)
+            store.set_keep_bits(run.offsets, run.keep_bits)
             kept = int(np.unpackbits(run.keep_bits).sum())
             first = run.bounds[1][0] * (args.length // 2)
             assert abs(kept - (first + 0.6 * (response - first))) < 2 * args.rounds, (kept, response)
         else:
-            state = trainer._prepare_token_cleaning()
+            online = args.mode == "online"
+            state = score_reference(ctx, dataset) if online else score_and_select(ctx, dataset)
+            fill_row_store(store, state, online)
             if state.keep_bits is not None:
                 kept = int(np.unpackbits(state.keep_bits).sum())
                 assert abs(kept - 0.6 * response) < 2, (kept, response)
             else:  # per-step selection: every process holds the compact values
-                assert trainer._row_store._values.size == response
+                assert store._values.size == response
         timings["prepare_s"] = time.perf_counter() - started
-    assert trainer._row_store.ready
+    assert store.ready
     peak = status("VmHWM")
     result = {
         "rank": rank,
