@@ -93,7 +93,7 @@ def test_fixed_mode_with_packing_keeps_the_same_tokens_as_unpacked(tmp_path, tin
 
 
 def test_online_padding_free_selects_within_sequences(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch):
-    from token_clean_trainer import token_clean_trainer as module
+    from token_clean_trainer import step_selection as module
 
     seen = []
     original = module.select_step
@@ -194,7 +194,7 @@ def test_packing_refuses_data_whose_labels_do_not_mark_the_responses(tmp_path, t
     ids=["online-junk-gate", "fixed-batch"],
 )
 def test_per_step_selection_with_packing(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, monkeypatch, settings):
-    from token_clean_trainer import token_clean_trainer as module
+    from token_clean_trainer import step_selection as module
 
     seen = []
     original = module.select_step
