@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..utils import sha256_json
+
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "requests.jsonl"
@@ -138,7 +140,7 @@ class TransformersGenerator:
                         ids[r, width - len(p) :] = torch.tensor(p)
                         mask[r, width - len(p) :] = 1
                     # One seed per batch, derived from its payloads: a rerun of the same batch samples the same text.
-                    seed = int(hashlib.sha256(json.dumps([payloads[i] for i in chunk]).encode()).hexdigest()[:8], 16)
+                    seed = int(sha256_json([payloads[i] for i in chunk])[:8], 16)
                     torch.manual_seed(seed)
                     kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": pad_id}
                     if temperature > 0:
@@ -602,8 +604,7 @@ class CachedGenerator:
             logger.warning("Skipped %d unreadable line(s) of %s (a killed write?)", self.skipped_lines, self.path)
 
     def key(self, payload: dict) -> str:
-        blob = json.dumps({"backend": self.backend.identity, **payload}, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return sha256_json({"backend": self.backend.identity, **payload}, ensure_ascii=False)
 
     def __len__(self) -> int:
         return len(self._entries)

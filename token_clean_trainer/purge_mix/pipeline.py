@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -27,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from ..assets import EMBEDDED_MODEL
-from ..utils import atomic_write_bytes, atomic_write_json, fingerprint_module, sha256_json
+from ..utils import (
+    atomic_replace_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    fingerprint_module,
+    sha256_json,
+)
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
 from .embedding import embed_texts, embedding_identity
@@ -238,11 +244,7 @@ class _Models:
 
 def _check_writable(folder: str) -> None:
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        check_writable(folder)
     except OSError as error:
         raise OSError(
             f"purge-mix cannot write to {folder!r} ({error.strerror or error}). Choose a writable `output_dir` or "
@@ -265,12 +267,7 @@ def _first_of_each_text(index: np.ndarray, prompts: list[str], responses: list[s
 
 def _save_dataset(dataset, path: str) -> None:
     """save_to_disk into a temporary sibling, then rename: a kill never leaves a half-written dataset in place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    atomic_replace_dir(path, dataset.save_to_disk)
 
 
 def _hash(*parts: Any) -> str:
