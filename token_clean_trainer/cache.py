@@ -151,13 +151,12 @@ class TokenLossCache:
 
 def check_cache_dir_writable(root: str) -> None:
     """Fail before any scoring when the cache folder cannot be written, rather than after hours of forwards."""
-    try:
-        check_writable(root)
-    except OSError as error:
-        raise OSError(
-            f"The score cache folder `score_cache_dir={root!r}` is not writable ({error}). Point `score_cache_dir` at "
-            "a writable folder visible to every process, or set it to None to keep scores in memory only."
-        ) from error
+    check_writable(
+        root,
+        f"The score cache folder `score_cache_dir={root!r}`",
+        "Point `score_cache_dir` at a writable folder visible to every process, or set it to None to keep scores in "
+        "memory only.",
+    )
     _remove_stale_temp_files(os.path.join(root, "token_losses"))
 
 

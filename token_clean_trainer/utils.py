@@ -240,12 +240,18 @@ def atomic_replace_dir(path: str | os.PathLike, build: Callable[[str], Any]) -> 
         raise
 
 
-def check_writable(folder: str | os.PathLike) -> None:
-    """Create `folder` if needed and write and remove a probe file in it; the `OSError` says why it cannot."""
-    os.makedirs(folder, exist_ok=True)
-    probe = os.path.join(folder, f".write-probe-{os.getpid()}")
-    atomic_write_bytes(probe, b"ok")
-    os.unlink(probe)
+def check_writable(folder: str | os.PathLike, name: str, fix: str) -> None:
+    """
+    Fail before any work when `folder` cannot be created or written (a probe file is written atomically, then
+    removed), rather than after hours of it: the `OSError` says `"{name} is not writable ({reason}). {fix}"`.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+        atomic_write_bytes(probe, b"ok")
+        os.unlink(probe)
+    except OSError as error:
+        raise OSError(f"{name} is not writable ({error.strerror or error}). {fix}") from error
 
 
 def flat_list_column(dataset, column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from token_clean_trainer.utils import (
     atomic_replace_dir,
     atomic_write,
     atomic_write_json,
+    check_writable,
     sha256_file,
     sha256_json,
 )
@@ -127,3 +128,12 @@ def test_atomic_replace_dir_swaps_whole_folders_and_cleans_up_after_a_failure(tm
         atomic_replace_dir(target, fail)
     assert (target / "data.txt").read_text() == "two"
     assert os.listdir(tmp_path) == ["dataset"]
+
+
+def test_check_writable_names_the_setting_the_reason_and_the_fix(tmp_path):
+    check_writable(tmp_path / "new" / "folder", "unused", "unused")
+    assert os.listdir(tmp_path / "new" / "folder") == []  # created, probe removed
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=r"^The output folder '.*a-file/sub' is not writable \(.+\)\. Choose another\.$"):
+        check_writable(blocker / "sub", f"The output folder {str(blocker / 'sub')!r}", "Choose another.")

@@ -242,16 +242,6 @@ class _Models:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_writable(folder: str) -> None:
-    try:
-        check_writable(folder)
-    except OSError as error:
-        raise OSError(
-            f"purge-mix cannot write to {folder!r} ({error.strerror or error}). Choose a writable `output_dir` or "
-            "`purge_mix_output` before the run starts."
-        ) from None
-
-
 def _first_of_each_text(index: np.ndarray, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, int]:
     """`index` without the rows whose (prompt, response), case and whitespace folded, an earlier row already has; and
     how many were dropped."""
@@ -398,7 +388,9 @@ def run_purge_mix(
     timings: dict[str, float] = {}
     config.check_generator()
     folder = config.purge_mix_output or os.path.join(output_dir, "purge_mix")
-    _check_writable(folder)
+    check_writable(
+        folder, f"The purge-mix output folder {folder!r}", "Choose a writable `output_dir` or `purge_mix_output`."
+    )
     if hasattr(dataset, "select") is False or not hasattr(dataset, "__len__"):
         raise PurgeMixInputError(
             f"purge-mix needs a map-style `datasets.Dataset`, got {type(dataset).__name__}. Load the split without "
