@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .utils import atomic_replace_dir, atomic_write, atomic_write_json, sha256_file
+from .utils import atomic_replace_dir, atomic_write, atomic_write_json, sha256_file, temp_sibling
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -286,7 +285,7 @@ def default_model_path(cache_dir: str | None = None, verify: bool = False) -> st
 
         logger.info("Converting %s into a plain safetensors model at %s (one-time)", gguf_path, final)
         start = time.perf_counter()
-        atomic_replace_dir(final, convert)  # in `.<name>.tmp-<pid>-<hex>`, swept above after a kill
+        atomic_replace_dir(final, convert)  # built in a `temp_sibling`, swept above after a kill
         logger.info("Converted the default model in %.1f s", time.perf_counter() - start)
     return str(final)
 
@@ -469,7 +468,7 @@ def embedded_gguf_path(
         if final.exists():
             logger.warning("Removing %s: wrong size or sha256", final)
             final.unlink()
-        work = folder / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        work = Path(temp_sibling(final))
         work.mkdir()
         try:
             given = wheels_dir or os.environ.get(WHEELS_ENV_VAR)

@@ -38,6 +38,8 @@ PRIVATE_OUTPUT_PATTERNS = (
     "token_scores.parquet",
     ".tmp-*",  # leftovers of an interrupted atomic write
     "*/.tmp-*",
+    ".*.tmp-*",  # a folder killed while being built (e.g. a purge-mix dataset under `purge_mix_output`)
+    "*/.*.tmp-*",
 )
 
 

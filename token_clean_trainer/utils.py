@@ -215,18 +215,23 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, ensure_ascii: bool 
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def temp_sibling(path: str | os.PathLike) -> str:
+    """A fresh name `.<name>.tmp-<pid>-<random>` beside `path`, for a folder built before it takes `path`'s place."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def atomic_replace_dir(path: str | os.PathLike, build: Callable[[str], Any]) -> None:
     """
     Build a folder in a temporary sibling and rename it to `path`: a kill never leaves a half-built `path`.
 
-    `build(tmp_folder)` fills `.<name>.tmp-<pid>-<random>` (an empty folder with the umask's permissions); an existing
+    `build(tmp_folder)` fills a [`temp_sibling`] (an empty folder with the umask's permissions); an existing
     `path` is then removed and the folder renamed into place. On any error the temporary folder is removed. A
     killed process leaves its temporary folder behind; callers that hold a lock may sweep `.<name>.tmp-*`.
     """
     path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp_path = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = temp_sibling(path)
     os.mkdir(tmp_path)
     try:
         build(tmp_path)

@@ -116,12 +116,12 @@ class TransformersGenerator:
     def generate(self, payloads: list[dict], on_result) -> None:
         import torch
 
+        from ..scoring import eval_mode
+
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             # Group by sampling settings so each generate() call has one configuration; keep order otherwise.
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(payloads):
@@ -159,8 +159,6 @@ class TransformersGenerator:
                                 n_new = min(n_new, new.index(stop) + 1)
                         text = tok.decode(new[:n_new], skip_special_tokens=True).strip()
                         on_result(i, Completion(text, len(prompts[r]), n_new))
-        finally:
-            self.model.train(was_training)
 
 
 def _as_ids(encoded) -> list[int]:
