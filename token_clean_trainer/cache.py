@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
-from .utils import atomic_write_bytes, flat_list_column
+from .utils import atomic_write_bytes, check_writable, flat_list_column
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +151,12 @@ class TokenLossCache:
 
 def check_cache_dir_writable(root: str) -> None:
     """Fail before any scoring when the cache folder cannot be written, rather than after hours of forwards."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".write-probe-{os.getpid()}")
-        atomic_write_bytes(probe, b"ok")
-        os.unlink(probe)
-    except OSError as error:
-        raise OSError(
-            f"The score cache folder `score_cache_dir={root!r}` is not writable ({error}). Point `score_cache_dir` at "
-            "a writable folder visible to every process, or set it to None to keep scores in memory only."
-        ) from error
+    check_writable(
+        root,
+        f"The score cache folder `score_cache_dir={root!r}`",
+        "Point `score_cache_dir` at a writable folder visible to every process, or set it to None to keep scores in "
+        "memory only.",
+    )
     _remove_stale_temp_files(os.path.join(root, "token_losses"))
 
 

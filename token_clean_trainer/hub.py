@@ -8,7 +8,6 @@ trainer makes (at the `huggingface_hub` boundary, so TRL's and transformers' own
 """
 
 import contextlib
-import json
 import os
 import textwrap
 from typing import Any
@@ -39,6 +38,8 @@ PRIVATE_OUTPUT_PATTERNS = (
     "token_scores.parquet",
     ".tmp-*",  # leftovers of an interrupted atomic write
     "*/.tmp-*",
+    ".*.tmp-*",  # a folder killed while being built (e.g. a purge-mix dataset under `purge_mix_output`)
+    "*/.*.tmp-*",
 )
 
 
@@ -146,11 +147,13 @@ def cleaning_card_section(args, report: dict[str, Any] | None) -> str:
 
 
 def read_report(output_dir: str) -> dict[str, Any] | None:
-    path = os.path.join(output_dir, "token_cleaning", "report.json")
-    if not os.path.isfile(path):
+    """[`load_report`], or `None` when the run wrote no report."""
+    from .report.run import load_report
+
+    try:
+        return load_report(output_dir)
+    except FileNotFoundError:
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def add_cleaning_section(card_path: str, section: str) -> None:
@@ -165,3 +168,44 @@ def add_cleaning_section(card_path: str, section: str) -> None:
     card = card[:anchor] + section + "\n" + card[anchor:] if anchor != -1 else card.rstrip("\n") + "\n\n" + section
     with open(card_path, "w", encoding="utf-8") as f:
         f.write(card)
+
+
+class HubUploadMixin:
+    """
+    The Hub side of [`TokenCleanSFTTrainer`]: uploads skip [`hub_ignore_patterns`], and the model card cites the
+    paper and gets the token-cleaning section.
+
+    Put it before the trainer class (`class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer)`): every method calls
+    `super()`. It reads `self.args` (`output_dir`, `score_cache_dir` and the cleaning fields),
+    `self.token_cleaning_enabled`, `self.token_cleaning_state` and `self.is_world_process_zero()`.
+    """
+
+    _paper = TOKEN_CLEANING_PAPER
+
+    def hub_ignore_patterns(self) -> list[str]:
+        """Paths under `output_dir` that `push_to_hub` (and `save_model` with `push_to_hub=True`) never upload."""
+        return hub_ignore_patterns(self.args.output_dir, (self.args.score_cache_dir,))
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """
+        As [`~transformers.Trainer.push_to_hub`], without the token-cleaning artefacts that hold training data.
+
+        Token samples (`token_cleaning/`), purge-mix data and caches, the warmed-up reference, self-evolving round
+        checkpoints, `token-clean score` output and a score cache inside `output_dir` are skipped (see
+        [`hub_ignore_patterns`]). The model card gets the paper's citation, the cleaning settings and the kept fraction.
+        """
+        with ignoring_on_hub_upload(self.hub_ignore_patterns()):
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # `hub_strategy` pushes during training upload `output_dir` too.
+        with ignoring_on_hub_upload(self.hub_ignore_patterns()):
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not self.token_cleaning_enabled or not os.path.isfile(card):
+            return
+        report = self.token_cleaning_state.report if self.token_cleaning_state is not None else None
+        add_cleaning_section(card, cleaning_card_section(self.args, report or read_report(self.args.output_dir)))

@@ -40,8 +40,7 @@ from .collator import (
     TokenCleaningCollator,
 )
 from .distributed import Collective, decide_on_main
-from .hub import TOKEN_CLEANING_PAPER, add_cleaning_section, cleaning_card_section, ignoring_on_hub_upload, read_report
-from .hub import hub_ignore_patterns as _hub_ignore_patterns
+from .hub import HubUploadMixin
 from .positions import mask_sequence_starts
 from .preparation import add_response_mask, refuse_packing_without_response_labels, refuse_unscorable_dataset
 from .reference import Reference, ScoringSides
@@ -58,7 +57,7 @@ from .validation import DatasetValidationError, validate_raw_dataset
 logger = logging.getLogger(__name__)
 
 
-class TokenCleanSFTTrainer(SFTTrainer):
+class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
     """
     Trainer for supervised fine-tuning with token cleaning (Pang et al., ICML 2025).
 
@@ -88,7 +87,6 @@ class TokenCleanSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "token-clean-trainer"]
     _name = "TokenClean"
-    _paper = TOKEN_CLEANING_PAPER
 
     def __init__(
         self,
@@ -669,38 +667,6 @@ class TokenCleanSFTTrainer(SFTTrainer):
             return
         for key, value in fields.items():
             self._metrics["train"][key] = [value]
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Hub uploads and the model card (token_clean_trainer/hub.py): nothing derived from the data is uploaded
-    # ------------------------------------------------------------------------------------------------------------
-
-    def hub_ignore_patterns(self) -> list[str]:
-        """Paths under `output_dir` that `push_to_hub` (and `save_model` with `push_to_hub=True`) never upload."""
-        return _hub_ignore_patterns(self.args.output_dir, (self.args.score_cache_dir,))
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
-        """
-        As [`~transformers.Trainer.push_to_hub`], without the token-cleaning artefacts that hold training data.
-
-        Token samples (`token_cleaning/`), purge-mix data and caches, the warmed-up reference, self-evolving round
-        checkpoints, `token-clean score` output and a score cache inside `output_dir` are skipped (see
-        [`hub_ignore_patterns`]). The model card gets the paper's citation, the cleaning settings and the kept fraction.
-        """
-        with ignoring_on_hub_upload(self.hub_ignore_patterns()):
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # `hub_strategy` pushes during training upload `output_dir` too.
-        with ignoring_on_hub_upload(self.hub_ignore_patterns()):
-            super()._push_from_checkpoint(checkpoint_folder)
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        card = os.path.join(self.args.output_dir, "README.md")
-        if not self.is_world_process_zero() or not self.token_cleaning_enabled or not os.path.isfile(card):
-            return
-        report = self.token_cleaning_state.report if self.token_cleaning_state is not None else None
-        add_cleaning_section(card, cleaning_card_section(self.args, report or read_report(self.args.output_dir)))
 
 
 class _SaveAtRoundEnd(TrainerCallback):

@@ -28,6 +28,7 @@ PRIVATE_FILES = [
     "token_scores.parquet",
     "score_cache/base/shard-0.safetensors",
     ".tmp-abc-report.json",
+    "mix_out/.dataset.tmp-12-abcd/data-00000-of-00001.arrow",
 ]
 
 

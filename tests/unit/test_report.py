@@ -498,3 +498,15 @@ def test_report_modules_import_one_way_and_never_the_package_init():
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]", completed.stdout
     assert package.publish_to_integrations.__module__ == "token_clean_trainer.report.integrations"
+
+
+def test_the_hub_reads_the_report_through_load_report(tmp_path):
+    from token_clean_trainer.hub import read_report
+    from token_clean_trainer.report.run import load_report
+
+    assert read_report(str(tmp_path)) is None  # no report written: the card goes without the numbers
+    with pytest.raises(FileNotFoundError):
+        load_report(str(tmp_path))
+    (tmp_path / "token_cleaning").mkdir()
+    (tmp_path / "token_cleaning" / "report.json").write_text('{"kept_fraction": 0.6}', encoding="utf-8")
+    assert read_report(str(tmp_path)) == load_report(str(tmp_path)) == {"kept_fraction": 0.6}

@@ -1,8 +1,9 @@
 """Input validation and normalisation: every accepted row format becomes one prompt/completion conversation."""
 
 import hashlib
-import json
 from typing import Any
+
+from ..utils import canonical_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -120,11 +121,11 @@ def normalize_dataset(dataset) -> dict[str, list]:
 
 def content_hash(columns: dict[str, list], *extra: Any) -> str:
     """sha256 of the normalised rows (and `extra` settings): the key of every purge-mix cache."""
-    h = hashlib.sha256()
+    h = hashlib.sha256()  # streamed value by value: no second copy of the dataset as one JSON string
     for values in (columns["purge_mix_id"], columns["prompt"], columns["completion"]):
         for value in values:
-            h.update(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            h.update(canonical_json(value, ensure_ascii=False))
             h.update(b"\x00")
     for value in extra:
-        h.update(json.dumps(value, sort_keys=True, default=str).encode("utf-8"))
+        h.update(canonical_json(value))
     return h.hexdigest()

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..utils import sha256_json
+
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "requests.jsonl"
@@ -114,12 +116,12 @@ class TransformersGenerator:
     def generate(self, payloads: list[dict], on_result) -> None:
         import torch
 
+        from ..scoring import eval_mode
+
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             # Group by sampling settings so each generate() call has one configuration; keep order otherwise.
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(payloads):
@@ -138,7 +140,7 @@ class TransformersGenerator:
                         ids[r, width - len(p) :] = torch.tensor(p)
                         mask[r, width - len(p) :] = 1
                     # One seed per batch, derived from its payloads: a rerun of the same batch samples the same text.
-                    seed = int(hashlib.sha256(json.dumps([payloads[i] for i in chunk]).encode()).hexdigest()[:8], 16)
+                    seed = int(sha256_json([payloads[i] for i in chunk])[:8], 16)
                     torch.manual_seed(seed)
                     kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": pad_id}
                     if temperature > 0:
@@ -157,8 +159,6 @@ class TransformersGenerator:
                                 n_new = min(n_new, new.index(stop) + 1)
                         text = tok.decode(new[:n_new], skip_special_tokens=True).strip()
                         on_result(i, Completion(text, len(prompts[r]), n_new))
-        finally:
-            self.model.train(was_training)
 
 
 def _as_ids(encoded) -> list[int]:
@@ -602,8 +602,7 @@ class CachedGenerator:
             logger.warning("Skipped %d unreadable line(s) of %s (a killed write?)", self.skipped_lines, self.path)
 
     def key(self, payload: dict) -> str:
-        blob = json.dumps({"backend": self.backend.identity, **payload}, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return sha256_json({"backend": self.backend.identity, **payload}, ensure_ascii=False)
 
     def __len__(self) -> int:
         return len(self._entries)

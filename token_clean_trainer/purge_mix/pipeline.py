@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -27,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from ..assets import EMBEDDED_MODEL
-from ..utils import atomic_write_bytes, atomic_write_json, fingerprint_module, sha256_json
+from ..utils import (
+    atomic_replace_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    fingerprint_module,
+    sha256_json,
+)
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
 from .embedding import embed_texts, embedding_identity
@@ -236,20 +242,6 @@ class _Models:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_writable(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OSError(
-            f"purge-mix cannot write to {folder!r} ({error.strerror or error}). Choose a writable `output_dir` or "
-            "`purge_mix_output` before the run starts."
-        ) from None
-
-
 def _first_of_each_text(index: np.ndarray, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, int]:
     """`index` without the rows whose (prompt, response), case and whitespace folded, an earlier row already has; and
     how many were dropped."""
@@ -265,12 +257,7 @@ def _first_of_each_text(index: np.ndarray, prompts: list[str], responses: list[s
 
 def _save_dataset(dataset, path: str) -> None:
     """save_to_disk into a temporary sibling, then rename: a kill never leaves a half-written dataset in place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    atomic_replace_dir(path, dataset.save_to_disk)
 
 
 def _hash(*parts: Any) -> str:
@@ -401,7 +388,9 @@ def run_purge_mix(
     timings: dict[str, float] = {}
     config.check_generator()
     folder = config.purge_mix_output or os.path.join(output_dir, "purge_mix")
-    _check_writable(folder)
+    check_writable(
+        folder, f"The purge-mix output folder {folder!r}", "Choose a writable `output_dir` or `purge_mix_output`."
+    )
     if hasattr(dataset, "select") is False or not hasattr(dataset, "__len__"):
         raise PurgeMixInputError(
             f"purge-mix needs a map-style `datasets.Dataset`, got {type(dataset).__name__}. Load the split without "

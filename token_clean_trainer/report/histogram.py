@@ -6,11 +6,11 @@ The score histogram: binned once into `score_histogram.json` ([`histogram_data`]
 import html
 import logging
 import math
-import os
 from typing import Any
 
 import numpy as np
 
+from ..utils import atomic_write
 from .statistics import _CHUNK, float64_quantiles
 
 logger = logging.getLogger(__name__)
@@ -103,10 +103,10 @@ def draw_histogram(path: str, data: dict[str, Any]) -> bool:
     axes[-1, 0].set_xlabel("score = L_base - L_ref (nats)")
     fig.suptitle(data["title"], fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return True
 
 
