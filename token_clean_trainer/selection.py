@@ -306,7 +306,8 @@ def select_global(scores: np.ndarray, ratio: float) -> Selection:
 def select_sample(scores: np.ndarray, offsets: np.ndarray, ratio: float) -> Selection:
     """
     Keep the `floor(ratio * n_i)` highest-scoring of each row's `n_i` response tokens (the paper's RHO-style
-    baseline; a row with one response token keeps none at ratio 0.6). Ties go to the earlier position.
+    baseline; a row with one response token keeps none at ratio 0.6). Ties go to the earlier position. The top-k of
+    [`top_k`] per row.
 
     Args:
         scores (`np.ndarray`):
@@ -320,13 +321,8 @@ def select_sample(scores: np.ndarray, offsets: np.ndarray, ratio: float) -> Sele
     keep = np.zeros(scores.shape, dtype=bool)
     for start, end in zip(offsets[:-1], offsets[1:]):
         row = scores[start:end]
-        positions = np.flatnonzero(~np.isnan(row))
-        n_keep = keep_count(ratio, positions.size)
-        if n_keep == 0:
-            continue
-        # A stable sort of the negated scores puts the highest first and keeps position order among ties.
-        order = np.argsort(-row[positions], kind="stable")[:n_keep]
-        keep[start + positions[order]] = True
+        top = top_k(row.size, lambda a, b, row=row: (row[a:b], None), lambda n: keep_count(ratio, n))
+        top.top(0, row, keep[start:end])  # written in place
     return Selection(keep, None)
 
 
@@ -510,7 +506,8 @@ def window_mean(
             Odd window length, at least 1.
         span_start (`np.ndarray`, *optional*):
             Bool array of the same shape, True where a new span begins even though the previous position is valid
-            (the first response token of a row or of a packed sequence). NaN positions always break spans.
+            (the first response token of a row or of a packed sequence, as [`span_starts`] marks them). NaN positions
+            always break spans.
         out (`np.ndarray`, *optional*):
             float32 array of the same shape to write the means into; it may be `values` itself (a float32 array the
             caller no longer needs raw), which is then overwritten in place. Ignored when `window=1`.

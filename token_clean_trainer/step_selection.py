@@ -196,8 +196,8 @@ def select_step(
         if rule == "junk_gate":
             flat_refs.append(ref_losses[i].detach().float().cpu()[response].numpy())
         ids = position_ids[i]
-        starts = span_starts(response.numpy(), None if ids is None else ids.cpu().numpy())
-        flat_starts.append(starts[response.numpy()])
+        mask = response.numpy()
+        flat_starts.append(span_starts(mask, None if ids is None else ids.cpu().numpy())[mask])
         # Response tokens per sample: per row, or per packed sequence when one row holds several.
         row_sizes.append(response.sum(dim=1).numpy() if ids is None else sequence_sizes(response, ids.cpu()))
     local_scores = np.concatenate(flat_scores) if flat_scores else np.zeros(0, np.float32)
