@@ -20,12 +20,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .positions import RESPONSE_MASK_COLUMN
-from .selection import Selection, keep_count, window_mean
+from .selection import Selection, select_top, span_starts, window_mean
 
 # Rows read from Arrow per chunk: 1,024 rows of 2,048 positions is 16 MB of int64 labels at a time.
 CHUNK_ROWS = 1024
-# Positions per chunk when `base - ref` is recomputed chunk by chunk.
-_CHUNK = 1 << 22
 
 
 def _label_column(dataset) -> str:
@@ -267,12 +265,14 @@ def expand_bits(bits: np.ndarray, values: np.ndarray, size: int, fill: float = n
 
 def response_span_starts(layout: ResponseLayout) -> np.ndarray:
     """Indices into the compact arrays where a response span begins (a row's first response token, and the first
-    token of each later assistant turn): what separates neighbours that are not neighbours in the text."""
-    span_starts = []
-    for a, _, _, response in layout.chunks():
-        starts = response & ~np.concatenate([[False], response[:-1]])
-        span_starts.append(layout.response_offsets[a] + np.cumsum(response)[starts] - 1)
-    return np.concatenate(span_starts).astype(np.int64) if span_starts else np.zeros(0, np.int64)
+    token of each later assistant turn; [`~selection.span_starts`]): what separates neighbours that are not neighbours
+    in the text."""
+    starts = [
+        layout.response_offsets[a]
+        + np.flatnonzero(span_starts(response, row_offsets=layout.offsets[a : b + 1] - layout.offsets[a])[response])
+        for a, b, _, response in layout.chunks()
+    ]
+    return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
 
 
 def compact_window_mean(
@@ -290,62 +290,14 @@ def compact_window_mean(
     return window_mean(np.asarray(values, dtype=np.float32), window, span_start=span_start, out=out)
 
 
-def _sort_keys(values: np.ndarray) -> np.ndarray:
-    """float32 values as uint32 keys in the same order (negative values flipped whole, positive ones by sign bit)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-
-
-def _from_sort_key(key: int) -> np.float32:
-    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
-    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
-
-
-def kth_difference(base: np.ndarray, ref: np.ndarray, kth: int) -> np.float32:
-    """
-    The `kth` smallest (0-based) of `base - ref`, without a copy of the differences: a radix select over their float32
-    bit patterns, two passes of 16 bits (a histogram of the high halves, then of the low halves in the one bucket that
-    holds the answer). `np.partition(base - ref, kth)[kth]`; the differences must be finite.
-    """
-    high = np.zeros(1 << 16, dtype=np.int64)
-    for i in range(0, base.size, _CHUNK):
-        high += np.bincount(_sort_keys(base[i : i + _CHUNK] - ref[i : i + _CHUNK]) >> 16, minlength=1 << 16)
-    below = np.cumsum(high)
-    bucket = int(np.searchsorted(below, kth, side="right"))
-    rank = kth - (int(below[bucket - 1]) if bucket else 0)
-    low = np.zeros(1 << 16, dtype=np.int64)
-    for i in range(0, base.size, _CHUNK):
-        keys = _sort_keys(base[i : i + _CHUNK] - ref[i : i + _CHUNK])
-        low += np.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
-    below = np.cumsum(low)
-    return _from_sort_key((bucket << 16) | int(np.searchsorted(below, rank, side="right")))
-
-
 def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) -> Selection:
     """
-    `selection.select_global` of `base - ref` without holding the scores: the threshold by a radix select over the
-    differences ([`kth_difference`], no working copy), then the mask chunk by chunk (ties to the earlier position, as
-    there). Memory: the bool mask and chunk temporaries.
+    `selection.select_global` of `base - ref` without holding the scores: the same top-k ([`~selection.top_k`]), with
+    each chunk's differences computed when a pass reads it, so no full-size float array is made (at 307M response
+    positions, the scores and a working copy would be 2.5 GB). Memory: the bool mask and chunk temporaries. The
+    differences must be finite.
     """
-    n = base.size
-    n_keep = keep_count(ratio, n)
-    if n_keep == 0:
-        return Selection(np.zeros(n, dtype=bool), None)
-    if n_keep == n:
-        low = min(float(np.min(base[i : i + _CHUNK] - ref[i : i + _CHUNK])) for i in range(0, n, _CHUNK))
-        return Selection(np.ones(n, dtype=bool), low)
-    threshold = kth_difference(base, ref, n - n_keep)
-    keep = np.empty(n, dtype=bool)
-    for i in range(0, n, _CHUNK):
-        np.greater(base[i : i + _CHUNK] - ref[i : i + _CHUNK], threshold, out=keep[i : i + _CHUNK])
-    missing = n_keep - int(np.count_nonzero(keep))
-    for i in range(0, n, _CHUNK):
-        if missing <= 0:
-            break
-        tied = np.flatnonzero(base[i : i + _CHUNK] - ref[i : i + _CHUNK] == threshold)[:missing]
-        keep[i + tied] = True
-        missing -= tied.size
-    return Selection(keep, float(threshold))
+    return select_top(base.size, lambda s: base[s] - ref[s], ratio)
 
 
 def kept_per_row(response_offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -372,7 +324,6 @@ __all__ = [
     "expand_keep",
     "expand_keep_bits",
     "kept_per_row",
-    "kth_difference",
     "pack_bits",
     "response_bits",
     "response_layout",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .selection import keep_count, select_global, select_junk_gate, window_mean
+from .selection import dropped_runs, select_global, select_junk_gate, select_sample, span_starts, window_mean
 
 # Gathers one 2-D float array `(channels, n_local)` from every process; returns them in rank order and this rank.
 GatherFn = Callable[[np.ndarray], tuple[list[np.ndarray], int]]
@@ -74,29 +74,6 @@ def rows_to_flat(values: Sequence[Sequence[float]], shape: torch.Size) -> torch.
     out = torch.full(tuple(shape), float("nan"), dtype=torch.float32)
     out[0, : flat.numel()] = flat
     return out
-
-
-def span_starts(response: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """
-    Where a response span begins, on a `(B, T)` batch: a response position whose predecessor in the row is not a
-    response position (the row's first column, a prompt, template or padding token, label `-100`), or that starts a
-    new packed sequence (`position_ids == 0`, as in packed and padding-free batches, where one row holds several
-    sequences back to back). Used to keep the score window (`token_score_window`) inside one response span of one
-    sequence.
-
-    Args:
-        response (`torch.Tensor` of shape `(B, T)`):
-            Bool mask of the response positions.
-        position_ids (`torch.Tensor` of shape `(B, T)`, *optional*):
-            Positions within each packed sequence; restarting at 0 marks a new sequence.
-    """
-    response = response.bool()
-    previous = torch.zeros_like(response)
-    previous[:, 1:] = response[:, :-1]
-    starts = response & ~previous
-    if position_ids is not None:
-        starts |= response & (position_ids.to(response.device) == 0)
-    return starts
 
 
 def sequence_sizes(response: torch.Tensor, position_ids: torch.Tensor) -> np.ndarray:
@@ -180,7 +157,7 @@ def select_step(
             ([`response_mask`]); trained positions outside it are neither ranked nor marked kept.
         window (`int`, *optional*, defaults to `1`):
             `token_score_window`: each score (and, for the junk gate, each reference loss) is averaged over a centred
-            window of that many response tokens of its own span ([`span_starts`]: never across rows, packed
+            window of that many response tokens of its own span ([`~selection.span_starts`]: never across rows, packed
             sequences, prompts or padding) before ranking. `1` ranks the raw scores.
         rule (`str`, *optional*, defaults to `"excess"`):
             `token_score_rule`: `"excess"` keeps the top scores; `"junk_gate"` masks, among the lower half by score,
@@ -219,7 +196,8 @@ def select_step(
         if rule == "junk_gate":
             flat_refs.append(ref_losses[i].detach().float().cpu()[response].numpy())
         ids = position_ids[i]
-        flat_starts.append(span_starts(response, None if ids is None else ids.cpu())[response].numpy())
+        mask = response.numpy()
+        flat_starts.append(span_starts(mask, None if ids is None else ids.cpu().numpy())[mask])
         # Response tokens per sample: per row, or per packed sequence when one row holds several.
         row_sizes.append(response.sum(dim=1).numpy() if ids is None else sequence_sizes(response, ids.cpu()))
     local_scores = np.concatenate(flat_scores) if flat_scores else np.zeros(0, np.float32)
@@ -256,12 +234,7 @@ def select_step(
         if rule == "junk_gate":
             local_keep = select_junk_gate(local_ranked, local_refs, row_offsets, ratio, "sample").keep
         else:
-            local_keep = np.zeros(local_scores.size, dtype=bool)
-            for begin, end in zip(row_offsets[:-1], row_offsets[1:]):
-                n_keep = keep_count(ratio, int(end - begin))
-                if n_keep:
-                    order = np.argsort(-local_ranked[begin:end], kind="stable")[:n_keep]
-                    local_keep[begin + order] = True
+            local_keep = select_sample(local_ranked, row_offsets, ratio).keep
         parts, _ = gather(np.stack([local_scores, local_keep.astype(np.float32)]).astype(np.float32))
         everything = np.concatenate([part[0] for part in parts])
         all_keep = np.concatenate([part[1] for part in parts]).astype(bool)
@@ -281,14 +254,8 @@ def select_step(
         cursor += n
         keep_masks.append(mask)
     # Runs of dropped tokens in the flat response array; a span start (row, gap or packed sequence) ends a run.
-    dropped = ~local_keep
-    run_begins = dropped.copy()
-    run_begins[1:] &= ~dropped[:-1] | local_starts[1:]
-    run_ends = dropped.copy()
-    run_ends[:-1] &= ~dropped[1:] | local_starts[1:]
-    first, last = np.flatnonzero(run_begins), np.flatnonzero(run_ends)
-    local_run_max = int((last - first).max()) + 1 if first.size else 0
-    counts = np.array([[local_all_masked, first.size, local_run_max]], dtype=np.float32)
+    local_runs, local_run_max = dropped_runs(~local_keep, np.flatnonzero(local_starts))
+    counts = np.array([[local_all_masked, local_runs, local_run_max]], dtype=np.float32)
     count_parts, _ = gather(counts)
     all_masked = int(sum(part[0, 0] for part in count_parts))
     runs = int(sum(part[0, 1] for part in count_parts))
@@ -410,5 +377,4 @@ __all__ = [
     "select_step_tokens",
     "sequence_sizes",
     "single_process_gather",
-    "span_starts",
 ]

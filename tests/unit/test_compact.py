@@ -199,15 +199,17 @@ def test_quantiles_through_a_float32_copy_are_numpys_float64_quantiles(n):
         np.testing.assert_array_equal(float64_quantiles(values, qs), np.quantile(values.astype(np.float64), qs))
 
 
-def test_radix_select_of_differences_is_the_partition_element():
-    from token_clean_trainer.compact import kth_difference
+def test_top_k_of_differences_computed_per_chunk_is_the_partition_element(monkeypatch):
+    from token_clean_trainer import selection
 
+    monkeypatch.setattr(selection, "_TOP_CHUNK", 333)  # differences computed chunk by chunk, across chunk edges
     rng = np.random.default_rng(2)
     base = np.concatenate([rng.standard_normal(5000), [0.0, -0.0, 1e-30, -1e-30, 3e38]]).astype(np.float32)
     ref = np.concatenate([rng.standard_normal(5000), [0.0, 0.0, 0.0, 0.0, -1e38]]).astype(np.float32)
     ranked = np.sort(base - ref)
     for kth in (0, 1, 17, 2500, base.size - 2, base.size - 1):
-        assert kth_difference(base, ref, kth) == ranked[kth]
+        top = selection.top_k(base.size, lambda a, b: (base[a:b] - ref[a:b], None), lambda n, kth=kth: n - kth)
+        assert top.threshold == ranked[kth]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

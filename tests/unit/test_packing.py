@@ -11,7 +11,8 @@ from token_clean_trainer import TokenCleaningCollator
 from token_clean_trainer.collator import ROW_COLUMN, TOKEN_REF_LOSSES_COLUMN, RowStore
 from token_clean_trainer.positions import mask_sequence_starts
 from token_clean_trainer.scoring import collate_right_padded, packed_position_ids, scored_positions
-from token_clean_trainer.step_selection import rows_to_flat, select_step, sequence_sizes, span_starts
+from token_clean_trainer.selection import span_starts
+from token_clean_trainer.step_selection import rows_to_flat, select_step, sequence_sizes
 
 NAN = float("nan")
 X = -100
@@ -147,8 +148,8 @@ def test_sequence_sizes_count_response_tokens_per_packed_sequence():
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]])
     # Row 0: sequences [0..2], [3..4], padding [5]; row 1: [0..3], padding [4], [5].
     assert sequence_sizes(response, position_ids).tolist() == [2, 1, 0, 3, 0, 0]
-    starts = span_starts(response, position_ids)
-    assert starts.tolist() == [[0, 1, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0]]
+    starts = span_starts(response.numpy(), position_ids.numpy())
+    assert starts.astype(int).tolist() == [[0, 1, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0]]
 
 
 def test_select_step_packed_row_selects_like_its_sequences_unpacked():

@@ -413,9 +413,10 @@ def _masked_runs_whole(dropped, span_starts=None):
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 22])
 def test_masked_runs_chunk_by_chunk_equal_the_whole_array(monkeypatch, chunk):
-    from token_clean_trainer.report import masked_runs, statistics
+    from token_clean_trainer import selection
+    from token_clean_trainer.report import masked_runs
 
-    monkeypatch.setattr(statistics, "_CHUNK", chunk)
+    monkeypatch.setattr(selection, "_RUN_CHUNK", chunk)
     rng = np.random.default_rng(chunk)
     for p in (0.0, 0.2, 0.7, 1.0):
         dropped = rng.random(50) < p

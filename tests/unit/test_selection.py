@@ -118,3 +118,82 @@ def test_full_keeps_all_response_tokens():
 def test_dispatch_rejects_unknown_level():
     with pytest.raises(ValueError, match="Unknown token selection level"):
         select_tokens("batchy", np.zeros(3, np.float32), np.array([0, 3]), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one top-k (`top_k`): every threshold selector (global, batch, the junk gate, compact differences) uses it
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def stable_top(values, n_keep, eligible=None):
+    """Reference top-k: a stable sort of the eligible values, highest first (ties: the earlier position first)."""
+    ok = ~np.isnan(values) if eligible is None else eligible
+    positions = np.flatnonzero(ok)
+    order = positions[np.argsort(-values[positions], kind="stable")]
+    keep = np.zeros(values.size, dtype=bool)
+    keep[order[:n_keep]] = True
+    return keep
+
+
+def top_mask(top, values, eligible=None):
+    keep = top.top(0, values, np.empty(values.size, dtype=bool)).copy()
+    return keep if eligible is None else keep & eligible
+
+
+def test_top_k_contract_on_hand_built_values():
+    from token_clean_trainer.selection import top_k
+
+    # Ties at the cut go to the earlier position; NaN never counts; -0.0 ties with +0.0.
+    values = np.array([1.0, nan, 0.0, 2.0, -0.0, 0.0, nan, -1.0], dtype=np.float32)
+    chunk = lambda a, b: (values[a:b], None)  # noqa: E731
+    top = top_k(values.size, chunk, lambda n: 3)
+    assert (top.n, top.kept) == (6, 3)
+    assert top_mask(top, values).tolist() == [True, False, True, True, False, False, False, False]
+    # The threshold is the kept minimum; a zero one is +0.0 whichever zero the search met.
+    assert top.threshold == 0.0 and np.signbit(top.threshold) == np.False_
+    top = top_k(values.size, chunk, lambda n: 4)
+    assert top_mask(top, values).tolist() == [True, False, True, True, True, False, False, False]
+    # k = 0 keeps nothing (no threshold); k = n keeps every eligible value (the threshold is their minimum).
+    top = top_k(values.size, chunk, lambda n: 0)
+    assert top.threshold is None and not top_mask(top, values).any()
+    top = top_k(values.size, chunk, lambda n: n)
+    assert top_mask(top, values).tolist() == (~np.isnan(values)).tolist() and top.threshold == -1.0
+    # No eligible value at all.
+    empty = np.full(4, nan, dtype=np.float32)
+    top = top_k(4, lambda a, b: (empty[a:b], None), lambda n: n)
+    assert (top.n, top.kept, top.threshold) == (0, 0, None)
+    # An eligibility mask: only the picked values take part, and `rest` is the complement among the non-NaN ones.
+    eligible = np.array([1, 0, 1, 1, 1, 0, 0, 1], dtype=bool)
+    top = top_k(values.size, lambda a, b: (values[a:b], eligible[a:b]), lambda n: 2)
+    assert top_mask(top, values, eligible).tolist() == [True, False, False, True, False, False, False, False]
+    rest = top.rest(0, values, np.empty(values.size, dtype=bool))
+    assert (rest | top_mask(top, values)).tolist() == (~np.isnan(values)).tolist()
+
+
+@pytest.mark.parametrize(
+    "sampled, chunk, threads", [(False, 1 << 16, 1), (True, 37, 1), (True, 37, 3), (True, 500, 2)]
+)
+def test_top_k_of_every_path_matches_a_stable_sort(monkeypatch, sampled, chunk, threads):
+    # One chunk (partitioned whole), and the chunked passes with a bracketing sample on threads (forced on small arrays),
+    # over coarse values (ties across chunk edges), -0.0 beside +0.0, NaN gaps; with and without an eligibility mask.
+    from token_clean_trainer import selection
+
+    monkeypatch.setattr(selection, "_TOP_SAMPLED_FROM", 0 if sampled else 1 << 20)
+    monkeypatch.setattr(selection, "_TOP_CHUNK", chunk)
+    monkeypatch.setattr(selection, "_TOP_SAMPLE", 64)
+    monkeypatch.setattr(selection, "_TOP_THREADS", threads)
+    rng = np.random.default_rng(threads)
+    values = rng.integers(-3, 4, size=3000).astype(np.float32)
+    values[values == 0] = np.where(rng.random(int((values == 0).sum())) < 0.5, -0.0, 0.0)
+    values[rng.random(values.size) < 0.3] = nan
+    eligible = ~np.isnan(values) & (rng.random(values.size) < 0.6)
+    for ratio in (1e-9, 0.01, 0.5, 0.6, 0.999, 1.0):
+        result = select_global(values, ratio)
+        expected = stable_top(values, keep_count(ratio, int((~np.isnan(values)).sum())))
+        np.testing.assert_array_equal(result.keep, expected)
+        kept = values[expected]
+        assert result.threshold == (kept.min() if kept.size else None)
+        n_keep = keep_count(ratio, int(eligible.sum()))
+        sample = np.sort(values[eligible][::7]) if sampled else None
+        top = selection.top_k(values.size, lambda a, b: (values[a:b], eligible[a:b]), lambda n, k=n_keep: k, sample)
+        np.testing.assert_array_equal(top_mask(top, values, eligible), stable_top(values, n_keep, eligible))

@@ -204,13 +204,13 @@ def test_gate_refuses_ratios_that_need_more_than_the_lower_half():
 @pytest.mark.parametrize("ratio", [0.5, 0.8, 0.97, 1.0])
 @pytest.mark.parametrize("seed, threads", [(0, 1), (1, 2), (2, 3)])
 def test_chunked_gate_matches_the_sorting_reference(monkeypatch, ratio, seed, threads):
-    # Arrays of a million values and more take the chunked gate (sample-bracketed thresholds, masks chunk by chunk):
+    # Arrays of a million values and more bracket each threshold with a sample (masks chunk by chunk, on threads):
     # forced here on small arrays and small chunks, with coarse values (ties across chunk edges), NaN gaps, -0.0 beside
     # +0.0, and a sample too small to bracket well (the exact pass must widen it).
-    monkeypatch.setattr(selection, "_GATE_CHUNKED_FROM", 0)
-    monkeypatch.setattr(selection, "_GATE_CHUNK", 37)
-    monkeypatch.setattr(selection, "_GATE_SAMPLE", 16)
-    monkeypatch.setattr(selection, "_GATE_THREADS", threads)
+    monkeypatch.setattr(selection, "_TOP_SAMPLED_FROM", 0)
+    monkeypatch.setattr(selection, "_TOP_CHUNK", 37)
+    monkeypatch.setattr(selection, "_TOP_SAMPLE", 16)
+    monkeypatch.setattr(selection, "_TOP_THREADS", threads)
     rng = np.random.default_rng(seed)
     scores = rng.integers(-3, 4, size=3000).astype(np.float32)
     scores[scores == 0] = np.where(rng.random(int((scores == 0).sum())) < 0.5, -0.0, 0.0)
@@ -222,15 +222,15 @@ def test_chunked_gate_matches_the_sorting_reference(monkeypatch, ratio, seed, th
     # Continuous values: every threshold lands inside a tight bracket of the sample.
     scores, ref = rng.standard_normal(5000).astype(np.float32), rng.random(5000).astype(np.float32)
     scores[rng.random(5000) < 0.2] = nan
-    monkeypatch.setattr(selection, "_GATE_SAMPLE", 1000)
+    monkeypatch.setattr(selection, "_TOP_SAMPLE", 1000)
     keep = select_junk_gate(scores, ref, np.array([0, 5000]), ratio, "global").keep
     np.testing.assert_array_equal(keep, naive_gate(scores, ref, ratio))
 
 
 @pytest.mark.parametrize("n_valid", [0, 1, 2, 3])
 def test_chunked_gate_with_almost_no_response_token(monkeypatch, n_valid):
-    monkeypatch.setattr(selection, "_GATE_CHUNKED_FROM", 0)
-    monkeypatch.setattr(selection, "_GATE_CHUNK", 2)
+    monkeypatch.setattr(selection, "_TOP_SAMPLED_FROM", 0)
+    monkeypatch.setattr(selection, "_TOP_CHUNK", 2)
     scores = np.full(7, nan, dtype=np.float32)
     scores[[1, 3, 5][:n_valid]] = [0.5, -1.0, 0.5][:n_valid]
     ref = np.where(np.isnan(scores), nan, 1.0).astype(np.float32)
@@ -264,17 +264,17 @@ def test_order_statistic_is_exact_when_the_sample_misleads(monkeypatch):
     values = rng.standard_normal(20000).astype(np.float32)
     misleading = np.sort(rng.standard_normal(4096).astype(np.float32) + 50)
 
-    monkeypatch.setattr(selection, "_GATE_CHUNK", 999)
+    monkeypatch.setattr(selection, "_TOP_CHUNK", 999)
 
     def chunks(a, b):
         return values[a:b], None
 
     for kth in (0, 7, 10000, 19999):
-        value, n, n_le = selection._kth_smallest(
+        value, n, n_lt, n_le = selection._kth_smallest(
             values.size, chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
         )
         assert value == np.partition(values, kth)[kth]
-        assert (n, n_le) == (values.size, int((values <= value).sum()))
+        assert (n, n_lt, n_le) == (values.size, int((values < value).sum()), int((values <= value).sum()))
     # The same over the values an eligibility mask picks (the gate's candidates).
     eligible = rng.random(values.size) < 0.4
     picked = values[eligible]
@@ -283,8 +283,68 @@ def test_order_statistic_is_exact_when_the_sample_misleads(monkeypatch):
         return values[a:b], eligible[a:b]
 
     for kth in (0, 123, picked.size - 1):
-        value, n, n_le = selection._kth_smallest(
+        value, n, n_lt, n_le = selection._kth_smallest(
             values.size, masked_chunks, misleading, lambda n, kth=kth: kth, estimate=values.size
         )
         assert value == np.partition(picked, kth)[kth]
-        assert (n, n_le) == (picked.size, int((picked <= value).sum()))
+        assert (n, n_lt, n_le) == (picked.size, int((picked < value).sum()), int((picked <= value).sum()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Span starts and runs: the one builder (`span_starts`) and the one run counter (`dropped_runs`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_span_starts_of_rows_with_gaps_empty_rows_and_all_prompt_rows():
+    R, P = True, False  # response / prompt (or template, padding) position
+    response = np.array(
+        [
+            [P, R, R, P, R, R],  # a gap: two spans
+            [R, R, R, R, R, R],  # the row's first column begins a span, whatever the previous row ended with
+            [P, P, P, P, P, P],  # an all-prompt row: no span
+            [P, P, P, P, P, R],  # a span of one token at the row's end
+        ]
+    )
+    assert selection.span_starts(response).astype(int).tolist() == [
+        [0, 1, 0, 0, 1, 0],
+        [1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    # The same rows back to back (the compact layout reads rows flat, with their offsets), plus an empty row (length 0)
+    # between rows 1 and 2: without the offsets, row 1 would continue row 0's last span.
+    offsets = np.array([0, 6, 12, 12, 18, 24])
+    got = selection.span_starts(response.reshape(-1), row_offsets=offsets)
+    assert np.flatnonzero(got).tolist() == [1, 4, 6, 23]
+    assert np.flatnonzero(selection.span_starts(response.reshape(-1))).tolist() == [1, 4, 23]  # rows 0-1 run together
+    assert selection.span_starts(np.zeros((0, 5), dtype=bool)).shape == (0, 5)  # an empty batch
+
+
+def test_span_starts_of_packed_sequences_restart_at_position_zero():
+    # One padding-free row holding three sequences (position ids restart at 0), then padding. Sequence 2's first token
+    # is trained and follows sequence 1's last response token: a span begins there all the same. Sequence 3 is all
+    # prompt: no span.
+    response = np.array([[0, 1, 1, 1, 1, 1, 0, 0, 0, 0]], dtype=bool)
+    position_ids = np.array([[0, 1, 2, 0, 1, 2, 0, 1, 0, 0]])
+    assert np.flatnonzero(selection.span_starts(response)[0]).tolist() == [1]
+    assert np.flatnonzero(selection.span_starts(response, position_ids)[0]).tolist() == [1, 3]
+    # Flat, with row offsets too: both breaks apply.
+    flat = np.concatenate([response[0], response[0]])
+    ids = np.concatenate([position_ids[0], position_ids[0]])
+    assert np.flatnonzero(selection.span_starts(flat, ids, row_offsets=[0, 10])).tolist() == [1, 3, 11, 13]
+
+
+def test_span_starts_refuse_mismatched_inputs():
+    with pytest.raises(ValueError, match="position_ids"):
+        selection.span_starts(np.ones((2, 3), dtype=bool), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="row_offsets"):
+        selection.span_starts(np.ones((2, 3), dtype=bool), row_offsets=[0, 3])
+
+
+def test_dropped_runs_end_at_span_starts_and_gaps():
+    # Response positions only, spans [0, 1, 2], [3, 4], [5]: runs [0, 1], [3, 4], [5] (5 touches 4 but begins a span).
+    dropped = np.array([1, 1, 0, 1, 1, 1], dtype=bool)
+    assert selection.dropped_runs(dropped, np.array([0, 3, 5])) == (3, 2)
+    assert selection.dropped_runs(dropped) == (2, 3)  # without spans: [0, 1] and [3, 4, 5]
+    assert selection.dropped_runs(np.zeros(3, dtype=bool)) == (0, 0)
+    assert selection.dropped_runs(np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)) == (0, 0)

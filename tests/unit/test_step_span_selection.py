@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from token_clean_trainer.step_selection import select_step, span_starts
+from token_clean_trainer.selection import span_starts
+from token_clean_trainer.step_selection import select_step
 
 NAN = float("nan")
 X = -100
@@ -36,12 +37,12 @@ PACKED_SCORES = t([[NAN, 100.0, 1.0, 2.0, 3.0, 40.0, 100.0, 7.0, 1.0, 12.0]])
 
 
 def test_span_starts_marks_row_starts_gaps_and_packed_sequence_starts():
-    response = PACKED_LABELS != X
+    response = (PACKED_LABELS != X).numpy()
     response[:, 0] = False
-    assert torch.nonzero(span_starts(response)[0]).flatten().tolist() == [2, 7]  # column 5 continues column 4
-    assert torch.nonzero(span_starts(response, PACKED_POSITION_IDS)[0]).flatten().tolist() == [2, 5, 7]
+    assert np.flatnonzero(span_starts(response)[0]).tolist() == [2, 7]  # column 5 continues column 4
+    assert np.flatnonzero(span_starts(response, PACKED_POSITION_IDS.numpy())[0]).tolist() == [2, 5, 7]
     # Two rows: every row's first response position begins a span, whatever the previous row ended with.
-    two_rows = torch.tensor([[False, True, True], [False, True, True]])
+    two_rows = np.array([[False, True, True], [False, True, True]])
     assert span_starts(two_rows).tolist() == [[False, True, False], [False, True, False]]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..selection import dropped_runs
 from .decode import special_ids, token_texts
 
 QUANTILES = {
@@ -234,41 +235,11 @@ def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> d
     array, False on every position that is not a response token, so a run never crosses a prompt, a row start or
     padding. Over the compact layout (response positions only), `span_starts` gives the indices where a response
     span begins, and a run ends before each. Span-aware rules (`token_score_window`) drop junk as runs; the paper's
-    per-token rule scatters them.
+    per-token rule scatters them. The runs are counted by `selection.dropped_runs`, as the per-step selection counts
+    them.
     """
     dropped = np.asarray(dropped, dtype=bool)
-    n = dropped.size
-    span_starts = np.asarray(span_starts if span_starts is not None else [], dtype=np.int64)
-    count = longest = 0
-    open_begin = None  # a run that began in an earlier chunk and has not ended yet (runs never overlap)
-    # Chunk by chunk, so no int64 array of run boundaries over the whole array exists (hundreds of MB at scale).
-    for a in range(0, n, _CHUNK):
-        b = min(a + _CHUNK, n)
-        part = dropped[a:b]
-        begins = part.copy()
-        begins[1:] &= ~part[:-1]
-        if a:
-            begins[0] &= ~dropped[a - 1]
-        ends = part.copy()
-        ends[:-1] &= ~part[1:]
-        if b < n:
-            ends[-1] &= ~dropped[b]
-        here = span_starts[(span_starts >= a) & (span_starts < b)] - a
-        begins[here] = part[here]  # a run starts at a span start even after a dropped token of the span before
-        before = span_starts[(span_starts > a) & (span_starts <= b)] - 1 - a
-        ends[before] = part[before]  # ... and ends where the next span begins
-        first, last = np.flatnonzero(begins) + a, np.flatnonzero(ends) + a
-        if open_begin is not None and last.size:
-            longest = max(longest, int(last[0]) - open_begin + 1)
-            last, open_begin = last[1:], None
-        elif open_begin is not None:
-            continue  # the whole chunk lies inside the open run
-        closed = min(first.size, last.size)
-        if closed:
-            longest = max(longest, int((last[:closed] - first[:closed]).max()) + 1)
-        if first.size > closed:
-            open_begin = int(first[-1])
-        count += int(first.size)
+    count, longest = dropped_runs(dropped, span_starts)
     tokens = int(np.count_nonzero(dropped))
     return {
         "count": count,
