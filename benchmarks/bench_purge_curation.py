@@ -42,8 +42,8 @@ def _stage(args) -> dict:
         out = curate_scores(scores, x, k=10, confidence=0.5)
         extra = {"changed": int(out["changed"].sum())}
     else:
+        from token_clean_trainer.purge_mix.clustering import plan_jobs
         from token_clean_trainer.purge_mix.config import PurgeMixConfig
-        from token_clean_trainer.purge_mix.mix import plan_jobs
 
         config = PurgeMixConfig(purge_mix_max_fusions=args.rows // 2, purge_mix_max_clusters=8)
         jobs, summary = plan_jobs(x, config, seed=args.seed)

@@ -22,7 +22,7 @@ SOURCES = [
 
 def _one(backend: str, model: str, new_tokens: int, reps: int, threads: int) -> dict:
     from token_clean_trainer.purge_mix.generators import CachedGenerator, LlamaCppGenerator, TransformersGenerator
-    from token_clean_trainer.purge_mix.mix import fusion_messages
+    from token_clean_trainer.purge_mix.prompts import fusion_messages
 
     start = time.perf_counter()
     if backend == "llama_cpp":

@@ -8,8 +8,8 @@ import pytest
 
 from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.generators import CachedGenerator, LlamaCppGenerator, schema_kwargs
-from token_clean_trainer.purge_mix.mix import CHECKLIST_SCHEMA, SOURCES_FOR_TESTS, checklist_messages
 from token_clean_trainer.purge_mix.pipeline import choose_backend
+from token_clean_trainer.purge_mix.prompts import CHECKLIST_SCHEMA, SOURCES_FOR_TESTS, checklist_messages
 
 pytestmark = [
     pytest.mark.skipif(

@@ -13,13 +13,9 @@ import urllib.request
 
 import pytest
 
+from token_clean_trainer.purge_mix.checks import checklist_verdict
 from token_clean_trainer.purge_mix.generators import CachedGenerator, OpenAIGenerator, schema_kwargs
-from token_clean_trainer.purge_mix.mix import (
-    CHECKLIST_SCHEMA,
-    SOURCES_FOR_TESTS,
-    checklist_messages,
-    checklist_verdict,
-)
+from token_clean_trainer.purge_mix.prompts import CHECKLIST_SCHEMA, SOURCES_FOR_TESTS, checklist_messages
 
 _MISSING = [
     m

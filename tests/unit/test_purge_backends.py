@@ -15,7 +15,7 @@ from token_clean_trainer.purge_mix.generators import (
     VLLMGenerator,
     schema_kwargs,
 )
-from token_clean_trainer.purge_mix.mix import CHECKLIST_SCHEMA
+from token_clean_trainer.purge_mix.prompts import CHECKLIST_SCHEMA
 
 
 def _fake_vllm(monkeypatch):

@@ -8,24 +8,19 @@ import pytest
 
 from tests.unit.scripted_llm import FIVE_TRUE, ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
-from token_clean_trainer.purge_mix.generators import CachedGenerator, Completion
-from token_clean_trainer.purge_mix.mix import (
-    CHECKLIST_ITEMS,
-    CHECKLIST_SCHEMA,
-    OPERATOR_TASKS,
-    FusionJob,
+from token_clean_trainer.purge_mix.checks import (
     check_candidate,
     checklist_notes,
     checklist_verdict,
     code_defects,
     key_term_coverage,
     key_terms,
-    mmr_select,
     parse_pair,
-    plan_jobs,
-    result_row,
-    run_fusions,
 )
+from token_clean_trainer.purge_mix.clustering import FusionJob, mmr_select, plan_jobs
+from token_clean_trainer.purge_mix.generators import CachedGenerator, Completion
+from token_clean_trainer.purge_mix.mix import result_row, run_fusions
+from token_clean_trainer.purge_mix.prompts import CHECKLIST_ITEMS, CHECKLIST_SCHEMA, OPERATOR_TASKS
 
 
 def _blobs(seed=0, per=10, dims=8, clusters=3):
@@ -130,7 +125,7 @@ def test_code_defects():
 
 
 def test_copies_of_the_prompt_demonstrations_are_defects():
-    from token_clean_trainer.purge_mix.mix import CHECKLIST_DEMO, FUSION_DEMO
+    from token_clean_trainer.purge_mix.prompts import CHECKLIST_DEMO, FUSION_DEMO
 
     copied = parse_pair(FUSION_DEMO[1]["content"])
     assert "copied_demonstration" in code_defects(copied, SOURCES, PurgeMixConfig())
@@ -178,7 +173,7 @@ def test_checklist_has_no_contradict_the_sources_item():
 
 def test_repair_operator_table_is_used():
     from token_clean_trainer.purge_mix.config import OPERATORS
-    from token_clean_trainer.purge_mix.mix import REPAIR_OPERATOR, repair_operator
+    from token_clean_trainer.purge_mix.prompts import REPAIR_OPERATOR, repair_operator
 
     assert set(REPAIR_OPERATOR.values()) <= set(OPERATORS)
     # The code the checks produce is the key of the table (it used to be stripped of `_missing` first).

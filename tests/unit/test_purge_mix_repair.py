@@ -9,24 +9,20 @@ import pytest
 
 from tests.unit.scripted_llm import FIVE_TRUE, ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
-from token_clean_trainer.purge_mix.generators import CachedGenerator
-from token_clean_trainer.purge_mix.mix import (
-    FUSION_DEMO,
-    OPERATOR_TASKS,
-    FusionJob,
+from token_clean_trainer.purge_mix.checks import (
     _shares_stem,
     check_candidate,
     code_defects,
     common_terms,
-    fusion_messages,
     key_term_coverage,
     mentions_sources,
-    pair_nearest,
     parse_pair,
-    plan_jobs,
-    run_fusions,
     source_key_terms,
 )
+from token_clean_trainer.purge_mix.clustering import FusionJob, pair_nearest, plan_jobs
+from token_clean_trainer.purge_mix.generators import CachedGenerator
+from token_clean_trainer.purge_mix.mix import run_fusions
+from token_clean_trainer.purge_mix.prompts import FUSION_DEMO, OPERATOR_TASKS, fusion_messages
 
 SOURCES = [
     {"instruction": "What is Python?", "response": "Python is a programming language."},

@@ -34,6 +34,7 @@ from ..utils import (
     fingerprint_module,
     sha256_json,
 )
+from .clustering import plan_jobs
 from .config import PurgeMixConfig
 from .data import PurgeMixInputError, content_hash, normalize_dataset
 from .embedding import embed_texts, embedding_identity
@@ -45,7 +46,7 @@ from .generators import (
     VLLMGenerator,
     schema_kwargs,
 )
-from .mix import plan_jobs, result_row, run_fusions
+from .mix import result_row, run_fusions
 from .priors import MODEL_STATS, TEXT_STATS, apply_filters, perplexity_and_ifd, prior_scores, text_stats
 from .rating import RATING_SCHEMA, compress_overall, curate_scores, parse_rating, rater_messages
 
