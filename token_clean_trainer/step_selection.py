@@ -314,7 +314,7 @@ def select_step_tokens(
 
     online = current_losses is not None
     column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
-    scores, responses, ref_losses = [], [], []
+    scores, responses, trained, ref_losses = [], [], [], []
     for batch in batch_samples:
         if column not in batch:
             raise ValueError(
@@ -323,7 +323,8 @@ def select_step_tokens(
             )
         values = batch.pop(column).float()
         # The stored column is NaN wherever a position is not a response token (see `positions.py`).
-        responses.append(response_mask(batch["labels"].cpu()) & ~torch.isnan(values.cpu()))
+        trained.append(response_mask(batch["labels"].cpu()))
+        responses.append(trained[-1] & ~torch.isnan(values.cpu()))
         if online:
             ref_losses.append(values)
             # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
@@ -342,9 +343,8 @@ def select_step_tokens(
         ref_losses=ref_losses if online else None,
         position_ids=[batch.get("position_ids") for batch in batch_samples],
     )
-    for batch, keep, response in zip(batch_samples, selection.keep, responses):
-        context = response_mask(batch["labels"].cpu()) & ~response
-        batch["labels"] = apply_keep(batch["labels"], keep | context)
+    for batch, keep, response, trained_here in zip(batch_samples, selection.keep, responses, trained):
+        batch["labels"] = apply_keep(batch["labels"], keep | (trained_here & ~response))
     return selection
 
 
