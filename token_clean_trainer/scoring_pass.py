@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
+from .collator import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN, RowStore
 from .compact import (
     ResponseLayout,
     compact_window_mean,
@@ -85,6 +86,11 @@ class TokenCleaningState:
         return np.full(self.positions, np.nan, dtype=np.float32)
 
 
+def selection_seed(args) -> int:
+    """Seed of the random baseline and of the report's token sample: `token_selection_seed`, else the run's seed."""
+    return args.token_selection_seed if args.token_selection_seed is not None else args.seed
+
+
 @dataclass
 class CleaningContext:
     """What every scoring pass of a run needs: the config, the processes, the driver, the reference, the report."""
@@ -97,9 +103,7 @@ class CleaningContext:
 
     @property
     def seed(self) -> int:
-        """Seed of the random baseline (and of the token sample): `token_selection_seed`, else the run's seed."""
-        args = self.args
-        return args.token_selection_seed if args.token_selection_seed is not None else args.seed
+        return selection_seed(self.args)
 
     def response_layout(self, dataset: Dataset) -> ResponseLayout | None:
         """`compact.response_layout` on the main process (None elsewhere), refusing a dataset with no response token."""
@@ -299,14 +303,12 @@ def score_reference(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningStat
     )
 
 
-def fill_row_store(store, state: TokenCleaningState, online: bool) -> None:
+def fill_row_store(store: RowStore, state: TokenCleaningState, online: bool) -> None:
     """
     Give the collator what it reads by row: the packed keep mask, or, for per-step selection, the compact values it
     ranks (fixed `"batch"`: the scores; online: the reference losses), which every process holds and expands a row at
     a time.
     """
-    from .collator import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
-
     if state.keep_bits is not None:
         store.set_keep_bits(state.offsets, state.keep_bits)
         return
@@ -321,6 +323,7 @@ __all__ = [
     "TokenCleaningState",
     "check_scores",
     "fill_row_store",
+    "selection_seed",
     "score_and_select",
     "score_reference",
 ]

@@ -48,7 +48,14 @@ from .report import add_step_summary, pop_raw_row_column, publish_to_integration
 from .report.run import RunReport, load_report, log_fields, model_settings, round_log_fields, step_log_fields
 from .score_driver import ScoringDriver, row_offsets
 from .scoring import ScoringStats, eval_mode, precision_context, preserve_rng_state, token_losses
-from .scoring_pass import CleaningContext, TokenCleaningState, fill_row_store, score_and_select, score_reference
+from .scoring_pass import (
+    CleaningContext,
+    TokenCleaningState,
+    fill_row_store,
+    score_and_select,
+    score_reference,
+    selection_seed,
+)
 from .step_selection import StepRecords, accelerator_gather, select_step_tokens
 from .token_clean_config import TokenCleanConfig, as_token_clean_config
 from .utils import is_peft_model, list_array
@@ -162,6 +169,8 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         self._cleaning = self._cleaning_context(model if isinstance(model, str) else None)
         if not self.token_cleaning_enabled:
             return
+        if args.token_cleaning == "self_evolving":
+            self.add_callback(_SaveAtRoundEnd())
         self._check_mode_fits_run()
         if "input_ids" not in self.train_dataset.column_names:
             raise ValueError(
@@ -207,7 +216,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             model_settings=lambda: model_settings(self.model),
             input_ids=lambda rows: self._reported_dataset().select(rows)["input_ids"],
             publish_to_integrations=lambda folder: publish_to_integrations(self, folder),
-            seed=args.token_selection_seed if args.token_selection_seed is not None else args.seed,
+            seed=selection_seed(args),
         )
         return CleaningContext(args, self._collective, driver, self.reference, report)
 
@@ -216,7 +225,6 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         args = self.args
         if args.token_cleaning != "self_evolving":
             return
-        self.add_callback(_SaveAtRoundEnd())
         if (
             args.self_evolving_schedule == "continuous"
             and self.accelerator.distributed_type == DistributedType.DEEPSPEED
