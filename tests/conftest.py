@@ -35,9 +35,19 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def make_tiny_llama(tokenizer, seed: int, vocab_size: int | None = None, dropout: float = 0.0):
+def make_tiny_llama(
+    tokenizer, seed: int, vocab_size: int | None = None, dropout: float = 0.0, attn_implementation: str | None = None
+):
+    """A random 2-layer Llama; `tokenizer=None` (then `vocab_size` is required) leaves the special ids unset."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    special = {}
+    if tokenizer is not None:
+        special = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        }
     config = LlamaConfig(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=64,
@@ -48,9 +58,8 @@ def make_tiny_llama(tokenizer, seed: int, vocab_size: int | None = None, dropout
         max_position_embeddings=512,
         tie_word_embeddings=True,
         attention_dropout=dropout,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        attn_implementation=attn_implementation,
+        **special,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

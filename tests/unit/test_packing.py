@@ -55,21 +55,11 @@ def test_packed_rows_score_like_their_sequences_alone(implementation, flattened,
     # A real (tiny, random) Llama: two packed rows of two sequences each, in one scoring forward, against each
     # sequence scored alone. Without per-sequence attention the later sequences' losses differ by ~0.1.
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tests.conftest import make_tiny_llama
     from token_clean_trainer import scoring
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=implementation,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = make_tiny_llama(None, seed=0, vocab_size=300, attn_implementation=implementation).eval()
     assert scoring.flattens_packed_rows(model) is False
     if flattened:  # what flash attention gets
         monkeypatch.setattr(scoring, "flattens_packed_rows", lambda model: True)
