@@ -41,6 +41,7 @@ class FusionResult:
     problems: list[list[str]] = field(default_factory=list)  # what failed, in words, per attempt (repair prompts)
     checklist: dict[str, Any] | None = None  # the last parsed LLM checklist
     review_flags: list[str] = field(default_factory=list)  # source conflicts the reviewer listed (not a rejection)
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # every attempt: operator, raw reply, parsed pair
 
     @property
     def verdict(self) -> str:
@@ -97,6 +98,10 @@ def run_fusions(
             sampling["temperature"] = max(config.purge_mix_repair_temperature, generator.defaults["temperature"])
         replies = generator.generate(prompts, stage="fusion", **sampling)
         candidates = {j: parse_pair(r.text) for j, r in zip(open_jobs, replies)}
+        for j, reply in zip(open_jobs, replies):
+            results[j].attempts.append(
+                {"operator": results[j].operators[-1], "reply": reply.text, "candidate": candidates[j]}
+            )
         findings = {
             j: check_candidate(
                 candidates[j],
@@ -131,6 +136,7 @@ def run_fusions(
                 for j, reply in zip(to_check, checks):
                     passed, llm_defects, parsed = checklist_verdict(reply.text)
                     results[j].checklist = parsed
+                    results[j].attempts[-1]["checklist"] = parsed
                     results[j].review_flags = checklist_notes(parsed)[1]
                     if not passed:
                         defects[j] = llm_defects

@@ -529,6 +529,7 @@ def run_purge_mix(
                 "candidate": r.candidate,
                 "review_flags": r.review_flags,
                 "llm_checklist": r.checklist,
+                "attempts": r.attempts,
             },
             ensure_ascii=False,
         )
