@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.unit.scripted_llm import FIVE_TRUE, ScriptedBackend
+from tests.unit.scripted_llm import CHECKLIST_ONLY, FIVE_TRUE, ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.checks import (
     check_candidate,
@@ -303,7 +303,7 @@ FAIL = json.dumps({**json.loads(PASS), "keeps_key_terms": False, "defects": ["dr
 def _run(fusions, checklists, tmp_path=None, **overrides):
     backend = ScriptedBackend(fusions, checklists)
     generator = CachedGenerator(backend, str(tmp_path) if tmp_path else None)
-    config = PurgeMixConfig(**overrides)
+    config = PurgeMixConfig(**{**CHECKLIST_ONLY, **overrides})
     results = run_fusions([FusionJob([0, 1], "direct_answer")], SOURCES, generator, config)
     return results[0], backend, generator
 
@@ -368,11 +368,19 @@ def test_unparseable_checklist_never_passes():
     assert not result.accepted and result.defects[-1] == ["checklist_unparsed"]
 
 
-def test_no_checklist_ablation_uses_code_checks_only():
-    result, backend, _ = _run([GOOD_PAIR], [], purge_mix_checklist=False)
-    assert result.accepted and [k for k, _ in backend.calls] == ["fusion"]
-    result, backend, _ = _run(["garbage"], [], purge_mix_checklist=False)
-    assert not result.accepted and len(backend.calls) == 1  # no repair loop in the ablation
+def test_no_checklist_and_no_verifier_leaves_the_pair_unverified():
+    # Nothing checked the pair's substance: it is unverified, kept out unless asked for, and marked as such.
+    result, backend, _ = _run([GOOD_PAIR], [], purge_mix_checklist=False, purge_mix_max_repair_cycles=0)
+    assert not result.accepted and result.status == "unverified" and [k for k, _ in backend.calls] == ["fusion"]
+    kept, _, _ = _run(
+        [GOOD_PAIR], [], purge_mix_checklist=False, purge_mix_max_repair_cycles=0, purge_mix_keep_unverified=True
+    )
+    assert kept.accepted and result_row(kept, ["a", "b"])["purge_mix_verified_by"] == ["unverified"]
+
+
+def test_repairs_do_not_depend_on_the_checklist():
+    result, backend, _ = _run(["garbage", "still garbage", "garbage again"], [], purge_mix_checklist=False)
+    assert not result.accepted and [k for k, _ in backend.calls] == ["fusion"] * 3
 
 
 def test_rerun_replays_the_request_cache(tmp_path):
@@ -400,7 +408,7 @@ def test_resume_after_kill_repeats_no_completed_request(tmp_path, cut):
     fusions, checklists = ["no format", GOOD_PAIR, GOOD_PAIR_2], [FAIL, PASS]
     full, _, _ = _run(list(fusions), list(checklists), tmp_path / "full")
     dying = Dying(list(fusions), list(checklists))
-    config = PurgeMixConfig()
+    config = PurgeMixConfig(**CHECKLIST_ONLY)
     with pytest.raises(KeyboardInterrupt):
         run_fusions([FusionJob([0, 1], "direct_answer")], SOURCES, CachedGenerator(dying, str(tmp_path / "k")), config)
     remaining = ScriptedBackend(

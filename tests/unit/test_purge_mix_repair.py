@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.unit.scripted_llm import FIVE_TRUE, ScriptedBackend
+from tests.unit.scripted_llm import CHECKLIST_ONLY, FIVE_TRUE, ScriptedBackend
 from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.checks import (
     _shares_stem,
@@ -40,7 +40,8 @@ GOOD_2 = GOOD.replace("first.", "before it runs.")
 def _run(fusions, checklists, sources=SOURCES, **overrides):
     backend = ScriptedBackend(fusions, checklists)
     generator = CachedGenerator(backend, None, temperature=overrides.pop("temperature", 0.7), seed=42)
-    results = run_fusions([FusionJob([0, 1], "direct_answer")], sources, generator, PurgeMixConfig(**overrides))
+    config = PurgeMixConfig(**{**CHECKLIST_ONLY, **overrides})
+    results = run_fusions([FusionJob([0, 1], "direct_answer")], sources, generator, config)
     fusion_payloads = [p for kind, p in backend.payloads if kind == "fusion"]
     return results[0], fusion_payloads
 

@@ -204,13 +204,34 @@ class PurgeMixConfig:
         },
     )
     purge_mix_checklist: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Check each fused pair with an LLM-written JSON defect checklist and repair it. False: ablation."
+            "help": "Also review each verified pair with the paper's LLM-written JSON defect checklist (five items "
+            "answered by the generator). Off by default: measured on a labelled gold set its items fail together or "
+            "never, and the calibrated `purge_mix_judge` replaces it. Repairs do not depend on it."
         },
     )
     purge_mix_max_repair_cycles: int = field(
-        default=2, metadata={"help": "Repair attempts after a failed checklist (0, 1 or 2)."}
+        default=2,
+        metadata={
+            "help": "Repair attempts after a rejected attempt (0, 1 or 2): a new prompt that names what failed (a "
+            "check, a verifier or the judge) and whose operator the defect picks."
+        },
+    )
+    purge_mix_samples_per_attempt: int = field(
+        default=1,
+        metadata={
+            "help": "Candidates sampled from each attempt's prompt (best-of-n); the first that passes every check and "
+            "verifier is kept. Extra samples reuse the prompt (llama.cpp's prefix cache evaluates it once), so they "
+            "cost decoding only, where a repair costs a new prompt."
+        },
+    )
+    purge_mix_max_source_chars: int = field(
+        default=600,
+        metadata={
+            "help": "Characters of each source's instruction and response quoted in the fusion prompt (prompt "
+            "evaluation is most of the time on CPU)."
+        },
     )
     purge_mix_fusion_demo: bool = field(
         default=True,
@@ -243,6 +264,54 @@ class PurgeMixConfig:
         metadata={
             "help": "A fused response that repeats this many consecutive words of a source verbatim is a defect "
             "(copied passage). 0 disables the check."
+        },
+    )
+
+    # --- verification --------------------------------------------------------------------------------------------------
+    purge_mix_verify_code: bool = field(
+        default=True,
+        metadata={
+            "help": "Parse every fenced code block of a fused pair and run Python and JavaScript in a sandbox (separate "
+            "process, no network, CPU/memory/file-size limits, timeout, empty environment, fresh temporary folder); "
+            "printed output the text claims must match what ran. Without a sandbox the pair is unverified."
+        },
+    )
+    purge_mix_code_timeout: float = field(
+        default=5.0, metadata={"help": "Wall-clock seconds a sandboxed program may run."}
+    )
+    purge_mix_verify_arithmetic: bool = field(
+        default=True, metadata={"help": "Re-compute every calculation a fused pair states (e.g. '12 * 3 = 36')."}
+    )
+    purge_mix_verify_grounding: bool = field(
+        default=True,
+        metadata={
+            "help": "Require every factual sentence of a fused response to be supported by the sources or the new "
+            "instruction, and every name, number and title to appear in one of them."
+        },
+    )
+    purge_mix_grounding_min_support: float = field(
+        default=0.5,
+        metadata={
+            "help": "Support (0..1) a factual sentence needs from the sources and the instruction; fixed on the "
+            "labelled gold set (benchmarks/bench_purge_verifiers.py)."
+        },
+    )
+    purge_mix_judge: bool = field(
+        default=True,
+        metadata={
+            "help": "Where no deterministic verifier applies, ask the generator one yes/no question and read P(yes) "
+            "from the first token; the pair passes at `purge_mix_judge_threshold`. False: such pairs are unverified."
+        },
+    )
+    purge_mix_judge_threshold: float = field(
+        default=0.5,
+        metadata={"help": "P(yes) a judged pair needs (0..1); fixed on the labelled gold set."},
+    )
+    purge_mix_keep_unverified: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write fused pairs that no check could verify (no sandbox here, a language without a parser, "
+            "judge off) to the output, marked `unverified` in `purge_mix_verified_by`. Off: they are kept out."
         },
     )
 
@@ -324,6 +393,8 @@ class PurgeMixConfig:
             "purge_mix_max_noise_ratio",
             "purge_mix_mmr_lambda",
             "purge_mix_key_term_coverage",
+            "purge_mix_grounding_min_support",
+            "purge_mix_judge_threshold",
         ):
             _fraction(name, getattr(self, name))
         if not 0.0 < self.purge_mix_curation_confidence <= 1.0:
@@ -351,8 +422,14 @@ class PurgeMixConfig:
             "purge_mix_generation_batch_size",
             "purge_mix_max_new_tokens",
             "purge_mix_llama_context",
+            "purge_mix_samples_per_attempt",
+            "purge_mix_max_source_chars",
         ):
             _integer(name, getattr(self, name), minimum=1)
+        if not _is_number(self.purge_mix_code_timeout) or not 0 < self.purge_mix_code_timeout <= 600:
+            raise ValueError(
+                f"`purge_mix_code_timeout` must be in (0, 600] seconds, got {self.purge_mix_code_timeout!r}."
+            )
         if self.purge_mix_llama_threads is not None:
             _integer("purge_mix_llama_threads", self.purge_mix_llama_threads, minimum=1)
         _integer("purge_mix_min_clusters", self.purge_mix_min_clusters, minimum=2)

@@ -42,6 +42,11 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False
+    # Where the backend can time its own work (llama.cpp's counters): prompt tokens actually evaluated (the rest came
+    # from the prefix cache), and the seconds of prompt evaluation and of decoding. `None` elsewhere.
+    prompt_eval_tokens: int | None = None
+    prompt_eval_s: float | None = None
+    decode_s: float | None = None
 
 
 @dataclass
@@ -55,6 +60,11 @@ class GenerationStats:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    # Measured by the backend where it can (llama.cpp): prompt tokens evaluated after the prefix cache, and the
+    # seconds spent on prompt evaluation and on decoding, so a report says where the time went.
+    prompt_eval_tokens: int = 0
+    prompt_eval_s: float = 0.0
+    decode_s: float = 0.0
     by_stage: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +79,7 @@ def _request_payload(
     top_p: float,
     seed: int,
     json_schema: dict | None = None,
+    answer_probs: bool = False,
 ) -> dict:
     payload = {
         "messages": messages,
@@ -79,7 +90,33 @@ def _request_payload(
     }
     if json_schema is not None:  # only then: requests without a schema keep their cache keys
         payload["json_schema"] = json_schema
+    if answer_probs:  # only then, for the same reason
+        payload["answer_probs"] = True
     return payload
+
+
+# A judge request (`answer_probs=True`) is not generated: the backend reads the distribution of the reply's first
+# token and answers with the probability mass of these words (any case, with or without a leading space), as JSON
+# `{"yes": p, "no": q}` in `Completion.text`. One forward over the prompt, no sampling: a calibrated score, where a
+# generated "Yes" would be one bit.
+ANSWER_WORDS = ("yes", "no")
+# How many of the most likely first tokens an HTTP server or vLLM is asked for; the answer words are among them
+# whenever they carry any real mass.
+ANSWER_TOP_LOGPROBS = 20
+
+
+def answer_mass(token_probs) -> dict[str, float]:
+    """`{"yes": p, "no": q}` from `(token_text, probability)` pairs: case and surrounding whitespace folded."""
+    mass = dict.fromkeys(ANSWER_WORDS, 0.0)
+    for token, prob in token_probs:
+        word = str(token).strip().lower()
+        if word in mass:
+            mass[word] += float(prob)
+    return mass
+
+
+def answer_completion(token_probs, prompt_tokens: int) -> "Completion":
+    return Completion(json.dumps(answer_mass(token_probs)), prompt_tokens, 1)
 
 
 def schema_kwargs(generator, schema: dict) -> dict[str, Any]:
@@ -121,11 +158,16 @@ class TransformersGenerator:
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
+        judged = [i for i, p in enumerate(payloads) if p.get("answer_probs")]
+        if judged:
+            self._answer_probs(payloads, judged, on_result, device)
+            payloads = [p if not p.get("answer_probs") else None for p in payloads]
         with eval_mode(self.model):
             # Group by sampling settings so each generate() call has one configuration; keep order otherwise.
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(payloads):
-                groups.setdefault((p["max_tokens"], p["temperature"], p["top_p"]), []).append(i)
+                if p is not None:
+                    groups.setdefault((p["max_tokens"], p["temperature"], p["top_p"]), []).append(i)
             for (max_tokens, temperature, top_p), index in groups.items():
                 for b in range(0, len(index), self.batch_size):
                     chunk = index[b : b + self.batch_size]
@@ -159,6 +201,32 @@ class TransformersGenerator:
                                 n_new = min(n_new, new.index(stop) + 1)
                         text = tok.decode(new[:n_new], skip_special_tokens=True).strip()
                         on_result(i, Completion(text, len(prompts[r]), n_new))
+
+    def _answer_probs(self, payloads: list[dict], index: list[int], on_result, device) -> None:
+        """The first reply token's distribution of each judge request (one forward each, no generation)."""
+        import torch
+
+        from ..scoring import eval_mode
+
+        tok = self.tokenizer
+        words = _single_token_variants(lambda text: tok.encode(text, add_special_tokens=False))
+        with eval_mode(self.model), torch.no_grad():
+            for i in index:
+                ids = _as_ids(tok.apply_chat_template(payloads[i]["messages"], add_generation_prompt=True))
+                logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+                probs = torch.softmax(logits, dim=-1).cpu()
+                on_result(i, answer_completion([(word, probs[t].item()) for t, word in words], len(ids)))
+
+
+def _single_token_variants(encode) -> list[tuple[int, str]]:
+    """`(token id, word)` for the spellings of the answer words that are one token in this vocabulary."""
+    out: dict[int, str] = {}
+    for word in ANSWER_WORDS:
+        for text in (word, word.capitalize(), word.upper(), " " + word, " " + word.capitalize()):
+            ids = list(encode(text))
+            if len(ids) == 1:
+                out.setdefault(int(ids[0]), word)
+    return sorted(out.items())
 
 
 def _as_ids(encoded) -> list[int]:
@@ -226,9 +294,13 @@ class LlamaCppGenerator:
                 model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
             )
         self.llm = llama
+        self._answer_tokens: list[tuple[int, str]] | None = None
 
     def generate(self, payloads: list[dict], on_result) -> None:
         for i, payload in enumerate(payloads):
+            if payload.get("answer_probs"):
+                on_result(i, self._answer_probs(payload))
+                continue
             kwargs: dict[str, Any] = {
                 "messages": payload["messages"],
                 "max_tokens": payload["max_tokens"],
@@ -238,15 +310,61 @@ class LlamaCppGenerator:
             }
             if payload.get("json_schema") is not None:
                 kwargs["response_format"] = {"type": "json_object", "schema": payload["json_schema"]}
+            before = self._perf()
             reply = self.llm.create_chat_completion(**kwargs)
             text = reply["choices"][0]["message"].get("content") or ""
             usage = reply.get("usage") or {}
-            on_result(
-                i,
-                Completion(
-                    text.strip(), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-                ),
+            completion = Completion(
+                text.strip(), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             )
+            on_result(i, self._timed(completion, before))
+
+    def _perf(self) -> tuple[float, float, int] | None:
+        """llama.cpp's own counters (prompt-eval ms, decode ms, prompt tokens evaluated), or `None` if unavailable."""
+        try:
+            import llama_cpp
+
+            data = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
+            return float(data.t_p_eval_ms), float(data.t_eval_ms), int(data.n_p_eval)
+        except Exception:  # a fake engine in tests, or a build without the perf API
+            return None
+
+    def _timed(self, completion: Completion, before) -> Completion:
+        after = self._perf() if before is not None else None
+        if after is not None:
+            completion.prompt_eval_s = round((after[0] - before[0]) / 1000, 4)
+            completion.decode_s = round((after[1] - before[1]) / 1000, 4)
+            completion.prompt_eval_tokens = after[2] - before[2]
+        return completion
+
+    def _answer_probs(self, payload: dict) -> Completion:
+        """One token, greedy, with a logits processor that keeps the first token's logits (llama.cpp's prefix cache
+        still serves the shared start of the prompt)."""
+        import numpy as np
+
+        if self._answer_tokens is None:
+            self._answer_tokens = _single_token_variants(
+                lambda text: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            )
+        seen: list[Any] = []
+
+        def keep(input_ids, scores):
+            if not seen:
+                seen.append(np.array(scores, dtype=np.float64))
+            return scores
+
+        before = self._perf()
+        reply = self.llm.create_chat_completion(
+            messages=payload["messages"], max_tokens=1, temperature=0.0, logits_processor=[keep]
+        )
+        logits = seen[0]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        usage = reply.get("usage") or {}
+        completion = answer_completion(
+            [(word, probs[t]) for t, word in self._answer_tokens], int(usage.get("prompt_tokens") or 0)
+        )
+        return self._timed(completion, before)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,6 +408,8 @@ class VLLMGenerator:
             "top_p": payload["top_p"],
             "seed": payload["seed"],
         }
+        if payload.get("answer_probs"):
+            kwargs.update(max_tokens=1, temperature=0.0, logprobs=ANSWER_TOP_LOGPROBS)
         schema = payload.get("json_schema")
         if schema is not None:
             sampling_params_module = getattr(vllm, "sampling_params", None)
@@ -309,6 +429,13 @@ class VLLMGenerator:
         )
         for i, out in enumerate(outputs):
             first = out.outputs[0]
+            if payloads[i].get("answer_probs"):
+                import math
+
+                top = (first.logprobs or [{}])[0]
+                pairs = [(lp.decoded_token, math.exp(lp.logprob)) for lp in top.values()]
+                on_result(i, answer_completion(pairs, len(out.prompt_token_ids or [])))
+                continue
             on_result(i, Completion(first.text.strip(), len(out.prompt_token_ids or []), len(first.token_ids or [])))
 
 
@@ -441,6 +568,8 @@ class OpenAIGenerator:
             "top_p": payload["top_p"],
             "seed": payload["seed"],
         }
+        if payload.get("answer_probs"):
+            kwargs.update(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=ANSWER_TOP_LOGPROBS)
         schema = payload.get("json_schema")
         while True:
             mode = self._schema_mode
@@ -482,6 +611,8 @@ class OpenAIGenerator:
             raise _Malformed(f"unreadable reply: {self.redact(str(error))[:200]}") from None
         except ValueError as error:  # the body is not JSON
             raise _Malformed(f"unreadable reply ({type(error).__name__}): {self.redact(str(error))[:200]}") from None
+        if payload.get("answer_probs"):
+            return self._answer_completion(reply)
         try:
             text = reply.choices[0].message.content
             if not isinstance(text, str):
@@ -494,6 +625,17 @@ class OpenAIGenerator:
             int(getattr(usage, "prompt_tokens", 0) or 0),
             int(getattr(usage, "completion_tokens", 0) or 0),
         )
+
+    def _answer_completion(self, reply) -> Completion:
+        import math
+
+        try:
+            top = reply.choices[0].logprobs.content[0].top_logprobs
+            pairs = [(entry.token, math.exp(entry.logprob)) for entry in top]
+        except (AttributeError, IndexError, TypeError) as error:
+            raise _Malformed(f"reply without first-token logprobs ({type(error).__name__}: {error})") from None
+        usage = getattr(reply, "usage", None)
+        return answer_completion(pairs, int(getattr(usage, "prompt_tokens", 0) or 0))
 
     def _post(self, payload: dict) -> Completion:
         delay = self.backoff
@@ -638,6 +780,12 @@ class CachedGenerator:
             s.prompt_tokens += completion.prompt_tokens
             s.completion_tokens += completion.completion_tokens
             bucket["calls"] += 1
+            if completion.prompt_eval_s is not None:
+                s.prompt_eval_tokens += completion.prompt_eval_tokens or 0
+                s.prompt_eval_s = round(s.prompt_eval_s + completion.prompt_eval_s, 3)
+                s.decode_s = round(s.decode_s + (completion.decode_s or 0.0), 3)
+                for key in ("prompt_eval_tokens", "prompt_eval_s", "decode_s"):
+                    bucket[key] = round(bucket.get(key, 0) + (getattr(completion, key) or 0), 3)
         bucket["prompt_tokens"] += completion.prompt_tokens
         bucket["completion_tokens"] += completion.completion_tokens
 

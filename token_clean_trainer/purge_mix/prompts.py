@@ -122,6 +122,7 @@ def fusion_messages(
     problems: list[str] | None = None,
     terms: list[list[str]] | None = None,
     demo: bool = True,
+    max_chars: int = 1500,
 ) -> list[dict[str, str]]:
     """
     The chat request of one fusion attempt. `terms` (each source's key terms, as the key-term check computes them)
@@ -129,10 +130,10 @@ def fusion_messages(
     exactly what failed (the missing key terms by name, the copied passage, the missing parts) and quotes only the
     previous attempt's instruction: small models shown their whole rejected answer resend it word for word (seen in
     13 of 29 rejections), and the method regenerates from the template rather than editing the rejected text.
-    `demo` puts the worked fusion before the request.
+    `demo` puts the worked fusion before the request; `max_chars` caps each quoted source field.
     """
     task = REWRITE_TASK if len(sources) == 1 else OPERATOR_TASKS[operator]
-    content = f"{_format_sources(sources)}\n\nTask: {task}\n"
+    content = f"{_format_sources(sources, max_chars)}\n\nTask: {task}\n"
     if terms and any(terms):
         named = [f"Example {chr(ord('A') + n)}: {', '.join(t)}" for n, t in enumerate(terms) if t]
         content += f"Use key terms of each example ({'; '.join(named)}).\n"

@@ -1,0 +1,142 @@
+"""Run the verifiers of a fused pair, in order, with a cache; and read their verdicts as one decision.
+
+Deterministic verifiers come first: sandboxed execution of the code blocks (`code:<language>`), re-computation of
+stated calculations (`arithmetic`), support of every factual sentence by the sources (`grounding`). The LLM judge
+(`judge.py`) runs only for a pair none of them applies to; the fusion loop batches those requests through the
+generator, so it is not called from here.
+
+Verification of a pair is deterministic and can be slow (a sandboxed process per language), so every result is kept
+in `verifications.jsonl` next to the request cache, keyed by the pair, its sources and the verifier settings: a run
+killed during verification resumes without verifying anything twice.
+"""
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ...utils import sha256_json
+from .base import FAILED, NOT_APPLICABLE, PASSED, UNVERIFIED, Verdict
+
+VERIFICATION_CACHE_FILE = "verifications.jsonl"
+# Bump when a verifier changes what it decides, so cached verdicts are recomputed.
+VERIFIERS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VerifierSettings:
+    """The verifiers' own settings (the loop hands them nothing else)."""
+
+    code: bool = True
+    code_timeout: float = 5.0
+    arithmetic: bool = True
+    grounding: bool = True
+    grounding_min_support: float = 0.5
+    judge: bool = True
+    judge_threshold: float = 0.5
+
+    @classmethod
+    def from_config(cls, config) -> "VerifierSettings":
+        return cls(
+            code=config.purge_mix_verify_code,
+            code_timeout=config.purge_mix_code_timeout,
+            arithmetic=config.purge_mix_verify_arithmetic,
+            grounding=config.purge_mix_verify_grounding,
+            grounding_min_support=config.purge_mix_grounding_min_support,
+            judge=config.purge_mix_judge,
+            judge_threshold=config.purge_mix_judge_threshold,
+        )
+
+
+def deterministic_verdicts(
+    candidate: dict[str, str], sources: list[dict[str, str]], settings: VerifierSettings, embed=None
+) -> list[Verdict]:
+    """Every deterministic verifier's verdict on `candidate` that applies (not-applicable ones are left out)."""
+    verdicts: list[Verdict] = []
+    if settings.code:
+        from .code import verify_code
+
+        verdicts.extend(verify_code(candidate, sources, timeout=settings.code_timeout))
+    if settings.arithmetic:
+        from .arithmetic import verify_arithmetic
+
+        verdicts.append(verify_arithmetic(candidate, sources))
+    if settings.grounding:
+        from .grounding import verify_grounding
+
+        verdicts.append(verify_grounding(candidate, sources, min_support=settings.grounding_min_support, embed=embed))
+    return [v for v in verdicts if v.status != NOT_APPLICABLE]
+
+
+def decision(verdicts: list[Verdict]) -> str:
+    """One status from several verdicts: `failed` if any failed, else `unverified` if any could not decide or none
+    applied, else `passed`."""
+    statuses = {v.status for v in verdicts}
+    if FAILED in statuses:
+        return FAILED
+    if UNVERIFIED in statuses or not verdicts:
+        return UNVERIFIED
+    return PASSED
+
+
+def verified_by(verdicts: list[Verdict]) -> list[str]:
+    return [v.verifier for v in verdicts if v.status == PASSED]
+
+
+# Defect codes of failed or undecided verdicts, as the loop's other checks name theirs (they steer the repair).
+def defect_code(verdict: Verdict) -> str:
+    family = verdict.verifier.split(":")[0]
+    if verdict.status == UNVERIFIED:
+        return f"unverified_{family}"
+    return {"code": "code_failed", "arithmetic": "arithmetic_wrong", "grounding": "ungrounded"}.get(
+        family, f"{family}_rejected"
+    )
+
+
+class VerificationCache:
+    """Verdict lists keyed by `(candidate, sources, settings, version)`, appended and fsync'd as they are computed;
+    a line cut by a kill is skipped on load. `cache_dir=None` keeps them in memory."""
+
+    def __init__(self, cache_dir: str | None, settings: VerifierSettings):
+        self.settings = settings
+        self._entries: dict[str, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self.path = None
+        self.hits = 0
+        self.computed = 0
+        if cache_dir is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            self.path = os.path.join(cache_dir, VERIFICATION_CACHE_FILE)
+            if os.path.exists(self.path):
+                with open(self.path, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            entry = json.loads(line)
+                            self._entries[entry["key"]] = entry["verdicts"]
+                        except (ValueError, KeyError, TypeError):
+                            continue
+
+    def key(self, candidate: dict[str, str], sources: list[dict[str, str]]) -> str:
+        return sha256_json(
+            {"v": VERIFIERS_VERSION, "candidate": candidate, "sources": sources, "settings": asdict(self.settings)},
+            ensure_ascii=False,
+        )
+
+    def verify(self, candidate: dict[str, str], sources: list[dict[str, str]], embed=None) -> list[Verdict]:
+        key = self.key(candidate, sources)
+        cached = self._entries.get(key)
+        if cached is not None:
+            self.hits += 1
+            return [Verdict(**v) for v in cached]
+        verdicts = deterministic_verdicts(candidate, sources, self.settings, embed=embed)
+        self.computed += 1
+        entry = [v.to_dict() for v in verdicts]
+        with self._lock:
+            self._entries[key] = entry
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "verdicts": entry}, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        return verdicts
