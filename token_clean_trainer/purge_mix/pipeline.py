@@ -49,12 +49,13 @@ from .generators import (
 from .mix import result_row, run_fusions
 from .priors import MODEL_STATS, TEXT_STATS, apply_filters, perplexity_and_ifd, prior_scores, text_stats
 from .rating import RATING_SCHEMA, compress_overall, curate_scores, parse_rating, rater_messages
+from .verify.verifiers import VerificationCache, VerifierSettings
 
 logger = logging.getLogger(__name__)
 
 # Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
 # (cached LLM replies are still replayed); the statistics have their own version.
-_PIPELINE_VERSION = 5
+_PIPELINE_VERSION = 6
 _STATS_VERSION = 1
 # Settings that do not change the output, so they stay out of the result key.
 _NOT_IN_KEY = ("purge_mix_enabled", "purge_mix_output", "purge_mix_cache_dir", "purge_mix_max_concurrency")
@@ -511,7 +512,10 @@ def run_purge_mix(
         cluster_summary["lq_duplicates_skipped"] = lq_duplicates
         timings["clustering_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        results = run_fusions(jobs, pool, generator, config)
+        verification = VerificationCache(
+            config.purge_mix_cache_dir or os.path.join(folder, "cache"), VerifierSettings.from_config(config)
+        )
+        results = run_fusions(jobs, pool, generator, config, verification=verification)
         timings["fusion_s"] = round(time.perf_counter() - start, 2)
     accepted = [r for r in results if r.accepted]
     synthesized = [result_row(r, pool_ids) for r in accepted]
@@ -527,6 +531,10 @@ def run_purge_mix(
                 "defects": r.defects,
                 "problems": r.problems,
                 "candidate": r.candidate,
+                "status": r.status,
+                "verified_by": r.verified_by,
+                "verdicts": r.verdicts,
+                "similarity": r.similarity,
                 "review_flags": r.review_flags,
                 "llm_checklist": r.checklist,
                 "attempts": r.attempts,
@@ -550,6 +558,8 @@ def run_purge_mix(
                     "purge_mix_source_ids": [columns["purge_mix_id"][i]],
                     "purge_mix_operator": "",
                     "purge_mix_cycles": 0,
+                    "purge_mix_verified_by": [],
+                    "purge_mix_verification": "",
                     "purge_mix_checklist": "",
                 }
             )
@@ -598,6 +608,7 @@ def run_purge_mix(
             "rejection_reasons": dict(rejection.most_common()),
             "attempt_defects_by_operator": defects_by_operator,
             "flagged_for_review": sum(1 for r in accepted if r.review_flags),
+            "verification": _verification_summary(results, verification if results else None),
             "checklist": config.purge_mix_checklist,
             "max_repair_cycles": config.purge_mix_max_repair_cycles,
         },
@@ -649,6 +660,8 @@ def _output_dataset(rows: list[dict]):
             "purge_mix_source_ids": List(Value("string")),
             "purge_mix_operator": Value("string"),
             "purge_mix_cycles": Value("int64"),
+            "purge_mix_verified_by": List(Value("string")),
+            "purge_mix_verification": Value("string"),
             "purge_mix_checklist": Value("string"),
         }
     )
@@ -657,6 +670,27 @@ def _output_dataset(rows: list[dict]):
         if rows
         else Dataset.from_dict({k: [] for k in features}, features=features)
     )
+
+
+def _verification_summary(results, verification) -> dict[str, Any]:
+    """How the verifiers decided: final status counts, and per verifier the attempts (samples) it passed, failed or
+    could not decide, over every sample that reached verification."""
+    by_verifier: dict[str, dict[str, int]] = {}
+    for r in results:
+        for attempt in r.attempts:
+            for v in attempt.get("verdicts", []):
+                counts = by_verifier.setdefault(v["verifier"], {})
+                counts[v["status"]] = counts.get(v["status"], 0) + 1
+    status = Counter(r.status for r in results)
+    return {
+        "accepted": status.get("accepted", 0),
+        "unverified": status.get("unverified", 0),
+        "rejected": status.get("rejected", 0),
+        "verified_by": dict(Counter(name for r in results if r.status == "accepted" for name in r.verified_by)),
+        "samples_by_verifier": by_verifier,
+        "verifications_computed": verification.computed if verification is not None else 0,
+        "verifications_reused": verification.hits if verification is not None else 0,
+    }
 
 
 def _stat_summary(stats: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
