@@ -205,9 +205,9 @@ class PurgeMixConfig:
             "help": "Cosine similarity floor of a fused pair (-1..1): a row whose nearest unpaired representative is "
             "less similar than this is not paired (counted in report.json as clusters.pairs_below_floor). Unrelated "
             "sources cannot be fused, and a small generator invents a link between them. 0.3 on the normalised "
-            "all-MiniLM-L6-v2 embedding: unrelated short texts score about 0-0.2, texts on one subject 0.4 and up "
-            "(see docs/purge-mix.md). Not applied to purge_mix_pairing='random' (the ablation). None or -1: no floor "
-            "(the paper names none)."
+            "all-MiniLM-L6-v2 embedding of ChatterBot: random pairs score 0.04 (median) and 0.22 (95th percentile), a "
+            "row and its nearest neighbour 0.52 (median), 0.30 (5th percentile); see docs/purge-mix.md. Not applied "
+            "to purge_mix_pairing='random' (the ablation). None or -1: no floor (the paper names none)."
         },
     )
     purge_mix_fusion_mode: str = field(
@@ -417,6 +417,9 @@ class PurgeMixConfig:
         if not _is_number(self.purge_mix_top_p) or not 0.0 < self.purge_mix_top_p <= 1.0:
             raise ValueError(f"`purge_mix_top_p` must be in (0, 1], got {self.purge_mix_top_p!r}.")
 
+        self._check_endpoint()
+
+    def _check_endpoint(self) -> None:
         if self.purge_mix_base_url is not None and not str(self.purge_mix_base_url).startswith(
             ("http://", "https://")
         ):
@@ -437,6 +440,8 @@ class PurgeMixConfig:
             )
 
     def _check_pairing_and_mix(self) -> None:
+        # The ratio/output-mode clash is a check across fields, yet each key is valid alone (the ratio against the
+        # default output mode), so a recipe validator that builds the config one key at a time still reports it.
         floor = self.purge_mix_min_pair_similarity
         if floor is not None and (not _is_number(floor) or not math.isfinite(floor) or not -1.0 <= floor <= 1.0):
             raise ValueError(
