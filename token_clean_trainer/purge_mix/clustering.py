@@ -187,7 +187,7 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
         "fusion_mode": config.purge_mix_fusion_mode,
     }
     if n < group or budget == 0:
-        summary.update(num_clusters=0, sizes=[], silhouette={})
+        summary.update(num_clusters=0, sizes=[], silhouette={}, **_similarity_summary([], None, 0))
         return [], summary
     operators = config.purge_mix_operators
     if config.purge_mix_pairing == "random":

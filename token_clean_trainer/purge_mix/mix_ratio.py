@@ -44,7 +44,7 @@ def select_mix(hq_scores: np.ndarray, hq_ifd: np.ndarray, num_synthesized: int, 
       (the planner interleaves clusters, largest first, so a prefix keeps their spread; no seed involved);
     - S / (H + S) < ratio: every synthesized row, and the best ceil(S * (1 - ratio) / ratio) HQ rows: highest
       curated score first, ties by IFD as the rater ranks it ([`ifd_rank_key`]), then by input order;
-    - H = 0 or S = 0 with a share other than `ratio`: nothing is dropped. No non-empty mix of one kind reaches the
+    - H = 0 or S = 0: nothing is dropped. No non-empty mix of one kind reaches the
       ratio, and reaching it would mean dropping the whole other side; `note` says so.
 
     Args:
@@ -57,9 +57,8 @@ def select_mix(hq_scores: np.ndarray, hq_ifd: np.ndarray, num_synthesized: int, 
     keep_h, keep_s, note = h, s, None
     if ratio is not None and h + s > 0:
         share = s / (h + s)
-        if h == 0 or s == 0:
-            if not math.isclose(share, ratio):
-                note = f"only {'synthesized' if h == 0 else 'HQ'} rows: the ratio cannot be reached, nothing dropped"
+        if h == 0 or s == 0:  # the share is 0 or 1, never a ratio in (0, 1)
+            note = f"only {'synthesized' if h == 0 else 'HQ'} rows: the ratio cannot be reached, nothing dropped"
         elif share > ratio:
             keep_s = min(s, math.floor(ratio * h / (1.0 - ratio) + _EPS))
         elif share < ratio:
