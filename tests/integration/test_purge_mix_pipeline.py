@@ -42,6 +42,7 @@ def _config(tiny_model_dir, **overrides):
         purge_mix_temperature=1.0,
         purge_mix_num_clusters=2,
         purge_mix_max_ifd=None,  # random weights: IFD says nothing here
+        purge_mix_min_pair_similarity=None,  # nor do the cosines of its hidden states: no floor, the 3 pairs planned
     )
     values.update(overrides)
     return PurgeMixConfig(**values)

@@ -9,6 +9,7 @@ from token_clean_trainer.purge_mix import PurgeMixConfig
 from token_clean_trainer.purge_mix.priors import (
     apply_filters,
     html_tag_count,
+    ifd_rank_key,
     noise_ratio,
     perplexity_and_ifd,
     prior_scores,
@@ -80,9 +81,20 @@ def test_prior_scores_rank_ifd():
     scores = prior_scores(ifd, passed)
     assert scores[5] == 0  # failed a filter
     assert scores[3] == 5  # no IFD: the filters are the only judge
-    ranked = [4, 0, 2, 1]  # lowest IFD first
+    # Highest IFD first: Li et al. keep the highest IFD below 1 (the instruction helps, yet the response is still hard
+    # to predict). This test pinned the opposite (lowest first) before the rater followed the method it cites.
+    ranked = [1, 2, 0, 4]
     assert list(scores[ranked]) == sorted(scores[ranked], reverse=True)
-    assert scores[4] == 5 and scores[1] < scores[4]
+    assert scores[1] == 5 and scores[4] < scores[1]
+
+
+def test_prior_scores_rank_ifd_above_one_last():
+    # With `purge_mix_max_ifd` off, rows with IFD > 1 pass the filters; the instruction does not help them, so they
+    # rank below every row with IFD <= 1 (the closer to 1, the better), never at the top.
+    ifd = np.array([1.5, 0.9, 3.0, 0.05, 1.0, 0.6])
+    scores = prior_scores(ifd, np.ones(6, dtype=bool))
+    assert list(scores) == [1, 4, 0, 2, 5, 3]
+    assert list(np.argsort(ifd_rank_key(np.array([np.nan, 1.2, 0.4, 0.8])), kind="stable")) == [3, 2, 1, 0]
 
 
 def test_perplexity_and_ifd_match_manual_cross_entropy(tokenizer):

@@ -59,3 +59,5 @@ def test_paper_preset_is_the_papers_setting():
         and config.purge_mix_pairing == "cluster"
     )
     assert not config.purge_mix_perplexity and config.purge_mix_max_ifd is None
+    # The paper names no similarity floor for a pair and outputs synthesized rows only (no HQ/synthesized mix).
+    assert config.purge_mix_min_pair_similarity is None and config.purge_mix_mix_ratio is None

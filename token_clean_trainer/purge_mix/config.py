@@ -27,7 +27,7 @@ class PurgeMixConfig:
     groups:
 
         > Parameters that control the run: `purge_mix_enabled`, `purge_mix_output`, `purge_mix_output_mode`,
-        `purge_mix_max_rows`.
+        `purge_mix_mix_ratio`, `purge_mix_max_rows`.
 
         > Parameters that control the symbolic purge: the filters (`purge_mix_min_response_chars`,
         `purge_mix_max_repetition`, `purge_mix_max_noise_ratio`, `purge_mix_max_html_tags`, the length-ratio limits,
@@ -35,9 +35,9 @@ class PurgeMixConfig:
         (`purge_mix_curation*`) and the HQ threshold `purge_mix_hq_min_score` (0-5 scale).
 
         > Parameters that control the neural mix: embedding (`purge_mix_embedding`), clustering
-        (`purge_mix_num_clusters` or the silhouette range), MMR representatives, the fusion budget
-        (`purge_mix_max_fusions`), operators, and the ablation switches `purge_mix_fusion_mode="rewrite"`,
-        `purge_mix_pairing="random"` and `purge_mix_checklist=False`.
+        (`purge_mix_num_clusters` or the silhouette range), MMR representatives, the pair similarity floor
+        (`purge_mix_min_pair_similarity`), the fusion budget (`purge_mix_max_fusions`), operators, and the ablation
+        switches `purge_mix_fusion_mode="rewrite"`, `purge_mix_pairing="random"` and `purge_mix_checklist=False`.
 
         > Parameters that control the generator: `purge_mix_generator_backend` (`"auto"`, `"transformers"`,
         `"llama_cpp"`, `"openai"` or `"vllm"`),
@@ -64,6 +64,16 @@ class PurgeMixConfig:
             "help": "Rows of the output dataset: 'hq_and_synthesized', 'synthesized' (the paper's LQ-only setting) or "
             "'hq' (purge only, no LLM fusion).",
             "choices": list(OUTPUT_MODES),
+        },
+    )
+    purge_mix_mix_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of synthesized rows in the output of 'hq_and_synthesized', in (0, 1). Too many synthesized "
+            "rows: the first ones in plan order are kept (the plan interleaves clusters, so a prefix keeps their "
+            "spread); too few: the best HQ rows are kept (curated score, then IFD, then input order). The share never "
+            "exceeds the ratio; report.json states the ratio reached and the rows each side dropped. None keeps every "
+            "row. The paper outputs synthesized rows only, so it has no value for this."
         },
     )
     purge_mix_max_rows: int | None = field(
@@ -187,6 +197,17 @@ class PurgeMixConfig:
         metadata={
             "help": "Fusion operator templates, used in turn: 'direct_answer', 'merged_corpus', 'compare_contrast', "
             "'multi_step'. A comma-separated string is accepted."
+        },
+    )
+    purge_mix_min_pair_similarity: float | None = field(
+        default=0.3,
+        metadata={
+            "help": "Cosine similarity floor of a fused pair (-1..1): a row whose nearest unpaired representative is "
+            "less similar than this is not paired (counted in report.json as clusters.pairs_below_floor). Unrelated "
+            "sources cannot be fused, and a small generator invents a link between them. 0.3 on the normalised "
+            "all-MiniLM-L6-v2 embedding of ChatterBot: random pairs score 0.04 (median) and 0.22 (95th percentile), a "
+            "row and its nearest neighbour 0.52 (median), 0.30 (5th percentile); see docs/purge-mix.md. Not applied "
+            "to purge_mix_pairing='random' (the ablation). None or -1: no floor (the paper names none)."
         },
     )
     purge_mix_fusion_mode: str = field(
@@ -397,6 +418,7 @@ class PurgeMixConfig:
             "purge_mix_judge_threshold",
         ):
             _fraction(name, getattr(self, name))
+        self._check_pairing_and_mix()
         if not 0.0 < self.purge_mix_curation_confidence <= 1.0:
             raise ValueError(
                 f"`purge_mix_curation_confidence` must be in (0, 1], got {self.purge_mix_curation_confidence}; "
@@ -472,6 +494,9 @@ class PurgeMixConfig:
         if not _is_number(self.purge_mix_top_p) or not 0.0 < self.purge_mix_top_p <= 1.0:
             raise ValueError(f"`purge_mix_top_p` must be in (0, 1], got {self.purge_mix_top_p!r}.")
 
+        self._check_endpoint()
+
+    def _check_endpoint(self) -> None:
         if self.purge_mix_base_url is not None and not str(self.purge_mix_base_url).startswith(
             ("http://", "https://")
         ):
@@ -489,6 +514,30 @@ class PurgeMixConfig:
             raise ValueError(
                 "`purge_mix_api_key_env` must be the NAME of an environment variable (letters, digits and underscores, "
                 "e.g. OPENAI_API_KEY). Never put the key itself in a config."
+            )
+
+    def _check_pairing_and_mix(self) -> None:
+        # The ratio/output-mode clash is a check across fields, yet each key is valid alone (the ratio against the
+        # default output mode), so a recipe validator that builds the config one key at a time still reports it.
+        floor = self.purge_mix_min_pair_similarity
+        if floor is not None and (not _is_number(floor) or not math.isfinite(floor) or not -1.0 <= floor <= 1.0):
+            raise ValueError(
+                f"`purge_mix_min_pair_similarity` is a cosine similarity in [-1, 1], got {floor!r}; use e.g. 0.3, or "
+                "null (or -1) for no floor."
+            )
+        ratio = self.purge_mix_mix_ratio
+        if ratio is None:
+            return
+        if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
+            raise ValueError(
+                f"`purge_mix_mix_ratio` is the share of synthesized rows, strictly between 0 and 1, got {ratio!r}; "
+                "use e.g. 0.3, or null to keep every row."
+            )
+        if self.purge_mix_output_mode != "hq_and_synthesized":
+            raise ValueError(
+                f"`purge_mix_mix_ratio={ratio}` mixes HQ and synthesized rows, but `purge_mix_output_mode="
+                f"{self.purge_mix_output_mode!r}` outputs one kind only; set `purge_mix_output_mode: "
+                "hq_and_synthesized` or `purge_mix_mix_ratio: null`."
             )
 
     def check_generator(self) -> None:

@@ -47,6 +47,7 @@ from .generators import (
     schema_kwargs,
 )
 from .mix import result_row, run_fusions
+from .mix_ratio import select_mix
 from .priors import MODEL_STATS, TEXT_STATS, apply_filters, perplexity_and_ifd, prior_scores, text_stats
 from .rating import RATING_SCHEMA, compress_overall, curate_scores, parse_rating, rater_messages
 from .verify.verifiers import VerificationCache, VerifierSettings
@@ -505,7 +506,7 @@ def run_purge_mix(
     )
     pool = [{"instruction": columns["prompt_text"][i], "response": columns["response_text"][i]} for i in lq_index]
     pool_ids = [columns["purge_mix_id"][i] for i in lq_index]
-    results, cluster_summary = [], {"num_clusters": 0}
+    jobs, results, cluster_summary = [], [], {"num_clusters": 0}
     if config.purge_mix_output_mode != "hq" and len(lq_index):
         start = time.perf_counter()
         jobs, cluster_summary = plan_jobs(embeddings[lq_index], config, seed)
@@ -520,51 +521,10 @@ def run_purge_mix(
     accepted = [r for r in results if r.accepted]
     synthesized = [result_row(r, pool_ids) for r in accepted]
 
-    fusion_lines = [
-        json.dumps(
-            {
-                "source_ids": [pool_ids[i] for i in r.sources],
-                "cluster": r.cluster,
-                "operators": r.operators,
-                "cycles": r.cycles,
-                "accepted": r.accepted,
-                "defects": r.defects,
-                "problems": r.problems,
-                "candidate": r.candidate,
-                "status": r.status,
-                "verified_by": r.verified_by,
-                "verdicts": r.verdicts,
-                "similarity": r.similarity,
-                "review_flags": r.review_flags,
-                "llm_checklist": r.checklist,
-                "attempts": r.attempts,
-            },
-            ensure_ascii=False,
-        )
-        + "\n"
-        for r in results
-    ]
-    atomic_write_bytes(os.path.join(folder, "fusions.jsonl"), "".join(fusion_lines).encode("utf-8"))
+    atomic_write_bytes(os.path.join(folder, "fusions.jsonl"), _fusion_lines(jobs, results, pool_ids))
 
     # --- output ------------------------------------------------------------------------------------------------------
-    out_rows: list[dict] = []
-    if config.purge_mix_output_mode in ("hq_and_synthesized", "hq"):
-        for i in np.flatnonzero(hq):
-            out_rows.append(
-                {
-                    "prompt": columns["prompt"][i],
-                    "completion": columns["completion"][i],
-                    "purge_mix_origin": "hq",
-                    "purge_mix_source_ids": [columns["purge_mix_id"][i]],
-                    "purge_mix_operator": "",
-                    "purge_mix_cycles": 0,
-                    "purge_mix_verified_by": [],
-                    "purge_mix_verification": "",
-                    "purge_mix_checklist": "",
-                }
-            )
-    if config.purge_mix_output_mode in ("hq_and_synthesized", "synthesized"):
-        out_rows.extend(synthesized)
+    out_rows, mix = _output_rows(config, columns, np.flatnonzero(hq), curated, stats["stat_ifd"], synthesized)
     output = _output_dataset(out_rows)
     _save_dataset(output, dataset_path)
 
@@ -617,6 +577,7 @@ def run_purge_mix(
             "hq_rows": int(sum(1 for r in out_rows if r["purge_mix_origin"] == "hq")),
             "synthesized_rows": int(sum(1 for r in out_rows if r["purge_mix_origin"] == "synthesized")),
             "total_rows": len(out_rows),
+            **mix.report(),
             "dataset_path": dataset_path,
         },
         "llm": generator.stats.to_dict() if generator is not None else None,
@@ -646,6 +607,63 @@ def run_purge_mix(
         os.path.join(folder, "report.json"),
     )
     return PurgeMixResult(output, scored, report, folder)
+
+
+def _fusion_lines(jobs: list, results: list, pool_ids: list[str]) -> bytes:
+    """fusions.jsonl: one line per fusion job (results come back in job order), with the cosine of its sources."""
+    lines = [
+        json.dumps(
+            {
+                "source_ids": [pool_ids[i] for i in r.sources],
+                "cluster": r.cluster,
+                "similarity": None if job.similarity is None else round(job.similarity, 4),
+                "operators": r.operators,
+                "cycles": r.cycles,
+                "accepted": r.accepted,
+                "defects": r.defects,
+                "problems": r.problems,
+                "candidate": r.candidate,
+                "status": r.status,
+                "verified_by": r.verified_by,
+                "verdicts": r.verdicts,
+                "review_flags": r.review_flags,
+                "llm_checklist": r.checklist,
+                "attempts": r.attempts,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for job, r in zip(jobs, results, strict=True)
+    ]
+    return "".join(lines).encode("utf-8")
+
+
+def _output_rows(config, columns, hq_index: np.ndarray, curated, ifd, synthesized: list[dict]):
+    """The output rows of `purge_mix_output_mode`, mixed to `purge_mix_mix_ratio` ([`select_mix`]), and the
+    selection (for the report)."""
+    use_hq = config.purge_mix_output_mode in ("hq_and_synthesized", "hq")
+    if not use_hq:
+        hq_index = hq_index[:0]
+    if config.purge_mix_output_mode == "hq":
+        synthesized = []
+    mix = select_mix(curated[hq_index], ifd[hq_index], len(synthesized), config.purge_mix_mix_ratio)
+    if mix.note:
+        logger.warning("purge-mix: purge_mix_mix_ratio=%s: %s", config.purge_mix_mix_ratio, mix.note)
+    rows = [
+        {
+            "prompt": columns["prompt"][i],
+            "completion": columns["completion"][i],
+            "purge_mix_origin": "hq",
+            "purge_mix_source_ids": [columns["purge_mix_id"][i]],
+            "purge_mix_operator": "",
+            "purge_mix_cycles": 0,
+            "purge_mix_verified_by": [],
+            "purge_mix_verification": "",
+            "purge_mix_checklist": "",
+        }
+        for i in hq_index[mix.hq_rows]
+    ]
+    return rows + synthesized[: mix.synthesized_rows], mix
 
 
 def _output_dataset(rows: list[dict]):

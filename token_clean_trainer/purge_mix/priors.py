@@ -146,19 +146,33 @@ def apply_filters(stats: dict, config: PurgeMixConfig) -> list[str]:
     return reasons
 
 
+def ifd_rank_key(ifd: np.ndarray) -> np.ndarray:
+    """
+    Sort key of IFD, best first when sorted ascending, after Li et al. ("From Quantity to Quality", 2024): among rows
+    with IFD <= 1 the highest is best (the instruction helps, yet the response stays hard to predict: the most to
+    learn); IFD > 1 (the instruction does not help; reachable only when `purge_mix_max_ifd` allows it) ranks below
+    every such row, the closer to 1 the better; a missing IFD ranks last.
+    """
+    ifd = np.asarray(ifd, dtype=np.float64)
+    # -ifd lies in [-1, 0] for IFD <= 1 and ifd in (1, inf) above: one ascending key orders both groups.
+    key = np.where(ifd <= 1.0, -ifd, ifd)
+    return np.where(np.isfinite(ifd), key, np.inf)
+
+
 def prior_scores(ifd: np.ndarray, passed: np.ndarray) -> np.ndarray:
     """
-    The LLM-free quality score on DS2's 0-5 scale: rows that pass the filters are ranked by IFD (lower = the prompt
-    explains more of the response) and the rank quantile maps to 5 (best sixth) .. 0 (worst sixth). Rows without an
-    IFD (perplexity disabled) get 5: without a model the filters are the only judge. Rows that fail a filter get 0.
+    The LLM-free quality score on DS2's 0-5 scale: rows that pass the filters are ranked by IFD as Li et al. select
+    them (highest IFD <= 1 first, see [`ifd_rank_key`]) and the rank quantile maps to 5 (best sixth) .. 0 (worst
+    sixth). Rows without an IFD (perplexity disabled) get 5: without a model the filters are the only judge. Rows
+    that fail a filter get 0.
     """
     scores = np.zeros(len(ifd), dtype=np.int64)
     have = passed & np.isfinite(ifd)
     scores[passed & ~np.isfinite(ifd)] = 5
     idx = np.flatnonzero(have)
     if len(idx):
-        order = idx[np.argsort(ifd[idx], kind="stable")]
-        quantile = np.arange(len(order)) / len(order)  # 0 = lowest IFD
+        order = idx[np.argsort(ifd_rank_key(ifd[idx]), kind="stable")]
+        quantile = np.arange(len(order)) / len(order)  # 0 = the best IFD
         scores[order] = 5 - np.minimum((quantile * 6).astype(np.int64), 5)
     return scores
 

@@ -22,6 +22,7 @@ def config(model_dir: str) -> PurgeMixConfig:
         purge_mix_hq_min_score=5,
         purge_mix_curation=False,
         purge_mix_max_ifd=None,
+        purge_mix_min_pair_similarity=None,  # a random model's hidden states: cosine says nothing, all 20 pairs
         purge_mix_num_clusters=1,
         purge_mix_representatives=40,
         purge_mix_max_fusions=20,
