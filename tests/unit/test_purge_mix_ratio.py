@@ -111,7 +111,7 @@ def test_pipeline_report_states_the_mix_and_fusions_show_the_cosine(tmp_path, mo
     angles = np.radians([0] * 6 + [0, 3, 90, 93, 180, 183])  # the LQ rows: three tight pairs
     vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
 
-    def fuse(jobs, pool, generator, config):
+    def fuse(jobs, pool, generator, config, verification=None):
         return [
             FusionResult(
                 sources=list(j.sources),
@@ -119,6 +119,7 @@ def test_pipeline_report_states_the_mix_and_fusions_show_the_cosine(tmp_path, mo
                 operators=[j.operator],
                 candidate={"instruction": f"Fused {k}?", "response": f"Fused answer {k}."},
                 accepted=True,
+                status="accepted",
             )
             for k, j in enumerate(jobs)
         ]

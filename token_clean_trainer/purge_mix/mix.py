@@ -117,7 +117,7 @@ def run_fusions(
     settings = VerifierSettings.from_config(config)
     verification = verification or VerificationCache(None, settings)
     results = [
-        FusionResult(sources=list(j.sources), cluster=j.cluster, similarity=getattr(j, "similarity", None))
+        FusionResult(sources=list(j.sources), cluster=j.cluster, similarity=j.similarity)
         for j in jobs
     ]
     operator = [j.operator for j in jobs]
