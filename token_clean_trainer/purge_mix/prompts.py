@@ -30,6 +30,14 @@ REWRITE_TASK = (
     "Rewrite the example into a better one: a clear, self-contained instruction and a correct, complete, helpful "
     "response."
 )
+# What the verifiers check, said up front: every factual sentence must be backed by the sources (grounding), and code
+# is run, so an example call with its output in a comment is what lets it be checked (an uncalled function proves
+# nothing). Asking for it costs a line of output; a rejected attempt costs a whole new one.
+VERIFIABLE = (
+    "Use only facts stated in the examples: add no names, numbers, titles or claims they do not contain. If the "
+    "answer has code, make it complete and runnable, and end it with an example call that prints a result, with "
+    "the exact printed output in a comment, e.g. `print(add(2, 3))  # 5`."
+)
 OUTPUT_FORMAT = (
     "Reply with the new example only, in this format (the two headings, then your text under each):\n"
     "### Instruction\n...\n### Response\n..."
@@ -137,7 +145,8 @@ def fusion_messages(
     if terms and any(terms):
         named = [f"Example {chr(ord('A') + n)}: {', '.join(t)}" for n, t in enumerate(terms) if t]
         content += f"Use key terms of each example ({'; '.join(named)}).\n"
-    content += "The new example must stand on its own: never mention the examples, Example A or Example B.\n\n"
+    content += "The new example must stand on its own: never mention the examples, Example A or Example B.\n"
+    content += VERIFIABLE + "\n\n"
     if problems is not None:  # a repair attempt
         content += "Your previous attempt was rejected. What failed:\n"
         content += "".join(f"- {problem}\n" for problem in problems)
