@@ -361,6 +361,14 @@ class PurgeMixConfig:
     purge_mix_llama_threads: int | None = field(
         default=None, metadata={"help": "CPU threads of the llama.cpp backend. None: every core."}
     )
+    purge_mix_llama_prompt_lookup: int | None = field(
+        default=None,
+        metadata={
+            "help": "llama.cpp only: draft this many tokens per step by prompt lookup (speculative decoding from "
+            "n-grams of the prompt, no second model). Off (None) by default; see benchmarks/README.md for when it "
+            "pays on CPU."
+        },
+    )
     purge_mix_base_url: str | None = field(
         default=None,
         metadata={"help": "Base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."},
@@ -454,6 +462,8 @@ class PurgeMixConfig:
             )
         if self.purge_mix_llama_threads is not None:
             _integer("purge_mix_llama_threads", self.purge_mix_llama_threads, minimum=1)
+        if self.purge_mix_llama_prompt_lookup is not None:
+            _integer("purge_mix_llama_prompt_lookup", self.purge_mix_llama_prompt_lookup, minimum=1)
         _integer("purge_mix_min_clusters", self.purge_mix_min_clusters, minimum=2)
         _integer("purge_mix_max_clusters", self.purge_mix_max_clusters, minimum=self.purge_mix_min_clusters)
         if self.purge_mix_num_clusters is not None:

@@ -278,20 +278,39 @@ class LlamaCppGenerator:
         n_threads (`int`, *optional*): CPU threads for both prompt processing and generation; `None` uses every
             core this process may run on (its CPU affinity, not the host's core count: llama-cpp-python's own
             default for prompt processing is the host's count, which oversubscribes a container or a CI runner).
+        prompt_lookup (`int`, *optional*): Draft this many tokens by prompt lookup (speculative decoding from
+            n-grams of the prompt); `None` decodes one token per step.
     """
 
     supports_json_schema = True
     name = "llama_cpp"
 
-    def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None, llama=None):
+    def __init__(
+        self,
+        model_path: str,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        llama=None,
+        prompt_lookup: int | None = None,
+    ):
         self.model_path = model_path
         self.identity = f"llama_cpp:{gguf_identity(model_path)}"
         if llama is None:
             from llama_cpp import Llama
 
             threads = n_threads or usable_cores()
+            draft = None
+            if prompt_lookup:  # speculative decoding whose drafts are n-grams of the prompt (no second model)
+                from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+                draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup)
             llama = Llama(
-                model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+                model_path=model_path,
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                draft_model=draft,
             )
         self.llm = llama
         self._answer_tokens: list[tuple[int, str]] | None = None

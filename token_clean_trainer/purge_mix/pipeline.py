@@ -215,6 +215,7 @@ class _Models:
                     resolve_gguf(c.purge_mix_model_name_or_path or EMBEDDED_MODEL),
                     n_ctx=c.purge_mix_llama_context,
                     n_threads=c.purge_mix_llama_threads,
+                    prompt_lookup=c.purge_mix_llama_prompt_lookup,
                 )
             elif choice == "vllm":
                 backend = VLLMGenerator(c.purge_mix_model_name_or_path)
