@@ -2,6 +2,7 @@
 not installable on CPU-only machines), the llama.cpp backend's request mapping against a fake `Llama`, and how
 `purge_mix_generator_backend="auto"` chooses."""
 
+import json
 import sys
 import types
 
@@ -168,3 +169,50 @@ def test_explicit_backends_need_a_model():
         PurgeMixConfig(purge_mix_generator_backend="llama_cpp").check_generator()
     with pytest.raises(ValueError, match="purge_mix_generator_backend"):
         PurgeMixConfig(purge_mix_generator_backend="llamacpp")
+
+
+def test_llama_cpp_judge_reads_the_first_tokens_distribution(tmp_path):
+    import numpy as np
+
+    vocab = {
+        b"yes": 1,
+        b"Yes": 2,
+        b" yes": 3,
+        b"no": 4,
+        b"No": 5,
+        b" No": 6,
+        b"YES": 7,
+        b"NO": 8,
+        b" Yes": 9,
+        b" no": 10,
+    }
+
+    class FakeLlama:
+        def __init__(self):
+            self.calls = []
+
+        def tokenize(self, text, add_bos=False, special=False):
+            return [vocab[text]] if text in vocab else [11, 12]
+
+        def create_chat_completion(self, **kwargs):
+            self.calls.append(kwargs)
+            logits = np.full(16, -30.0, dtype=np.float32)
+            logits[2], logits[5], logits[0] = 1.0, 0.0, 0.0  # "Yes" e times as likely as "No" or token 0
+            for processor in kwargs["logits_processor"]:
+                processor(np.array([0]), logits)
+            return {
+                "choices": [{"message": {"content": "Yes"}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 1},
+            }
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    fake = FakeLlama()
+    generator = CachedGenerator(LlamaCppGenerator(str(gguf), llama=fake), None)
+    reply = generator.generate([[{"role": "user", "content": "ok?"}]], stage="judge", answer_probs=True)[0]
+    mass = json.loads(reply.text)
+    e = np.e
+    assert mass["yes"] == pytest.approx(e / (e + 2), rel=1e-4) and mass["no"] == pytest.approx(1 / (e + 2), rel=1e-4)
+    assert fake.calls[0]["max_tokens"] == 1 and fake.calls[0]["temperature"] == 0.0
+    # A judge request has a cache key of its own: the same messages as a generation are not confused with it.
+    assert generator.key({"messages": [], "answer_probs": True}) != generator.key({"messages": []})

@@ -828,6 +828,9 @@ class CachedGenerator:
 
             def on_result(j: int, completion: Completion) -> None:
                 i = unique[j]
+                # A reply that is not valid text (lone surrogates from a server's JSON escapes) is made valid here,
+                # once, so the cache can store it and the checks reject it as broken characters, never crash on it.
+                completion.text = completion.text.encode("utf-8", "replace").decode("utf-8")
                 self._store(keys[i], completion)
                 with self._lock:
                     self._count(stage, completion, cached=False)
