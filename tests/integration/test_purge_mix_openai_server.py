@@ -122,3 +122,22 @@ def test_structured_output_falls_back_to_the_servers_form(server):
     assert set(CHECKLIST_SCHEMA["required"]) <= set(parsed)
     assert checklist_verdict(reply.text)[1] != ["checklist_unparsed"]
     assert client._schema_mode == 1  # json_schema refused (422), llama.cpp's json_object + schema accepted
+
+
+def test_the_judge_reads_the_same_probability_through_the_server_as_locally(server):
+    """One constrained token: the server's top logprobs and the local engine's full distribution give the same
+    P(yes) for the same GGUF and prompt (the answer words are among the server's top 20)."""
+    from token_clean_trainer.assets import embedded_gguf_path
+    from token_clean_trainer.purge_mix.generators import LlamaCppGenerator
+    from token_clean_trainer.purge_mix.verify.judge import judge_messages, judge_score
+
+    candidate = {"instruction": "What is the capital of France?", "response": "The capital of France is Paris."}
+    messages = [judge_messages(candidate)]
+    client = OpenAIGenerator(server, "smollm2", api_key_env="PURGE_MIX_UNSET_KEY", timeout=120, max_retries=1)
+    remote = CachedGenerator(client, None).generate(messages, stage="judge", answer_probs=True)[0]
+    local_engine = LlamaCppGenerator(embedded_gguf_path("smollm2"), n_ctx=2048, n_threads=1)
+    local = CachedGenerator(local_engine, None).generate(messages, stage="judge", answer_probs=True)[0]
+    p_remote, mass_remote = judge_score(remote.text)
+    p_local, mass_local = judge_score(local.text)
+    assert p_local is not None and p_remote is not None
+    assert abs(p_remote - p_local) < 0.02 and abs(mass_remote - mass_local) < 0.05
