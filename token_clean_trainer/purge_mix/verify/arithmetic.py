@@ -91,7 +91,7 @@ class _Token:
     sentence_start: bool = False
 
 
-def _number_words(words: list[str]) -> int | None:
+def words_to_number(words: list[str]) -> int | None:
     """The value of "twenty-one", "two hundred", "three thousand five hundred"; `None` if a word is not a number."""
     total = current = 0
     for word in words:
@@ -134,7 +134,7 @@ def _lex(line: str) -> list[_Token]:
             )
         elif kind == "word":
             parts = text.lower().split("-")
-            value = _number_words(parts) if all(p in NUMBER_WORDS for p in parts) else None
+            value = words_to_number(parts) if all(p in NUMBER_WORDS for p in parts) else None
             if value is not None:
                 token.kind, token.value = "num", sympy.Integer(value)
         if kind != "currency":
@@ -434,6 +434,29 @@ def find_calculations(text: str) -> list[dict[str, Any]]:
             if sentence.strip() and not _ASKS.search(sentence):
                 out.extend(_sentence_calculations(sentence))
     return out
+
+
+def expression_values(text: str) -> list[Any]:
+    """The exact value of every expression with an operator in the prose of `text`, questions included ("What is
+    15% of 200?" gives 30): numbers an answer may derive rather than invent."""
+    prose, _ = split_code(text)
+    values = []
+    for line in _BOLD.sub("", prose).splitlines():
+        tokens = _lex(_LIST_MARKER.sub("", line))
+        i = 0
+        while i < min(len(tokens), _MAX_TOKENS):
+            token, before = tokens[i], tokens[i - 1].text if i else ""
+            parser = _Parser(tokens[i:])
+            starts = token.kind == "num" or token.text == "(" or token.text.startswith("fn:")
+            if starts and before not in _BINARY and before != "^":
+                try:
+                    value, _ = parser.expr()
+                except _NoParse:
+                    parser.i = 0
+                if parser.ops and value.is_real and value.is_finite:
+                    values.append(value)
+            i += max(parser.i, 1)
+    return values
 
 
 def verify_arithmetic(candidate: dict[str, str], sources: list[dict[str, str]]) -> Verdict:
