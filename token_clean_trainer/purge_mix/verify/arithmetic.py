@@ -436,13 +436,14 @@ def find_calculations(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def expression_values(text: str) -> list[Any]:
-    """The exact value of every expression with an operator in the prose of `text`, questions included ("What is
-    15% of 200?" gives 30): numbers an answer may derive rather than invent."""
+def find_expressions(text: str) -> list[tuple[str, Any]]:
+    """`(as written, exact value)` of every expression with an operator in the prose of `text`, questions included
+    ("What is 15% of 200?" gives `("15% of 200", 30)`): numbers an answer may derive rather than invent."""
     prose, _ = split_code(text)
-    values = []
+    out = []
     for line in _BOLD.sub("", prose).splitlines():
-        tokens = _lex(_LIST_MARKER.sub("", line))
+        line = _LIST_MARKER.sub("", line)
+        tokens = _lex(line)
         i = 0
         while i < min(len(tokens), _MAX_TOKENS):
             token, before = tokens[i], tokens[i - 1].text if i else ""
@@ -454,9 +455,9 @@ def expression_values(text: str) -> list[Any]:
                 except _NoParse:
                     parser.i = 0
                 if parser.ops and value.is_real and value.is_finite:
-                    values.append(value)
+                    out.append((line[token.start : tokens[i + parser.i - 1].end], value))
             i += max(parser.i, 1)
-    return values
+    return out
 
 
 def verify_arithmetic(candidate: dict[str, str], sources: list[dict[str, str]]) -> Verdict:

@@ -1,8 +1,9 @@
 """The grounding verifier: the facts a fused pair states must come from its sources.
 
 The response's prose (code removed) is split into sentences and the factual claims among them (declaratives with
-content words; not questions, greetings, requests or transitions such as "Here is the code:") are scored against the
-evidence: the sources' instructions and responses, the new instruction, and the code the response itself shows.
+content words; not questions, greetings, requests, transitions such as "Here is the code:", nor sentences that explain
+the answer's own code, which the code verifier checks) are scored against the evidence: the sources' instructions
+and responses, the new instruction, and the code the response itself shows.
 
 - **Support** of a claim: the weighted share of its content words (normalised as the form checks do:
   [`checks.term_forms`], word families matched by [`checks.term_found`]) found in the evidence. A word weighs 1, a
@@ -10,13 +11,15 @@ evidence: the sources' instructions and responses, the new instruction, and the 
   the higher of that and the rescaled best cosine of the claim to one evidence text, so that a paraphrase passes.
 - **Names, titles and numbers** (capitalised words not opening a sentence, acronyms, quoted titles, digits and number
   words) that appear nowhere in the evidence are invented ("Frank Herbert" when no source names him). Numbers in
-  code, list and step numbers, 0 to 2, and numbers that a calculation derives are exempt.
-- **Blends**: when the two sources share no content word (unrelated chit-chat or trivia rows), one clause that ties
-  terms of one to terms of the other ("the Illuminatus trilogy features an alarm clock that turns into a crocodile")
-  states a relation neither source makes, unless some evidence text holds it or the clause compares the two.
+  code, list and step numbers, counts (0 to 2, spelled out up to ten, in the instruction up to 10) and the numbers of
+  a calculation or an expression are exempt.
+- **Blends**: when two sources share no content word (unrelated chit-chat or trivia rows), one clause that ties terms
+  of one to terms of the other ("the Illuminatus trilogy features an alarm clock that turns into a crocodile") states
+  a relation neither source makes, unless it compares the two or a clause of the instruction already ties them.
 
-The instruction is grounded the same way against the sources alone: its names, titles and numbers, its declarative
-sentences, and its blends (an invented premise such as a space movie asked of Jules Verne is a defect).
+The instruction is grounded the same way in the sources alone, so that an invented premise fails: a character or a
+title no source has, a declarative sentence the sources do not support, a blend ("Describe the Illuminatus trilogy
+with an alarm clock that turns into a crocodile").
 """
 
 import functools
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import normalize_term, split_code, term_forms, term_found
-from .arithmetic import NUMBER_WORDS, expression_values, find_calculations, words_to_number
+from .arithmetic import NUMBER_WORDS, find_calculations, find_expressions, words_to_number
 from .base import FAILED, NOT_APPLICABLE, PASSED, Verdict
 
 VERIFIER = "grounding"
@@ -91,10 +94,11 @@ _IMPERATIVES = frozenset(
     "state answer rewrite fix debug add sort print use consider imagine suppose please call run install check try "
     "read see note remember keep avoid replace change update modify test return pass store save open".split()
 )
-# Words that make a clause a comparison or a list of both subjects rather than a relation between them.
+# Words that make a clause a comparison of both subjects, or a question about how they relate, rather than a stated
+# relation between them.
 _COMPARES = re.compile(
     r"\b(?:compar\w*|contrast\w*|differ\w*|distinguish\w*|similar\w*|versus|vs|both|between|unlike|like|same|"
-    r"whereas|while|whilst|instead|rather|than|not)\b",
+    r"whereas|while|whilst|instead|rather|than|not|relat\w*|connect\w*|combin\w*|together)\b",
     re.IGNORECASE,
 )
 _CLAUSE = re.compile(
@@ -178,7 +182,7 @@ class _Evidence:
         for label, text in units:
             self.numbers.update(value for _, values in _numbers(text) for value in values)
             if label != "response code":
-                self.numbers.update(Fraction(str(v)) for v in expression_values(text) if v.is_Rational)
+                self.numbers.update(Fraction(str(v)) for _, v in find_expressions(text) if v.is_Rational)
         # Where a relation between two unrelated sources may be stated: one clause of the instruction, or the code.
         self.clause_terms = [
             {norm for norm, _ in term_forms(clause)}
@@ -215,6 +219,9 @@ def _name_phrases(sentence: str) -> list[tuple[str, bool]]:
         next_capital = i + 1 < len(words) and words[i + 1][:1].isupper()
         acronym = word[:1].isupper() and sum(c.isupper() for c in word) >= 2
         if word[:1].isupper() and (not initial or acronym or next_capital):
+            # "Did Frank Herbert ...", "Compare Homer and ...": a question word or a request opens no name.
+            if initial and not acronym and (word.lower() in _IMPERATIVES or not term_forms(word)):
+                continue
             opens = opens or (initial and not current)
             current.append(word)
             continue
@@ -303,9 +310,19 @@ def _name_findings(field: str, text: str, evidence: _Evidence) -> list[dict[str,
         out.setdefault((kind, written), {"field": field, "kind": kind, "text": written, "grounded": grounded})
 
     # A calculation's operands and result are the arithmetic verifier's to check, not facts to find in a source.
-    derived = {value for calc in find_calculations(text) for _, values in _numbers(calc["text"]) for value in values}
+    spans = [calc["text"] for calc in find_calculations(text)] + [span for span, _ in find_expressions(text)]
+    derived = {value for span in spans for _, values in _numbers(span) for value in values}
     for sentence in prose_sentences(text):
+        titles = []
+        for match in _TITLE.finditer(sentence):
+            title = (match.group(1) or match.group(2)).strip()
+            words = [norm for norm, _ in term_forms(title)]
+            if words and len(title.split()) <= 8:
+                titles.append(title)
+                add("title", title, all(term_found(norm, evidence.terms) for norm in words))
         for phrase, opens in _name_phrases(sentence):
+            if any(phrase in title for title in titles):
+                continue
             # A capital that opens the sentence may be any word ("Compare Homer and ..."): in a run it is not required.
             first = phrase.split()[0] if opens and " " in phrase else None
             words = [
@@ -315,14 +332,11 @@ def _name_findings(field: str, text: str, evidence: _Evidence) -> list[dict[str,
             ]
             if words:
                 add("name", phrase, all(term_found(norm, evidence.terms) for norm in words))
-        for match in _TITLE.finditer(sentence):
-            title = (match.group(1) or match.group(2)).strip()
-            words = [norm for norm, _ in term_forms(title)]
-            if words and len(title.split()) <= 8:
-                add("title", title, all(term_found(norm, evidence.terms) for norm in words))
         for written, values in _numbers(sentence):
             step = re.search(rf"\b(?:{'|'.join(_STEP_WORDS)})s?\s+{re.escape(written)}\b", sentence, re.IGNORECASE)
-            if step or all(value <= 2 for value in values) or all(value in derived for value in values):
+            # Counts are the answer's own structure ("three ways", "two lists") or the task's size ("list 5 primes").
+            small = 10 if field == "instruction" or written.isalpha() else 2
+            if step or all(value <= small for value in values) or all(value in derived for value in values):
                 continue
             written_there = re.search(rf"(?<![\d.]){re.escape(written)}(?!\d)", evidence.text) is not None
             add("number", written, written_there or all(value in evidence.numbers for value in values))
@@ -381,7 +395,8 @@ def _analyse(candidate, sources, embed: Embed | None) -> tuple[list[dict[str, An
             about_code = field == "response" and _describes_code(sentence, code_words)
             row = {"field": field, "sentence": sentence, "claim": is_claim(sentence) and not about_code}
             row.update(about_code=about_code, lexical=None)
-            row.update(embedding=None, support=None, missing=[], blend=_blend(sentence, found, pairs, evidence))
+            blend = None if about_code else _blend(sentence, found, pairs, evidence)
+            row.update(embedding=None, support=None, missing=[], blend=blend)
             if row["claim"]:
                 lexical, row["missing"] = _lexical(_weighted_terms(_LEAD_IN.sub("", sentence), found), evidence)
                 row["lexical"] = row["support"] = round(lexical, 3)
@@ -409,8 +424,9 @@ def sentence_support(
             `None` scores words only. See [`minilm_embedder`].
 
     Returns:
-        `list[dict]`: `{"field", "sentence", "claim", "lexical", "embedding", "support", "missing", "blend"}` per
-        sentence: `claim` whether it states a fact (scores are `None` when not), `lexical` the weighted share of its
+        `list[dict]`: `{"field", "sentence", "claim", "about_code", "lexical", "embedding", "support", "missing",
+        "blend"}` per sentence: `claim` whether it states a fact (scores are `None` when not; `about_code` when it
+        explains the response's own code and is therefore not one), `lexical` the weighted share of its
         content words in the evidence, `embedding` the best cosine to one evidence text, `support` the higher of
         `lexical` and the rescaled cosine, `missing` the content words the evidence lacks, `blend` the clause that
         ties two unrelated sources together (or `None`). A response is grounded in the sources, the instruction and
