@@ -30,7 +30,8 @@ def _pair(response: str, instruction: str = "Work out the numbers.") -> dict[str
         "$5 + $3 = $8",
         "0.1 + 0.2 = 0.3",
         "2/3 = 0.67",
-        "2/3 = 0.6",  # truncated to the stated precision
+        "2/3 = 0.6",  # truncated to the stated decimals
+        "The square root of 2 is approximately 1.41.",
         "10 / 3 is approximately 3.3",
         "22/7 ≈ 3.14",
         "The square root of 16 is 4.",
@@ -61,6 +62,9 @@ def test_right_calculations_are_found_and_pass(text):
         ("three plus four is eight", "7"),
         ("2/3 = 0.5", "0.6666666667 (2/3)"),
         ("5 km + 3 km = 9 km", "8"),
+        ("The square root of 2 is 1.5.", "1.414213562"),  # neither rounded nor truncated
+        ("2^4000 = 2^4000 + 1", "1.318204093e+1204"),  # exact, however large
+        ("10 / 4 = 2", "2.5 (5/2)"),
     ],
 )
 def test_wrong_calculations_fail(text, computed):

@@ -136,6 +136,17 @@ def test_an_invented_premise_in_the_instruction_fails():
     assert verdict.status == FAILED and "the instruction cites the title" in verdict.reason
 
 
+def test_an_unsupported_statement_in_the_instruction_fails():
+    candidate = _pair(
+        "Dune is a novel about time travel. Summarise the first three Dune novels.",
+        "The first three Dune novels are the best ones.",
+    )
+    verdict = verify_grounding(candidate, [HERBERT, WATCH])
+    assert verdict.status == FAILED
+    assert verdict.reason.startswith('the instruction states "Dune is a novel about time travel."')
+    assert [row["claim"] for row in verdict.details["sentences"] if row["field"] == "instruction"] == [True, False]
+
+
 def test_an_invented_name_fails_and_the_same_name_in_a_source_passes():
     sources = [{"instruction": "dune", "response": "I liked the first Dune novels."}, WATCH]
     candidate = _pair("Who wrote the Dune novels?", "The Dune novels were written by Frank Herbert.")
@@ -183,6 +194,14 @@ def test_names_that_are_not_inventions_raise_no_alarm():
     names = {name["text"]: name["grounded"] for name in verdict.details["names"]}
     # "Compare" opens the sentence; "I" and "Monday" are common capitals; Python and JavaScript are in the evidence.
     assert names == {"JavaScript": True, "Python": True}
+    opening = _pair(
+        "Tell me about the Dune novels.",
+        "Honestly, the first three Dune novels are the best. Reading Dune once every three years is my habit.",
+    )
+    verdict = verify_grounding(opening, [HERBERT, WATCH])
+    assert {name["text"] for name in verdict.details["names"] if not name["grounded"]} == set()
+    acronym = _pair("Tell me about the Dune novels.", "The first three Dune novels were adapted by NASA.")
+    assert 'names "NASA"' in verify_grounding(acronym, [HERBERT, WATCH]).reason
 
 
 def test_code_only_and_chit_chat_without_facts_are_not_applicable():

@@ -367,23 +367,24 @@ def _decimals(text: str) -> int:
 
 
 def _agrees(computed, stated, stated_text: str, approximate: bool) -> bool:
-    """Equal, or equal to the precision the text states: "2/3 = 0.67" and "= 0.66", "22/7 ≈ 3.14"."""
-    diff = abs(float(sympy.N(computed - stated, 30)))
-    scale = max(1.0, abs(float(sympy.N(stated, 30))))
-    decimals = _decimals(stated_text)
+    """Equal, or rounded or truncated to the decimals the text states ("2/3 = 0.67", "2/3 = 0.66", not "= 0.65");
+    within 1% with a word of approximation ("22/7 ≈ 3.14"). Compared exactly, never in floats."""
+    diff = abs(computed - stated)
+    unit = sympy.Rational(1, 10 ** _decimals(stated_text))
     if approximate:
-        return diff <= max(0.01 * scale, 0.5 * 10.0**-decimals)
-    if decimals:
-        return diff < 10.0**-decimals
-    return diff <= 1e-9 * scale
+        return bool(diff <= max(abs(stated) / 100, unit / 2))
+    if unit < 1 or not computed.is_Rational:
+        truncated = 0 <= (computed - stated) * sympy.sign(computed) < unit
+        return bool(diff <= unit / 2 or truncated)
+    return bool(diff == 0)
 
 
 def _show(value) -> str:
-    if value.is_Integer:
+    if value.is_Integer and len(str(value)) <= 30:
         return str(value)
     if value.is_Rational and len(str(value)) <= 12:
         return f"{float(value):.10g} ({value})"
-    return f"{float(sympy.N(value, 15)):.10g}"
+    return str(sympy.N(value, 10))
 
 
 def _sentence_calculations(sentence: str) -> list[dict[str, Any]]:
