@@ -114,7 +114,7 @@ def normalize_term(word: str) -> str:
     return w
 
 
-def _term_forms(text: str) -> list[tuple[str, str]]:
+def term_forms(text: str) -> list[tuple[str, str]]:
     """`(normalised, surface)` of every content word of `text`: >= 3 letters and not a stop word, or an acronym of
     >= 2 capitals ("AI", "GPU", "USB3")."""
     out = []
@@ -131,7 +131,7 @@ def _term_forms(text: str) -> list[tuple[str, str]]:
 def key_terms(text: str, limit: int = 12) -> list[str]:
     """Normalised content words of `text` (see `normalize_term`), most frequent first, ties in order of appearance."""
     counts: dict[str, int] = {}
-    for norm, _ in _term_forms(text):
+    for norm, _ in term_forms(text):
         counts[norm] = counts.get(norm, 0) + 1
     return sorted(counts, key=lambda w: -counts[w])[:limit]
 
@@ -145,7 +145,7 @@ def common_terms(rows: list[dict[str, str]], share: float = 0.05, minimum: int =
     """
     counts: dict[str, int] = {}
     for row in rows:
-        for norm in {norm for norm, _ in _term_forms(row["instruction"] + "\n" + row["response"])}:
+        for norm in {norm for norm, _ in term_forms(row["instruction"] + "\n" + row["response"])}:
             counts[norm] = counts.get(norm, 0) + 1
     threshold = max(minimum, share * len(rows))
     return frozenset(norm for norm, n in counts.items() if n >= threshold)
@@ -161,10 +161,10 @@ def source_key_terms(
     counts: dict[str, int] = {}
     surface: dict[str, str] = {}
     prose = [(2, _CODE.sub(" ", source["instruction"])), (1, _CODE.sub(" ", source["response"]))]
-    if not any(_term_forms(text) for _, text in prose):
+    if not any(term_forms(text) for _, text in prose):
         prose = [(2, source["instruction"]), (1, source["response"])]
     for weight, text in prose:
-        for norm, word in _term_forms(text):
+        for norm, word in term_forms(text):
             counts[norm] = counts.get(norm, 0) + weight
             surface.setdefault(norm, word)
     ranked = sorted(counts, key=lambda w: -counts[w])
@@ -187,7 +187,8 @@ def _shares_stem(a: str, b: str) -> bool:
     return n >= len(short) - 1 and len(long) - n <= 5
 
 
-def _found(term: str, present: set[str]) -> bool:
+def term_found(term: str, present: set[str]) -> bool:
+    """Whether the normalised `term`, or a term of its word family (see `_shares_stem`), is in `present`."""
     return term in present or any(_shares_stem(term, other) for other in present)
 
 
@@ -206,7 +207,7 @@ def key_term_coverage(
     sources lack, at least one of those: one generic word shared by both sources never covers both. The requirement
     is proportional to the source: a chit-chat row with two key terms needs one of them, a row with six needs two.
     """
-    present = {norm for norm, _ in _term_forms(text)}
+    present = {norm for norm, _ in term_forms(text)}
     terms = [source_key_terms(src, limit, common) for src in sources]
     out = []
     for i, mine in enumerate(terms):
@@ -214,10 +215,10 @@ def key_term_coverage(
             continue
         others = {norm for j, theirs in enumerate(terms) if j != i for norm, _ in theirs}
         distinct = [norm for norm, _ in mine if norm not in others]
-        found = [norm for norm, _ in mine if _found(norm, present)]
+        found = [norm for norm, _ in mine if term_found(norm, present)]
         required = min(len(mine), max(1, math.ceil(coverage * len(mine))))
-        if len(found) < required or (distinct and not any(_found(norm, present) for norm in distinct)):
-            missing = [word for norm, word in mine if not _found(norm, present)]
+        if len(found) < required or (distinct and not any(term_found(norm, present) for norm in distinct)):
+            missing = [word for norm, word in mine if not term_found(norm, present)]
             out.append((i, missing, required))
     return out
 
@@ -251,6 +252,14 @@ def copied_passage(text: str, source: str, min_words: int) -> str | None:
 
 
 _CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
+
+
+def split_code(text: str) -> tuple[str, str]:
+    """`(prose, code)` of `text`: the prose with each fenced block and inline code span replaced by a space, and the
+    code those held, one span a line."""
+    return _CODE.sub(" ", text or ""), "\n".join(m.group(0).strip("`") for m in _CODE.finditer(text or ""))
+
+
 _PART = re.compile(r"(?:^|\n|[\s(])(?:part\s+|step\s+)?\(?([1-9])[.):]\s", re.IGNORECASE)
 _ORDINAL = {"first": "1", "second": "2", "third": "3", "firstly": "1", "secondly": "2"}
 _COMPARE_ASK = re.compile(r"\b(?:compar\w*|contrast\w*|differ\w*|distinguish\w*|versus|vs\.?|similar\w*)", re.I)
