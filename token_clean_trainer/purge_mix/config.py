@@ -311,7 +311,7 @@ class PurgeMixConfig:
         },
     )
     purge_mix_grounding_min_support: float = field(
-        default=0.5,
+        default=0.7,
         metadata={
             "help": "Support (0..1) a factual sentence needs from the sources and the instruction; fixed on the "
             "labelled gold set (benchmarks/bench_purge_verifiers.py)."

@@ -32,7 +32,7 @@ class VerifierSettings:
     code_timeout: float = 5.0
     arithmetic: bool = True
     grounding: bool = True
-    grounding_min_support: float = 0.5
+    grounding_min_support: float = 0.7
     judge: bool = True
     judge_threshold: float = 0.5
 
