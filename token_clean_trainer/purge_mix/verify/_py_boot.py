@@ -119,9 +119,13 @@ class Probes(ast.NodeTransformer):
         if probe is None:
             return node
         pid = ast.Constant(probe["id"])
-        if probe["kind"] == "value" and isinstance(node, ast.Expr):
-            return ast.copy_location(self._call("__tcv_value", pid, node.value), node)
-        if probe["kind"] == "value" and isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+        if probe["kind"] in ("value", "both") and isinstance(node, ast.Expr):
+            shown = ast.copy_location(self._call("__tcv_value", pid, node.value), node)
+            if probe["kind"] == "value":
+                return shown
+            begin, end = self._call("__tcv_begin", pid), self._call("__tcv_end", pid)
+            return [ast.copy_location(begin, node), shown, ast.copy_location(end, node)]
+        if probe["kind"] == "value" and isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign) and node.value:
             target = node.targets[0] if isinstance(node, ast.Assign) else node.target
             return [node, ast.copy_location(self._call("__tcv_value", pid, _load(target)), node)]
         begin, end = self._call("__tcv_begin", pid), self._call("__tcv_end", pid)

@@ -116,9 +116,7 @@ def sandbox_available() -> tuple[bool, str]:
         return False, f"the sandbox needs Linux namespaces; this is {sys.platform}"
     if shutil.which(UNSHARE) is None:
         return False, f"`{UNSHARE}` (util-linux) is not on PATH: no network isolation, so code is not run"
-    probe = _run_python(
-        "import os\nprint(6 * 7, os.getpid())", probes=(), expressions=(), timeout=10.0, checked=False
-    )
+    probe = _run_python("import os\nprint(6 * 7, os.getpid())", probes=(), expressions=(), timeout=10.0, checked=False)
     if probe.kind != OK or probe.stdout.split() != ["42", "1"]:
         reason = probe.reason or probe.stderr.strip()[-200:] or probe.stdout.strip()[-200:]
         return False, f"`{UNSHARE} -rnm --pid` cannot confine a program here ({probe.kind}: {reason})"
@@ -313,6 +311,8 @@ def _instrument_js(source: str, probes: Sequence[dict], expressions: Sequence[st
         pid = json.dumps(str(probe["id"]))
         if probe["kind"] == "output":
             new = f"{{ __tcv_begin({pid}); {body}; __tcv_end({pid}); }}"
+        elif probe["kind"] == "both":  # what the call prints, and its value
+            new = f"{{ __tcv_begin({pid}); __tcv_value({pid}, ({body})); __tcv_end({pid}); }}"
         elif probe.get("name"):
             new = f"{body}; __tcv_value({pid}, {probe['name']});"
         else:
@@ -346,7 +346,11 @@ _PY_LINE = re.compile(r'File "<snippet>", line (\d+)')
 _JS_LINE = re.compile(r"program\.m?js:(\d+)")
 _MISSING_PY = re.compile(r"^ModuleNotFoundError: No module named '([^']+)'", re.MULTILINE)
 _MISSING_JS = re.compile(r"Cannot find (?:module|package) '([^']+)'")
-_JS_DENIED = {"FileSystemWrite": "writes files", "ChildProcess": "starts a process", "WorkerThreads": "starts a process"}
+_JS_DENIED = {
+    "FileSystemWrite": "writes files",
+    "ChildProcess": "starts a process",
+    "WorkerThreads": "starts a process",
+}
 _OS_DENIED = (
     (re.compile(r"Read-only file system|EROFS"), "writes files"),
     (re.compile(r"\bconnect EPERM|\bsocket\b.*Operation not permitted|EPERM.*socket"), "opens a socket"),
@@ -372,7 +376,7 @@ def _error_line(stderr: str, language: str) -> str:
         else:
             message = named[0] if named else next((x for x in reversed(lines) if not x.startswith("Node.js v")), "")
         where = _JS_LINE.findall(stderr)[:1]
-    message = message.strip()[:300]
+    message = re.sub(r"\S*tct-sandbox-[^/\s]+/", "", message).strip()[:300]  # the temporary folder means nothing later
     return f"{message} (line {where[-1]})" if where else message
 
 
@@ -485,7 +489,9 @@ def run_javascript(
     return _result("javascript", returncode, out, err, limit, seconds, nonce, timeout)
 
 
-def run_tool(argv: Sequence[str], files: dict[str, str], *, timeout: float = DEFAULT_TIMEOUT) -> RunResult:
+def run_tool(
+    argv: Sequence[str], files: dict[str, str], *, timeout: float = DEFAULT_TIMEOUT, memory_mb: int = TOOL_MEMORY_MB
+) -> RunResult:
     """
     Runs a trusted parser (`bash -n`, `gcc -fsyntax-only`) on untrusted files in the sandbox: the same namespaces,
     read-only mounts and limits, but processes may be started (gcc runs cc1). `{root}` in `argv` is the folder
@@ -494,7 +500,6 @@ def run_tool(argv: Sequence[str], files: dict[str, str], *, timeout: float = DEF
     refused = _refused(True)
     if refused:
         return refused
-    returncode, out, err, limit, seconds = _execute(
-        list(argv), files, timeout=timeout, memory_mb=TOOL_MEMORY_MB, mode="tool"
-    )
+    argv = [shutil.which(argv[0]) or argv[0], *argv[1:]]  # the launcher execs a path, it does not search PATH
+    returncode, out, err, limit, seconds = _execute(argv, files, timeout=timeout, memory_mb=memory_mb, mode="tool")
     return _result("tool", returncode, out, err, limit, seconds, "-", timeout)
