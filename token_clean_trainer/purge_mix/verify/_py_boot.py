@@ -26,6 +26,11 @@ NEEDS_INPUT_EXIT = 114
 
 _PROCESS = ("os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen")
 _PROCESS_EVENTS = dict.fromkeys(_PROCESS, "starts a process") | {"os.startfile": "starts a process"}
+# Name lookups too: they are the first step of every connection, and would only fail here with a misleading error.
+_SOCKET_EVENTS = frozenset(
+    ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
+     "socket.gethostbyaddr", "socket.getnameinfo")
+)  # fmt: skip
 _NATIVE_EVENTS = frozenset(("ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function"))
 # Audit events that change the file system, and which of their arguments are the paths changed.
 _PATH_EVENTS = {
@@ -79,7 +84,7 @@ class Sandbox:
             # AF_UNIX socket pairs stay inside the process (asyncio's event loop makes one); network families do not.
             if args[1] != socket.AF_UNIX:
                 self.stop("opens a socket", event)
-        elif event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg"):
+        elif event in _SOCKET_EVENTS:
             self.stop("opens a socket", event)
         elif event in _NATIVE_EVENTS:
             self.stop("loads native code", event)

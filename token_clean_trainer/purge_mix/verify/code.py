@@ -18,6 +18,7 @@ sandbox is unavailable (then nothing is executed).
 """
 
 import ast
+import dataclasses
 import doctest
 import io
 import json
@@ -56,9 +57,10 @@ _PARSERS = {
     "cpp": ("cpp", ["g++", "-fsyntax-only", "-w", "-x", "c++", "-std=c++17", "{root}/program.cpp"]),
 }
 _OPEN_FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})\s*\{?\.?(?P<tag>[\w+#.-]*)[^\n`]*$")
+# The line before an output block: "Output:", "This prints:", "You should see:", "Result:" (alone).
 _OUTPUT_LEAD = re.compile(
-    r"(?:\boutput\b|\bprints?\b|\bprinted\b|\bresult\b|\bdisplays?\b|\byou(?:'ll| will| should) see\b|\bproduces?\b"
-    r"|\bgives?\b|\blogs?\b|\bconsole\b)[^\n]*:\s*\**\s*$",
+    r"^.{0,80}(?:\boutputs?\b|\bprints?\b|\bprinted\b|\bdisplays?\b|\byou(?:'ll| will| should) see\b|\blogs?\b)[^\n]*:$"
+    r"|^\W*results?\W*:$",
     re.IGNORECASE,
 )
 _NONDETERMINISTIC = {
@@ -99,6 +101,7 @@ class Program:
     probes: list[dict] = field(default_factory=list)
     claims: list[dict] = field(default_factory=list)
     expressions: list[str] = field(default_factory=list)
+    where: Any = None  # line of the program -> "block 2, line 3", for the reader
 
 
 def _infer_language(code: str) -> str:
@@ -145,8 +148,8 @@ def code_blocks(text: str) -> list[Block]:
             j += 1
         code = "\n".join(body)
         lead = next((line for line in reversed(lines[max(0, i - 2) : i]) if line.strip()), "")
-        output = tag in _NOT_CODE or not tag
-        output = output and bool(_OUTPUT_LEAD.search(lead.replace("*", "").replace("_", " ").rstrip()))
+        lead = lead.replace("*", "").replace("_", " ").strip()
+        output = (tag in _NOT_CODE or not tag and not _infer_language(code)) and bool(_OUTPUT_LEAD.search(lead))
         language = "" if tag in _NOT_CODE or output else _TAGS.get(tag, tag if tag else _infer_language(code))
         blocks.append(Block(language, tag, code, starts[i], starts[min(j + 1, len(lines))], output))
         i = j + 1
@@ -225,6 +228,11 @@ def _simple_statements(tree: ast.AST) -> dict[int, ast.stmt]:
     return ends
 
 
+def _assigned_name(node: ast.AST | None) -> str | None:
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return targets[0].id if len(targets) == 1 and isinstance(targets[0], ast.Name) else None
+
+
 def _comments(source: str) -> list[tuple[int, str, bool]]:
     """`(line, text, trailing)` of each comment; trailing: code precedes it on its line."""
     try:
@@ -264,8 +272,8 @@ def _python_claims(source: str, tree: ast.AST, where) -> tuple[list[dict], list[
         if index in skip:
             continue
         if trailing:
-            node, claimed = statements.get(line), claims_lib.comment_claim(text)
-            standalone = False
+            node = statements.get(line)
+            claimed, standalone = claims_lib.comment_claim(text, name=_assigned_name(node)), False
         else:
             previous = next((n for n in range(line - 1, 0, -1) if lines[n - 1].strip()), 0)
             node = statements.get(previous) if previous and not lines[previous - 1].lstrip().startswith("#") else None
@@ -368,7 +376,7 @@ def _python_programs(blocks: list[Block], indexes: list[int]) -> tuple[list[Prog
         for n, (_, _, wants) in enumerate(group):
             more = _repl_claims(tree, wants, offsets[n] - 1, where, len(claims))
             probes, claims = probes + more[0], claims + more[1]
-        programs.append(Program(source, [k for k, _, _ in group], probes, claims))
+        programs.append(Program(source, [k for k, _, _ in group], probes, claims, where=where))
     return programs, None
 
 
@@ -434,7 +442,7 @@ def _js_statement(code: str, previous: str) -> tuple[str, int, int, str | None] 
 
 def _js_claims(source: str, where) -> tuple[list[dict], list[dict]]:
     """Probes and claims of the `//` comments of a JavaScript program (on a statement's line or under it)."""
-    lines = _js_lines(source)
+    lines, raw = _js_lines(source), source.split("\n")
     probes, claims, probed, previous_code, skip = [], [], {}, "", set()
     statements = {}
     for number, (code, _, complete) in enumerate(lines, 1):
@@ -448,9 +456,11 @@ def _js_claims(source: str, where) -> tuple[list[dict], list[dict]]:
         if index in skip:
             continue
         if trailing:
-            target, claimed, standalone = line, claims_lib.comment_claim(text), False
+            name = statements[line][3] if line in statements else None
+            target, claimed, standalone = line, claims_lib.comment_claim(text, name=name), False
         else:
-            target = next((n for n in range(line - 1, 0, -1) if lines[n - 1][0].strip()), 0)
+            target = next((n for n in range(line - 1, 0, -1) if raw[n - 1].strip()), 0)
+            target = target if target and lines[target - 1][0].strip() else 0  # under code, not under a comment
             found = _following_claim(comment_lines, index) if target in statements else None
             claimed, standalone = (found[0], True) if found else (None, False)
             skip.update(range(index, index + (found[1] if found else 1)))
@@ -493,7 +503,7 @@ def _js_programs(blocks: list[Block], indexes: list[int], timeout: float) -> tup
             return (f"block {group[n] + 1}, " if len(indexes) > 1 else "") + f"line {line - offsets[n] + 1}"
 
         probes, claims = _js_claims(source, where)
-        programs.append(Program(source, [indexes[n] for n in group], probes, claims))
+        programs.append(Program(source, [indexes[n] for n in group], probes, claims, where=where))
     return programs, None
 
 
@@ -588,15 +598,46 @@ def _run(language: str, program: Program, timeout: float) -> sandbox.RunResult:
     return result
 
 
+_EXPECTS_ERROR = re.compile(r"\b(?:raises?|raised|throws?|thrown|errors?|exceptions?|fails?|crash\w*)\b", re.I)
+
+
+def _error_at(program: Program, result: sandbox.RunResult) -> tuple[int | None, str]:
+    """The program line of a run's error and its reason with that line named for the reader ("block 2, line 3")."""
+    found = re.search(r"\(line (\d+)\)$", result.reason)
+    if not found or program.where is None:
+        return None, result.reason
+    line = int(found.group(1))
+    return line, result.reason[: found.start()] + f"({program.where(line)})"
+
+
+def _expected_error(program: Program, line: int | None) -> bool:
+    """Whether the code says that its failing line fails: a comment on it, or just above or below it, that names
+    an error ("# raises ZeroDivisionError", "// throws"). A demonstration of an exception is not a wrong program."""
+    if line is None:
+        return False
+    lines = program.source.split("\n")
+    near = [lines[n - 1] for n in (line - 1, line, line + 1) if 0 < n <= len(lines)]
+    comments = [re.split(r"#|//", text, maxsplit=1)[1] for text in near if re.search(r"#|//", text)]
+    return any(_EXPECTS_ERROR.search(comment) for comment in comments)
+
+
 def _outcome(language: str, program: Program, result: sandbox.RunResult, timeout: float) -> tuple[str, str]:
     """`(status, reason)` of a run that did not end normally."""
     reads_input = bool(_READS_INPUT[language].search(program.source))
+    missing_file = re.search(r"FileNotFoundError|ENOENT|No such file or directory", result.reason)
     if result.kind == sandbox.SANDBOX_UNAVAILABLE:
         return UNVERIFIED, f"cannot run code here: {result.reason}"
     if result.kind == sandbox.MISSING_MODULE:
         return UNVERIFIED, f"cannot check here: {result.reason}"
     if result.kind == sandbox.NEEDS_INPUT or (reads_input and result.kind == sandbox.ERROR):
         return UNVERIFIED, "cannot check here: the program reads input (stdin or command-line arguments)"
+    if result.kind == sandbox.ERROR and missing_file:
+        return UNVERIFIED, f"cannot check here: the program reads a file that is not part of it ({result.reason})"
+    if result.kind == sandbox.ERROR:
+        line, reason = _error_at(program, result)
+        if _expected_error(program, line):
+            return PASSED, ""
+        return FAILED, f"the program fails: {reason}"
     if result.kind == sandbox.FORBIDDEN:
         return FAILED, f"the program {result.reason}, which the sandbox does not allow ({result.detail[:120]})"
     if result.kind in _LIMIT_WORDS:
@@ -616,16 +657,22 @@ def _judge(language: str, programs: list[Program], results: list[sandbox.RunResu
     for program, result in zip(programs, results):
         if result.kind != sandbox.OK:
             status, reason = _outcome(language, program, result, timeout)
-            stderr_tail = result.stderr.strip().splitlines()[-3:]
-            return Verdict(name, status, reason, {**details, "stderr": "\n".join(stderr_tail)[-500:]})
+            details["stderr"] = "\n".join(result.stderr.strip().splitlines()[-3:])[-500:]
+            if status != PASSED:
+                return Verdict(name, status, reason, details)
+            details["expected_error"] = result.reason
+    # Output blocks and prose about the output are about everything the language's code prints.
+    everything = dataclasses.replace(results[-1], stdout="".join(r.stdout for r in results))
     checked = []
     for program, result in zip(programs, results):
         unstable = bool(_NONDETERMINISTIC[language].search(program.source))
-        checked += [_check(claim, result, unstable) for claim in program.claims]
+        for claim in program.claims:
+            whole = claim["source"] == "output block" or claim["source"] == "prose" and claim["kind"] == "output"
+            checked.append(_check(claim, everything if whole else result, unstable))
     details["claims"] = [{k: v for k, v in c.items() if k not in ("id", "whole_output")} for c in checked]
     details["claims_checked"] = sum(c["status"] != "unchecked" for c in checked)
     details["executed_calls"] = any(_ran_calls(language, p, r) for p, r in zip(programs, results))
-    details["stdout"] = "".join(r.stdout for r in results)[:1000]
+    details["stdout"] = everything.stdout[:1000]
     mismatches = [c for c in checked if c["status"] == "mismatch"]
     if mismatches:
         more = f" (and {len(mismatches) - 1} more wrong claim(s))" if len(mismatches) > 1 else ""

@@ -26,8 +26,9 @@ _WORD_VALUES = {"true", "false", "none", "null", "undefined", "nan", "infinity",
 _NUMBER = re.compile(r"[-+]?(?:\d[\d_]*)?\.?\d+(?:[eE][-+]?\d+)?j?")
 _NUMBERS = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s*,?\s*[-+]?\d+(?:\.\d+)?)+")
 _PAIRS = {"[": "]", "(": ")", "{": "}", '"': '"', "'": "'", "`": "`"}
-# What a claim may not be compared with: an object's address, which changes on every run.
-_ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]+")
+# What a claim cannot be compared with: an object's address (it changes on every run), node's abbreviations of deep
+# or long values.
+_ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]+|\[Object\]|\[Array\]|\.\.\. \d+ more items?")
 
 
 def looks_like_value(text: str) -> bool:
@@ -42,28 +43,44 @@ def looks_like_value(text: str) -> bool:
         return True
     if re.fullmatch(r"(?:Set|Map)\(\d+\) \{.*\}", text):
         return True
-    return len(text) >= 2 and _PAIRS.get(text[0]) == text[-1]
+    if len(text) < 2 or _PAIRS.get(text[0]) != text[-1]:
+        return False
+    if text[0] in "[({":  # brackets around data, not around a remark ("(this is the slow part)")
+        unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "''", text[1:-1])
+        return not re.search(r"[A-Za-z]+\s+[A-Za-z]+\s+[A-Za-z]+", unquoted)
+    return True
 
 
-def comment_claim(comment: str, *, bare: bool = True) -> str | None:
+# A remark after the value: "7 (3 + 4)", "True because 7 is prime", "5 -- the sum".
+_REMARK = re.compile(r"\s+(?:\(.*\)|(?:because|since|as|which|i\.e\.|e\.g\.|--|—|-)\s.*)$", re.IGNORECASE)
+
+
+def _without_remark(value: str) -> str:
+    head = _REMARK.sub("", value)
+    return head if head != value and looks_like_value(head) else value
+
+
+def comment_claim(comment: str, *, name: str | None = None) -> str | None:
     """
-    The value a code comment claims (`"5"` for `# Output: 5`), `""` for a marker that announces the value on the
-    next comment lines (`# Output:`), or `None` when the comment is not a claim. `bare=False` ignores unmarked
-    literals (`# 5`), for comments that are not on or under a statement whose value they could be.
+    The value a code comment claims (`"5"` for `# Output: 5` or `# 5`), `""` for a marker that announces the value
+    on the next comment lines (`# Output:`), or `None` when the comment is not a claim. `name`: the variable the
+    statement assigns, so that `# total is 15` / `// total = 15` claim its value.
     """
     text = comment.strip().lstrip("#/").strip()
+    if name:
+        text = re.sub(rf"^{re.escape(name)}\s*(?:is|==?|equals|:)\s*(?=\S)", "= ", text)
     match = _MARKER.match(text)
     if match is None:
-        return text if bare and looks_like_value(text) else None
-    value = match.group("value").strip()
+        value = _without_remark(text)
+        return value if looks_like_value(value) else None
+    value = _without_remark(match.group("value").strip())
     if not value:
         return "" if match.group("colon") or match.group("marker").strip().lower() in ("output", "result") else None
     if looks_like_value(value):
         return value
     # Free text after "Output:" is a value ("# Output: Hello, Bob!"); after a verb it is usually a description.
-    if match.group("colon") and not _PROSE_START.match(value) and not value.endswith("?") and len(value) <= 200:
-        return value
-    return None
+    free = match.group("colon") and not _PROSE_START.match(value) and not value.endswith("?")
+    return value if free and len(value) <= 200 and value.strip(". ") else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,7 +160,9 @@ def same_output(claimed: str, actual_forms: list[str]) -> bool:
 def lines_within(claimed: str, output: str) -> bool:
     """Whether the lines of a claimed output block appear, in order, among the program's output lines (an output
     block may show part of the output, or the output of one of several blocks)."""
+    # Prompt lines of a terminal session ("$ python app.py") are the command, not its output.
     wanted = [line for line in claimed.splitlines() if line.strip() and line.strip() != "..."]
+    wanted = [line for line in wanted if not re.match(r"\s*(?:\$|>>>|>|PS>|C:\\.*>)\s", line)]
     actual = [line for line in output.splitlines() if line.strip()]
     if not wanted:
         return True

@@ -353,6 +353,7 @@ _JS_DENIED = {
 }
 _OS_DENIED = (
     (re.compile(r"Read-only file system|EROFS"), "writes files"),
+    (re.compile(r"getaddrinfo|EAI_AGAIN|ENOTFOUND|name resolution"), "opens a socket"),
     (re.compile(r"\bconnect EPERM|\bsocket\b.*Operation not permitted|EPERM.*socket"), "opens a socket"),
     (re.compile(r"\bspawn\w* .*EPERM|fork.*Operation not permitted|EPERM.*spawn"), "starts a process"),
 )
@@ -408,6 +409,9 @@ def _classify(language: str, returncode, stderr: str, limit: str | None, timeout
     if permission:
         what = _JS_DENIED.get(permission.group(1), "uses a denied permission")
         return FORBIDDEN, what, permission.group(1)
+    if "multiprocessing" in stderr and re.search(r"Read-only file system|Operation not permitted", message):
+        # multiprocessing fails on its first semaphore (in the read-only /dev/shm), before it starts a process.
+        return FORBIDDEN, "starts a process", message
     for pattern, what in _OS_DENIED:
         if pattern.search(message):
             return FORBIDDEN, what, message
