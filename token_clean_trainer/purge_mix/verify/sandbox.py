@@ -342,6 +342,15 @@ def _node_permission_flag(node: str) -> str | None:
     return None
 
 
+# Python's MemoryError, V8's heap limit and its failure to reserve address space, C++'s bad_alloc.
+_MEMORY_WORDS = (
+    "memoryerror",
+    "out of memory",
+    "allocation failed",
+    "cannot allocate memory",
+    "bad_alloc",
+    "process oom",
+)
 _PY_LINE = re.compile(r'File "<snippet>", line (\d+)')
 _JS_LINE = re.compile(r"program\.m?js:(\d+)")
 _MISSING_PY = re.compile(r"^ModuleNotFoundError: No module named '([^']+)'", re.MULTILINE)
@@ -399,8 +408,7 @@ def _classify(language: str, returncode, stderr: str, limit: str | None, timeout
     if returncode == 0:
         return OK, "", ""
     message = _error_line(stderr, language)
-    memory = ("memoryerror", "heap out of memory", "allocation failed", "cannot allocate memory", "bad_alloc")
-    if any(word in stderr.lower() for word in memory):
+    if any(word in stderr.lower() for word in _MEMORY_WORDS):
         return MEMORY, "ran out of its memory limit", ""
     missing = (_MISSING_PY if language == "python" else _MISSING_JS).search(stderr)
     if missing:
