@@ -228,6 +228,15 @@ def test_runtime_error_fails_and_an_announced_one_does_not():
 
 
 @needs_sandbox
+def test_code_shown_as_wrong_is_not_run_as_the_answer():
+    buggy = "The original code has a bug:\n" + python("def avg(xs):\n    return sum(xs) / len(xs)\nprint(avg([]))")
+    fixed = "\nFixed:\n" + python("def avg(xs):\n    return sum(xs) / len(xs) if xs else 0.0\nprint(avg([]))  # 0.0")
+    verdict = only(buggy + fixed)
+    assert verdict.status == "passed" and verdict.details["skipped_blocks"] == 1
+    assert only(buggy).status == "unverified"
+
+
+@needs_sandbox
 def test_missing_module_and_input_are_unverified():
     assert only(python("import numpy as np\nprint(np.zeros(2))")).status == "unverified"
     verdict = only(python("name = input('Name: ')\nprint('Hi', name)"))
@@ -239,12 +248,13 @@ def test_missing_module_and_input_are_unverified():
     "code, words",
     [
         ("while True:\n    pass", "loops past the 1.5 s limit"),
+        ("import os\nos.close(1)\nos.close(2)\nwhile True:\n    pass", "loops past the 1.5 s limit"),
         ("import os\nos.fork()", "starts a process"),
         ("import subprocess\nsubprocess.run(['true'])", "starts a process"),
         ("blocks = []\nwhile True:\n    blocks.append(bytearray(10**8))", "runs out of memory"),
         ("import socket\nsocket.create_connection(('10.0.0.1', 80), timeout=1)", "opens a socket"),
     ],
-    ids=["loop", "fork", "subprocess", "allocation", "socket"],
+    ids=["loop", "loop_without_output", "fork", "subprocess", "allocation", "socket"],
 )
 def test_sandbox_stops_python(code, words, sandbox_folders):
     verdict = only(python(code), timeout=1.5)

@@ -33,7 +33,7 @@ from . import sandbox
 from .base import FAILED, PASSED, UNVERIFIED, Verdict
 
 _LANGUAGES = {
-    "python": ("python", "py", "python3", "py3", "pycon", "ipython", "python-repl"),
+    "python": ("python", "py", "python3", "py3", "pycon", "python-repl"),
     "javascript": ("javascript", "js", "node", "nodejs", "mjs", "cjs", "es6", "ecmascript"),
     "typescript": ("typescript", "ts", "tsx"),
     "jsx": ("jsx",),
@@ -63,6 +63,13 @@ _OUTPUT_LEAD = re.compile(
     r"|^\W*results?\W*:$",
     re.IGNORECASE,
 )
+# The sentence before a block that presents it as wrong code (the bug a fix starts from, a mistake to avoid).
+_SHOWN_WRONG = re.compile(
+    r"\b(?:buggy|broken|incorrect|faulty|problematic|erroneous|flawed|wrong|mistakes?|anti-?pattern|bad practice"
+    r"|original code|(?:does ?n[o']t|won'?t|will not) work|will (?:fail|raise|throw|crash)|has an? (?:bug|error)"
+    r"|(?:raises|throws) an?\s+\w*(?:error|exception)|contains an? (?:bug|error)|don'?t do this|avoid this)\b",
+    re.IGNORECASE,
+)
 _NONDETERMINISTIC = {
     "python": re.compile(r"\brandom\b|\btime\.(?:time|perf_counter|monotonic)\(|\.now\(|\.today\(|\buuid\b|\bsecrets\b"
                          r"|\bos\.urandom\b|\bid\(|\bhash\(|\bthreading\b|\bos\.getpid\b"),
@@ -90,6 +97,7 @@ class Block:
     start: int
     end: int
     output: bool = False  # an output block announced by the prose ("Output:" on the line before)
+    shown_wrong: bool = False  # introduced as wrong ("Here is the buggy code:"): the answer does not claim it works
 
 
 @dataclass
@@ -151,7 +159,10 @@ def code_blocks(text: str) -> list[Block]:
         lead = lead.replace("*", "").replace("_", " ").strip()
         output = (tag in _NOT_CODE or not tag and not _infer_language(code)) and bool(_OUTPUT_LEAD.search(lead))
         language = "" if tag in _NOT_CODE or output else _TAGS.get(tag, tag if tag else _infer_language(code))
-        blocks.append(Block(language, tag, code, starts[i], starts[min(j + 1, len(lines))], output))
+        before = text[blocks[-1].end if blocks else 0 : starts[i]].rstrip()
+        sentence = re.split(r"(?<=[.!?])\s+|\n\s*\n", before)[-1] if before else ""
+        wrong = bool(_SHOWN_WRONG.search(sentence[-300:]))
+        blocks.append(Block(language, tag, code, starts[i], starts[min(j + 1, len(lines))], output, wrong))
         i = j + 1
     return blocks
 
@@ -218,6 +229,11 @@ def _is_print(node: ast.AST) -> bool:
     )
 
 
+def _prints_elsewhere(node: ast.AST) -> bool:
+    """`print(..., file=sys.stderr)`: its output is not on stdout, where the probes look."""
+    return _is_print(node) and any(keyword.arg in ("file", "stream") for keyword in node.value.keywords)
+
+
 def _simple_statements(tree: ast.AST) -> dict[int, ast.stmt]:
     """The last simple statement (expression or assignment) ending on each line."""
     ends = {}
@@ -280,7 +296,7 @@ def _python_claims(source: str, tree: ast.AST, where) -> tuple[list[dict], list[
             found = _following_claim(comments, index) if node is not None else None
             claimed, standalone = (found[0], True) if found else (None, False)
             skip.update(range(index, index + (found[1] if found else 1)))
-        if node is None or not claimed:
+        if node is None or not claimed or _prints_elsewhere(node):
             continue
         if isinstance(node, ast.Expr):
             kind = "output" if _is_print(node) else "both"
@@ -386,7 +402,8 @@ def _python_programs(blocks: list[Block], indexes: list[int]) -> tuple[list[Prog
 _JS_LOG = re.compile(r"^(\s*)(console\.(?:log|info)\(.*\))\s*;?\s*$")
 _JS_DECLARATION = re.compile(r"^(\s*)((?:const|let|var)\s+([A-Za-z_$][\w$]*)\s*=\s*.+?)\s*;?\s*$")
 _JS_CALL = re.compile(
-    r"^(\s*)((?!(?:if|for|while|switch|return|function|class|new|typeof|await|yield|throw|delete|catch|else|do)\b)"
+    r"^(\s*)((?!(?:if|for|while|switch|return|function|class|new|typeof|await|yield|throw|delete|catch|else|do)\b"
+    r"|console\.)"
     r"[A-Za-z_$][\w$.]*\s*\(.*\))\s*;?\s*$"
 )
 _JS_CONTINUES = tuple(",=+-*/&|?:.>")
@@ -542,7 +559,9 @@ def _forms(claim: dict, result: sandbox.RunResult) -> list[str] | None:
     if not segments and not values:
         return None
     echoes = [s + v.get("repr", v.get("inspect", "")) for s, v in zip(segments, values)]
-    return shown + ["".join(segments), *segments] + echoes
+    printed = ["".join(segments), *segments]
+    # The first form is the one a mismatch reports: what the statement printed, if anything, else its value.
+    return printed + shown + echoes if "".join(segments).strip() else shown + printed + echoes
 
 
 def _check(claim: dict, result: sandbox.RunResult, nondeterministic: bool) -> dict:
@@ -563,6 +582,8 @@ def _check(claim: dict, result: sandbox.RunResult, nondeterministic: bool) -> di
         if not ok and claim.get("whole_output"):
             ok = claims_lib.lines_within(claimed, result.stdout)
         actual = forms[0].strip()
+        printed = "".join(result.segments.get(claim["id"], [])).strip()
+        claim = {**claim, "printed": claim["kind"] == "output" or claim["kind"] == "both" and bool(printed)}
     if ok:
         return {**claim, "status": "ok", "actual": actual[:500]}
     if nondeterministic or claims_lib.unstable(actual):
@@ -574,7 +595,7 @@ def _mismatch_reason(claim: dict) -> str:
     actual = claim["actual"] if "\n" not in claim["actual"] else claim["actual"].replace("\n", " / ")
     if claim["source"] in ("output block", "prose") and claim["kind"] == "output" or claim["source"] == "output block":
         return f"the {claim['source']} claims the output {claim['claimed']!r}, but the program prints {actual[:200]!r}"
-    verb = "prints" if claim["kind"] == "output" else "gives"
+    verb = "prints" if claim.get("printed") else "gives"
     where = f" ({claim['where']})" if claim.get("where") else ""
     return (
         f"`{claim['expression'][:120]}`{where} {verb} {actual[:200]!r}, but the {claim['source']} claims "
@@ -601,23 +622,24 @@ def _run(language: str, program: Program, timeout: float) -> sandbox.RunResult:
 _EXPECTS_ERROR = re.compile(r"\b(?:raises?|raised|throws?|thrown|errors?|exceptions?|fails?|crash\w*)\b", re.I)
 
 
-def _error_at(program: Program, result: sandbox.RunResult) -> tuple[int | None, str]:
-    """The program line of a run's error and its reason with that line named for the reader ("block 2, line 3")."""
+def _error_at(program: Program, result: sandbox.RunResult) -> tuple[list[int], str]:
+    """The program lines in a failed run's traceback (innermost last for Python, first for node) and the reason
+    with its line named for the reader ("block 2, line 3")."""
+    frames = re.findall(r'File "<snippet>", line (\d+)|program\.m?js:(\d+)', result.stderr)
+    lines = [int(python or javascript) for python, javascript in frames]
     found = re.search(r"\(line (\d+)\)$", result.reason)
     if not found or program.where is None:
-        return None, result.reason
-    line = int(found.group(1))
-    return line, result.reason[: found.start()] + f"({program.where(line)})"
+        return lines, result.reason
+    return lines, result.reason[: found.start()] + f"({program.where(int(found.group(1)))})"
 
 
-def _expected_error(program: Program, line: int | None) -> bool:
-    """Whether the code says that its failing line fails: a comment on it, or just above or below it, that names
-    an error ("# raises ZeroDivisionError", "// throws"). A demonstration of an exception is not a wrong program."""
-    if line is None:
-        return False
-    lines = program.source.split("\n")
-    near = [lines[n - 1] for n in (line - 1, line, line + 1) if 0 < n <= len(lines)]
-    comments = [re.split(r"#|//", text, maxsplit=1)[1] for text in near if re.search(r"#|//", text)]
+def _expected_error(program: Program, lines: list[int]) -> bool:
+    """Whether the code says that it fails there: a comment on a line of the traceback (the call or the raise), or
+    just above or below it, that names an error ("# raises ZeroDivisionError", "// throws"). A demonstration of an
+    exception is not a wrong program."""
+    source = program.source.split("\n")
+    near = {n for line in lines for n in (line - 1, line, line + 1) if 0 < n <= len(source)}
+    comments = [re.split(r"#|//", source[n - 1], maxsplit=1)[1] for n in near if re.search(r"#|//", source[n - 1])]
     return any(_EXPECTS_ERROR.search(comment) for comment in comments)
 
 
@@ -634,8 +656,8 @@ def _outcome(language: str, program: Program, result: sandbox.RunResult, timeout
     if result.kind == sandbox.ERROR and missing_file:
         return UNVERIFIED, f"cannot check here: the program reads a file that is not part of it ({result.reason})"
     if result.kind == sandbox.ERROR:
-        line, reason = _error_at(program, result)
-        if _expected_error(program, line):
+        lines, reason = _error_at(program, result)
+        if _expected_error(program, lines):
             return PASSED, ""
         return FAILED, f"the program fails: {reason}"
     if result.kind == sandbox.FORBIDDEN:
@@ -829,8 +851,12 @@ def verify_code(candidate: dict, sources: list[dict], *, timeout: float = 5.0) -
     available, why = sandbox.sandbox_available()
     verdicts: dict[str, Verdict] = {}
     programs: dict[str, list[Program]] = {}
-    for language, indexes in by_language.items():
-        if language not in _EXECUTABLE:
+    for language, every in by_language.items():
+        indexes = [k for k in every if not blocks[k].shown_wrong]
+        if not indexes:
+            reason = "the response shows this code only as wrong (a bug to fix or a mistake to avoid)"
+            verdicts[language] = Verdict(f"code:{language}", UNVERIFIED, reason, {"skipped_blocks": len(every)})
+        elif language not in _EXECUTABLE:
             verdicts[language] = _verify_other(language, [blocks[k] for k in indexes], timeout)
         elif not available:
             verdicts[language] = Verdict(f"code:{language}", UNVERIFIED, f"cannot run code here: {why}",
@@ -850,4 +876,7 @@ def verify_code(candidate: dict, sources: list[dict], *, timeout: float = 5.0) -
     for language, language_programs in programs.items():
         results = [_run(language, program, timeout) for program in language_programs]
         verdicts[language] = _judge(language, language_programs, results, timeout)
+        skipped = sum(blocks[k].shown_wrong for k in by_language[language])
+        if skipped:  # the blocks introduced as wrong were left out of the program
+            verdicts[language].details["skipped_blocks"] = skipped
     return [verdicts[language] for language in by_language]

@@ -116,7 +116,7 @@ def sandbox_available() -> tuple[bool, str]:
         return False, f"the sandbox needs Linux namespaces; this is {sys.platform}"
     if shutil.which(UNSHARE) is None:
         return False, f"`{UNSHARE}` (util-linux) is not on PATH: no network isolation, so code is not run"
-    probe = _run_python("import os\nprint(6 * 7, os.getpid())", probes=(), expressions=(), timeout=10.0, checked=False)
+    probe = _run_python("import os\nprint(6 * 7, os.getpid())", probes=(), expressions=(), timeout=10.0)
     if probe.kind != OK or probe.stdout.split() != ["42", "1"]:
         reason = probe.reason or probe.stderr.strip()[-200:] or probe.stdout.strip()[-200:]
         return False, f"`{UNSHARE} -rnm --pid` cannot confine a program here ({probe.kind}: {reason})"
@@ -124,15 +124,23 @@ def sandbox_available() -> tuple[bool, str]:
 
 
 def _limits(timeout: float, memory_mb: int):
-    """The resource limits, set in the child between fork and exec (they are inherited through `unshare`)."""
+    """The resource limits, set in the child between fork and exec (they are inherited through `unshare`). Each is
+    lowered, never raised: where the caller already runs under a lower hard limit, that one stays."""
     cpu = math.ceil(timeout) + 1
+    wanted = {
+        resource.RLIMIT_CPU: (cpu, cpu + 1),  # SIGXCPU at the soft limit, SIGKILL at the hard one
+        resource.RLIMIT_AS: (memory_mb << 20, memory_mb << 20),
+        resource.RLIMIT_FSIZE: (FILE_SIZE_BYTES, FILE_SIZE_BYTES),
+        resource.RLIMIT_NOFILE: (MAX_OPEN_FILES, MAX_OPEN_FILES),
+        resource.RLIMIT_CORE: (0, 0),
+    }
 
     def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_BYTES, FILE_SIZE_BYTES))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        for limit, (soft, hard) in wanted.items():
+            current = resource.getrlimit(limit)[1]
+            if current != resource.RLIM_INFINITY:
+                soft, hard = min(soft, current), min(hard, current)
+            resource.setrlimit(limit, (soft, hard))
 
     return apply
 
@@ -185,18 +193,26 @@ def _execute(
         command += [part.replace("{root}", root) for part in argv]
         env = {**_ENV, "HOME": root, "TMPDIR": root}
         start = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            cwd=root,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, killed whole on timeout
-            preexec_fn=_limits(timeout, memory_mb),  # the limits must be in place before exec
-        )
+        try:
+            process = subprocess.Popen(
+                command,
+                cwd=root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group, killed whole on timeout
+                preexec_fn=_limits(timeout, memory_mb),  # the limits must be in place before exec
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            return None, "", f"sandbox setup failed: cannot start {command[0]}: {error}", SANDBOX_UNAVAILABLE, 0.0
         try:
             out, err, limit = _read(process, start + timeout)
+            if limit is None:  # the output is closed; the program may still run (it closed its pipes, or a child)
+                try:
+                    process.wait(timeout=max(0.0, start + timeout - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    limit = TIMEOUT
         finally:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
@@ -393,7 +409,7 @@ def _error_line(stderr: str, language: str) -> str:
 def _classify(language: str, returncode, stderr: str, limit: str | None, timeout: float) -> tuple[str, str, str]:
     """`(kind, reason, detail)` of a finished run."""
     forbidden = re.search("\x1f[0-9a-f]+:forbidden:([^:\x1f]*):([^\x1f]*)\x1f", stderr)
-    if returncode == SETUP_EXIT and "sandbox setup failed" in stderr:
+    if (returncode == SETUP_EXIT or limit == SANDBOX_UNAVAILABLE) and "sandbox setup failed" in stderr:
         return SANDBOX_UNAVAILABLE, stderr.strip().splitlines()[-1][:300], ""
     if limit == TIMEOUT or returncode in (-signal.SIGXCPU, -signal.SIGKILL) and limit is None:
         return TIMEOUT, f"did not finish within {timeout:g} s", ""
@@ -433,9 +449,8 @@ def _result(language, returncode, stdout, stderr, limit, seconds, nonce, timeout
     return RunResult(kind, reason, detail, returncode, clean, stderr, segments, values, round(seconds, 3))
 
 
-def _refused(checked: bool) -> RunResult | None:
-    if not checked:
-        return None
+def _refused() -> RunResult | None:
+    """A `sandbox_unavailable` result where the sandbox cannot confine a program (then nothing is started)."""
     available, why = sandbox_available()
     return None if available else RunResult(SANDBOX_UNAVAILABLE, why)
 
@@ -456,10 +471,10 @@ def run_python(
             `"x0"`, `"x1"`, ... of `RunResult.values`). Only evaluated when the program ends without error.
         timeout (`float`): Wall-clock seconds before the process group is killed.
     """
-    return _refused(True) or _run_python(source, probes=probes, expressions=expressions, timeout=timeout)
+    return _refused() or _run_python(source, probes=probes, expressions=expressions, timeout=timeout)
 
 
-def _run_python(source, *, probes, expressions, timeout, checked=True) -> RunResult:
+def _run_python(source, *, probes, expressions, timeout) -> RunResult:
     nonce = secrets.token_hex(8)
     config = {"program": "program.py", "nonce": nonce, "probes": list(probes), "expressions": list(expressions)}
     files = {"program.py": source, "config.json": json.dumps(config)}
@@ -482,7 +497,7 @@ def run_javascript(
     Runs a JavaScript program with node in the sandbox; `module=True` runs it as an ES module (`import`/`export`).
     `probes` are single-line statements (see `_instrument_js`), `expressions` as in [`run_python`].
     """
-    refused = _refused(True)
+    refused = _refused()
     if refused:
         return refused
     node = shutil.which(NODE)
@@ -509,7 +524,7 @@ def run_tool(
     read-only mounts and limits, but processes may be started (gcc runs cc1). `{root}` in `argv` is the folder
     that holds `files`. Its stderr is the parser's message; kind `"error"` means the parser rejected the input.
     """
-    refused = _refused(True)
+    refused = _refused()
     if refused:
         return refused
     argv = [shutil.which(argv[0]) or argv[0], *argv[1:]]  # the launcher execs a path, it does not search PATH
