@@ -371,6 +371,7 @@ def test_without_unshare_nothing_runs_and_the_verdict_is_unverified(monkeypatch)
     monkeypatch.setattr(sandbox, "UNSHARE", "unshare-that-does-not-exist")
     monkeypatch.setattr(sandbox.subprocess, "Popen", _refuse_popen)
     sandbox.sandbox_available.cache_clear()
+    sandbox.javascript_available.cache_clear()
     try:
         available, why = sandbox.sandbox_available()
         assert not available and "unshare-that-does-not-exist" in why
@@ -379,9 +380,11 @@ def test_without_unshare_nothing_runs_and_the_verdict_is_unverified(monkeypatch)
         assert all(v.status == "unverified" for v in found)
         assert "unshare" in found[0].reason
         assert sandbox.run_python("print(1)").kind == sandbox.SANDBOX_UNAVAILABLE
+        assert sandbox.run_javascript("console.log(1)").kind == sandbox.SANDBOX_UNAVAILABLE
     finally:
         monkeypatch.undo()
         sandbox.sandbox_available.cache_clear()
+        sandbox.javascript_available.cache_clear()
 
 
 def test_other_languages_parse_check_or_unverified():

@@ -1,6 +1,7 @@
 """The Python side of the sandbox: runs one untrusted program (never imported by the package).
 
-Started by `_launch.py` as `python -s -S -B _py_boot.py CONFIG.json` inside the namespaces. Before the program runs it
+Copied into the run's folder and started by `_launch.py` as `python -s -S -B _tcv_boot.py CONFIG.json` inside the
+namespaces. Before the program runs it
 installs an audit hook (`sys.addaudithook`; the program cannot remove it) that ends the process at once, with a marker
 line on stderr and exit status `FORBIDDEN_EXIT`, when the program starts a process, opens a network socket, writes a
 file outside the sandbox's folder or loads native code. The kernel layers of `_launch.py` would refuse those anyway;

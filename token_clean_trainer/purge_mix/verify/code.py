@@ -31,6 +31,9 @@ from typing import Any
 from . import code_claims as claims_lib
 from . import sandbox
 from .base import FAILED, PASSED, UNVERIFIED, Verdict
+from .sandbox import sandbox_available
+
+__all__ = ["code_blocks", "sandbox_available", "verify_code"]
 
 _LANGUAGES = {
     "python": ("python", "py", "python3", "py3", "pycon", "python-repl"),
@@ -535,7 +538,7 @@ def _js_syntax(source: str, timeout: float) -> str | None:
     name = "program.mjs" if _is_module(source) else "program.js"
     argv = [node, "--check", "{root}/" + name]
     result = sandbox.run_tool(argv, {name: source}, timeout=timeout, memory_mb=sandbox.NODE_MEMORY_MB)
-    if result.kind == sandbox.OK:
+    if result.kind != sandbox.ERROR:  # parsed, or not checked (the run that follows reports why)
         return None
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
     message = next((line for line in lines if re.match(r"\w*Error\b", line)), lines[-1] if lines else result.reason)
@@ -861,9 +864,9 @@ def verify_code(candidate: dict, sources: list[dict], *, timeout: float = 5.0) -
         elif not available:
             verdicts[language] = Verdict(f"code:{language}", UNVERIFIED, f"cannot run code here: {why}",
                                          {"language": language, "blocks": len(indexes)})  # fmt: skip
-        elif language == "javascript" and shutil.which(sandbox.NODE) is None:
-            verdicts[language] = Verdict("code:javascript", UNVERIFIED, "no JavaScript runtime (node) here",
-                                         {"language": language, "blocks": len(indexes)})  # fmt: skip
+        elif language == "javascript" and not sandbox.javascript_available()[0]:
+            reason = f"cannot run JavaScript here: {sandbox.javascript_available()[1]}"
+            verdicts[language] = Verdict("code:javascript", UNVERIFIED, reason, {"language": language})
         else:
             make = (
                 _python_programs(blocks, indexes) if language == "python" else _js_programs(blocks, indexes, timeout)

@@ -66,7 +66,10 @@ OUTPUT_CAP = 256 * 1024
 UNSHARE = "unshare"
 NODE = "node"
 _HERE = Path(__file__).resolve().parent
-_LAUNCH, _PY_BOOT = str(_HERE / "_launch.py"), str(_HERE / "_py_boot.py")
+_LAUNCH = str(_HERE / "_launch.py")
+# Copied into each run's folder, so that the program's import path starts there, as a script's does, and not in this
+# package (where `code.py` would shadow the standard library's `code`).
+_PY_BOOT_SOURCE = (_HERE / "_py_boot.py").read_text(encoding="utf-8")
 SETUP_EXIT = 112  # _launch.SETUP_EXIT (not imported: that module loads ctypes, which only the child needs)
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0"}
 
@@ -449,6 +452,21 @@ def _result(language, returncode, stdout, stderr, limit, seconds, nonce, timeout
     return RunResult(kind, reason, detail, returncode, clean, stderr, segments, values, round(seconds, 3))
 
 
+@functools.cache
+def javascript_available() -> tuple[bool, str]:
+    """Whether node is here and runs in the sandbox (its permission model and V8 under the limits), checked once."""
+    available, why = sandbox_available()
+    if not available:
+        return False, why
+    if shutil.which(NODE) is None:
+        return False, "node is not on PATH"
+    probe = _run_javascript("console.log(6 * 7)", probes=(), expressions=(), timeout=10.0, module=False)
+    if probe.kind != OK or probe.stdout.strip() != "42":
+        reason = probe.reason or probe.stderr.strip()[-200:]
+        return False, f"node does not run in the sandbox here ({probe.kind}: {reason})"
+    return True, f"node with {_node_permission_flag(shutil.which(NODE)) or 'no permission model'}"
+
+
 def _refused() -> RunResult | None:
     """A `sandbox_unavailable` result where the sandbox cannot confine a program (then nothing is started)."""
     available, why = sandbox_available()
@@ -477,10 +495,10 @@ def run_python(
 def _run_python(source, *, probes, expressions, timeout) -> RunResult:
     nonce = secrets.token_hex(8)
     config = {"program": "program.py", "nonce": nonce, "probes": list(probes), "expressions": list(expressions)}
-    files = {"program.py": source, "config.json": json.dumps(config)}
+    files = {"program.py": source, "config.json": json.dumps(config), "_tcv_boot.py": _PY_BOOT_SOURCE}
     # -s -S -B: no user or system site-packages, no bytecode written. Not -I (-E): PYTHONHASHSEED=0 in the (empty
     # otherwise) environment makes set and dict-of-str orders, and so printed outputs, the same on every run.
-    argv = [sys.executable, "-s", "-S", "-B", _PY_BOOT, "{root}/config.json"]
+    argv = [sys.executable, "-s", "-S", "-B", "{root}/_tcv_boot.py", "{root}/config.json"]
     returncode, out, err, limit, seconds = _execute(argv, files, timeout=timeout, memory_mb=PYTHON_MEMORY_MB)
     return _result("python", returncode, out, err, limit, seconds, nonce, timeout)
 
@@ -497,12 +515,14 @@ def run_javascript(
     Runs a JavaScript program with node in the sandbox; `module=True` runs it as an ES module (`import`/`export`).
     `probes` are single-line statements (see `_instrument_js`), `expressions` as in [`run_python`].
     """
-    refused = _refused()
-    if refused:
-        return refused
-    node = shutil.which(NODE)
-    if node is None:
-        return RunResult(SANDBOX_UNAVAILABLE, "node is not on PATH")
+    available, why = javascript_available()
+    if not available:
+        return RunResult(SANDBOX_UNAVAILABLE, why)
+    return _run_javascript(source, probes=probes, expressions=expressions, timeout=timeout, module=module)
+
+
+def _run_javascript(source, *, probes, expressions, timeout, module) -> RunResult:
+    node = shutil.which(NODE) or NODE
     nonce = secrets.token_hex(8)
     name = "program.mjs" if module else "program.js"
     preload = _JS_PRELOAD.replace("__NONCE__", json.dumps(nonce)).replace("__FORBIDDEN__", str(FORBIDDEN_EXIT))
