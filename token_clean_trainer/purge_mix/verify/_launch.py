@@ -10,8 +10,9 @@ It is root of its own user namespace there and uses that, before it gives it up 
 2. set RLIMIT_NPROC here, inside the new user namespace: the kernel counts processes per user and namespace, so the
    limit covers this sandbox only (set before `unshare`, it would count every process of the calling user);
 3. install a seccomp filter (no new privileges) that refuses to create processes (`fork`, `vfork`, `clone` without
-   `CLONE_THREAD`; threads are allowed), network sockets, mounts and new namespaces: kernel-enforced, so it holds for
-   root too, where RLIMIT_NPROC does not apply;
+   `CLONE_THREAD`; threads are allowed), sockets (`socketpair` stays: asyncio needs one, and it reaches nothing),
+   mounts, new namespaces, ptrace, bpf and io_uring (whose operations would not pass through this filter):
+   kernel-enforced, so it holds for root too, where RLIMIT_NPROC does not apply;
 4. exec ARGV (the Python bootstrap or node), which inherits all of it.
 
 Any failure exits with `SETUP_EXIT` and a line on stderr: the sandbox then refuses to run the program.
@@ -43,7 +44,7 @@ _ARCHES = {
             "socket": 41, "clone": 56, "fork": 57, "vfork": 58, "ptrace": 101, "pivot_root": 155, "chroot": 161,
             "mount": 165, "umount2": 166, "unshare": 272, "setns": 308, "process_vm_writev": 311, "open_tree": 428,
             "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435,
-            "mount_setattr": 442,
+            "mount_setattr": 442, "bpf": 321, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
         },
     ),
     "aarch64": (
@@ -51,7 +52,8 @@ _ARCHES = {
         {
             "umount2": 39, "mount": 40, "pivot_root": 41, "chroot": 51, "unshare": 97, "ptrace": 117, "socket": 198,
             "clone": 220, "setns": 268, "process_vm_writev": 271, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-            "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435, "mount_setattr": 442,
+            "fsconfig": 431, "fsmount": 432, "fspick": 433, "clone3": 435, "mount_setattr": 442, "bpf": 280,
+            "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
         },
     ),
 }  # fmt: skip
