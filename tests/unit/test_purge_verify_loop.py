@@ -177,3 +177,25 @@ def test_a_reply_cut_at_the_token_limit_is_rejected(scripted_verdicts):
     config = PurgeMixConfig(purge_mix_max_repair_cycles=0)
     result = run_fusions([FusionJob([0, 1], "direct_answer")], SOURCES, generator, config)[0]
     assert not result.accepted and result.defects == [["truncated"]]
+
+
+def test_code_that_only_runs_is_unverified_until_an_output_is_checked():
+    from token_clean_trainer.purge_mix.verify.sandbox import sandbox_available
+    from token_clean_trainer.purge_mix.verify.verifiers import deterministic_verdicts
+
+    if not sandbox_available()[0]:
+        pytest.skip(f"no sandbox here: {sandbox_available()[1]}")
+    settings = VerifierSettings(grounding=False, arithmetic=False)
+    code = "```python\ndef add(a, b):\n    return a + b\n{call}```"
+    pair = {"instruction": "Write a Python function that adds two numbers.", "response": code}
+
+    def verdict(call: str, **overrides):
+        candidate = {**pair, "response": code.format(call=call)}
+        (v,) = deterministic_verdicts(candidate, [], VerifierSettings(**{**settings.__dict__, **overrides}))
+        return v
+
+    assert verdict("print(add(2, 3))  # 5\n").status == PASSED
+    assert verdict("print(add(2, 3))  # 6\n").status == FAILED
+    uncalled = verdict("")
+    assert uncalled.status == UNVERIFIED and "nothing checks what it does" in uncalled.reason
+    assert verdict("", code_needs_checked_output=False).status == PASSED

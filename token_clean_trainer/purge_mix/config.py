@@ -300,6 +300,14 @@ class PurgeMixConfig:
     purge_mix_code_timeout: float = field(
         default=5.0, metadata={"help": "Wall-clock seconds a sandboxed program may run."}
     )
+    purge_mix_code_needs_checked_output: bool = field(
+        default=True,
+        metadata={
+            "help": "Code counts as verified only when at least one output it states (a comment, an output block, a "
+            "value named in the text) was checked against what ran; code that merely runs is unverified. False: "
+            "running without an error is enough."
+        },
+    )
     purge_mix_verify_arithmetic: bool = field(
         default=True, metadata={"help": "Re-compute every calculation a fused pair states (e.g. '12 * 3 = 36')."}
     )

@@ -30,6 +30,7 @@ class VerifierSettings:
 
     code: bool = True
     code_timeout: float = 5.0
+    code_needs_checked_output: bool = True
     arithmetic: bool = True
     grounding: bool = True
     grounding_min_support: float = 0.7
@@ -41,6 +42,7 @@ class VerifierSettings:
         return cls(
             code=config.purge_mix_verify_code,
             code_timeout=config.purge_mix_code_timeout,
+            code_needs_checked_output=config.purge_mix_code_needs_checked_output,
             arithmetic=config.purge_mix_verify_arithmetic,
             grounding=config.purge_mix_verify_grounding,
             grounding_min_support=config.purge_mix_grounding_min_support,
@@ -57,7 +59,8 @@ def deterministic_verdicts(
     if settings.code:
         from .code import verify_code
 
-        verdicts.extend(verify_code(candidate, sources, timeout=settings.code_timeout))
+        for verdict in verify_code(candidate, sources, timeout=settings.code_timeout):
+            verdicts.append(_require_checked_output(verdict) if settings.code_needs_checked_output else verdict)
     if settings.arithmetic:
         from .arithmetic import verify_arithmetic
 
@@ -67,6 +70,20 @@ def deterministic_verdicts(
 
         verdicts.append(verify_grounding(candidate, sources, min_support=settings.grounding_min_support, embed=embed))
     return [v for v in verdicts if v.status != NOT_APPLICABLE]
+
+
+def _require_checked_output(verdict: Verdict) -> Verdict:
+    """Code that ran cleanly but whose output nothing checked (a function defined and never called, a call whose
+    result the text does not state) proves only that it parses and runs: it is unverified, not passed."""
+    if verdict.status != PASSED or verdict.details.get("claims_checked", 1):
+        return verdict
+    return Verdict(
+        verdict.verifier,
+        UNVERIFIED,
+        "the code runs, but nothing checks what it does: end it with an example call that prints a result, with the "
+        "exact printed output in a comment (e.g. `print(add(2, 3))  # 5`)",
+        verdict.details,
+    )
 
 
 def decision(verdicts: list[Verdict]) -> str:
