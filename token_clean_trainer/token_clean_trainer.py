@@ -194,6 +194,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             accelerator=self.accelerator,
             model_source=model_source,
             model_init_kwargs=args.model_init_kwargs,
+            collective=self._collective,
         )
         driver = ScoringDriver(
             args,
@@ -205,6 +206,10 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             two_passes=self.reference.configured or args.token_cleaning == "self_evolving",
             stats=self.scoring_stats,
         )
+        # The side a score subtracts: the model after the last round in self-evolving runs, else the reference.
+        reference_role = (
+            "model" if args.token_cleaning == "self_evolving" else "ref" if self.reference.configured else None
+        )
         report = RunReport(
             args,
             self._tokenizer,
@@ -215,6 +220,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             input_ids=lambda rows: self._reported_dataset().select(rows)["input_ids"],
             publish_to_integrations=lambda folder: publish_to_integrations(self, folder),
             seed=selection_seed(args),
+            describe_precision=lambda: sides.describe_precision(reference_role, self.scoring_stats.compute_dtypes),
         )
         return CleaningContext(args, self._collective, driver, self.reference, report)
 
