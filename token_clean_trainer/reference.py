@@ -22,6 +22,7 @@ from accelerate.utils import DistributedType
 from transformers import AutoConfig, AutoTokenizer
 from trl.trainer.utils import use_adapter
 
+from .distributed import decide_on_main
 from .scoring import preserve_rng_state, unwrap_causal_lm
 from .utils import file_provenance, fingerprint_module, is_peft_model, sha256_json
 
@@ -44,6 +45,14 @@ def raise_if_vocab_differs(ref_vocab: int | None, vocab_size: int | None, what: 
             "Token scores compare the two models' losses on the same token ids, so the reference must share the "
             "trained model's tokenizer (e.g. a fine-tune of the same base)."
         )
+
+
+def weights_dtype(model: torch.nn.Module) -> str:
+    """The dtype a model's weights are in (its first floating-point parameter): `"bfloat16"`, `"float32"`, ..."""
+    for parameter in unwrap_causal_lm(model).parameters():
+        if parameter.is_floating_point():
+            return str(parameter.dtype).replace("torch.", "")
+    return "none"
 
 
 def base_weights_key(model) -> str:
@@ -85,6 +94,7 @@ class Reference:
         self.args = args
         self.ref_model = ref_model
         self._object_key: str | None = None
+        self._object_dtype: str | None = None  # kept after the object is released, for keys and the report
 
     @property
     def configured(self) -> bool:
@@ -195,6 +205,21 @@ class Reference:
             self._object_key = sha256_json({"model": fingerprint_module(self.ref_model), **marker})
         return self._object_key
 
+    def weights_dtype(self, model_dtype: str) -> str:
+        """
+        The dtype the reference's weights score in: a `ref_model=` object's own, a path's `dtype` init kwarg (as given:
+        `"auto"` is the checkpoint's), otherwise the trained model's (`model_dtype`), in which a path is loaded and on
+        which an adapter sits.
+        """
+        if self.ref_model is not None:
+            self._object_dtype = weights_dtype(self.ref_model)
+        if self._object_dtype is not None:
+            return self._object_dtype
+        dtype = (self.args.ref_model_init_kwargs or {}).get("dtype")
+        if self.args.ref_model_name_or_path is not None and dtype is not None:
+            return str(dtype).replace("torch.", "")
+        return model_dtype
+
     # ------------------------------------------------------------------------------------------------------------
     # Loading, preparation and release
     # ------------------------------------------------------------------------------------------------------------
@@ -277,6 +302,13 @@ class Reference:
             remove_reference_adapter()
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether a model's parameters are FSDP2 `DTensor`s or ZeRO-3 partitions (the same on every process)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
 class ScoringSides:
     """
     The three sides a token loss can be taken from, and the score-cache key of each: `"base"` (the original model: the
@@ -297,12 +329,15 @@ class ScoringSides:
             The kwargs it was loaded with (part of that key).
     """
 
-    def __init__(self, reference: Reference, models, accelerator, model_source=None, model_init_kwargs=None):
+    def __init__(
+        self, reference: Reference, models, accelerator, model_source=None, model_init_kwargs=None, collective=None
+    ):
         self.reference = reference
         self.models = models
         self.accelerator = accelerator
         self.model_source = model_source
         self.model_init_kwargs = model_init_kwargs or {}
+        self.collective = collective
         self._base_identity: Any = None
 
     def key(self, role: str) -> str:
@@ -312,19 +347,58 @@ class ScoringSides:
         """
         model, _ = self.models()
         if role == "model":
-            return sha256_json({"model": fingerprint_module(model), "whole_module": True})
+            return self._with_precision(sha256_json({"model": fingerprint_module(model), "whole_module": True}), role)
         if self._base_identity is None:
             # Taken before the first step (the base is the model's initial weights, or its base under PEFT).
             if self.model_source is not None:
                 init = {k: str(v) for k, v in sorted(self.model_init_kwargs.items())}
                 self._base_identity = {"source": file_provenance(self.model_source), "init": init}
             elif is_peft_model(model):
-                self._base_identity = base_weights_key(model)
+                self._base_identity = self._fingerprint(model, lambda: base_weights_key(model))
             else:
-                self._base_identity = fingerprint_module(model)
+                self._base_identity = self._fingerprint(model, lambda: fingerprint_module(model))
         if role == "base":
-            return sha256_json({"model": self._base_identity, "adapter": None})
-        return self.reference.identity(base_key=sha256_json(self._base_identity))
+            side = sha256_json({"model": self._base_identity, "adapter": None})
+        else:
+            side = self.reference.identity(base_key=sha256_json(self._base_identity))
+        return self._with_precision(side, role)
+
+    def _fingerprint(self, model, fingerprint) -> str:
+        """
+        Sharded weights are fingerprinted by every process together (the gathers are collectives). Whole weights are
+        fingerprinted on the main process and sent to the others: before accelerate prepares the model, their copies
+        may still be on the meta device (`fsdp_cpu_ram_efficient_loading`), and a model on the meta device everywhere
+        is refused with the reason (see `refuse_meta_tensors`).
+        """
+        if self.collective is None or _is_sharded(model):
+            return fingerprint()
+        return decide_on_main(self.collective, fingerprint)
+
+    def _with_precision(self, side_key: str, role: str) -> str:
+        # The same weights score differently in another dtype or autocast: never share cached losses across them.
+        return sha256_json({"side": side_key, "precision": self.precision(role)})
+
+    def precision(self, role: str) -> dict[str, str]:
+        """The dtype of a side's weights and the autocast of its forwards (the run's mixed precision): part of its
+        cache key and of the report."""
+        model, _ = self.models()
+        own = weights_dtype(model)
+        weights = self.reference.weights_dtype(own) if role == "ref" else own
+        return {"weights": weights, "autocast": self.accelerator.mixed_precision or "no"}
+
+    def describe_precision(self, reference_role: str | None, compute_dtypes: dict[str, str]) -> dict[str, Any]:
+        """
+        `report.json`'s `scoring_precision`: for the base side and the reference side (`reference_role`: `"ref"`, or
+        `"model"` in self-evolving runs, None without a reference), the weights' dtype, the autocast, and the dtype
+        the matmuls of their last forward ran in (when this process ran one; the LM head always projects in float32).
+        """
+        sides = {"base": "base", "reference": reference_role} if reference_role else {"base": "base"}
+        out = {}
+        for name, role in sides.items():
+            out[name] = self.precision(role)
+            if role in compute_dtypes:
+                out[name]["compute"] = compute_dtypes[role]
+        return out
 
     @contextlib.contextmanager
     def scoring(self, role: str) -> Iterator[tuple[torch.nn.Module, Any]]:

@@ -6,7 +6,8 @@ prediction and prompt tokens are not trained, so both are NaN.
 [`token_losses`] is the package's one per-token loss function: scoring, evaluation, purge-mix perplexity and the
 benchmarks all call it. It runs the model's own forward (so FSDP2 and ZeRO-3 hooks gather the shards as in training),
 and replaces only the LM head for the call: the hidden states of the scored positions alone are projected, in float32
-chunks, so no `(batch, seq, vocab)` logits ever exist and score differences are not drowned by bf16 rounding.
+chunks, so no `(batch, seq, vocab)` logits ever exist and score differences are not drowned by bf16 rounding. A bf16
+head is cast to float32 one block of vocabulary rows at a time, never whole (2 GB at 128k x 4096).
 """
 
 import contextlib
@@ -22,8 +23,11 @@ from transformers.utils import ModelOutput
 
 from .utils import is_peft_model
 
-# Elements of one float32 logits chunk (rows x vocab): 64M = 256 MB, whatever the vocabulary.
+# Elements of one float32 logits chunk (rows x vocabulary block): 64M = 256 MB, whatever the vocabulary.
 _HEAD_CHUNK_ELEMENTS = 1 << 26
+# Elements of one float32 block of a bf16/fp16 head's rows: 16M = 64 MB (4096 rows of a 4096-wide head), so the whole
+# head (128k x 4096: 2 GB in float32) is never copied at once.
+_HEAD_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclasses.dataclass
@@ -81,10 +85,26 @@ def align_token_losses(log_probs: torch.Tensor, labels: torch.Tensor, attention_
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM module whose `forward` computes the head (the base model of a PEFT model, the module of an
-    accelerate/DeepSpeed/DDP wrapper)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
+    accelerate/DeepSpeed/DDP wrapper, the original module of a `torch.compile` wrapper)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            break
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def without_compile(model: torch.nn.Module) -> torch.nn.Module:
+    """
+    The module under the `torch.compile` wrappers around `model` (`torch_compile=True`: accelerate compiles the model
+    last, around DDP or FSDP2). Scoring calls it so that dynamo does not trace and recompile the swapped forward for
+    every batch shape: the forward still runs through the DDP/FSDP2 root and its hooks, only uncompiled.
+    """
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
 
 
 def _compute_dtype(device_type: str, activations: torch.dtype) -> str:
@@ -124,19 +144,49 @@ def _head_losses(causal_lm, hidden: torch.Tensor, labels: torch.Tensor, scored: 
         weight = weight.full_tensor()
         bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
     transform = _logit_transform(causal_lm.config)
-    losses = torch.empty(states.shape[0], dtype=torch.float32, device=states.device)
     with maybe_gather_lm_head_ctx(weight, bias), torch.autocast(states.device.type, enabled=False):
-        weight32 = weight.float()
-        bias32 = bias.float() if bias is not None else None
-        chunk = max(1, _HEAD_CHUNK_ELEMENTS // weight32.shape[0])
-        for start in range(0, states.shape[0], chunk):
-            part = states[start : start + chunk].float().to(weight32.device)
-            logits = transform(torch.nn.functional.linear(part, weight32, bias32))
-            picked = logits.gather(1, targets[start : start + chunk, None].to(logits.device)).squeeze(1)
-            losses[start : start + chunk] = (torch.logsumexp(logits, dim=-1) - picked).to(losses.device)
+        losses = _chunked_cross_entropy(states, targets.to(weight.device), weight, bias, transform)
     out = torch.full(labels.shape, float("nan"), dtype=torch.float32, device=states.device)
-    out[scored] = losses
+    out[scored] = losses.to(out.device)
     return out
+
+
+def _chunked_cross_entropy(
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """
+    `logsumexp(logits) - logits[target]` per row, in float32, without a float32 copy of the whole head: the weight is
+    cast one block of vocabulary rows at a time (each block once per call) and the logsumexp runs over the blocks. A
+    float32 head is used as it is (`.float()` returns the same tensor), in one block.
+    """
+    vocab, width = weight.shape
+    rows = weight.shape[0] if weight.dtype == torch.float32 else max(1, _HEAD_BLOCK_ELEMENTS // width)
+    block_rows = min(vocab, rows)
+    chunk = max(1, _HEAD_CHUNK_ELEMENTS // block_rows)
+    count = states.shape[0]
+    lse = torch.full((count,), float("-inf"), dtype=torch.float32, device=weight.device)
+    picked = torch.zeros(count, dtype=torch.float32, device=weight.device)
+    for first in range(0, vocab, block_rows):
+        block = weight[first : first + block_rows].float()
+        block_bias = bias[first : first + block_rows].float() if bias is not None else None
+        for start in range(0, count, chunk):
+            part = states[start : start + chunk].float().to(weight.device)
+            logits = transform(torch.nn.functional.linear(part, block, block_bias))
+            span = slice(start, start + chunk)
+            if block_rows == vocab:  # one block: the plain logsumexp, bit for bit as without blocks
+                lse[span] = torch.logsumexp(logits, dim=-1)
+            else:
+                lse[span] = torch.logaddexp(lse[span], torch.logsumexp(logits, dim=-1))
+            local = targets[span] - first
+            inside = (local >= 0) & (local < block.shape[0])
+            hit = logits.gather(1, local.clamp(0, block.shape[0] - 1)[:, None]).squeeze(1)
+            picked[span] = torch.where(inside, hit, picked[span])
+        del block, block_bias
+    return lse - picked
 
 
 @contextlib.contextmanager
@@ -221,6 +271,7 @@ def token_losses(
         model_kwargs:
             Passed to the backbone (e.g. `position_ids` for left-padded or packed rows).
     """
+    model = without_compile(model)
     with scoring_head(model, stats, role), precision():
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs)
     return outputs.token_losses.float()

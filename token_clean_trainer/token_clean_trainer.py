@@ -46,6 +46,7 @@ from .preparation import add_response_mask, refuse_packing_without_response_labe
 from .reference import Reference, ScoringSides
 from .report import add_step_summary, pop_raw_row_column, publish_to_integrations, with_raw_row_column
 from .report.run import RunReport, load_report, log_fields, model_settings, round_log_fields, step_log_fields
+from .run_settings import layout_from_accelerator, layout_from_arguments, refuse_setting_clashes
 from .score_driver import ScoringDriver, row_offsets
 from .scoring import ScoringStats, eval_mode, precision_context, preserve_rng_state, token_losses
 from .scoring_pass import (
@@ -115,12 +116,9 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         ref_model: PreTrainedModel | None = None,
     ):
         args = as_token_clean_config(args, model)
-        if args.token_cleaning == "self_evolving" and args.self_evolving_schedule == "restart" and optimizers[0]:
-            raise ValueError(
-                "`self_evolving_schedule='restart'` creates a fresh optimizer every round, which a user-built "
-                "optimizer passed in `optimizers=` cannot provide. Pass `optimizer_cls_and_kwargs=(cls, kwargs)` "
-                "instead, or use `self_evolving_schedule='continuous'`."
-            )
+        # Before anything is written (purge-mix, the output folder): the layout as `Trainer` will build it.
+        uses_peft = peft_config is not None or is_peft_model(model)
+        refuse_setting_clashes(args, uses_peft, layout_from_arguments(args), user_optimizer=optimizers[0] is not None)
         # Purge-mix rewrites the raw rows, so it runs before SFTTrainer tokenises them (one tokenisation path).
         from .purge_mix.callback import PurgeMixCallback
 
@@ -196,6 +194,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             accelerator=self.accelerator,
             model_source=model_source,
             model_init_kwargs=args.model_init_kwargs,
+            collective=self._collective,
         )
         driver = ScoringDriver(
             args,
@@ -207,6 +206,10 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             two_passes=self.reference.configured or args.token_cleaning == "self_evolving",
             stats=self.scoring_stats,
         )
+        # The side a score subtracts: the model after the last round in self-evolving runs, else the reference.
+        reference_role = (
+            "model" if args.token_cleaning == "self_evolving" else "ref" if self.reference.configured else None
+        )
         report = RunReport(
             args,
             self._tokenizer,
@@ -217,30 +220,13 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             input_ids=lambda rows: self._reported_dataset().select(rows)["input_ids"],
             publish_to_integrations=lambda folder: publish_to_integrations(self, folder),
             seed=selection_seed(args),
+            describe_precision=lambda: sides.describe_precision(reference_role, self.scoring_stats.compute_dtypes),
         )
         return CleaningContext(args, self._collective, driver, self.reference, report)
 
     def _check_mode_fits_run(self) -> None:
-        """Self-evolving settings the run's distributed type cannot honour."""
-        args = self.args
-        if args.token_cleaning != "self_evolving":
-            return
-        if (
-            args.self_evolving_schedule == "continuous"
-            and self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        ):
-            raise ValueError(
-                "`self_evolving_schedule='continuous'` keeps one optimizer across rounds, but DeepSpeed builds a "
-                "new engine and optimizer for every `train()` call. Use `self_evolving_schedule='restart'` (the "
-                "paper's setting) under DeepSpeed."
-            )
-        if self_evolving.merges_lora(args, self.model):
-            zero3 = self.is_deepspeed_enabled and getattr(args.deepspeed_plugin, "zero_stage", None) == 3
-            if self.is_fsdp_enabled or zero3:
-                raise ValueError(
-                    "`self_evolving_lora='merge'` merges each round's LoRA into the weights in place, which sharded "
-                    "parameters (FSDP, DeepSpeed ZeRO-3) do not allow. Use `self_evolving_lora='continue'` there."
-                )
+        """The same refusals as before `super().__init__`, on the layout the accelerator actually built."""
+        refuse_setting_clashes(self.args, is_peft_model(self.model), layout_from_accelerator(self.accelerator))
 
     @property
     def ref_model(self) -> PreTrainedModel | None:

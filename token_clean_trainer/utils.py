@@ -92,11 +92,26 @@ def fingerprint_module(module: torch.nn.Module, include: Callable[[str], bool] =
     h = hashlib.sha256()
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
+    refuse_meta_tensors([name for name, tensor in tensors.items() if include(name) and tensor.is_meta])
     for name in sorted(tensors):
         if include(name):
             h.update(name.encode())
             _hash_tensor(h, tensors[name])
     return h.hexdigest()
+
+
+def refuse_meta_tensors(names: list[str]) -> None:
+    """A model whose weights are not on this process cannot be fingerprinted: say why, and what to do instead."""
+    if not names:
+        return
+    raise ValueError(
+        f"Cannot key the score cache by this model's weights: {len(names)} of its tensors (first: `{names[0]}`) are on "
+        "the meta device on this process, so their values are not here. A model loaded with "
+        "`fsdp_cpu_ram_efficient_loading: true` has real weights on the main process only until accelerate prepares "
+        "it, and one built under `init_empty_weights` or `torch.device('meta')` has none. Pass the model as a path or "
+        "Hub id (`TokenCleanSFTTrainer(model='path', ...)`: it is then keyed by its files), or load its weights on "
+        "every process before building the trainer."
+    )
 
 
 def file_provenance(path: str) -> dict[str, Any]:

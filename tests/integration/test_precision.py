@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
+from token_clean_trainer.report.run import load_report
 
 
 @pytest.mark.parametrize(("bf16", "dtype"), [(True, "bfloat16"), (False, "float32")], ids=["bf16", "fp32"])
@@ -30,5 +31,8 @@ def test_base_and_reference_forwards_share_the_run_precision(
     during = build("during")
     during.train()
     assert during.scoring_stats.compute_dtypes == {"base": dtype, "ref": dtype}
+    # report.json states both sides' precision (the reference is loaded from its path in the model's dtype).
+    side = {"weights": "float32", "autocast": "bf16" if bf16 else "no", "compute": dtype}
+    assert load_report(str(tmp_path / "during"))["scoring_precision"] == {"base": side, "reference": side}
     # The same precision gives the same scores either way.
     np.testing.assert_allclose(during.token_cleaning_state.scores, scores_before, atol=1e-6)

@@ -384,6 +384,8 @@ def validate_recipe(
     instances = _build_instances(parser, actions, values, owners, problems, notes)
     if instances is not None:
         problems.extend(check_recipe(*instances, base_dir=base_dir, notes=notes))
+        # Only here: inside `accelerate launch` the trainer checks the global batch at the real process count.
+        problems.extend(_check_global_batch(instances[1], instances[3]))
     return problems
 
 
@@ -525,13 +527,7 @@ def check_recipe(
         )
     if training.ref_adapter_name_or_path:
         notes += _check_local_path("ref_adapter_name_or_path", training.ref_adapter_name_or_path, base_dir)
-    if recipe.accelerate_config is not None:
-        from .launch import resolve_accelerate_config
-
-        try:
-            resolve_accelerate_config(recipe.accelerate_config)
-        except ValueError as error:
-            problems.append(f"`accelerate_config`: {error}")
+    problems += _check_layout(training, model, recipe)
     if training.chat_template_path is not None and training.chat_template_path in NAMED_CHAT_TEMPLATES:
         pass
     elif training.chat_template_path is not None and training.chat_template_path.endswith((".jinja", ".j2")):
@@ -544,6 +540,34 @@ def check_recipe(
                 f"gradient_accumulation_steps = {per_step}, so no process count reaches it"
             )
     return problems
+
+
+def _check_layout(training, model, recipe: RecipeArguments) -> list[str]:
+    """The accelerate config exists, and no setting clashes with the layout it asks for (what the trainer refuses)."""
+    from ..run_settings import recipe_layout, setting_clashes
+    from .launch import resolve_accelerate_config
+
+    if recipe.accelerate_config is not None:
+        try:
+            resolve_accelerate_config(recipe.accelerate_config)
+        except ValueError as error:
+            return [f"`accelerate_config`: {error}"]
+    return setting_clashes(training, model.use_peft, recipe_layout(recipe.accelerate_config))
+
+
+def _check_global_batch(training, recipe: RecipeArguments) -> list[str]:
+    """`train`'s global batch check at the process count the recipe launches (`num_processes` or its config's)."""
+    from ..run_settings import recipe_processes
+    from .launch import resolve_accelerate_config
+    from .train import global_batch_problem
+
+    if recipe.accelerate_config is not None:
+        try:
+            resolve_accelerate_config(recipe.accelerate_config)
+        except ValueError:
+            return []  # reported by `_check_layout`
+    problem = global_batch_problem(training, recipe, recipe_processes(recipe.accelerate_config, recipe.num_processes))
+    return [] if problem is None else [problem]
 
 
 def _check_streaming(script, training, recipe: RecipeArguments, mixture) -> list[str]:

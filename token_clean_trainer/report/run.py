@@ -46,6 +46,8 @@ class RunReport:
             Sends the written report to the run's trackers (`report_to`).
         seed (`int`):
             Seed of the rows sampled for `tokens.html`.
+        describe_precision (`Callable[[], dict]`, *optional*):
+            The dtypes each side of the score ran in (`scoring_precision` in `report.json`).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class RunReport:
         input_ids: Callable[[list[int]], list[list[int]]],
         publish_to_integrations: Callable[[str], Any],
         seed: int,
+        describe_precision: Callable[[], dict[str, Any]] | None = None,
     ):
         self.args = args
         self.tokenizer = tokenizer
@@ -69,6 +72,7 @@ class RunReport:
         self.input_ids = input_ids
         self.publish_to_integrations = publish_to_integrations
         self.seed = seed
+        self.describe_precision = describe_precision
         self.report: dict[str, Any] = {}  # the last one published
 
     @property
@@ -99,6 +103,8 @@ class RunReport:
             layout=layout,
             **fields,
         )
+        if self.describe_precision is not None:
+            report["scoring_precision"] = self.describe_precision()
         if self.is_main:
             # The rows of tokens.html; written (and popped) with report.json by `write_report`.
             report["_tokens"] = tokens if tokens is not None else self.token_sample(offsets, response, fields, layout)
