@@ -47,9 +47,14 @@ def scores(kept: list[bool], sound: list[bool]) -> dict:
     }
 
 
-def choose(sweep: list[dict], target: float) -> dict | None:
-    """The lowest threshold reaching `target` precision with at least one row kept, else the best F0.5."""
-    ok = [s for s in sweep if s["precision"] is not None and s["precision"] >= target and s["kept"]]
+def choose(sweep: list[dict], target: float, min_recall: float = 0.5) -> dict | None:
+    """The lowest threshold reaching `target` precision while keeping at least `min_recall` of the sound rows, else
+    the best F0.5 (precision weighs twice recall)."""
+    ok = [
+        s
+        for s in sweep
+        if s["precision"] is not None and s["precision"] >= target and (s["recall"] or 0) >= min_recall
+    ]
     if ok:
         return min(ok, key=lambda s: s["threshold"])
 
@@ -162,30 +167,38 @@ def main() -> None:
         result["judge_threshold"] = choose(jsweep, args.target_precision)
 
     # The old rule (as the run decided: code checks + the LLM checklist) against the new rule.
-    old_kept = [
-        bool(row["run_checklist"]) and not row["run_defects"] for row in rows
-    ]  # the checklist ran (code checks passed) and found nothing
+    old_kept = [row["run_accepted"] for row in rows]  # the run's own rule: code checks + the LLM checklist
     result["old_rule"] = scores(old_kept, sound)
     g = chosen_grounding["threshold"] if chosen_grounding else base.grounding_min_support
     jt = result.get("judge_threshold", {}) or {}
     settings = VerifierSettings(grounding_min_support=g, judge_threshold=jt.get("threshold", base.judge_threshold))
     final = deterministic(rows, settings)
-    new_kept, status = [], []
-    for i in range(len(rows)):
-        if not form_ok[i]:
-            new_kept.append(False)
-            status.append("form")
-            continue
-        vs = final[i]
-        if vs:
-            st = decision(vs)
-        elif p_yes[i] is not None:
-            st = PASSED if p_yes[i] >= settings.judge_threshold else FAILED
-        else:
-            st = "unverified"
-        new_kept.append(st == PASSED)
-        status.append(st)
+
+    def rule(judge_everything: bool) -> tuple[list[bool], list[str]]:
+        kept, status = [], []
+        for i in range(len(rows)):
+            if not form_ok[i]:
+                kept.append(False)
+                status.append("form")
+                continue
+            vs = final[i]
+            st = decision(vs) if vs else "unverified"
+            if (not vs or (judge_everything and st == PASSED)) and p_yes[i] is not None:
+                st = PASSED if p_yes[i] >= settings.judge_threshold else FAILED
+            kept.append(st == PASSED)
+            status.append(st)
+        return kept, status
+
+    new_kept, status = rule(judge_everything=False)
     result["new_rule"] = {**scores(new_kept, sound), "settings": settings.__dict__}
+    if not args.no_judge:
+        # The judge also on pairs the deterministic verifiers passed (`purge_mix_judge_scope: all`).
+        result["new_rule_judge_on_all"] = scores(rule(judge_everything=True)[0], sound)
+        passed_det = [i for i in range(len(rows)) if form_ok[i] and final[i] and decision(final[i]) == PASSED]
+        result["judge_sweep_after_verifiers"] = [
+            {"threshold": t, **scores([p_yes[i] >= t for i in passed_det], [sound[i] for i in passed_det])}
+            for t in [round(0.05 * k, 2) for k in range(1, 20)]
+        ]
     stopped = {}
     for i in range(len(rows)):
         if old_kept[i]:

@@ -199,3 +199,15 @@ def test_code_that_only_runs_is_unverified_until_an_output_is_checked():
     uncalled = verdict("")
     assert uncalled.status == UNVERIFIED and "nothing checks what it does" in uncalled.reason
     assert verdict("", code_needs_checked_output=False).status == PASSED
+
+
+def test_judge_scope_all_also_judges_what_the_verifiers_passed(scripted_verdicts):
+    table, _ = scripted_verdicts
+    table[_response(PAIR)] = [Verdict("grounding", PASSED)]
+    table[_response(PAIR_2)] = [Verdict("grounding", PASSED)]
+    result, backend, _ = _run([PAIR, PAIR_2], [judge_reply(0.1), judge_reply(0.9)], purge_mix_judge_scope="all")
+    assert [k for k, _ in backend.calls] == ["fusion", "judge", "fusion", "judge"]
+    assert result.accepted and result.cycles == 1 and result.verified_by == ["grounding", "judge"]
+    assert result.defects[0] == ["judge_rejected"]
+    with pytest.raises(ValueError, match="purge_mix_judge_scope"):
+        PurgeMixConfig(purge_mix_judge_scope="sometimes")

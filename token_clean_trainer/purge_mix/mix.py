@@ -78,6 +78,7 @@ class _Sample:
     findings: list[tuple[str, str]]  # (defect code, what failed in words)
     verdicts: list[Verdict] = field(default_factory=list)
     status: str = FAILED  # passed | unverified | failed
+    checklist: dict[str, Any] | None = None  # the LLM checklist's answer, when it ran on this sample
 
     def record(self, operator: str) -> dict[str, Any]:
         return {
@@ -87,6 +88,7 @@ class _Sample:
             "defects": list(dict.fromkeys(code for code, _ in self.findings if code)),
             "verdicts": [v.to_dict() for v in self.verdicts],
             "status": self.status,
+            "checklist": self.checklist,
         }
 
 
@@ -236,14 +238,14 @@ def _check_sample(sample, sources, config, operator, common, previous, verificat
 
 
 def _judge_wave(open_jobs, samples, generator, settings: VerifierSettings) -> None:
-    """The judge, for each job's first well-formed sample that no deterministic verifier applies to (and only when no
-    sample of the job passed already): one batch of one-token requests."""
+    """The judge, in one batch of one-token requests, for each open job's first well-formed sample that no
+    deterministic verifier applies to; with `judge_scope="all"` also for its first sample the verifiers passed (the
+    verifiers check facts and code, not whether the instruction makes sense or the response answers it)."""
     todo = []
     for j in open_jobs:
-        if any(s.status == PASSED for s in samples[j]):
-            continue
         for s in samples[j]:
-            if s.candidate is not None and [code for code, _ in s.findings] == [NOTHING_TO_VERIFY]:
+            unchecked = s.candidate is not None and [code for code, _ in s.findings] == [NOTHING_TO_VERIFY]
+            if unchecked or (settings.judge_scope == "all" and s.status == PASSED and not s.findings):
                 todo.append(s)
                 break
     if not todo:
@@ -253,9 +255,9 @@ def _judge_wave(open_jobs, samples, generator, settings: VerifierSettings) -> No
     )
     for s, reply in zip(todo, replies):
         verdict = judge_verdict(reply.text, settings.judge_threshold)
-        s.verdicts = [verdict]
-        s.status = verdict.status
-        s.findings = [(defect_code(verdict), verdict.reason)] if verdict.status != PASSED else []
+        s.verdicts = [*s.verdicts, verdict]
+        s.status = decision(s.verdicts)
+        s.findings = [(defect_code(v), v.reason) for v in s.verdicts if v.status != PASSED]
 
 
 def _checklist_wave(open_jobs, samples, jobs, pool, results, generator) -> None:
@@ -280,7 +282,7 @@ def _checklist_wave(open_jobs, samples, jobs, pool, results, generator) -> None:
     )
     for (j, s), reply in zip(todo, checks):
         passed, llm_defects, parsed = checklist_verdict(reply.text)
-        results[j].checklist = parsed
+        results[j].checklist = s.checklist = parsed
         results[j].review_flags = checklist_notes(parsed)[1]
         s.findings = [(code, message) for code, message in s.findings if code != NOTHING_TO_VERIFY]
         if passed:

@@ -36,6 +36,7 @@ class VerifierSettings:
     grounding_min_support: float = 0.7
     judge: bool = True
     judge_threshold: float = 0.5
+    judge_scope: str = "unverified"
 
     @classmethod
     def from_config(cls, config) -> "VerifierSettings":
@@ -48,6 +49,7 @@ class VerifierSettings:
             grounding_min_support=config.purge_mix_grounding_min_support,
             judge=config.purge_mix_judge,
             judge_threshold=config.purge_mix_judge_threshold,
+            judge_scope=config.purge_mix_judge_scope,
         )
 
 
