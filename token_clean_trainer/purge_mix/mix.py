@@ -118,10 +118,7 @@ def run_fusions(
     """
     settings = VerifierSettings.from_config(config)
     verification = verification or VerificationCache(None, settings)
-    results = [
-        FusionResult(sources=list(j.sources), cluster=j.cluster, similarity=j.similarity)
-        for j in jobs
-    ]
+    results = [FusionResult(sources=list(j.sources), cluster=j.cluster, similarity=j.similarity) for j in jobs]
     operator = [j.operator for j in jobs]
     # Words most of the pool uses are no row's key terms; the key terms of each job are named in its prompt.
     common = common_terms(pool)
