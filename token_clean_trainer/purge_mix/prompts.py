@@ -69,6 +69,11 @@ REPAIR_OPERATOR = {
     "steps_missing": "multi_step",
     "comparison_missing": "compare_contrast",
     "answer_not_direct": "direct_answer",
+    # Verifiers: an unsupported sentence goes back to the sources; a judged-unsound or cut-off pair to the plainest
+    # template. Wrong code or arithmetic is retried with the same operator, told what ran.
+    "ungrounded": "merged_corpus",
+    "judge_rejected": "direct_answer",
+    "truncated": "direct_answer",
 }
 
 
