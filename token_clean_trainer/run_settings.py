@@ -158,23 +158,47 @@ def refuse_setting_clashes(args, uses_peft: bool, layout: ParameterLayout, user_
         raise ValueError(" ".join(problems))
 
 
-def recipe_layout(accelerate_config: str | None) -> ParameterLayout:
-    """The layout `token-clean train` launches a recipe with: its `accelerate_config`, or whole parameters."""
-    if accelerate_config is None:
+def recipe_layout(config_path: str | None, name: str | None = None) -> ParameterLayout:
+    """The layout `token-clean train` launches a recipe with: its accelerate config (the resolved file `config_path`,
+    named `name` in messages), or whole parameters."""
+    if config_path is None:
         return ParameterLayout(source="the launch without `accelerate_config`")
-    from .commands.launch import resolve_accelerate_config
-
-    return layout_from_accelerate_config(resolve_accelerate_config(accelerate_config), accelerate_config)
+    return layout_from_accelerate_config(config_path, name or config_path)
 
 
-def recipe_processes(accelerate_config: str | None, num_processes: int | None) -> int:
-    """The process count `token-clean train` launches a recipe with (`num_processes`, or the config's, or 1)."""
+def recipe_processes(config_path: str | None, num_processes: int | None) -> int:
+    """The process count `token-clean train` launches a recipe with (`num_processes`, or the count in the resolved
+    accelerate config file `config_path`, or 1)."""
     if num_processes is not None:
         return num_processes
-    if accelerate_config is None:
+    if config_path is None:
         return 1
-    from .commands.launch import resolve_accelerate_config
-
-    with open(resolve_accelerate_config(accelerate_config), encoding="utf-8") as f:
+    with open(config_path, encoding="utf-8") as f:
         config: dict[str, Any] = yaml.safe_load(f) or {}
     return int(config.get("num_processes", 1) or 1)
+
+
+def global_batch_problem(training, settings, processes: int) -> str | None:
+    """Why `processes` processes do not reach the recipe's `global_batch_size`, with the fix; None when they do."""
+    target = settings.global_batch_size
+    if target is None:
+        return None
+    per_device, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
+    actual = per_device * accumulation * processes
+    if actual == target:
+        return None
+    if target % processes:
+        fix = f"use a process count that divides {target}"
+    else:
+        share = target // processes  # rows per process per optimizer step
+        if share % per_device == 0:
+            fix = f"pass `--gradient_accumulation_steps {share // per_device}`"
+        else:
+            fitting = max(d for d in range(1, min(per_device, share) + 1) if share % d == 0)
+            fix = f"pass `--per_device_train_batch_size {fitting} --gradient_accumulation_steps {share // fitting}`"
+    return (
+        f"This recipe is tuned for a global batch of {target} rows, but {per_device} (per_device_train_batch_size) x "
+        f"{accumulation} (gradient_accumulation_steps) x {processes} (processes) = {actual}. To keep the recipe's "
+        f"meaning on {processes} process(es), {fix}; to change the recipe on purpose, pass `--global_batch_size "
+        f"{actual}`."
+    )

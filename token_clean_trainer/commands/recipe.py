@@ -547,26 +547,27 @@ def _check_layout(training, model, recipe: RecipeArguments) -> list[str]:
     from ..run_settings import recipe_layout, setting_clashes
     from .launch import resolve_accelerate_config
 
+    path = None
     if recipe.accelerate_config is not None:
         try:
-            resolve_accelerate_config(recipe.accelerate_config)
+            path = resolve_accelerate_config(recipe.accelerate_config)
         except ValueError as error:
             return [f"`accelerate_config`: {error}"]
-    return setting_clashes(training, model.use_peft, recipe_layout(recipe.accelerate_config))
+    return setting_clashes(training, model.use_peft, recipe_layout(path, recipe.accelerate_config))
 
 
 def _check_global_batch(training, recipe: RecipeArguments) -> list[str]:
     """`train`'s global batch check at the process count the recipe launches (`num_processes` or its config's)."""
-    from ..run_settings import recipe_processes
+    from ..run_settings import global_batch_problem, recipe_processes
     from .launch import resolve_accelerate_config
-    from .train import global_batch_problem
 
+    path = None
     if recipe.accelerate_config is not None:
         try:
-            resolve_accelerate_config(recipe.accelerate_config)
+            path = resolve_accelerate_config(recipe.accelerate_config)
         except ValueError:
             return []  # reported by `_check_layout`
-    problem = global_batch_problem(training, recipe, recipe_processes(recipe.accelerate_config, recipe.num_processes))
+    problem = global_batch_problem(training, recipe, recipe_processes(path, recipe.num_processes))
     return [] if problem is None else [problem]
 
 

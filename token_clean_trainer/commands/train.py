@@ -26,35 +26,11 @@ def model_init_kwargs(recipe) -> dict:
 
 def check_global_batch(recipe) -> None:
     """Refuse a launch whose per-device batch x accumulation x processes is not the recipe's global batch."""
+    from ..run_settings import global_batch_problem
+
     problem = global_batch_problem(recipe.training, recipe.recipe, recipe.training.world_size)
     if problem is not None:
         raise LaunchError(problem)
-
-
-def global_batch_problem(training, settings, processes: int) -> str | None:
-    """Why `processes` processes do not reach the recipe's `global_batch_size`, with the fix; None when they do."""
-    target = settings.global_batch_size
-    if target is None:
-        return None
-    per_device, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
-    actual = per_device * accumulation * processes
-    if actual == target:
-        return None
-    if target % processes:
-        fix = f"use a process count that divides {target}"
-    else:
-        share = target // processes  # rows per process per optimizer step
-        if share % per_device == 0:
-            fix = f"pass `--gradient_accumulation_steps {share // per_device}`"
-        else:
-            fitting = max(d for d in range(1, min(per_device, share) + 1) if share % d == 0)
-            fix = f"pass `--per_device_train_batch_size {fitting} --gradient_accumulation_steps {share // fitting}`"
-    return (
-        f"This recipe is tuned for a global batch of {target} rows, but {per_device} (per_device_train_batch_size) x "
-        f"{accumulation} (gradient_accumulation_steps) x {processes} (processes) = {actual}. To keep the recipe's "
-        f"meaning on {processes} process(es), {fix}; to change the recipe on purpose, pass `--global_batch_size "
-        f"{actual}`."
-    )
 
 
 def load_splits(recipe):
