@@ -167,8 +167,13 @@ def main() -> None:
         result["judge_threshold"] = choose(jsweep, args.target_precision)
 
     # The old rule (as the run decided: code checks + the LLM checklist) against the new rule.
-    old_kept = [row["run_accepted"] for row in rows]  # the run's own rule: code checks + the LLM checklist
-    result["old_rule"] = scores(old_kept, sound)
+    # The old rule (code checks + the LLM checklist) as the runs that applied it decided.
+    old_rows = [i for i, row in enumerate(rows) if row.get("run_rule", "checklist") == "checklist"]
+    old_kept = [rows[i]["run_accepted"] if i in old_rows else False for i in range(len(rows))]
+    result["old_rule"] = {
+        **scores([old_kept[i] for i in old_rows], [sound[i] for i in old_rows]),
+        "run_rows": len(old_rows),
+    }
     g = chosen_grounding["threshold"] if chosen_grounding else base.grounding_min_support
     jt = result.get("judge_threshold", {}) or {}
     settings = VerifierSettings(grounding_min_support=g, judge_threshold=jt.get("threshold", base.judge_threshold))

@@ -1,6 +1,6 @@
 """Turn a purge-mix run's fusion attempts into rows of the labelled gold set (labels are written by hand).
 
-    python benchmarks/make_purge_gold.py outputs/<run>/purge_mix > /tmp/gold_unlabelled.jsonl
+    python benchmarks/make_purge_gold.py outputs/<run>/purge_mix checklist g > /tmp/gold_unlabelled.jsonl
 
 Every sample of every attempt in `fusions.jsonl` becomes one row with its sources (text, from `scored/`), operator,
 the raw reply, the parsed pair and what the run's own checks said of it; `label` ("sound" / "unsound") and `reason`
@@ -13,12 +13,15 @@ import os
 import sys
 
 
-def main(folder: str) -> None:
+def main(folder: str, rule: str, prefix: str) -> None:
     from datasets import load_from_disk
 
     scored = load_from_disk(os.path.join(folder, "scored"))
     text = {
-        row["purge_mix_id"]: {"instruction": row["prompt"][-1]["content"], "response": row["completion"][-1]["content"]}
+        row["purge_mix_id"]: {
+            "instruction": row["prompt"][-1]["content"],
+            "response": row["completion"][-1]["content"],
+        }
         for row in scored
     }
     n = 0
@@ -30,7 +33,11 @@ def main(folder: str) -> None:
                 n += 1
                 last = k == len(attempts) - 1
                 row = {
-                    "id": f"g{n:03d}",
+                    "id": f"{prefix}{n:03d}",
+                    "run": os.path.basename(os.path.dirname(os.path.abspath(folder))),
+                    # "checklist": the run accepted by code checks + the LLM checklist (the old rule); "verifiers":
+                    # by code checks + the verifiers + the judge (the new rule).
+                    "run_rule": rule,
                     "job": job,
                     "attempt": k,
                     "source_ids": fusion["source_ids"],
@@ -40,6 +47,7 @@ def main(folder: str) -> None:
                     "candidate": attempt["candidate"],
                     "run_defects": fusion["defects"][k] if k < len(fusion["defects"]) else None,
                     "run_checklist": attempt.get("checklist"),
+                    "run_verdicts": attempt.get("verdicts"),
                     "run_accepted": bool(fusion["accepted"] and last),
                     "label": "",
                     "reason": "",
@@ -48,4 +56,5 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # make_purge_gold.py FOLDER RULE PREFIX, e.g. outputs/run/purge_mix checklist g
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "checklist", sys.argv[3] if len(sys.argv) > 3 else "g")

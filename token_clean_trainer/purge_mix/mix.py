@@ -79,6 +79,7 @@ class _Sample:
     verdicts: list[Verdict] = field(default_factory=list)
     status: str = FAILED  # passed | unverified | failed
     checklist: dict[str, Any] | None = None  # the LLM checklist's answer, when it ran on this sample
+    cost: dict[str, Any] = field(default_factory=dict)  # the generation's tokens and seconds (where timed)
 
     def record(self, operator: str) -> dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class _Sample:
             "verdicts": [v.to_dict() for v in self.verdicts],
             "status": self.status,
             "checklist": self.checklist,
+            **self.cost,
         }
 
 
@@ -201,7 +203,15 @@ def _sample_wave(open_jobs, jobs, pool, results, operator, previous, terms, gene
                 findings.append(
                     ("truncated", "the reply was cut off at the token limit; write a shorter, complete example")
                 )
-            samples[j].append(_Sample(reply.text, candidate, findings))
+            cost = {
+                "cached": reply.cached,
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.completion_tokens,
+                "prompt_eval_tokens": reply.prompt_eval_tokens,
+                "prompt_eval_s": reply.prompt_eval_s,
+                "decode_s": reply.decode_s,
+            }
+            samples[j].append(_Sample(reply.text, candidate, findings, cost=cost))
     return samples
 
 

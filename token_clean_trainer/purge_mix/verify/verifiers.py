@@ -33,7 +33,7 @@ class VerifierSettings:
     code_needs_checked_output: bool = True
     arithmetic: bool = True
     grounding: bool = True
-    grounding_min_support: float = 0.7
+    grounding_min_support: float = 0.95
     judge: bool = True
     judge_threshold: float = 0.5
     judge_scope: str = "unverified"
