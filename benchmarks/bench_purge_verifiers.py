@@ -47,6 +47,16 @@ def scores(kept: list[bool], sound: list[bool]) -> dict:
     }
 
 
+def roc_auc(scores_: list[float], sound: list[bool]) -> float | None:
+    """The chance that a sound row scores above an unsound one (ties count half): 0.5 is no signal."""
+    pos = [x for x, s in zip(scores_, sound) if s]
+    neg = [x for x, s in zip(scores_, sound) if not s]
+    if not pos or not neg:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return round(wins / (len(pos) * len(neg)), 3)
+
+
 def choose(sweep: list[dict], target: float, min_recall: float = 0.5) -> dict | None:
     """The lowest threshold reaching `target` precision while keeping at least `min_recall` of the sound rows, else
     the best F0.5 (precision weighs twice recall)."""
@@ -159,6 +169,7 @@ def main() -> None:
             for t in [round(0.05 * k, 2) for k in range(1, 20)]
         ]
         result["judge_sweep_all_rows"] = jsweep
+        result["judge_roc_auc"] = roc_auc([p_yes[i] for i in judged], [sound[i] for i in judged])
         fallback = [i for i in judged if not verdicts[i]]
         result["judge_sweep_where_no_verifier_applies"] = [
             {"threshold": t, **scores([p_yes[i] >= t for i in fallback], [sound[i] for i in fallback])}
