@@ -99,3 +99,21 @@ def test_floor_default_and_off_values():
     assert PurgeMixConfig().purge_mix_min_pair_similarity == 0.3
     assert PurgeMixConfig(purge_mix_min_pair_similarity=None).purge_mix_min_pair_similarity is None
     assert PurgeMixConfig(purge_mix_min_pair_similarity=-1).purge_mix_min_pair_similarity == -1
+
+
+def test_anchors_take_their_nearest_unused_member_not_another_anchor():
+    from token_clean_trainer.purge_mix.clustering import pair_anchors
+
+    # Anchors 0 and 3 (as MMR would pick them: far apart, 90 degrees); members 1 (5 degrees from 0) and 2 (85
+    # degrees: 5 from anchor 3), plus 4 (170 degrees, near nobody).
+    x = _unit_angles([0, 5, 85, 90, 170])
+    pairing = pair_anchors(x, anchors=[0, 3, 4], members=[0, 1, 2, 3, 4], min_similarity=0.3)
+    assert pairing.pairs == [[0, 1], [3, 2]]
+    assert pairing.similarities == pytest.approx([np.cos(np.radians(5))] * 2, abs=1e-6)
+    # Anchor 4's nearest unused member is below the floor: refused, counted, and left free.
+    assert pairing.below_floor == 1 and pairing.unpaired == [4]
+    # Paired with each other, the two anchors would have been refused (cosine 0 < 0.3).
+    assert pair_representatives(x, [0, 3], min_similarity=0.3).pairs == []
+    # An anchor already taken as a partner is skipped, and max_pairs stops the walk.
+    assert pair_anchors(x, [0, 1, 3], [0, 1, 2, 3, 4], 0.3).pairs == [[0, 1], [3, 2]]
+    assert pair_anchors(x, [0, 3], [0, 1, 2, 3, 4], 0.3, max_pairs=1).pairs == [[0, 1]]

@@ -808,10 +808,21 @@ class CachedGenerator:
         bucket["prompt_tokens"] += completion.prompt_tokens
         bucket["completion_tokens"] += completion.completion_tokens
 
-    def generate(self, message_lists: list[list[dict]], stage: str = "llm", **overrides) -> list[Completion]:
-        """Complete every conversation in `message_lists`; cached ones are replayed, the rest sent (once each)."""
+    def generate(
+        self,
+        message_lists: list[list[dict]],
+        stage: str = "llm",
+        per_request: list[dict] | None = None,
+        **overrides,
+    ) -> list[Completion]:
+        """Complete every conversation in `message_lists`; cached ones are replayed, the rest sent (once each), in
+        order. `per_request` (one dict per conversation) overrides sampling settings request by request, e.g. the
+        seeds of several samples of one prompt sent one after another (so llama.cpp's prefix cache serves them)."""
         settings = {**self.defaults, **overrides}
-        payloads = [_request_payload(m, **settings) for m in message_lists]
+        payloads = [
+            _request_payload(m, **{**settings, **(per_request[i] if per_request else {})})
+            for i, m in enumerate(message_lists)
+        ]
         keys = [self.key(p) for p in payloads]
         results: list[Completion | None] = [None] * len(payloads)
         missing: dict[str, list[int]] = {}

@@ -185,13 +185,18 @@ def _sample_wave(open_jobs, jobs, pool, results, operator, previous, terms, gene
     base = {"seed": generator.defaults["seed"] + cycle}
     if cycle > 0:
         base["temperature"] = max(config.purge_mix_repair_temperature, generator.defaults["temperature"])
-    replies = [None] * (len(open_jobs) * n)
+    # The n samples of one prompt are sent one after another, so a local backend evaluates the prompt once.
+    per_request = []
     for k in range(n):
         sampling = {**base, "seed": base["seed"] + 1000 * k}
         if k > 0 and cycle == 0:  # extra samples of a greedy first attempt would repeat it
             sampling["temperature"] = max(config.purge_mix_repair_temperature, generator.defaults["temperature"])
-        for position, reply in enumerate(generator.generate(prompts, stage="fusion", **sampling)):
-            replies[position * n + k] = reply
+        per_request.append(sampling)
+    replies = generator.generate(
+        [prompt for prompt in prompts for _ in range(n)],
+        stage="fusion",
+        per_request=[per_request[k] for _ in prompts for k in range(n)],
+    )
     samples: dict[int, list[_Sample]] = {}
     for position, j in enumerate(open_jobs):
         samples[j] = []
