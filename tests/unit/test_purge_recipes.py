@@ -61,3 +61,10 @@ def test_paper_preset_is_the_papers_setting():
     assert not config.purge_mix_perplexity and config.purge_mix_max_ifd is None
     # The paper names no similarity floor for a pair and outputs synthesized rows only (no HQ/synthesized mix).
     assert config.purge_mix_min_pair_similarity is None and config.purge_mix_mix_ratio is None
+    # The paper's checklist alone decides: none of the package's verifiers, no judge.
+    assert not (
+        config.purge_mix_verify_code
+        or config.purge_mix_verify_arithmetic
+        or config.purge_mix_verify_grounding
+        or config.purge_mix_judge
+    )
