@@ -79,8 +79,12 @@ def _one(backend: str, model: str, new_tokens: int, reps: int, threads: int, pro
                 "cold_prompt_eval_tokens_median": median([r.prompt_eval_tokens for r in timed]),
                 "prompt_eval_tokens_per_s_median": median([r.prompt_eval_tokens / r.prompt_eval_s for r in timed]),
                 "decode_tokens_per_s_median": median([r.completion_tokens / r.decode_s for r in timed if r.decode_s]),
-                "warm_prompt_eval_tokens_median": median([r.prompt_eval_tokens for r in warm if r.prompt_eval_s]),
-                "warm_call_s_median": median([r.prompt_eval_s + r.decode_s for r in warm if r.prompt_eval_s]),
+                "warm_prompt_eval_tokens_median": median(
+                    [r.prompt_eval_tokens for r in warm if r.prompt_eval_s is not None]
+                ),
+                "warm_call_s_median": median(
+                    [r.prompt_eval_s + r.decode_s for r in warm if r.prompt_eval_s is not None]
+                ),
                 "cold_call_s_median": median([r.prompt_eval_s + r.decode_s for r in timed]),
             }
         )
