@@ -105,9 +105,9 @@ def test_anchors_take_their_nearest_unused_member_not_another_anchor():
     from token_clean_trainer.purge_mix.clustering import pair_anchors
 
     # Anchors 0 and 3 (as MMR would pick them: far apart, 90 degrees); members 1 (5 degrees from 0) and 2 (85
-    # degrees: 5 from anchor 3), plus 4 (170 degrees, near nobody).
-    x = _unit_angles([0, 5, 85, 90, 170])
-    pairing = pair_anchors(x, anchors=[0, 3, 4], members=[0, 1, 2, 3, 4], min_similarity=0.3)
+    # degrees: 5 from anchor 3); anchor 4 (170 degrees) whose only unused member, 5 (260 degrees), is 90 away.
+    x = _unit_angles([0, 5, 85, 90, 170, 260])
+    pairing = pair_anchors(x, anchors=[0, 3, 4], members=[0, 1, 2, 3, 4, 5], min_similarity=0.3)
     assert pairing.pairs == [[0, 1], [3, 2]]
     assert pairing.similarities == pytest.approx([np.cos(np.radians(5))] * 2, abs=1e-6)
     # Anchor 4's nearest unused member is below the floor: refused, counted, and left free.
