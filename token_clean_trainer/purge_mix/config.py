@@ -441,6 +441,11 @@ class PurgeMixConfig:
         for op in self.purge_mix_operators:
             _choice("purge_mix_operators", op, OPERATORS)
 
+        self._check_numbers()
+        self._check_endpoint()
+
+    def _check_numbers(self) -> None:
+        """Every numeric field in its range (each message names the field, the range and the value)."""
         for name in (
             "purge_mix_max_repetition",
             "purge_mix_max_noise_ratio",
@@ -527,8 +532,6 @@ class PurgeMixConfig:
             )
         if not _is_number(self.purge_mix_top_p) or not 0.0 < self.purge_mix_top_p <= 1.0:
             raise ValueError(f"`purge_mix_top_p` must be in (0, 1], got {self.purge_mix_top_p!r}.")
-
-        self._check_endpoint()
 
     def _check_endpoint(self) -> None:
         if self.purge_mix_base_url is not None and not str(self.purge_mix_base_url).startswith(
