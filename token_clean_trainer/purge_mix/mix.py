@@ -308,12 +308,18 @@ def _checklist_wave(open_jobs, samples, jobs, pool, results, generator) -> None:
             s.findings.extend(("", note) for note in checklist_problems([], parsed))
 
 
+def _only_unverified(sample: _Sample) -> bool:
+    """Whether every finding of `sample` says only that something could not be verified (no defect of form or
+    substance)."""
+    return all(code.startswith("unverified") for code, _ in sample.findings)
+
+
 def _best_sample(samples: list[_Sample]) -> _Sample:
     """The sample to keep or to repair from: the first that passed, else the first unverified one, else the first
     well-formed one, else the first."""
     for wanted in (PASSED, UNVERIFIED):
         for s in samples:
-            if s.status == wanted and not [code for code, _ in s.findings if not code.startswith("unverified")]:
+            if s.status == wanted and _only_unverified(s):
                 return s
     return next((s for s in samples if s.candidate is not None), samples[0])
 
@@ -332,8 +338,7 @@ def _settle(result: FusionResult, samples: list[_Sample], cycle: int, last: bool
         result.accepted, result.status = True, ACCEPTED
         return True
     if last:
-        well_formed = not [code for code, _ in best.findings if not code.startswith("unverified")]
-        result.status = UNVERIFIED_RESULT if best.status == UNVERIFIED and well_formed else REJECTED
+        result.status = UNVERIFIED_RESULT if best.status == UNVERIFIED and _only_unverified(best) else REJECTED
         result.accepted = result.status == UNVERIFIED_RESULT and config.purge_mix_keep_unverified
         return True
     return False
