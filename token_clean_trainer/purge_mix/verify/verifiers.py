@@ -1,7 +1,8 @@
 """Run the verifiers of a fused pair, in order, with a cache; and read their verdicts as one decision.
 
 Deterministic verifiers come first: sandboxed execution of the code blocks (`code:<language>`), re-computation of
-stated calculations (`arithmetic`), support of every factual sentence by the sources (`grounding`). The LLM judge
+stated calculations (`arithmetic`), support of every factual sentence by the sources (`grounding`), and how the pair
+was put together from its sources (`provenance`: edited sources, no leaked answer, one source per claim). The LLM judge
 (`judge.py`) runs only for a pair none of them applies to; the fusion loop batches those requests through the
 generator, so it is not called from here.
 
@@ -18,10 +19,11 @@ from typing import Any
 
 from ...utils import sha256_json
 from .base import FAILED, NOT_APPLICABLE, PASSED, UNVERIFIED, Verdict
+from .provenance import RULES as PROVENANCE_RULES
 
 VERIFICATION_CACHE_FILE = "verifications.jsonl"
 # Bump when a verifier changes what it decides, so cached verdicts are recomputed.
-VERIFIERS_VERSION = 1
+VERIFIERS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class VerifierSettings:
     arithmetic: bool = True
     grounding: bool = True
     grounding_min_support: float = 0.95
+    provenance: bool = True
+    provenance_rules: tuple[str, ...] = PROVENANCE_RULES
     judge: bool = True
     judge_threshold: float = 0.5
     judge_scope: str = "unverified"
@@ -47,6 +51,8 @@ class VerifierSettings:
             arithmetic=config.purge_mix_verify_arithmetic,
             grounding=config.purge_mix_verify_grounding,
             grounding_min_support=config.purge_mix_grounding_min_support,
+            provenance=config.purge_mix_verify_provenance,
+            provenance_rules=tuple(config.purge_mix_provenance_rules),
             judge=config.purge_mix_judge,
             judge_threshold=config.purge_mix_judge_threshold,
             judge_scope=config.purge_mix_judge_scope,
@@ -71,7 +77,15 @@ def deterministic_verdicts(
         from .grounding import verify_grounding
 
         verdicts.append(verify_grounding(candidate, sources, min_support=settings.grounding_min_support, embed=embed))
-    return [v for v in verdicts if v.status != NOT_APPLICABLE]
+    verdicts = [v for v in verdicts if v.status != NOT_APPLICABLE]
+    if settings.provenance:
+        from .provenance import verify_provenance
+
+        verdict = verify_provenance(candidate, sources, settings.provenance_rules)
+        # Provenance can reject a pair but not vouch for it alone: a pair nothing else checked stays for the judge.
+        if verdict.status == FAILED or (verdict.status == PASSED and verdicts):
+            verdicts.append(verdict)
+    return verdicts
 
 
 def _require_checked_output(verdict: Verdict) -> Verdict:
@@ -108,6 +122,9 @@ def defect_code(verdict: Verdict) -> str:
     family = verdict.verifier.split(":")[0]
     if verdict.status == UNVERIFIED:
         return f"unverified_{family}"
+    if family == "provenance" and verdict.details.get("defects"):
+        # One code per rule, so the report counts rejections by what was wrong with the fusion.
+        return f"provenance_{verdict.details['defects'][0]['rule']}"
     return {"code": "code_failed", "arithmetic": "arithmetic_wrong", "grounding": "ungrounded"}.get(
         family, f"{family}_rejected"
     )
