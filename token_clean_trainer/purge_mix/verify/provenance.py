@@ -10,9 +10,10 @@ checks the structure of the fusion, with four rules, each with its reason:
   PLAYER", "Tell me a joke") come from chat logs; their answers are personas, jokes and opinions, and the small model
   turns them into confident "facts". No verifier can tell a wrong fact from a right one, so a fusion is accepted only
   from sources that look curated.
-- **No leaked answer** (`answer_leak`): the new instruction holds no word that only a source's *answer* has ("Which
-  Disney film features the song ... and the character of Pocahontas?", where Pocahontas answered the other source).
-  A question that states an answer either presupposes a relation no source makes or asks nothing.
+- **No leaked answer** (`answer_leak`): the new instruction names nothing that only a source's *answer* names (a
+  capitalised word of the answer that no source's question has: "Which Disney film features the song ... and the
+  character of Pocahontas?", where Pocahontas answered the other source). A question that states an answer either
+  presupposes a relation no source makes or asks nothing.
 - **One source per claim** (`cross_source`): every clause of the instruction and the response draws on one source.
   A clause with at least two words found only in one source and two found only in another ("Jim Morrison was buried
   in Paris, where he found Pamela Courson") states a relation neither source makes; a sentence that relates its
@@ -82,13 +83,15 @@ def source_form(source: dict[str, str]) -> str | None:
 
 
 def answer_leaks(candidate: dict[str, str], sources: Sequence[dict[str, str]]) -> list[tuple[int, str]]:
-    """`(source index, word)` of the words of the new instruction that only a source's answer has (the prose of its
-    response, not found in any source's instruction)."""
+    """`(source index, word)` of the words of the new instruction that name what only a source's answer names: a
+    capitalised word or acronym of the prose of its response that no source's instruction has ("Pocahontas",
+    "Toxic"). Plain words of an answer ("Python is a programming language") may be restated in a question."""
     asked = set().union(*(_terms(src["instruction"]) for src in sources))
     instruction = {norm: surface for norm, surface in term_forms(split_code(candidate["instruction"])[0])}
     out = []
     for i, src in enumerate(sources):
-        answer = {t for t in _terms(src["response"]) if not term_found(t, asked)}
+        named = {norm for norm, surface in term_forms(split_code(src["response"])[0]) if surface[:1].isupper()}
+        answer = {t for t in named if not term_found(t, asked)}
         for norm, surface in instruction.items():
             if term_found(norm, answer):
                 out.append((i, surface))
