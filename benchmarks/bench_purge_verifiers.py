@@ -9,7 +9,13 @@ whole acceptance rule, old (code checks + the LLM checklist, as the run decided)
 deterministic verifiers, the judge where none applies), and per verifier the rows the old rule accepted that it
 stops. The grounding support and the judge's P(yes) are swept over thresholds; the chosen ones are the lowest
 thresholds whose precision is at least `--target_precision` (else the best F0.5). Judge requests go through the
-request cache under `--cache`, so a rerun costs nothing.
+request cache under `--cache`, so a rerun costs nothing; with `--judge_cache_only` the model is not even loaded, and a
+request the cache lacks is an error.
+
+The provenance verifier's rules are ablated (none, each alone, all but one, all) on the pairs the rule without it
+accepts, and on a held-out labelled run (`--heldout`: the accepted pairs of an evidence run, labelled one by one),
+whose candidates are also scored without the ones the gold set already holds. A few acceptance policies that were
+measured and not adopted are scored there too (`alternative_policies`).
 """
 
 import argparse
@@ -20,6 +26,88 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLD = os.path.join(HERE, "..", "tests", "data", "purge_mix_gold.jsonl")
+HELDOUT = os.path.join(HERE, "results", "purge_mix_qwen_coder_accepted_labelled.jsonl")
+
+
+def provenance_ablation(rows: list[dict], accepted: list[bool], sound: list[bool]) -> list[dict]:
+    """Precision of the pairs `accepted` still keeps under each subset of the provenance rules: none, each alone,
+    all but one, all."""
+    from token_clean_trainer.purge_mix.verify.provenance import RULES, provenance_defects
+
+    failed = [
+        {rule for rule, _ in provenance_defects(row["candidate"], row["sources"])} if ok else set()
+        for row, ok in zip(rows, accepted)
+    ]
+    subsets = [()] + [(r,) for r in RULES] + [tuple(x for x in RULES if x != r) for r in RULES] + [RULES]
+    out = []
+    for subset in subsets:
+        kept = [ok and not (f & set(subset)) for ok, f in zip(accepted, failed)]
+        name = "+".join(subset) if subset else "(none)"
+        if len(subset) == len(RULES) - 1:
+            name = f"all but {next(r for r in RULES if r not in subset)}"
+        out.append({"rules": "all" if subset == RULES else name, **scores(kept, sound)})
+    return out
+
+
+def _terms(text: str) -> set[str]:
+    from token_clean_trainer.purge_mix.checks import term_forms
+
+    return {norm for norm, _ in term_forms(text)}
+
+
+def alternative_policies(rows: list[dict], accepted: list[bool], sound: list[bool], verified: list[list[str]]):
+    """Policies measured and not adopted, each on the pairs `accepted` keeps (with the provenance rules applied)."""
+    import re
+
+    from token_clean_trainer.purge_mix.checks import term_found
+    from token_clean_trainer.purge_mix.verify.provenance import provenance_defects
+
+    base = [ok and not provenance_defects(row["candidate"], row["sources"]) for row, ok in zip(rows, accepted)]
+
+    def one_question(row):  # a single question or task, not two glued together
+        instruction = row["candidate"]["instruction"]
+        glued = re.search(r",?\s+and\s+(?:what|which|who|where|when|how|in (?:what|which))\b", instruction, re.I)
+        return instruction.count("?") <= 1 and not re.search(r"^\s*2[.)]", instruction, re.M) and not glued
+
+    def faithful_questions(row):  # every source question it restates keeps all its words
+        asked = _terms(row["candidate"]["instruction"])
+        for src in row["sources"]:
+            words = _terms(src["instruction"])
+            found = {w for w in words if term_found(w, asked)}
+            if found and found != words:
+                return False
+        return True
+
+    policies = {
+        "checkable only (code or arithmetic passed)": lambda i: any(
+            v.startswith(("code", "arithmetic")) for v in verified[i]
+        ),
+        "one question per instruction": lambda i: one_question(rows[i]),
+        "source questions restated in full": lambda i: faithful_questions(rows[i]),
+    }
+    return {
+        "with provenance": scores(base, sound),
+        **{name: scores([b and rule(i) for i, b in enumerate(base)], sound) for name, rule in policies.items()},
+    }
+
+
+def heldout_report(path: str) -> dict:
+    """The provenance ablation and the alternative policies on a labelled run's accepted pairs, all of them and the
+    ones whose candidate the gold set does not hold."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    gold = {json.dumps(row["candidate"], sort_keys=True) for row in load_gold() if row["candidate"]}
+    unseen = [json.dumps(row["candidate"], sort_keys=True) not in gold for row in rows]
+    sound = [row["label"] == "sound" for row in rows]
+    verified = [row.get("verified_by", []) for row in rows]
+    return {
+        "rows": len(rows),
+        "sound": sum(sound),
+        "also_in_gold": len(rows) - sum(unseen),
+        "provenance_ablation": provenance_ablation(rows, [True] * len(rows), sound),
+        "provenance_ablation_unseen": provenance_ablation(rows, unseen, sound),
+        "alternative_policies": alternative_policies(rows, [True] * len(rows), sound, verified),
+    }
 
 
 def load_gold(path: str = GOLD) -> list[dict]:
@@ -99,12 +187,20 @@ def deterministic(rows: list[dict], settings) -> list[list]:
     return out
 
 
-def judge_scores(rows: list[dict], cache: str, threads: int) -> list[float | None]:
+class _NoModel:
+    """Stands in for the llama.cpp model when only cached judge replies may be used."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("--judge_cache_only: a judge request is not in the cache")
+
+
+def judge_scores(rows: list[dict], cache: str, threads: int, cache_only: bool = False) -> list[float | None]:
     from token_clean_trainer.assets import embedded_gguf_path
     from token_clean_trainer.purge_mix.generators import CachedGenerator, LlamaCppGenerator
     from token_clean_trainer.purge_mix.verify.judge import judge_messages, judge_score
 
-    engine = LlamaCppGenerator(embedded_gguf_path("embedded:qwen2.5-coder-1.5b"), n_threads=threads)
+    path = embedded_gguf_path("embedded:qwen2.5-coder-1.5b")
+    engine = LlamaCppGenerator(path, n_threads=threads, llama=_NoModel() if cache_only else None)
     generator = CachedGenerator(engine, cache, max_tokens=1, temperature=0.0)
     todo = [i for i, row in enumerate(rows) if row["candidate"]]
     start = time.perf_counter()
@@ -125,6 +221,8 @@ def main() -> None:
     parser.add_argument("--cache", default="outputs/bench_purge_verifiers/cache")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no_judge", action="store_true")
+    parser.add_argument("--judge_cache_only", action="store_true", help="replay cached judge replies, load no model")
+    parser.add_argument("--heldout", default=HELDOUT, help="a labelled run's accepted pairs ('' to skip)")
     parser.add_argument("--target_precision", type=float, default=0.9)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -153,7 +251,7 @@ def main() -> None:
     sweep = []
     grounded = [i for i, vs in enumerate(verdicts) if any(v.verifier == "grounding" for v in vs)]
     for t in [round(0.05 * k, 2) for k in range(4, 20)]:
-        settings = VerifierSettings(code=False, arithmetic=False, grounding_min_support=t)
+        settings = VerifierSettings(code=False, arithmetic=False, provenance=False, grounding_min_support=t)
         kept = [decision(deterministic([rows[i]], settings)[0]) == PASSED for i in grounded]
         sweep.append({"threshold": t, **scores(kept, [sound[i] for i in grounded])})
     result["grounding_sweep"] = sweep
@@ -161,7 +259,10 @@ def main() -> None:
     result["grounding_threshold"] = chosen_grounding
 
     # The judge, on every parsed row and on the rows no deterministic verifier applies to.
-    p_yes = [None] * len(rows) if args.no_judge else judge_scores(rows, args.cache, args.threads)
+    if args.no_judge:
+        p_yes = [None] * len(rows)
+    else:
+        p_yes = judge_scores(rows, args.cache, args.threads, cache_only=args.judge_cache_only)
     if not args.no_judge:
         judged = [i for i in range(len(rows)) if p_yes[i] is not None]
         jsweep = [
@@ -189,15 +290,16 @@ def main() -> None:
     jt = result.get("judge_threshold", {}) or {}
     settings = VerifierSettings(grounding_min_support=g, judge_threshold=jt.get("threshold", base.judge_threshold))
     final = deterministic(rows, settings)
+    without_provenance = deterministic(rows, VerifierSettings(**{**settings.__dict__, "provenance": False}))
 
-    def rule(judge_everything: bool) -> tuple[list[bool], list[str]]:
+    def rule(judge_everything: bool, verdicts_=final) -> tuple[list[bool], list[str]]:
         kept, status = [], []
         for i in range(len(rows)):
             if not form_ok[i]:
                 kept.append(False)
                 status.append("form")
                 continue
-            vs = final[i]
+            vs = verdicts_[i]
             st = decision(vs) if vs else "unverified"
             if (not vs or (judge_everything and st == PASSED)) and p_yes[i] is not None:
                 st = PASSED if p_yes[i] >= settings.judge_threshold else FAILED
@@ -207,6 +309,13 @@ def main() -> None:
 
     new_kept, status = rule(judge_everything=False)
     result["new_rule"] = {**scores(new_kept, sound), "settings": settings.__dict__}
+    before, _ = rule(judge_everything=False, verdicts_=without_provenance)
+    result["new_rule_without_provenance"] = scores(before, sound)
+    result["provenance_ablation"] = provenance_ablation(rows, before, sound)
+    gold_verified = [[v.verifier for v in vs if v.status == PASSED] for vs in without_provenance]
+    result["alternative_policies"] = alternative_policies(rows, before, sound, gold_verified)
+    if args.heldout:
+        result["heldout"] = heldout_report(args.heldout)
     if not args.no_judge:
         # The judge also on pairs the deterministic verifiers passed (`purge_mix_judge_scope: all`).
         result["new_rule_judge_on_all"] = scores(rule(judge_everything=True)[0], sound)
