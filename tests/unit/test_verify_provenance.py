@@ -5,7 +5,7 @@ repeats the question fail; parallel answers, restated answer words and negative 
 import pytest
 
 from token_clean_trainer.purge_mix import PurgeMixConfig
-from token_clean_trainer.purge_mix.verify.base import FAILED, NOT_APPLICABLE, PASSED
+from token_clean_trainer.purge_mix.verify.base import FAILED, NOT_APPLICABLE, PASSED, Verdict
 from token_clean_trainer.purge_mix.verify.provenance import (
     RULES,
     answer_leaks,
@@ -98,7 +98,9 @@ def test_parallel_answers_draw_each_clause_from_one_source():
 
 
 def test_a_clause_with_words_of_two_sources_ties_them():
-    (tie,) = cross_source_ties("Jim Morrison was buried in Paris, where he wrote about Pamela Courson.", [BURIED, SONG])
+    (tie,) = cross_source_ties(
+        "Jim Morrison was buried in Paris, where he wrote about Pamela Courson.", [BURIED, SONG]
+    )
     assert tie["kind"] == "words" and tie["sources"] == [0, 1]
     assert {"buried", "Paris"} <= set(tie["words"][0]) and {"Pamela", "Courson"} <= set(tie["words"][1])
 
@@ -118,7 +120,9 @@ def test_a_sentence_relating_its_subjects_is_judged_whole():
 
 
 def test_a_pronoun_in_a_clause_of_the_other_source_ties_them():
-    text = "Barbra Streisand had her dog cloned twice, and in the Toxic video by Britney Spears, she plays a stewardess."
+    text = (
+        "Barbra Streisand had her dog cloned twice, and in the Toxic video by Britney Spears, she plays a stewardess."
+    )
     (tie,) = cross_source_ties(text, [CLONED, VIDEO])
     assert tie["kind"] == "pronoun" and tie["sources"] == [0, 1]
     # A possessive in the clause's own source refers to its own subject.
@@ -181,3 +185,46 @@ def test_config_carries_the_rules():
     with pytest.raises(ValueError, match="purge_mix_provenance_rules"):
         PurgeMixConfig(purge_mix_provenance_rules=["source_form", "vibes"])
     assert VerifierSettings.from_config(PurgeMixConfig(purge_mix_verify_provenance=False)).provenance is False
+
+
+@pytest.mark.parametrize("instruction", ["如何在 Python 中反转列表？", "Сколько сердец у осьминога?"])
+def test_sources_in_other_scripts_are_edited_text(instruction):
+    assert source_form({"instruction": instruction, "response": "x"}) is None
+
+
+HEAP = {"instruction": "How do I build a heap in Python?", "response": "Use heapq.heappush on a list."}
+QUEUE = {"instruction": "how do i make a queue", "response": "Use collections.deque and popleft."}
+HEAP_QUEUE = _pair(
+    "Write a priority queue class built on a heap.",
+    "A priority queue pops the smallest item first, and heapq keeps the heap list ordered:\n\n```python\n"
+    "import heapq\n\nclass PriorityQueue:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, item):\n        heapq.heappush(self.items, item)\n\n    def pop(self):\n"
+    "        return heapq.heappop(self.items)\n\nq = PriorityQueue()\nq.push(3)\nq.push(1)\nprint(q.pop())  # 1\n```",
+)
+
+
+def test_a_pair_confirmed_by_running_it_needs_only_an_answer():
+    """Code whose stated output was checked is not a fact taken from a source: a chat-typed source and a tie between
+    the two coding tasks do not stop it; an answer that only repeats the question still would."""
+    unchecked = verify_provenance(HEAP_QUEUE, [HEAP, QUEUE])
+    assert unchecked.status == FAILED and {d["rule"] for d in unchecked.details["defects"]} >= {"source_form"}
+    checked = verify_provenance(HEAP_QUEUE, [HEAP, QUEUE], checked=True)
+    assert checked.status == PASSED and checked.details["rules"] == ["circular_answer"]
+
+
+def test_a_passed_code_verdict_relaxes_provenance(monkeypatch):
+    from token_clean_trainer.purge_mix.verify import code
+
+    def passed(candidate, sources, timeout):
+        return [Verdict("code:python", PASSED, "", {"claims_checked": 1})]
+
+    monkeypatch.setattr(code, "verify_code", passed)
+    settings = VerifierSettings(arithmetic=False, grounding=False)
+    verdicts = deterministic_verdicts(HEAP_QUEUE, [HEAP, QUEUE], settings)
+    assert [(v.verifier, v.status) for v in verdicts] == [("code:python", PASSED), ("provenance", PASSED)]
+    monkeypatch.setattr(
+        code, "verify_code", lambda *a, **k: [Verdict("code:python", PASSED, "", {"claims_checked": 0})]
+    )
+    # Code that only ran (nothing checked its output) is unverified, and confirms nothing.
+    statuses = {v.verifier: v.status for v in deterministic_verdicts(HEAP_QUEUE, [HEAP, QUEUE], settings)}
+    assert statuses == {"code:python": "unverified", "provenance": FAILED}

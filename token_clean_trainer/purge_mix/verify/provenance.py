@@ -26,6 +26,11 @@ checks the structure of the fusion, with four rules, each with its reason:
   instruction, with no number or negation, answers nothing ("2. Robin Williams" to "Which actor won an Oscar for the
   supporting role in Robin Williams' film?").
 
+These rules guard facts in prose, which nothing can check. Where a checkable verifier confirmed the pair (code
+whose stated output matched what ran, a recomputed calculation), its substance was checked by running it, not taken
+from a source: then only `circular_answer` applies, and a fusion of two coding tasks ("a priority queue built on a
+heap") may tie its sources.
+
 The rules are lexical and deterministic, and they reject many sound pairs (fusions of chat sources that happen to be
 right, a correct answer that ties both sources); that is the price of precision. Their effect on the labelled gold set
 and on a held-out labelled run is in `docs/purge-mix.md` ("The gold set: what each check is worth").
@@ -56,7 +61,7 @@ _RELATION = re.compile(
 _SUBJECT_PRONOUN = re.compile(r"\b(?:he|she|it|they)\b", re.IGNORECASE)
 # A number or a negation is an answer even in the question's own words ("Oprah Winfrey has no children").
 _SAYS_SOMETHING = re.compile(r"\d|\b(?:no|not|none|zero|never|nothing|neither|nor)\b", re.IGNORECASE)
-_CLOSING = tuple(".?!:;)]}\"'`”’»")
+_CLOSING = tuple(".?!:;)]}\"'`”’»。？！：」』）")
 # Words two sources must both lack for a clause to tie them: one word of each may be chance ("the largest lizard in
 # the world" has "world" from the other source), two of each are a claim about both.
 _TIE_WORDS = 2
@@ -69,13 +74,14 @@ def _terms(text: str) -> set[str]:
 def source_form(source: dict[str, str]) -> str | None:
     """Why `source`'s instruction does not read as edited text (see the module's docstring), or `None` if it does."""
     text = source["instruction"].strip()
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
+    if not any(c.isalnum() for c in text):
         return None if "\n" in text else "has no words"
-    if len(text.split()) >= 2 and not any(c.islower() for c in letters):
+    # Scripts without case (Chinese, Arabic, ...) have no capitals to check.
+    cased = [c for c in text if c.isupper() or c.islower()]
+    if len(text.split()) >= 2 and cased and not any(c.islower() for c in cased):
         return "is written in capitals"
     first = next(c for c in text if c.isalnum() or c in "\"'`“‘")
-    if first.isalpha() and first.islower():
+    if first.islower():
         return "starts in lower case"
     if "\n" not in text and not text.endswith(_CLOSING):
         return "has no closing punctuation"
@@ -212,7 +218,7 @@ def provenance_defects(
 
 
 def verify_provenance(
-    candidate: dict[str, str], sources: Sequence[dict[str, str]], rules: Sequence[str] = RULES
+    candidate: dict[str, str], sources: Sequence[dict[str, str]], rules: Sequence[str] = RULES, checked: bool = False
 ) -> Verdict:
     """
     Check how a fused pair was put together from its sources (see the module's docstring for the rules).
@@ -222,6 +228,10 @@ def verify_provenance(
         sources (`Sequence[dict[str, str]]`): The rows it was fused from.
         rules (`Sequence[str]`, *optional*, defaults to all of `RULES`): The rules to apply, a subset of
             `("source_form", "answer_leak", "cross_source", "circular_answer")`.
+        checked (`bool`, *optional*, defaults to `False`): Whether a checkable verifier confirmed the pair (code
+            whose stated output matched what ran, a recomputed calculation). Then what the pair claims was checked
+            by running it, not taken from a source, and only `circular_answer` applies: the source and tie rules
+            guard prose facts that nothing can check.
 
     Returns:
         [`Verdict`] named `"provenance"`: `"failed"` with the first defect (and how many more), `"not_applicable"`
@@ -232,8 +242,14 @@ def verify_provenance(
         raise ValueError(f"Unknown provenance rule(s) {sorted(unknown)}; choose from {RULES}.")
     if not sources:
         return Verdict(VERIFIER, NOT_APPLICABLE, "no sources to trace the pair to")
+    if checked:
+        rules = [rule for rule in rules if rule == "circular_answer"]
     defects = provenance_defects(candidate, sources, rules)
-    details = {"rules": list(rules), "defects": [{"rule": rule, "reason": reason} for rule, reason in defects]}
+    details = {
+        "rules": list(rules),
+        "checked": checked,
+        "defects": [{"rule": rule, "reason": reason} for rule, reason in defects],
+    }
     if defects:
         more = f" ({len(defects) - 1} more defect(s))" if len(defects) > 1 else ""
         return Verdict(VERIFIER, FAILED, defects[0][1] + more, details)

@@ -81,7 +81,8 @@ def deterministic_verdicts(
     if settings.provenance:
         from .provenance import verify_provenance
 
-        verdict = verify_provenance(candidate, sources, settings.provenance_rules)
+        checked = any(v.status == PASSED and v.verifier.startswith(("code:", "arithmetic")) for v in verdicts)
+        verdict = verify_provenance(candidate, sources, settings.provenance_rules, checked=checked)
         # Provenance can reject a pair but not vouch for it alone: a pair nothing else checked stays for the judge.
         if verdict.status == FAILED or (verdict.status == PASSED and verdicts):
             verdicts.append(verdict)
