@@ -290,3 +290,34 @@ def test_purge_mix_callback_is_a_preprocessing_request_not_a_trainer_callback():
         purge_mix_dataset(None, PurgeMixConfig(), "out")
     with pytest.raises(ValueError, match="dict of datasets"):
         request.apply({"train": []}, "out")
+
+
+def test_a_rerun_whose_saved_output_is_empty_runs_again(tmp_path, monkeypatch):
+    """No fusion accepted in 'synthesized' mode leaves an empty output dataset, which `datasets` cannot load back: the
+    identical rerun redoes the run (from its caches) instead of failing."""
+    from datasets import Dataset
+
+    from token_clean_trainer.purge_mix import models, run_purge_mix
+
+    class Idle:
+        identity = "stub"
+
+    def reject_all(jobs, pool, generator, config, verification=None):
+        return [FusionResult(sources=list(j.sources), cluster=j.cluster, operators=[j.operator]) for j in jobs]
+
+    rows = [{"prompt": f"Show page {i}", "completion": f"<p>Page {i}</p>"} for i in range(4)]  # all LQ (HTML)
+    vectors = np.eye(4, 3, dtype=np.float32) + 0.1
+    monkeypatch.setattr(models.Models, "generator", lambda self: Idle())
+    monkeypatch.setattr(stages, "embed_rows", lambda columns, *args: (vectors, False))
+    monkeypatch.setattr(stages, "run_fusions", reject_all)
+    config = PurgeMixConfig(
+        purge_mix_perplexity=False,
+        purge_mix_curation=False,
+        purge_mix_output_mode="synthesized",
+        purge_mix_num_clusters=1,
+        purge_mix_min_pair_similarity=None,
+    )
+    first = run_purge_mix(Dataset.from_list(rows), config, str(tmp_path), seed=0)
+    again = run_purge_mix(Dataset.from_list(rows), config, str(tmp_path), seed=0)
+    assert len(first.dataset) == len(again.dataset) == 0
+    assert again.report["fusion"] == first.report["fusion"] and again.report["fusion"]["attempted"] == 2

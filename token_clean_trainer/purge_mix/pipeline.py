@@ -113,6 +113,9 @@ def _saved_result(folder: str, run_key: str) -> "PurgeMixResult | None":
     except (OSError, ValueError) as error:
         logger.warning("purge-mix: ignoring unreadable %s (%s)", result_path, error)
         return None
+    except IndexError:
+        # `datasets` cannot load a saved dataset of 0 rows (it has no shard): redo the run, its caches make it cheap.
+        return None
 
 
 def run_purge_mix(
