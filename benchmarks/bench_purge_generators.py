@@ -38,9 +38,9 @@ def _one(backend: str, model: str, new_tokens: int, reps: int, threads: int, pro
         import torch
 
         torch.set_num_threads(threads)
-        from token_clean_trainer.purge_mix.pipeline import _load_model
+        from token_clean_trainer.purge_mix.models import load_model
 
-        loaded, tokenizer = _load_model(f"embedded:{model}")
+        loaded, tokenizer = load_model(f"embedded:{model}")
         engine = TransformersGenerator(loaded, tokenizer, identity=model, batch_size=1)
     load_s = time.perf_counter() - start
     generator = CachedGenerator(engine, None, max_tokens=new_tokens, temperature=0.0)

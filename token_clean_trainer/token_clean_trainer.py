@@ -119,12 +119,14 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         # Before anything is written (purge-mix, the output folder): the layout as `Trainer` will build it.
         uses_peft = peft_config is not None or is_peft_model(model)
         refuse_setting_clashes(args, uses_peft, layout_from_arguments(args), user_optimizer=optimizers[0] is not None)
-        # Purge-mix rewrites the raw rows, so it runs before SFTTrainer tokenises them (one tokenisation path).
+        # Purge-mix rewrites the raw rows, so it runs before SFTTrainer tokenises them (one tokenisation path). A
+        # `PurgeMixCallback` is that request, not a `TrainerCallback`: it runs here and stays out of `Trainer`'s list.
         from .purge_mix.callback import PurgeMixCallback
 
-        for callback in callbacks or []:
-            if isinstance(callback, PurgeMixCallback):
-                train_dataset = callback.apply(train_dataset, args.output_dir, args.seed, model, processing_class)
+        for request in [c for c in callbacks or [] if isinstance(c, PurgeMixCallback)]:
+            train_dataset = request.apply(train_dataset, args.output_dir, args.seed, model, processing_class)
+        if callbacks:
+            callbacks = [c for c in callbacks if not isinstance(c, PurgeMixCallback)]
         # Filled by `_prepare_dataset` during `super().__init__`, to count rows TRL drops after truncation.
         self._prepare_stats: dict[str, dict[str, int]] = {}
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:

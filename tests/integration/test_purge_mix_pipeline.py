@@ -9,7 +9,7 @@ from datasets import Dataset, load_from_disk
 
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import PurgeMixCallback, PurgeMixConfig, TokenCleanSFTTrainer
-from token_clean_trainer.purge_mix import pipeline, run_purge_mix
+from token_clean_trainer.purge_mix import run_purge_mix, stages
 from token_clean_trainer.purge_mix.generators import CachedGenerator, TransformersGenerator
 
 PLANTED = [
@@ -102,7 +102,7 @@ def test_end_to_end_outputs_and_identical_rerun(tiny_model_dir, tmp_path, monkey
     assert len(attempts) == 3 and all(1 <= a["cycles"] + 1 <= 3 for a in attempts)
 
     # An identical rerun loads the result: no statistics, no generation.
-    _forbid(monkeypatch, pipeline, "perplexity_and_ifd")
+    _forbid(monkeypatch, stages, "perplexity_and_ifd")
     _forbid(monkeypatch, TransformersGenerator, "generate")
     again = run_purge_mix(ds, _config(tiny_model_dir), str(tmp_path), seed=3)
     assert again.dataset.to_list() == result.dataset.to_list()
@@ -111,8 +111,8 @@ def test_end_to_end_outputs_and_identical_rerun(tiny_model_dir, tmp_path, monkey
 def test_new_threshold_reuses_statistics(tiny_model_dir, tmp_path, monkeypatch):
     ds = Dataset.from_list(_rows())
     first = run_purge_mix(ds, _config(tiny_model_dir, purge_mix_output_mode="hq"), str(tmp_path))
-    _forbid(monkeypatch, pipeline, "perplexity_and_ifd")
-    _forbid(monkeypatch, pipeline, "embed_texts")
+    _forbid(monkeypatch, stages, "perplexity_and_ifd")
+    _forbid(monkeypatch, stages, "embed_texts")
     second = run_purge_mix(
         ds, _config(tiny_model_dir, purge_mix_output_mode="hq", purge_mix_hq_min_score=1), str(tmp_path)
     )
@@ -167,7 +167,7 @@ def test_callback_transforms_the_raw_dataset_before_tokenisation(tiny_model_dir,
     assert os.path.exists(tmp_path / "purge_mix" / "report.json")
 
     # A restarted run (same data, same settings) reuses the purge-mix result.
-    _forbid(monkeypatch, pipeline, "perplexity_and_ifd")
+    _forbid(monkeypatch, stages, "perplexity_and_ifd")
     again = PurgeMixCallback(_config(tiny_model_dir, purge_mix_output_mode="hq"))
     trainer2 = TokenCleanSFTTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tokenizer, callbacks=[again]

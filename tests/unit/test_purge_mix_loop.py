@@ -422,12 +422,12 @@ def test_resume_after_kill_repeats_no_completed_request(tmp_path, cut):
 
 
 def test_duplicate_low_quality_rows_enter_the_fusion_pool_once():
-    from token_clean_trainer.purge_mix.pipeline import _first_of_each_text
+    from token_clean_trainer.purge_mix.stages import first_of_each_text
 
     prompts = ["What is 2+2?", "what is  2+2?", "Name a colour.", "What is 2+2?", "Name a colour."]
     responses = ["4", "4 ", "Red.", "Four", "Red."]
-    kept, dropped = _first_of_each_text(np.array([0, 1, 2, 3, 4]), prompts, responses)
+    kept, dropped = first_of_each_text(np.array([0, 1, 2, 3, 4]), prompts, responses)
     # Rows 1 and 4 repeat rows 0 and 2 up to case and whitespace; row 3 has another answer and stays.
     assert kept.tolist() == [0, 2, 3] and dropped == 2
-    kept, dropped = _first_of_each_text(np.array([4, 2]), prompts, responses)
+    kept, dropped = first_of_each_text(np.array([4, 2]), prompts, responses)
     assert kept.tolist() == [4] and dropped == 1

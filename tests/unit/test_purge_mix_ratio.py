@@ -96,7 +96,7 @@ def test_pipeline_report_states_the_mix_and_fusions_show_the_cosine(tmp_path, mo
     share, report.json says what each side dropped, and fusions.jsonl carries each pair's cosine."""
     from datasets import Dataset
 
-    from token_clean_trainer.purge_mix import pipeline, run_purge_mix
+    from token_clean_trainer.purge_mix import models, run_purge_mix, stages
     from token_clean_trainer.purge_mix.mix import FusionResult
 
     class Idle:
@@ -124,9 +124,9 @@ def test_pipeline_report_states_the_mix_and_fusions_show_the_cosine(tmp_path, mo
             for k, j in enumerate(jobs)
         ]
 
-    monkeypatch.setattr(pipeline._Models, "generator", lambda self: Idle())
-    monkeypatch.setattr(pipeline, "_embeddings", lambda columns, *args: (vectors[: len(columns["prompt"])], False))
-    monkeypatch.setattr(pipeline, "run_fusions", fuse)
+    monkeypatch.setattr(models.Models, "generator", lambda self: Idle())
+    monkeypatch.setattr(stages, "embed_rows", lambda columns, *args: (vectors[: len(columns["prompt"])], False))
+    monkeypatch.setattr(stages, "run_fusions", fuse)
     config = PurgeMixConfig(
         purge_mix_perplexity=False,
         purge_mix_curation=False,

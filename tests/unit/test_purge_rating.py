@@ -94,7 +94,7 @@ def test_llm_rater_rates_every_row(tmp_path, monkeypatch):
 
     from datasets import Dataset
 
-    from token_clean_trainer.purge_mix import PurgeMixConfig, pipeline, run_purge_mix
+    from token_clean_trainer.purge_mix import PurgeMixConfig, models, run_purge_mix
     from token_clean_trainer.purge_mix.generators import Completion
 
     class Rater:
@@ -113,7 +113,7 @@ def test_llm_rater_rates_every_row(tmp_path, monkeypatch):
                 )
 
     rater = Rater()
-    monkeypatch.setattr(pipeline._Models, "generator", lambda self: rater)
+    monkeypatch.setattr(models.Models, "generator", lambda self: rater)
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(5)] + [
         {"prompt": "Show the page", "completion": "<div>Hello</div> &nbsp; <p>World</p>"}
     ]

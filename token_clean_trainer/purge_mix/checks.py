@@ -11,10 +11,10 @@ import math
 import re
 from typing import Any
 
-from .config import PurgeMixConfig
 from .priors import html_tag_count, noise_ratio, repetition_ratio
 from .prompts import CHECKLIST_DEMO, CHECKLIST_ITEMS, DEMO_PAIR
 from .rating import extract_json_object
+from .settings import CheckSettings
 
 _PAIR = re.compile(
     r"(?:^|\n)\W{0,6}(?:new\s+)?instruction\W{0,6}:?\s*(?P<instruction>.*?)"
@@ -349,7 +349,7 @@ def operator_findings(
 def check_candidate(
     candidate: dict[str, str] | None,
     sources: list[dict[str, str]],
-    config: PurgeMixConfig,
+    config: CheckSettings,
     operator: str | None = None,
     common: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
@@ -447,7 +447,7 @@ def check_candidate(
 def code_defects(
     candidate: dict[str, str] | None,
     sources: list[dict[str, str]],
-    config: PurgeMixConfig,
+    config: CheckSettings,
     operator: str | None = None,
     common: frozenset[str] = frozenset(),
 ) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PurgeMixConfig
+from .settings import ClusterSettings
 
 # Above this many rows k-means runs in mini-batches (sklearn's MiniBatchKMeans): linear in n per pass, so the
 # silhouette search and the final clustering stay in minutes at 300k rows.
@@ -208,7 +208,7 @@ class FusionJob:
     similarity: float | None = None  # cosine of the two sources (None: one source, or a hand-built job)
 
 
-def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tuple[list[FusionJob], dict[str, Any]]:
+def plan_jobs(embeddings: np.ndarray, config: ClusterSettings, seed: int) -> tuple[list[FusionJob], dict[str, Any]]:
     """
     The fusion jobs within the budget, and the clustering summary for the report.
 
@@ -218,7 +218,8 @@ def plan_jobs(embeddings: np.ndarray, config: PurgeMixConfig, seed: int) -> tupl
     take turns (largest first) until the budget is spent. The quota of rows is `purge_mix_representatives`, raised
     to the cluster's share of the rows the budget needs (`size / n * 2 * target`, target = min(budget, n // 2)), so
     the number of pairs follows the pool and the budget; anchors are taken in MMR order until quota / 2 pairs. `pairing="random"`: random pairs of the whole pool (ablation).
-    `fusion_mode="rewrite"` uses single rows instead of pairs. No row is used twice.
+    `fusion_mode="rewrite"` uses single rows instead of pairs. No row is used twice. `config`: the stage's
+    [`ClusterSettings`] (a whole `PurgeMixConfig` works too).
     """
     n = len(embeddings)
     budget = config.purge_mix_max_fusions

@@ -26,8 +26,8 @@ from .checks import (
     source_key_terms,
 )
 from .clustering import FusionJob
-from .config import PurgeMixConfig
 from .prompts import CHECKLIST_SCHEMA, checklist_messages, fusion_messages, repair_operator
+from .settings import FusionSettings
 from .verify.base import FAILED, PASSED, UNVERIFIED, Verdict
 from .verify.judge import judge_messages, judge_verdict
 from .verify.verifiers import VerificationCache, VerifierSettings, decision, defect_code
@@ -98,7 +98,7 @@ def run_fusions(
     jobs: list[FusionJob],
     pool: list[dict[str, str]],
     generator,
-    config: PurgeMixConfig,
+    config: FusionSettings,
     verification: VerificationCache | None = None,
     embed=None,
 ) -> list[FusionResult]:
@@ -115,6 +115,7 @@ def run_fusions(
 
     Args:
         pool (`list[dict]`): The LQ rows as `{"instruction", "response"}`; jobs index into it.
+        config (`FusionSettings`): The fusion stage's settings (a whole `PurgeMixConfig` works too).
         verification (`VerificationCache`, *optional*): Where verdicts are cached; an in-memory one by default.
         embed (`callable`, *optional*): Sentence embedder for the grounding verifier (lexical support only without).
     """

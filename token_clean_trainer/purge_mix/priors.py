@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import PurgeMixConfig
+from .settings import FilterSettings
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Tags of common HTML elements (open, close or self-closing) and character entities left over from scraping.
@@ -81,7 +81,7 @@ def _is_nan(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def filter_too_short(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_too_short(stats: dict, config: FilterSettings) -> Verdict:
     if stats["stat_response_chars"] == 0:
         return False, "empty_response"
     if stats["stat_response_chars"] < config.purge_mix_min_response_chars:
@@ -89,19 +89,19 @@ def filter_too_short(stats: dict, config: PurgeMixConfig) -> Verdict:
     return KEEP
 
 
-def filter_repetition(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_repetition(stats: dict, config: FilterSettings) -> Verdict:
     return KEEP if stats["stat_repetition"] <= config.purge_mix_max_repetition else (False, "ngram_repetition")
 
 
-def filter_noise(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_noise(stats: dict, config: FilterSettings) -> Verdict:
     return KEEP if stats["stat_noise_ratio"] <= config.purge_mix_max_noise_ratio else (False, "character_noise")
 
 
-def filter_html(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_html(stats: dict, config: FilterSettings) -> Verdict:
     return KEEP if stats["stat_html_tags"] <= config.purge_mix_max_html_tags else (False, "html_markup")
 
 
-def filter_length_ratio(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_length_ratio(stats: dict, config: FilterSettings) -> Verdict:
     ratio = stats["stat_length_ratio"]
     if config.purge_mix_max_length_ratio is not None and ratio > config.purge_mix_max_length_ratio:
         return False, "length_ratio_high"
@@ -110,14 +110,14 @@ def filter_length_ratio(stats: dict, config: PurgeMixConfig) -> Verdict:
     return KEEP
 
 
-def filter_perplexity(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_perplexity(stats: dict, config: FilterSettings) -> Verdict:
     ppl = stats.get("stat_perplexity")
     if config.purge_mix_max_perplexity is None or _is_nan(ppl):
         return KEEP
     return KEEP if ppl <= config.purge_mix_max_perplexity else (False, "perplexity_high")
 
 
-def filter_ifd(stats: dict, config: PurgeMixConfig) -> Verdict:
+def filter_ifd(stats: dict, config: FilterSettings) -> Verdict:
     ifd = stats.get("stat_ifd")
     if config.purge_mix_max_ifd is None or _is_nan(ifd):
         return KEEP
@@ -125,7 +125,7 @@ def filter_ifd(stats: dict, config: PurgeMixConfig) -> Verdict:
 
 
 # Order matters only for which reason a row reports first; every failing reason is recorded.
-FILTERS: tuple[tuple[str, Callable[[dict, PurgeMixConfig], Verdict]], ...] = (
+FILTERS: tuple[tuple[str, Callable[[dict, FilterSettings], Verdict]], ...] = (
     ("too_short", filter_too_short),
     ("repetition", filter_repetition),
     ("noise", filter_noise),
@@ -136,8 +136,9 @@ FILTERS: tuple[tuple[str, Callable[[dict, PurgeMixConfig], Verdict]], ...] = (
 )
 
 
-def apply_filters(stats: dict, config: PurgeMixConfig) -> list[str]:
-    """Every reason a row fails (empty list: it passes all filters)."""
+def apply_filters(stats: dict, config: FilterSettings) -> list[str]:
+    """Every reason a row fails (empty list: it passes all filters). `config`: the filters' [`FilterSettings`] (a whole
+    `PurgeMixConfig` works too)."""
     reasons = []
     for _, check in FILTERS:
         keep, reason = check(stats, config)
