@@ -150,6 +150,8 @@ class FusionSettings(CheckSettings):
     purge_mix_verify_arithmetic: bool
     purge_mix_verify_grounding: bool
     purge_mix_grounding_min_support: float
+    purge_mix_verify_provenance: bool
+    purge_mix_provenance_rules: tuple[str, ...]
     purge_mix_judge: bool
     purge_mix_judge_threshold: float
     purge_mix_judge_scope: str
