@@ -74,7 +74,9 @@ def test_end_to_end_outputs_and_identical_rerun(tiny_model_dir, tmp_path, monkey
     assert report["llm"]["calls"] >= 3 and report["llm"]["completion_tokens"] > 0
     clusters = report["clusters"]
     assert clusters["num_clusters"] == 2
-    assert sum(clusters["sizes"]) + clusters["lq_duplicates_skipped"] == report["split"]["lq"]
+    # Every LQ row is clustered, or skipped as a duplicate or as a source typed as chat (the planted rows are).
+    skipped = clusters["lq_duplicates_skipped"] + clusters["lq_not_edited_skipped"]
+    assert clusters["lq_not_edited_skipped"] >= 4 and sum(clusters["sizes"]) + skipped == report["split"]["lq"]
     assert report["output"]["hq_rows"] == report["split"]["hq"]
     assert report["output"]["synthesized_rows"] == fusion["accepted"]
     assert len(result.dataset) == report["output"]["total_rows"]

@@ -107,7 +107,7 @@ def test_pipeline_report_states_the_mix_and_fusions_show_the_cosine(tmp_path, mo
 
     # 6 clean rows (HQ: perplexity off, so every row passing the filters scores 5) and 6 rows with HTML (LQ).
     rows = [{"prompt": f"Question {i}?", "completion": f"Answer number {i}."} for i in range(6)]
-    rows += [{"prompt": f"Show page {i}", "completion": f"<p>Page {i}</p>"} for i in range(6)]
+    rows += [{"prompt": f"Show page {i}.", "completion": f"<p>Page {i}</p>"} for i in range(6)]
     angles = np.radians([0] * 6 + [0, 3, 90, 93, 180, 183])  # the LQ rows: three tight pairs
     vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
 

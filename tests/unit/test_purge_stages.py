@@ -305,7 +305,7 @@ def test_a_rerun_whose_saved_output_is_empty_runs_again(tmp_path, monkeypatch):
     def reject_all(jobs, pool, generator, config, verification=None):
         return [FusionResult(sources=list(j.sources), cluster=j.cluster, operators=[j.operator]) for j in jobs]
 
-    rows = [{"prompt": f"Show page {i}", "completion": f"<p>Page {i}</p>"} for i in range(4)]  # all LQ (HTML)
+    rows = [{"prompt": f"Show page {i}.", "completion": f"<p>Page {i}</p>"} for i in range(4)]  # all LQ (HTML)
     vectors = np.eye(4, 3, dtype=np.float32) + 0.1
     monkeypatch.setattr(models.Models, "generator", lambda self: Idle())
     monkeypatch.setattr(stages, "embed_rows", lambda columns, *args: (vectors, False))
@@ -321,3 +321,17 @@ def test_a_rerun_whose_saved_output_is_empty_runs_again(tmp_path, monkeypatch):
     again = run_purge_mix(Dataset.from_list(rows), config, str(tmp_path), seed=0)
     assert len(first.dataset) == len(again.dataset) == 0
     assert again.report["fusion"] == first.report["fusion"] and again.report["fusion"]["attempted"] == 2
+
+
+def test_sources_typed_as_chat_are_not_paired():
+    """With the provenance verifier's `source_form` rule on, every fusion of a source typed as a chat message is
+    refused, so the clustering stage leaves it out of the pool (and counts it); with the rule off it stays."""
+    prompts = ["Name the capital of France.", "who invented the lightbulb", "What is 2 + 2?", "TELL ME A JOKE"]
+    index = np.arange(4)
+    on = stages.Clustering(ClusterSettings.from_config(PurgeMixConfig()))
+    kept, skipped = on.edited_sources(index, prompts)
+    assert kept.tolist() == [0, 2] and skipped == 2
+    off = stages.Clustering(ClusterSettings.from_config(PurgeMixConfig(purge_mix_verify_provenance=False)))
+    assert off.edited_sources(index, prompts)[0].tolist() == [0, 1, 2, 3] and off.edited_sources(index, prompts)[1] is None
+    other_rules = PurgeMixConfig(purge_mix_provenance_rules="answer_leak,cross_source")
+    assert stages.Clustering(ClusterSettings.from_config(other_rules)).edited_sources(index, prompts)[1] is None

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the code changes what a run produces from the same inputs (prompts, checks), so saved results are redone
 # (cached LLM replies are still replayed); the statistics have their own version (`stages.STATS_VERSION`).
-_PIPELINE_VERSION = 6
+_PIPELINE_VERSION = 7  # 7: provenance verifier; sources typed as chat are not paired
 # Settings that do not change the output, so they stay out of the result key.
 _NOT_IN_KEY = ("purge_mix_enabled", "purge_mix_output", "purge_mix_cache_dir", "purge_mix_max_concurrency")
 

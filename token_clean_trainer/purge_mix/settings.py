@@ -117,6 +117,9 @@ class ClusterSettings(_Slice):
     purge_mix_representatives: int
     purge_mix_mmr_lambda: float
     purge_mix_min_pair_similarity: float | None
+    # A source the provenance verifier's `source_form` rule would reject is not paired: every fusion of it is refused.
+    purge_mix_verify_provenance: bool
+    purge_mix_provenance_rules: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from .settings import (
     StageSettings,
     StatisticsSettings,
 )
+from .verify.provenance import source_form
 from .verify.verifiers import VerificationCache, VerifierSettings
 
 logger = logging.getLogger(__name__)
@@ -319,6 +320,7 @@ class Clustering:
         lq_index, duplicates = first_of_each_text(
             np.flatnonzero(~records["split"]["hq"]), columns["prompt_text"], columns["response_text"]
         )
+        lq_index, not_edited = self.edited_sources(lq_index, columns["prompt_text"])
         record = {
             "pool": [
                 {"instruction": columns["prompt_text"][i], "response": columns["response_text"][i]} for i in lq_index
@@ -334,8 +336,21 @@ class Clustering:
         vectors = records["embedding"]["vectors"]
         record["jobs"], record["summary"] = plan_jobs(vectors[lq_index], self.settings, context.seed)
         record["summary"]["lq_duplicates_skipped"] = duplicates
+        if not_edited is not None:
+            record["summary"]["lq_not_edited_skipped"] = not_edited
         record["timings"]["clustering_s"] = _elapsed(start)
         return record
+
+
+    def edited_sources(self, index: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, int | None]:
+        """`index` without the rows whose instruction the provenance verifier's `source_form` rule rejects (typed as a
+        chat message): every fusion built on one is refused, so pairing it would only spend generations. `None` when
+        that rule is off."""
+        settings = self.settings
+        if not (settings.purge_mix_verify_provenance and "source_form" in settings.purge_mix_provenance_rules):
+            return index, None
+        keep = np.asarray([i for i in index.tolist() if source_form({"instruction": prompts[i]}) is None], np.int64)
+        return keep, len(index) - len(keep)
 
 
 @dataclass(frozen=True)
