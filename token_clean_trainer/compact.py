@@ -5,8 +5,8 @@ response tokens) cost the main process about fifteen float32 arrays of response 
 reference and score arrays over every position, the selection's working copy and the concatenation of shards. Here
 the main process holds one float32 array per side over the response positions only, in dataset order, filled shard by
 shard as the shards arrive ([`scatter_rows`]); labels are read from Arrow a chunk of rows at a time and never held
-whole; the global selection ranks `base - ref` without a copy of the scores (the `excess` rule, `rules/excess.py`); the keep mask
-goes back to every label position ([`expand_keep`]) only to be packed into the collator's row store.
+whole; the global selection ranks `base - ref` without a copy of the scores (the `excess` rule, `rules/excess.py`);
+the keep mask goes back to every label position ([`expand_keep`]) only to be packed into the collator's row store.
 
 Compact arrays keep the order of the flat arrays, so every selector of `selection.py` gives the same keep mask on them
 (read at the response positions), with `ResponseLayout.response_offsets` as the row offsets.
@@ -277,7 +277,7 @@ def response_span_starts(layout: ResponseLayout) -> np.ndarray:
 
 
 def response_span_start_mask(layout: ResponseLayout) -> np.ndarray:
-    """[`response_span_starts`] as a bool mask over the compact arrays (the `span_start` of `selection.window_mean`)."""
+    """[`response_span_starts`] as a bool mask over the compact arrays (`span_start` of `selection.window_mean`)."""
     mask = np.zeros(layout.n_response, dtype=bool)
     mask[response_span_starts(layout)] = True
     return mask

@@ -359,8 +359,8 @@ class TokenCleanConfig(SFTConfig):
         losses = [LOSS_NAMES[name] for name in rule.needs if name != "excess"]
         if losses and self.token_cleaning == "fixed" and self.token_selection == "batch":
             raise ValueError(
-                f"`token_score_rule={rule.name!r}` ranks by {' and '.join(losses)} as well as by score, but fixed mode with "
-                "`token_selection='batch'` keeps only the scores for its per-step ranking. Use `token_selection` "
+                f"`token_score_rule={rule.name!r}` ranks by {' and '.join(losses)} as well as by score, but fixed mode "
+                "with `token_selection='batch'` keeps only the scores for its per-step ranking. Use `token_selection` "
                 f"'global' or 'sample', `token_cleaning='online'`, or `token_score_rule='{DEFAULT_RULE}'`."
             )
         if isinstance(self.token_keep_ratio, float):

@@ -7,8 +7,7 @@ module and one entry in `RULES` (see `docs/adding-a-selection-rule.md`).
 """
 
 from . import excess, full, junk_gate, random
-from .base import LEVELS, QUANTITIES, Quantities, Rule
-from .base import excess_loss
+from .base import LEVELS, QUANTITIES, Quantities, Rule, excess_loss
 
 # The registry: name -> rule. Ranking rules are configured as `token_score_rule`, baselines as `token_selection`.
 RULES: dict[str, Rule] = {rule.name: rule for rule in (excess.RULE, junk_gate.RULE, random.RULE, full.RULE)}

@@ -83,7 +83,9 @@ class Quantities:
     def has(self, name: str) -> bool:
         """Whether quantity `name` (one of `QUANTITIES`) can be read."""
         if name == "excess":
-            return self.scores is not None or (self.ref is not None and (self.current is not None or self.base is not None))
+            return self.scores is not None or (
+                self.ref is not None and (self.current is not None or self.base is not None)
+            )
         return getattr(self, name) is not None
 
     def excess_at(self, where: slice) -> np.ndarray:
@@ -140,7 +142,9 @@ class Rule(ABC):
     baseline: bool = False
 
     def check_ratio(self, ratio: float) -> None:
-        """Refuse a keep ratio this rule cannot honour (raise `ValueError`, naming the settings); any ratio by default."""
+        """Refuse a keep ratio this rule cannot honour (raise `ValueError`, naming the settings). By default every
+        ratio in `(0, 1]` (the config checks that range) is honoured."""
+        return None
 
     def select(self, quantities: Quantities, level: str, ratio: float, seed: int | None = None) -> Selection:
         """
