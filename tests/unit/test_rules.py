@@ -201,3 +201,10 @@ def test_excess_loss_is_model_minus_reference_in_place_or_not():
     assert torch.equal(excess_loss(torch.tensor(a), torch.tensor(b)), torch.tensor([2.0, -0.5]))
     out = excess_loss(a, b, out=a)
     assert out is a and a.tolist() == [2.0, -0.5]
+
+
+def test_a_rule_declares_known_quantities_levels_and_output():
+    excess_type = type(get_rule("excess"))
+    for bad in ({"needs": ("score",)}, {"needs": (), "levels": ("step",)}, {"needs": (), "output": "weights"}):
+        with pytest.raises(ValueError, match="Selection rule 'bad'"):
+            excess_type(name="bad", label="bad", **bad)

@@ -22,6 +22,9 @@ from ..selection import Selection, window_mean
 # The per-token quantities a rule may read. "excess" is `L_model - L_ref`, the model being the base (fixed and
 # self-evolving modes) or the model being trained (online mode); the others are the losses themselves.
 QUANTITIES = ("excess", "base", "ref", "current")
+# What a rule's `choose` returns: a bool keep mask. A rule giving per-token weights instead would declare another
+# output here, which the modes would then have to read; none does yet.
+OUTPUTS = ("mask",)
 # Levels a rule may rank at: over the whole dataset (or a self-evolving chunk), within each sample, within each
 # optimizer step. A step's tokens are ranked together the way "global" ranks a dataset, over the step's arrays.
 LEVELS = ("global", "sample", "batch")
@@ -133,6 +136,9 @@ class Rule(ABC):
         baseline (`bool`, *optional*, defaults to `False`):
             A baseline reads no score and is configured as `token_selection=<name>` (the paper's "random" and
             "full"); other rules as `token_score_rule=<name>`, at the `token_selection` level.
+        output (`str`, *optional*, defaults to `"mask"`):
+            What [`choose`] returns, among `OUTPUTS`: `"mask"`, a [`~selection.Selection`] whose `keep` is a bool
+            mask.
     """
 
     name: str
@@ -140,6 +146,16 @@ class Rule(ABC):
     needs: tuple[str, ...]
     levels: tuple[str, ...] = LEVELS
     baseline: bool = False
+    output: str = "mask"
+
+    def __post_init__(self):
+        unknown = [name for name in self.needs if name not in QUANTITIES]
+        if unknown or not set(self.levels) <= set(LEVELS) or self.output not in OUTPUTS:
+            raise ValueError(
+                f"Selection rule {self.name!r}: `needs` takes {list(QUANTITIES)}, `levels` {list(LEVELS)} and "
+                f"`output` {list(OUTPUTS)}; got needs={list(self.needs)}, levels={list(self.levels)}, "
+                f"output={self.output!r}."
+            )
 
     def check_ratio(self, ratio: float) -> None:
         """Refuse a keep ratio this rule cannot honour (raise `ValueError`, naming the settings). By default every
@@ -164,5 +180,4 @@ class Rule(ABC):
 
     @abstractmethod
     def choose(self, quantities: Quantities, level: str, ratio: float, seed: int | None) -> Selection:
-        """The keep mask at `level` (`"global"` or `"sample"`), the quantities already checked. A later rule may
-        return weights instead of a mask through its own `Selection` fields; none does today."""
+        """The keep mask at `level` (`"global"` or `"sample"`), the quantities and the ratio already checked."""
