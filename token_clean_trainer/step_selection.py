@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .rules import DEFAULT_RULE, Quantities, Rule, excess_loss, get_rule, score_rules
+from .rules import DEFAULT_RULE, Quantities, Rule, check_score_rule, excess_loss
 from .selection import dropped_runs, span_starts
 
 # Gathers one 2-D float array `(channels, n_local)` from every process; returns them in rank order and this rank.
@@ -190,11 +190,8 @@ def select_step(
 
 def _step_rule(rule: str | Rule, ref_losses) -> Rule:
     """The rule object of `select_step`'s `rule`, refusing a baseline and a rule whose losses are missing."""
-    if isinstance(rule, str):
-        choices = score_rules()
-        if rule not in choices:
-            raise ValueError(f"`token_score_rule` must be one of {list(choices)}, got {rule!r}.")
-        rule = get_rule(rule)
+    if not isinstance(rule, Rule):
+        rule = check_score_rule(rule)
     if "ref" in rule.needs and ref_losses is None:
         raise ValueError(f"`token_score_rule={rule.name!r}` ranks by reference loss too: pass `ref_losses`.")
     return rule

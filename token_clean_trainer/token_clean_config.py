@@ -10,7 +10,7 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .rules import DEFAULT_RULE, LEVELS, baselines, get_rule, score_rules
+from .rules import DEFAULT_RULE, LEVELS, baselines, check_score_rule, score_rules
 
 logger = logging.getLogger(__name__)
 
@@ -337,10 +337,7 @@ class TokenCleanConfig(SFTConfig):
                 f"`token_score_window` must be a positive odd integer (a centred window of response tokens), got "
                 f"{window!r}. Use 1 for the paper's per-token ranking, or e.g. 5."
             )
-        rules = score_rules()
-        if self.token_score_rule not in rules:
-            raise ValueError(f"`token_score_rule` must be one of {list(rules)}, got {self.token_score_rule!r}.")
-        rule = get_rule(self.token_score_rule)
+        rule = check_score_rule(self.token_score_rule)
         span_aware = window > 1 or rule.name != DEFAULT_RULE
         if not span_aware or self.token_cleaning == "none":
             return

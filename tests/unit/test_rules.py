@@ -72,9 +72,11 @@ def test_every_registered_rule_is_reachable_from_the_config(tmp_path, name):
 
 
 def test_unknown_rule_names_the_choices(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown token selection rule 'nope'.*\['excess', 'junk_gate', 'random'"):
+    with pytest.raises(
+        ValueError, match="Unknown token selection rule 'nope'; choose 'excess', 'junk_gate', 'random' or"
+    ):
         get_rule("nope")
-    with pytest.raises(ValueError, match=r"`token_score_rule` must be one of \['excess', 'junk_gate'\], got 'nope'"):
+    with pytest.raises(ValueError, match="`token_score_rule` must be 'excess' or 'junk_gate', got 'nope'"):
         make(tmp_path, token_score_rule="nope")
     with pytest.raises(ValueError, match="token_score_rule"):  # a baseline is a `token_selection`, not a rule
         make(tmp_path, token_score_rule="random")

@@ -16,12 +16,25 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (excess.RULE, junk_gate.RU
 DEFAULT_RULE = "excess"
 
 
+def choices(names) -> str:
+    """Names as a message lists them: `'a' or 'b'`, `'a', 'b' or 'c'`."""
+    names = [repr(name) for name in names]
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def get_rule(name: str) -> Rule:
     """The registered rule called `name`; a `ValueError` listing the choices when there is none."""
     rule = RULES.get(name) if isinstance(name, str) else None
     if rule is None:
-        raise ValueError(f"Unknown token selection rule {name!r}; choose one of {list(RULES)}.")
+        raise ValueError(f"Unknown token selection rule {name!r}; choose {choices(RULES)}.")
     return rule
+
+
+def check_score_rule(name: str) -> Rule:
+    """The rule `token_score_rule` names; a `ValueError` naming the field and its choices (the ranking rules)."""
+    if name not in score_rules():
+        raise ValueError(f"`token_score_rule` must be {choices(score_rules())}, got {name!r}.")
+    return get_rule(name)
 
 
 def score_rules() -> tuple[str, ...]:
@@ -58,6 +71,8 @@ __all__ = [
     "Quantities",
     "Rule",
     "baselines",
+    "check_score_rule",
+    "choices",
     "configured_rule",
     "excess_loss",
     "get_rule",
