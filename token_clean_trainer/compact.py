@@ -5,8 +5,8 @@ response tokens) cost the main process about fifteen float32 arrays of response 
 reference and score arrays over every position, the selection's working copy and the concatenation of shards. Here
 the main process holds one float32 array per side over the response positions only, in dataset order, filled shard by
 shard as the shards arrive ([`scatter_rows`]); labels are read from Arrow a chunk of rows at a time and never held
-whole; the global selection ranks `base - ref` without a copy of the scores ([`select_global_difference`]); the keep mask
-goes back to every label position ([`expand_keep`]) only to be packed into the collator's row store.
+whole; the global selection ranks `base - ref` without a copy of the scores (the `excess` rule, `rules/excess.py`);
+the keep mask goes back to every label position ([`expand_keep`]) only to be packed into the collator's row store.
 
 Compact arrays keep the order of the flat arrays, so every selector of `selection.py` gives the same keep mask on them
 (read at the response positions), with `ResponseLayout.response_offsets` as the row offsets.
@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .positions import RESPONSE_MASK_COLUMN
-from .selection import Selection, select_top, span_starts, window_mean
+from .rules import Quantities, get_rule
+from .selection import Selection, span_starts, window_mean
 
 # Rows read from Arrow per chunk: 1,024 rows of 2,048 positions is 16 MB of int64 labels at a time.
 CHUNK_ROWS = 1024
@@ -275,6 +276,13 @@ def response_span_starts(layout: ResponseLayout) -> np.ndarray:
     return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
 
 
+def response_span_start_mask(layout: ResponseLayout) -> np.ndarray:
+    """[`response_span_starts`] as a bool mask over the compact arrays (`span_start` of `selection.window_mean`)."""
+    mask = np.zeros(layout.n_response, dtype=bool)
+    mask[response_span_starts(layout)] = True
+    return mask
+
+
 def compact_window_mean(
     layout: ResponseLayout, values: np.ndarray, window: int, *, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -285,8 +293,7 @@ def compact_window_mean(
     """
     if window == 1:
         return values
-    span_start = np.zeros(len(values), dtype=bool)
-    span_start[response_span_starts(layout)] = True
+    span_start = response_span_start_mask(layout)
     return window_mean(np.asarray(values, dtype=np.float32), window, span_start=span_start, out=out)
 
 
@@ -295,9 +302,10 @@ def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) ->
     `selection.select_global` of `base - ref` without holding the scores: the same top-k ([`~selection.top_k`]), with
     each chunk's differences computed when a pass reads it, so no full-size float array is made (at 307M response
     positions, the scores and a working copy would be 2.5 GB). Memory: the bool mask and chunk temporaries. The
-    differences must be finite.
+    differences must be finite. The `excess` rule at the global level, per token (`rules/excess.py`).
     """
-    return select_top(base.size, lambda s: base[s] - ref[s], ratio)
+    quantities = Quantities(np.array([0, base.size]), base=base, ref=ref)
+    return get_rule("excess").select(quantities, "global", ratio)
 
 
 def kept_per_row(response_offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -327,6 +335,7 @@ __all__ = [
     "pack_bits",
     "response_bits",
     "response_layout",
+    "response_span_start_mask",
     "scatter_rows",
     "select_global_difference",
     "unpack_bits",

@@ -16,19 +16,19 @@ from datasets import Dataset
 from .collator import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN, RowStore
 from .compact import (
     ResponseLayout,
-    compact_window_mean,
     expand_bits,
     expand_keep_bits,
     response_bits,
     response_layout,
-    select_global_difference,
+    response_span_start_mask,
 )
 from .distributed import Collective
 from .reference import Reference
 from .report import _nanmean
 from .report.run import RunReport, log_fields
+from .rules import Quantities, configured_rule, excess_loss
 from .score_driver import ScoringDriver, row_offsets
-from .selection import select_junk_gate, select_tokens
+from .selection import Selection
 
 
 @dataclass
@@ -82,7 +82,7 @@ class TokenCleaningState:
         if self.compact_scores is not None:
             return self._expand(self.compact_scores)
         if self.compact_base is not None and self.compact_ref is not None:
-            return self._expand(self.compact_base - self.compact_ref)
+            return self._expand(excess_loss(self.compact_base, self.compact_ref))
         return np.full(self.positions, np.nan, dtype=np.float32)
 
 
@@ -134,27 +134,43 @@ class CleaningContext:
             offsets = collective.broadcast_array(offsets, np.int64)
         return offsets, bits
 
-    def select(self, ranking: np.ndarray, ref_losses: np.ndarray | None, layout: ResponseLayout, seed: int):
+    def select(
+        self,
+        layout: ResponseLayout,
+        seed: int,
+        *,
+        base: np.ndarray | None = None,
+        ref: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
+    ) -> Selection:
         """
-        The configured selection over one compact ranking: the paper's top-k of the scores, or, with
-        `token_score_window > 1` and/or `token_score_rule="junk_gate"`, the span-aware variants (see
-        `selection.window_mean` and `selection.select_junk_gate`), windows kept inside the layout's response spans.
+        The configured rule ([`~rules.configured_rule`]) over compact arrays of `layout`: the losses (`base`, `ref`),
+        or the scores already computed (`scores`). A score window stays inside the layout's response spans. Fixed and
+        self-evolving modes select through here; online mode calls the same rule per step (`step_selection.py`).
         """
         args = self.args
-        window = args.token_score_window
-
-        def mean(values: np.ndarray) -> np.ndarray:
-            return compact_window_mean(layout, values, window)
-
-        if args.token_score_rule == "junk_gate":
-            if ref_losses is None:
-                raise ValueError("`token_score_rule='junk_gate'` needs the reference losses; configure a reference.")
-            return select_junk_gate(
-                mean(ranking), mean(ref_losses), layout.response_offsets, args.token_keep_ratio, args.token_selection
-            )
-        return select_tokens(
-            args.token_selection, mean(ranking), layout.response_offsets, args.token_keep_ratio, seed=seed
+        rule, level = configured_rule(args)
+        quantities = Quantities(
+            layout.response_offsets,
+            base=base,
+            ref=ref,
+            scores=scores,
+            window=args.token_score_window,
+            span_start=lambda: response_span_start_mask(layout),
         )
+        return rule.select(quantities, level, args.token_keep_ratio, seed)
+
+
+@dataclass
+class FixedSelection:
+    """
+    What fixed mode's selection chose, on the main process: the compact keep mask (None when tokens are ranked per
+    optimizer step), its threshold, and the rule's statistics. The report is published from it afterwards.
+    """
+
+    keep: np.ndarray | None
+    threshold: float | None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def check_scores(scores: np.ndarray) -> None:
@@ -172,13 +188,12 @@ def check_scores(scores: np.ndarray) -> None:
 def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningState:
     """
     Fixed mode, in the compact layout. The main process holds one float32 array per side over the response
-    positions only, filled shard by shard (`compact.scatter_rows`); the paper's global top-k ranks `base - ref`
-    without a copy of the scores; the losses are dropped once the keep mask and the report exist. Every process
-    ends with the packed keep mask, or, with `token_selection="batch"` (ranked per optimizer step), the compact
-    scores.
+    positions only, filled shard by shard (`compact.scatter_rows`); the configured rule selects
+    ([`select_fixed`]: the paper's global top-k ranks `base - ref` without a copy of the scores), then the report is
+    published from what it selected ([`publish_fixed`]) and the losses are dropped. Every process ends with the
+    packed keep mask, or, with `token_selection="batch"` (ranked per optimizer step), the compact scores.
     """
     args, collective = ctx.args, ctx.collective
-    per_step = args.token_selection == "batch"
     started = time.perf_counter()
     offsets = row_offsets(dataset)
     layout = ctx.response_layout(dataset)
@@ -189,58 +204,18 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
             losses[role], cache_stats[role] = ctx.driver.response_losses(dataset, role, layout)
         ctx.reference.release()
 
-    def select() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
+    selected = collective.together(lambda: select_fixed(ctx, layout, losses) if collective.is_main else None)
+
+    def publish() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
         if not collective.is_main:
             return None, None, {}, None
-        base, ref = losses["base"], losses["ref"]
-        plain = args.token_score_rule == "excess" and args.token_score_window == 1
-        if base is not None:
-            check_scores(base)
-            check_scores(ref)
-        if per_step:
-            selection = None
-        elif base is not None and plain and args.token_selection == "global":
-            selection = select_global_difference(base, ref, args.token_keep_ratio)
-        else:
-            # Baselines that need no scores (random, full) rank nothing: every response token ranks the same.
-            ranking = base - ref if base is not None else np.zeros(layout.n_response, dtype=np.float32)
-            selection = ctx.select(ranking, ref, layout, seed=ctx.seed)
-            del ranking
-        kept = None if selection is None else selection.keep
-        threshold = None if selection is None else selection.threshold
-        # The token sample and the mean losses first: then the scores are computed in place of the base losses.
-        tokens = ctx.report.token_sample(
-            layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": kept}, layout
-        )
-        means = {"base_loss_mean": _nanmean(base), "ref_loss_mean": _nanmean(ref)}
-        scores = None
-        if base is not None:
-            scores = np.subtract(base, ref, out=base)
-            losses.clear()
-            del base, ref
-        report = ctx.report.build(
-            layout,
-            started,
-            scores=scores,
-            base_losses=None,
-            ref_losses=None,
-            keep=kept,
-            threshold=threshold,
-            cache_stats=cache_stats,
-            tokens=tokens,
-        )
-        report.update(means)
-        ctx.report.publish(report)  # writes the histogram and drops the report's reference to the scores
-        keep_bits = None if kept is None else expand_keep_bits(layout, kept)
-        # Only the compact scores stay, for `score_tokens()` and per-step ranking (one float32 array of response
-        # positions).
-        return keep_bits, threshold, log_fields(report) if kept is not None else {}, scores
+        return publish_fixed(ctx, layout, started, losses, selected, cache_stats)
 
-    keep_bits, threshold, summary, scores = collective.together(select)
+    keep_bits, threshold, summary, scores = collective.together(publish)
     losses.clear()
     threshold, summary = collective.broadcast_object((threshold, summary))
     response_offsets, bits = ctx.share_layout(layout)
-    if per_step and collective.world > 1:
+    if args.token_selection == "batch" and collective.world > 1:
         # Every process trains on any row, so each needs the scores of every row (response positions only).
         scores = collective.broadcast_array(scores, np.float32)
     elif collective.world > 1:
@@ -255,6 +230,68 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
         compact_scores=scores,
         layout=layout,
     )
+
+
+def select_fixed(ctx: CleaningContext, layout: ResponseLayout, losses: dict[str, np.ndarray | None]) -> FixedSelection:
+    """Fixed mode's selection on the main process, over the compact losses (checked finite first); nothing with
+    `token_selection="batch"`, whose tokens are ranked per optimizer step. Baselines run without a reference."""
+    base, ref = losses["base"], losses["ref"]
+    if base is not None:
+        check_scores(base)
+        check_scores(ref)
+    rule, level = configured_rule(ctx.args)
+    if ctx.args.token_selection == "batch":
+        return FixedSelection(None, None, {"rule": rule.name, "level": level})
+    selection = ctx.select(layout, ctx.seed, base=base, ref=ref)
+    stats = {
+        "rule": rule.name,
+        "level": level,
+        "response_tokens": int(selection.keep.size),
+        "kept_tokens": int(np.count_nonzero(selection.keep)),
+    }
+    return FixedSelection(selection.keep, selection.threshold, stats)
+
+
+def publish_fixed(
+    ctx: CleaningContext,
+    layout: ResponseLayout,
+    started: float,
+    losses: dict[str, np.ndarray | None],
+    selected: FixedSelection,
+    cache_stats: dict[str, dict[str, int]],
+) -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
+    """
+    The report of fixed mode's selection, on the main process, published from what [`select_fixed`] returned:
+    `(keep_bits, threshold, log fields, compact scores)`. The scores are computed in place of the base losses once
+    the token sample and the mean losses are taken, and the losses dropped; only the compact scores stay, for
+    `score_tokens()` and per-step ranking.
+    """
+    base, ref = losses["base"], losses["ref"]
+    kept, threshold = selected.keep, selected.threshold
+    tokens = ctx.report.token_sample(
+        layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": kept}, layout
+    )
+    means = {"base_loss_mean": _nanmean(base), "ref_loss_mean": _nanmean(ref)}
+    scores = None
+    if base is not None:
+        scores = excess_loss(base, ref, out=base)
+        losses.clear()
+        del base, ref
+    report = ctx.report.build(
+        layout,
+        started,
+        scores=scores,
+        base_losses=None,
+        ref_losses=None,
+        keep=kept,
+        threshold=threshold,
+        cache_stats=cache_stats,
+        tokens=tokens,
+    )
+    report.update(means)
+    ctx.report.publish(report)  # writes the histogram and drops the report's reference to the scores
+    keep_bits = None if kept is None else expand_keep_bits(layout, kept)
+    return keep_bits, threshold, log_fields(report) if kept is not None else {}, scores
 
 
 def score_reference(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningState:
@@ -320,9 +357,12 @@ def fill_row_store(store: RowStore, state: TokenCleaningState, online: bool) -> 
 
 __all__ = [
     "CleaningContext",
+    "FixedSelection",
     "TokenCleaningState",
     "check_scores",
     "fill_row_store",
+    "publish_fixed",
+    "select_fixed",
     "selection_seed",
     "score_and_select",
     "score_reference",

@@ -38,6 +38,7 @@ from .checkpoint import (
     round_output_dir,
 )
 from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
+from .rules import excess_loss
 from .score_driver import row_offsets
 from .scoring_pass import CleaningContext, TokenCleaningState, check_scores
 from .utils import is_peft_model
@@ -220,15 +221,14 @@ def prepare_round(ctx: CleaningContext, run: SelfEvolvingRun, t: int) -> np.ndar
             return None, None
         low, high = int(run.layout.response_offsets[start]), int(run.layout.response_offsets[end])
         scores = threshold = None
-        if t == 0 or args.token_selection == "full":
+        if t == 0:  # the warm-up chunk trains on every response token
             keep = np.ones(high - low, dtype=bool)
         else:
-            ranking = np.zeros(high - low, dtype=np.float32)
             if scored:
-                scores = run.base_losses[low:high] - run.ref_all[low:high]
+                scores = excess_loss(run.base_losses[low:high], run.ref_all[low:high])
                 check_scores(scores)
-                ranking = scores
-            selection = ctx.select(ranking, run.ref_all[low:high], run.layout.subset(start, end), seed=ctx.seed + t)
+            chunk = run.layout.subset(start, end)
+            selection = ctx.select(chunk, ctx.seed + t, ref=run.ref_all[low:high], scores=scores)
             keep, threshold = selection.keep, selection.threshold
         # Trained tokens that are not response tokens are never ranked and never dropped.
         bits = expand_keep_bits(run.layout, keep, start, end)
@@ -294,7 +294,7 @@ def round_report(ctx: CleaningContext, run: SelfEvolvingRun, t: int, started: fl
     report = ctx.report.build(
         layout,
         started,
-        scores=(base[:prefix] - run.ref_all[:prefix]) if base is not None else None,
+        scores=excess_loss(base[:prefix], run.ref_all[:prefix]) if base is not None else None,
         base_losses=base[:prefix] if base is not None else None,
         ref_losses=run.ref_all[:prefix],
         keep=compact_keep(run.layout, run.keep_bits, 0, prefix_rows),

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .selection import dropped_runs, select_global, select_junk_gate, select_sample, span_starts, window_mean
+from .rules import DEFAULT_RULE, Quantities, Rule, check_score_rule, excess_loss
+from .selection import dropped_runs, span_starts
 
 # Gathers one 2-D float array `(channels, n_local)` from every process; returns them in rank order and this rank.
 GatherFn = Callable[[np.ndarray], tuple[list[np.ndarray], int]]
@@ -130,7 +131,7 @@ def select_step(
     gather: GatherFn = single_process_gather,
     responses: Sequence[torch.Tensor] | None = None,
     window: int = 1,
-    rule: str = "excess",
+    rule: str | Rule = DEFAULT_RULE,
     ref_losses: Sequence[torch.Tensor] | None = None,
     position_ids: Sequence[torch.Tensor | None] | None = None,
 ) -> StepSelection:
@@ -159,11 +160,12 @@ def select_step(
             `token_score_window`: each score (and, for the junk gate, each reference loss) is averaged over a centred
             window of that many response tokens of its own span ([`~selection.span_starts`]: never across rows, packed
             sequences, prompts or padding) before ranking. `1` ranks the raw scores.
-        rule (`str`, *optional*, defaults to `"excess"`):
-            `token_score_rule`: `"excess"` keeps the top scores; `"junk_gate"` masks, among the lower half by score,
-            the highest reference losses ([`~selection.select_junk_gate`]), over the step (`"batch"`) or per row.
+        rule (`str` or `Rule`, *optional*, defaults to `"excess"`):
+            `token_score_rule`, a rule of the registry (`rules/`) or a rule object: `"excess"` keeps the top scores;
+            `"junk_gate"` masks, among the lower half by score, the highest reference losses
+            ([`~selection.select_junk_gate`]), over the step (`"batch"`) or per row.
         ref_losses (`Sequence[torch.Tensor]`, *optional*):
-            Reference losses of the same micro-batches, `(B, T)`; required by the junk gate.
+            Reference losses of the same micro-batches, `(B, T)`; required by rules that read them (the junk gate).
         position_ids (`Sequence[torch.Tensor | None]`, *optional*):
             Position ids of the micro-batches (packed or padding-free batches restart them at 0 for each sequence).
             With them, each sequence is a sample: of `"sample"`, and of `rows_all_masked`.
@@ -173,17 +175,48 @@ def select_step(
     """
     if level not in ("batch", "sample"):
         raise ValueError(f"Per-step selection level must be 'batch' or 'sample', got {level!r}.")
-    if rule not in ("excess", "junk_gate"):
-        raise ValueError(f"`token_score_rule` must be 'excess' or 'junk_gate', got {rule!r}.")
-    if rule == "junk_gate" and ref_losses is None:
-        raise ValueError("`token_score_rule='junk_gate'` ranks by reference loss too: pass `ref_losses`.")
+    rule = _step_rule(rule, ref_losses)
     if responses is None:
         responses = [response_mask(lab.cpu()) for lab in labels]
     else:
         responses = [response.cpu() & response_mask(lab.cpu()) for response, lab in zip(responses, labels)]
+    step = _flatten_step(scores, responses, ref_losses if "ref" in rule.needs else None, position_ids)
+    if level == "batch":
+        local_keep, all_keep, everything, threshold = _select_over_step(rule, step, window, ratio, gather)
+    else:
+        local_keep, all_keep, everything, threshold = _select_per_sample(rule, step, window, ratio, gather)
+    return _step_outcome(step, responses, local_keep, all_keep, everything, threshold, gather)
+
+
+def _step_rule(rule: str | Rule, ref_losses) -> Rule:
+    """The rule object of `select_step`'s `rule`, refusing a baseline and a rule whose losses are missing."""
+    if not isinstance(rule, Rule):
+        rule = check_score_rule(rule)
+    if "ref" in rule.needs and ref_losses is None:
+        raise ValueError(f"`token_score_rule={rule.name!r}` ranks by reference loss too: pass `ref_losses`.")
+    return rule
+
+
+@dataclass
+class _StepArrays:
+    """This process's response tokens of one step, flat in row-major micro-batch order: the scores, the reference
+    losses (when the rule reads them), where each span begins, and the response tokens per sample."""
+
+    scores: np.ndarray
+    refs: np.ndarray | None
+    starts: np.ndarray
+    sample_sizes: np.ndarray
+
+    @property
+    def sample_offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.sample_sizes)])
+
+
+def _flatten_step(scores, responses, ref_losses, position_ids) -> _StepArrays:
+    """The response tokens of this process's micro-batches as flat arrays; refuses a non-finite score."""
     if position_ids is None:
         position_ids = [None] * len(responses)
-    flat_scores, flat_refs, flat_starts, row_sizes = [], [], [], []
+    flat_scores, flat_refs, flat_starts, sample_sizes = [], [], [], []
     for i, (score, response) in enumerate(zip(scores, responses)):
         score = score.detach().float().cpu()
         bad = response & ~torch.isfinite(score)
@@ -193,58 +226,65 @@ def select_step(
                 "non-finite loss). Train and score in float32 or bfloat16 rather than float16."
             )
         flat_scores.append(score[response].numpy())
-        if rule == "junk_gate":
+        if ref_losses is not None:
             flat_refs.append(ref_losses[i].detach().float().cpu()[response].numpy())
         ids = position_ids[i]
         mask = response.numpy()
+        # Spans never cross rows, packed sequences or gaps: `span_starts` marks each one's first token.
         flat_starts.append(span_starts(mask, None if ids is None else ids.cpu().numpy())[mask])
         # Response tokens per sample: per row, or per packed sequence when one row holds several.
-        row_sizes.append(response.sum(dim=1).numpy() if ids is None else sequence_sizes(response, ids.cpu()))
-    local_scores = np.concatenate(flat_scores) if flat_scores else np.zeros(0, np.float32)
-    local_rows = np.concatenate(row_sizes).astype(np.int64) if row_sizes else np.zeros(0, np.int64)
-    row_offsets = np.concatenate([[0], np.cumsum(local_rows)])
-    # The ranked values: the scores, or their window means within each span (spans never cross rows, packed
-    # sequences or gaps: `span_starts` marks each one's first token in the flat array of response tokens).
-    local_starts = np.concatenate(flat_starts) if flat_starts else np.zeros(0, bool)
-    local_ranked = window_mean(local_scores, window, span_start=local_starts)
-    if rule == "junk_gate":
-        local_refs = np.concatenate(flat_refs) if flat_refs else np.zeros(0, np.float32)
-        if window > 1:  # a fresh array: windowed in place, its raw values are not needed again
-            local_refs = window_mean(local_refs, window, span_start=local_starts, out=local_refs)
+        sample_sizes.append(response.sum(dim=1).numpy() if ids is None else sequence_sizes(response, ids.cpu()))
+    return _StepArrays(
+        scores=np.concatenate(flat_scores) if flat_scores else np.zeros(0, np.float32),
+        refs=(np.concatenate(flat_refs) if flat_refs else np.zeros(0, np.float32)) if ref_losses is not None else None,
+        starts=np.concatenate(flat_starts) if flat_starts else np.zeros(0, bool),
+        sample_sizes=np.concatenate(sample_sizes).astype(np.int64) if sample_sizes else np.zeros(0, np.int64),
+    )
 
-    if level == "batch":
-        # Channels: the raw scores (for the statistics), then what is ranked when it differs from them.
-        windowed = local_ranked is not local_scores
-        channels = (
-            [local_scores] + ([local_ranked] if windowed else []) + ([local_refs] if rule == "junk_gate" else [])
-        )
-        parts, rank = gather(np.stack(channels).astype(np.float32))
-        everything = np.concatenate([part[0] for part in parts])
-        ranked = np.concatenate([part[1] for part in parts]) if windowed else everything
-        start = sum(part.shape[1] for part in parts[:rank])
-        if rule == "junk_gate":
-            refs = np.concatenate([part[-1] for part in parts])
-            selection = select_junk_gate(ranked, refs, np.array([0, ranked.size]), ratio, "global")
-        else:
-            selection = select_global(ranked, ratio)
-        local_keep = selection.keep[start : start + local_scores.size]
-        threshold = selection.threshold
-        all_keep = selection.keep
-    else:
-        if rule == "junk_gate":
-            local_keep = select_junk_gate(local_ranked, local_refs, row_offsets, ratio, "sample").keep
-        else:
-            local_keep = select_sample(local_ranked, row_offsets, ratio).keep
-        parts, _ = gather(np.stack([local_scores, local_keep.astype(np.float32)]).astype(np.float32))
-        everything = np.concatenate([part[0] for part in parts])
-        all_keep = np.concatenate([part[1] for part in parts]).astype(bool)
-        threshold = None
 
-    # Samples (rows, or packed sequences) whose response tokens are all dropped add no loss this step; counted over
-    # every process.
+def _select_over_step(rule: Rule, step: _StepArrays, window: int, ratio: float, gather: GatherFn):
+    """`"batch"`: every process's response tokens gathered in rank order and ranked together by `rule`.
+    `(local keep, step keep, step scores, threshold)`."""
+    # Each process windows its own tokens first: spans never cross processes, so the means are those of the whole
+    # step, and only the values ranked travel.
+    local = Quantities(step.sample_offsets, ref=step.refs, scores=step.scores, window=window, span_start=step.starts)
+    ranked = local.windowed(step.scores)
+    refs = None if step.refs is None else local.windowed(step.refs, fresh=True)  # a fresh array: windowed in place
+    # Channels: the raw scores (for the statistics), then what is ranked when it differs from them, then the losses.
+    windowed = ranked is not step.scores
+    channels = [step.scores] + ([ranked] if windowed else []) + ([refs] if refs is not None else [])
+    parts, rank = gather(np.stack(channels).astype(np.float32))
+    everything = np.concatenate([part[0] for part in parts])
+    quantities = Quantities(
+        np.array([0, everything.size]),
+        ref=np.concatenate([part[-1] for part in parts]) if refs is not None else None,
+        scores=np.concatenate([part[1] for part in parts]) if windowed else everything,
+    )
+    selection = rule.select(quantities, "batch", ratio)
+    start = sum(part.shape[1] for part in parts[:rank])
+    return selection.keep[start : start + step.scores.size], selection.keep, everything, selection.threshold
+
+
+def _select_per_sample(rule: Rule, step: _StepArrays, window: int, ratio: float, gather: GatherFn):
+    """`"sample"`: each sample of this process ranked by `rule` on its own, then the keep masks gathered for the
+    statistics. `(local keep, step keep, step scores, None)`."""
+    quantities = Quantities(
+        step.sample_offsets, ref=step.refs, scores=step.scores, window=window, span_start=step.starts
+    )
+    local_keep = rule.select(quantities, "sample", ratio).keep
+    parts, _ = gather(np.stack([step.scores, local_keep.astype(np.float32)]).astype(np.float32))
+    everything = np.concatenate([part[0] for part in parts])
+    all_keep = np.concatenate([part[1] for part in parts]).astype(bool)
+    return local_keep, all_keep, everything, None
+
+
+def _step_outcome(step, responses, local_keep, all_keep, everything, threshold, gather: GatherFn) -> StepSelection:
+    """The [`StepSelection`]: keep masks per micro-batch, and the statistics over every process of the step."""
+    # Samples (rows, or packed sequences) whose response tokens are all dropped add no loss this step.
+    offsets = step.sample_offsets
     kept_before = np.concatenate([[0], np.cumsum(local_keep, dtype=np.int64)])
-    kept_per_sample = kept_before[row_offsets[1:]] - kept_before[row_offsets[:-1]]
-    local_all_masked = int(((local_rows > 0) & (kept_per_sample == 0)).sum())
+    kept_per_sample = kept_before[offsets[1:]] - kept_before[offsets[:-1]]
+    local_all_masked = int(((step.sample_sizes > 0) & (kept_per_sample == 0)).sum())
     keep_masks = []
     cursor = 0
     for response in responses:
@@ -254,13 +294,9 @@ def select_step(
         cursor += n
         keep_masks.append(mask)
     # Runs of dropped tokens in the flat response array; a span start (row, gap or packed sequence) ends a run.
-    local_runs, local_run_max = dropped_runs(~local_keep, np.flatnonzero(local_starts))
+    local_runs, local_run_max = dropped_runs(~local_keep, np.flatnonzero(step.starts))
     counts = np.array([[local_all_masked, local_runs, local_run_max]], dtype=np.float32)
     count_parts, _ = gather(counts)
-    all_masked = int(sum(part[0, 0] for part in count_parts))
-    runs = int(sum(part[0, 1] for part in count_parts))
-    run_max = int(max(part[0, 2] for part in count_parts))
-
     kept, dropped = everything[all_keep], everything[~all_keep]
     return StepSelection(
         keep=keep_masks,
@@ -270,9 +306,9 @@ def select_step(
         score_mean=float(everything.mean()) if everything.size else None,
         kept_score_mean=float(kept.mean()) if kept.size else None,
         dropped_score_mean=float(dropped.mean()) if dropped.size else None,
-        rows_all_masked=all_masked,
-        masked_runs=runs,
-        masked_run_max=run_max,
+        rows_all_masked=int(sum(part[0, 0] for part in count_parts)),
+        masked_runs=int(sum(part[0, 1] for part in count_parts)),
+        masked_run_max=int(max(part[0, 2] for part in count_parts)),
     )
 
 
@@ -328,7 +364,7 @@ def select_step_tokens(
         if online:
             ref_losses.append(values)
             # Rho-1's excess loss: the model being trained (this step's weights) minus the fixed reference.
-            values = current_losses(batch).to(values.device) - values
+            values = excess_loss(current_losses(batch).to(values.device), values)
         scores.append(values)
     selection = select_step(
         scores,

@@ -10,6 +10,8 @@ from typing import Any
 
 from trl import SFTConfig
 
+from .rules import DEFAULT_RULE, LEVELS, baselines, check_score_rule, score_rules
+
 logger = logging.getLogger(__name__)
 
 # Settings that name a local file or folder: `~` and environment variables are expanded in each (a Hub id has neither).
@@ -23,17 +25,20 @@ PATH_SETTINGS = (
     "deepspeed",
 )
 TOKEN_CLEANING_MODES = ("none", "fixed", "self_evolving", "online")
-TOKEN_SELECTION_LEVELS = ("global", "sample", "batch", "random", "full")
+# The ranking levels, then the baselines of the rule registry (`rules/`), which rank nothing.
+TOKEN_SELECTION_LEVELS = (*LEVELS, *baselines())
 # Which selection levels each mode accepts, and the level it uses when `token_selection` is left unset. Online scores
 # change every step, so they can only be ranked within a step ("batch") or a row ("sample"); self-evolving ranks within
 # each round's chunk before the round trains.
 SELECTION_LEVELS_BY_MODE = {
     "none": TOKEN_SELECTION_LEVELS,
     "fixed": TOKEN_SELECTION_LEVELS,
-    "self_evolving": ("global", "sample", "random", "full"),
+    "self_evolving": ("global", "sample", *baselines()),
     "online": ("batch", "sample"),
 }
 DEFAULT_SELECTION_BY_MODE = {"none": "global", "fixed": "global", "self_evolving": "global", "online": "batch"}
+# How validation messages name the per-token losses a rule reads.
+LOSS_NAMES = {"base": "base loss", "ref": "reference loss", "current": "the trained model's loss"}
 SELF_EVOLVING_SCHEDULES = ("restart", "continuous")
 SELF_EVOLVING_LORA = ("merge", "continue")
 
@@ -163,11 +168,11 @@ class TokenCleanConfig(SFTConfig):
         },
     )
     token_score_rule: str = field(
-        default="excess",
+        default=DEFAULT_RULE,
         metadata={
             "help": "'excess': keep the top token_keep_ratio by score (the paper). 'junk_gate': among the lower half "
             "by score, mask the tokens with the highest reference loss until 1 - token_keep_ratio are masked.",
-            "choices": ["excess", "junk_gate"],
+            "choices": list(score_rules()),
         },
     )
     ref_model_name_or_path: str | None = field(
@@ -332,33 +337,31 @@ class TokenCleanConfig(SFTConfig):
                 f"`token_score_window` must be a positive odd integer (a centred window of response tokens), got "
                 f"{window!r}. Use 1 for the paper's per-token ranking, or e.g. 5."
             )
-        if self.token_score_rule not in ("excess", "junk_gate"):
-            raise ValueError(f"`token_score_rule` must be 'excess' or 'junk_gate', got {self.token_score_rule!r}.")
-        span_aware = window > 1 or self.token_score_rule == "junk_gate"
+        rule = check_score_rule(self.token_score_rule)
+        span_aware = window > 1 or rule.name != DEFAULT_RULE
         if not span_aware or self.token_cleaning == "none":
             return
-        if self.token_selection in ("random", "full"):
+        if self.token_selection in baselines():
             raise ValueError(
                 f"`token_score_window={window}` / `token_score_rule={self.token_score_rule!r}` reshape how scores are "
                 f"ranked, but `token_selection={self.token_selection!r}` ranks no score. Drop them, or use 'global' or "
                 "'sample'."
             )
-        if self.token_score_rule == "junk_gate" and self.token_cleaning == "fixed" and self.token_selection == "batch":
+        if self.token_selection not in rule.levels:
             raise ValueError(
-                "`token_score_rule='junk_gate'` ranks by reference loss as well as by score, but fixed mode with "
-                "`token_selection='batch'` keeps only the scores for its per-step ranking. Use `token_selection` "
-                "'global' or 'sample', `token_cleaning='online'`, or `token_score_rule='excess'`."
+                f"`token_score_rule={rule.name!r}` ranks at the {list(rule.levels)} levels, not "
+                f"`token_selection={self.token_selection!r}`."
             )
-        if (
-            self.token_score_rule == "junk_gate"
-            and isinstance(self.token_keep_ratio, float)
-            and self.token_keep_ratio < 0.5
-        ):
+        # Fixed mode's per-step ranking keeps the scores (the excess) only: a rule reading a loss too cannot run there.
+        losses = [LOSS_NAMES[name] for name in rule.needs if name != "excess"]
+        if losses and self.token_cleaning == "fixed" and self.token_selection == "batch":
             raise ValueError(
-                f"`token_score_rule='junk_gate'` masks only tokens of the lower half by score, so it keeps at least "
-                f"half of the response tokens; `token_keep_ratio={self.token_keep_ratio}` would need more. Use a ratio "
-                "of at least 0.5 (e.g. 0.8), or `token_score_rule='excess'`."
+                f"`token_score_rule={rule.name!r}` ranks by {' and '.join(losses)} as well as by score, but fixed mode "
+                "with `token_selection='batch'` keeps only the scores for its per-step ranking. Use `token_selection` "
+                f"'global' or 'sample', `token_cleaning='online'`, or `token_score_rule='{DEFAULT_RULE}'`."
             )
+        if isinstance(self.token_keep_ratio, float):
+            rule.check_ratio(self.token_keep_ratio)
 
     def _check_json_dict_fields(self) -> None:
         """A dict field given as a JSON string from the CLI or a recipe: a malformed one is named here, with an

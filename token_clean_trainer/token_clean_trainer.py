@@ -46,6 +46,7 @@ from .preparation import add_response_mask, refuse_packing_without_response_labe
 from .reference import Reference, ScoringSides
 from .report import add_step_summary, pop_raw_row_column, publish_to_integrations, with_raw_row_column
 from .report.run import RunReport, load_report, log_fields, model_settings, round_log_fields, step_log_fields
+from .rules import DEFAULT_RULE
 from .run_settings import layout_from_accelerator, layout_from_arguments, refuse_setting_clashes
 from .score_driver import ScoringDriver, row_offsets
 from .scoring import ScoringStats, eval_mode, precision_context, preserve_rng_state, token_losses
@@ -396,7 +397,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             "dataset": self._cleaning.driver.dataset_hash(dataset),
         }
         # The span-aware settings only when they differ from the paper's (so checkpoints of earlier versions resume).
-        if (args.token_score_rule, args.token_score_window) != ("excess", 1):
+        if (args.token_score_rule, args.token_score_window) != (DEFAULT_RULE, 1):
             identity.update(score_rule=args.token_score_rule, score_window=args.token_score_window)
         return identity
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..evaluation import nll_summary, response_losses
-from ..selection import keep_count, select_junk_gate, select_tokens, window_mean
+from ..rules import Quantities, excess_loss, get_rule
+from ..selection import keep_count
 from ..utils import atomic_write_json, flat_list_column
 
 
@@ -239,7 +240,22 @@ class MaskInputs:
 
     @property
     def scores(self) -> np.ndarray:
-        return self.base_losses - self.ref_losses
+        return excess_loss(self.base_losses, self.ref_losses)
+
+    def quantities(self, window: int = 1) -> Quantities:
+        """What a selection rule (`rules/`) reads: the losses as float32, NaN off the response tokens (NaN separates
+        the response spans, as the trainer's span starts do)."""
+
+        def masked(values: np.ndarray) -> np.ndarray:
+            return np.where(self.response, values, np.nan).astype(np.float32)
+
+        return Quantities(
+            self.offsets,
+            base=masked(self.base_losses),
+            ref=masked(self.ref_losses),
+            window=window,
+            response=self.response,
+        )
 
 
 @dataclass
@@ -260,11 +276,13 @@ class MaskArm:
 
 
 def _random_keep(x: MaskInputs) -> np.ndarray:
-    scores = np.where(x.response, np.float32(0), np.float32(np.nan))
-    return select_tokens("random", scores, x.offsets, x.keep_ratio, seed=x.seed).keep
+    """The paper's random baseline (the `random` rule) over all rows."""
+    return RANDOM.select(x.quantities(), "global", x.keep_ratio, seed=x.seed).keep
 
 
 SPAN_WINDOW, SPAN_KEEP_RATIO = 5, 0.8  # the trained span row's settings (`ARMS["span"]`)
+# The rules of the mask-only rows, from the registry the trainer selects with.
+JUNK_GATE, RANDOM = get_rule("junk_gate"), get_rule("random")
 
 
 def span_keep(x: MaskInputs, ratio: float, window: int = SPAN_WINDOW) -> np.ndarray:
@@ -272,11 +290,9 @@ def span_keep(x: MaskInputs, ratio: float, window: int = SPAN_WINDOW) -> np.ndar
     The span rule's keep mask over the flat train arrays: window means of the scores and of the reference losses over
     each response span (NaN off the response tokens separates spans, as the trainer's span starts do), then the junk
     gate over all rows, keeping `ratio`: what `TokenCleanSFTTrainer` selects with `token_score_window=window`,
-    `token_score_rule="junk_gate"`, `token_selection="global"`.
+    `token_score_rule="junk_gate"`, `token_selection="global"` (the same rule object, `rules/junk_gate.py`).
     """
-    scores = np.where(x.response, x.scores, np.nan).astype(np.float32)
-    refs = np.where(x.response, x.ref_losses, np.nan).astype(np.float32)
-    return select_junk_gate(window_mean(scores, window), window_mean(refs, window), x.offsets, ratio, "global").keep
+    return JUNK_GATE.select(x.quantities(window), "global", ratio).keep
 
 
 def span_ceiling(response: np.ndarray, junk: np.ndarray, ratio: float = SPAN_KEEP_RATIO) -> float:
@@ -296,7 +312,7 @@ ARMS: dict[str, CleaningArm | MaskArm] = {
     # Beyond the paper: 5-token span means, and the junk gate masking 20% from the lower half by score.
     "span": CleaningArm(
         f"span: window {SPAN_WINDOW} + junk gate, keep {SPAN_KEEP_RATIO}",
-        {"token_score_window": SPAN_WINDOW, "token_score_rule": "junk_gate", "token_keep_ratio": SPAN_KEEP_RATIO},
+        {"token_score_window": SPAN_WINDOW, "token_score_rule": JUNK_GATE.name, "token_keep_ratio": SPAN_KEEP_RATIO},
     ),
     # The span rule masking as many tokens as the paper's rule (its keep ratio): which of the two finds more junk for
     # the same budget. Mask only: at keep 0.8 the span rule cannot mask more junk than 20% of the response tokens.

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rules import excess_loss
 from .decode import token_texts
 
 # Rows on the page: a quarter the most-kept, a quarter the least-kept, the rest a seeded random draw. About 100 rows of
@@ -97,7 +98,7 @@ def build_token_sample(
             layout, input_ids, tokenizer, base_losses, ref_losses, keep, settings, rows=rows, seed=seed
         )
     n_rows = len(offsets) - 1
-    scores = base_losses - ref_losses if base_losses is not None and ref_losses is not None else None
+    scores = excess_loss(base_losses, ref_losses) if base_losses is not None and ref_losses is not None else None
     n_response = _per_row_sums(response, offsets)
     if keep is not None:
         rank_name = "kept fraction"
@@ -161,7 +162,7 @@ def _compact_token_sample(layout, input_ids, tokenizer, base_losses, ref_losses,
             return out
 
         base, ref = full(base_losses, np.nan), full(ref_losses, np.nan)
-        return row_response, base, ref, base - ref if has_scores else None, full(keep, False)
+        return row_response, base, ref, excess_loss(base, ref) if has_scores else None, full(keep, False)
 
     return _sample(
         chosen, rank, rank_name, row_arrays, input_ids, tokenizer, layout.rows, has_scores, keep is not None,

@@ -6,6 +6,7 @@ import numpy as np
 
 from .._version import __version__
 from ..positions import context_positions
+from ..rules import DEFAULT_RULE
 from .statistics import NEAR_ZERO, _nanmean, masked_runs, score_statistics, threshold_band, token_summary
 
 # Row ids listed in the report (rows TRL dropped, rows with every response token dropped): at most this many.
@@ -162,8 +163,9 @@ def _finish_report(
         "mode": args.token_cleaning,
         "selection": args.token_selection,
         "ratio": args.token_keep_ratio,
-        # The ranking rule: the paper's per-token excess ("excess", window 1) or the span-aware variants.
-        "score_rule": getattr(args, "token_score_rule", "excess"),
+        # The ranking rule (a name of the rule registry, `rules/`): the paper's per-token excess ("excess", window 1)
+        # or the span-aware variants.
+        "score_rule": getattr(args, "token_score_rule", DEFAULT_RULE),
         "score_window": getattr(args, "token_score_window", 1),
         "threshold": threshold,
         # Dropped response tokens as runs of consecutive tokens (count, mean and longest length in tokens).

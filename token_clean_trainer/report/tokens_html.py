@@ -17,6 +17,7 @@ import re
 from importlib import resources
 from typing import Any
 
+from ..rules import rule_label
 from ..utils import atomic_write_bytes, atomic_write_json
 from .histogram import HISTOGRAM_DATA_FILE, histogram_svg
 from .sample import FORMAT_VERSION
@@ -55,7 +56,7 @@ def _rule(report: dict[str, Any]) -> str | None:
     rule, window = report.get("score_rule"), report.get("score_window")
     if rule is None:
         return None
-    name = "paper: top scores" if rule == "excess" else "junk gate"
+    name = rule_label(rule)
     return f"{name}, window {window}" if window and window > 1 else f"{name}, per token"
 
 
