@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
+from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tests.conftest import arithmetic_rows, cpu_args
@@ -94,17 +95,25 @@ class ToyLoss:
         return term
 
 
-@pytest.fixture
-def trainer(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+def build(output_dir, model_dir, ref_dir, tokenizer, **overrides):
     return TokenCleanSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=cpu_args(tmp_path, ref_model_name_or_path=tiny_ref_dir, max_steps=2),
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        args=cpu_args(output_dir, ref_model_name_or_path=ref_dir, max_steps=2, **overrides),
         train_dataset=Dataset.from_list(arithmetic_rows(8)),
         processing_class=tokenizer,
     )
 
 
-def test_loss_changes_by_the_hook_term_and_the_key_never_reaches_the_model(trainer):
+@pytest.fixture
+def trainer(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    return build(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer)
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_loss_changes_by_the_hook_term_and_the_key_never_reaches_the_model(
+    loss_type, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer
+):
+    trainer = build(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, loss_type=loss_type)
     labels = torch.tensor([[-100, -100, 30, 31, 32, 33], [-100, 40, 41, 42, -100, -100]])
     dropped = torch.tensor([[-100, -100, -100, 31, -100, -100], [-100, -100, 41, -100, -100, -100]])
     inputs = {
@@ -114,6 +123,8 @@ def test_loss_changes_by_the_hook_term_and_the_key_never_reaches_the_model(train
     }
     trainer.model.eval()  # no dropout: the two forwards below are the same computation
     plain = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(5))
+    sft = SFTTrainer.compute_loss(trainer, trainer.model, dict(inputs), num_items_in_batch=torch.tensor(5))
+    assert torch.equal(plain, sft)  # no hook: SFTTrainer's loss, bit for bit
     # A key left in the batch without a hook is dropped too, and the loss is SFTTrainer's.
     untouched = trainer.compute_loss(
         trainer.model, {**inputs, DROPPED_LABELS_KEY: dropped}, num_items_in_batch=torch.tensor(5)
