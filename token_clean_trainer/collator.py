@@ -136,7 +136,7 @@ class TokenCleaningCollator:
                 examples = [{k: v for k, v in example.items() if k != column} for example in examples]
         masked = [self.apply_mask(example) for example in examples]  # checks each mask's length first
         if train_rows and self.dropped_labels:
-            step_values[DROPPED_LABELS_KEY] = [dropped_labels(example, self.keep_column) for example in examples]
+            step_values[DROPPED_LABELS_KEY] = [dropped_label_row(example, self.keep_column) for example in examples]
         batch = self.base_collator(masked)
         for column, values in step_values.items():
             if "attention_mask" in batch:
@@ -183,7 +183,7 @@ class TokenCleaningCollator:
         return example
 
 
-def dropped_labels(example: dict[str, Any], keep_column: str = TOKEN_KEEP_COLUMN) -> np.ndarray:
+def dropped_label_row(example: dict[str, Any], keep_column: str = TOKEN_KEEP_COLUMN) -> np.ndarray:
     """
     One float per position of an example: its label where the keep mask drops a trained token, NaN elsewhere (and at
     position 0, which nothing predicts). An example without a keep mask (per-step selection) drops nothing here.
@@ -207,5 +207,5 @@ __all__ = [
     "TOKEN_SCORES_COLUMN",
     "RowStore",
     "TokenCleaningCollator",
-    "dropped_labels",
+    "dropped_label_row",
 ]
