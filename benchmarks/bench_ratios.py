@@ -401,7 +401,7 @@ def bench_p4(args, folder: str) -> dict:
             )
             if side == "online":
                 # Time the one extra in-loop forward (the current model's losses on each micro-batch).
-                inner = trainer._current_token_losses
+                inner = trainer.current_token_losses
 
                 def timed(batch, inner=inner):
                     started = time.perf_counter()
@@ -409,7 +409,7 @@ def bench_p4(args, folder: str) -> dict:
                     forward.append(time.perf_counter() - started)
                     return out
 
-                trainer._current_token_losses = timed
+                trainer.current_token_losses = timed
             trainer.train()
             steps[side] += timer.seconds[1:]  # step 1 carries data-loader start-up
             if side == "online":

@@ -131,7 +131,7 @@ def run(folder: str, launch: str, mode: str) -> None:
         result["keep_bits"] = np.packbits(state.keep).tolist()
         result["kept"] = int(state.keep.sum())
     if mode == "online":
-        result["step_kept"] = [r["kept_tokens"] for r in trainer._steps.records]
+        result["step_kept"] = [r["kept_tokens"] for r in trainer.cleaning_mode.step_records]
     if trainer.accelerator.is_main_process:
         os.makedirs(os.path.join(folder, "results"), exist_ok=True)
         with open(os.path.join(folder, "results", f"{launch}-{mode}.json"), "w") as f:

@@ -5,18 +5,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from .columns import (
+    DROPPED_LABELS_KEY,
+    ROW_COLUMN,
+    STEP_COLUMNS,
+    TOKEN_KEEP_COLUMN,
+    TOKEN_REF_LOSSES_COLUMN,
+    TOKEN_SCORES_COLUMN,
+)
 from .compact import unpack_bits
 from .step_selection import rows_to_flat, rows_to_padded
-
-# The index of a row in the prepared train dataset: the key under which its mask (or per-token values) is found.
-ROW_COLUMN = "token_clean_row"
-TOKEN_KEEP_COLUMN = "token_keep"
-# Per-token float columns the trainer consumes when it selects tokens per optimizer step: the static scores of
-# `token_selection="batch"` and the reference losses of online mode. They reach the batch as `(B, T)` tensors.
-TOKEN_SCORES_COLUMN = "token_scores"
-TOKEN_REF_LOSSES_COLUMN = "token_ref_losses"
-STEP_COLUMNS = (TOKEN_SCORES_COLUMN, TOKEN_REF_LOSSES_COLUMN)
 
 
 class RowStore:
@@ -105,6 +105,10 @@ class TokenCleaningCollator:
     Examples that carry a `token_clean_row` index get their mask (or values) from `store`, which the trainer fills
     once the model is prepared (the dataloader exists before that, so the masks cannot be a dataset column).
 
+    With `dropped_labels=True` (set by the trainer only when a dropped-token loss is configured), train batches also
+    carry `dropped_labels`, `(B, T)` like `labels`: the label of every response token the mask dropped, `-100`
+    elsewhere. Without it the batch is exactly what the wrapped collator returns for the masked examples.
+
     Args:
         base_collator (`Callable`):
             Collator that receives the examples with their cleaned `labels`.
@@ -112,21 +116,28 @@ class TokenCleaningCollator:
             Name of the per-example keep mask: one bool per position of `input_ids`.
         store ([`RowStore`], *optional*):
             Per-row masks or values looked up by the examples' `token_clean_row`.
+        dropped_labels (`bool`, *optional*, defaults to `False`):
+            Whether train batches (examples with a `token_clean_row`) carry the dropped tokens' labels.
     """
 
     base_collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
     keep_column: str = TOKEN_KEEP_COLUMN
     store: RowStore | None = None
+    dropped_labels: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if examples and ROW_COLUMN in examples[0]:
+        train_rows = bool(examples) and ROW_COLUMN in examples[0]
+        if train_rows:
             examples = [self.attach_row(example) for example in examples]
         step_values = {}
         for column in STEP_COLUMNS:
             if examples and column in examples[0]:
                 step_values[column] = [example[column] for example in examples]
                 examples = [{k: v for k, v in example.items() if k != column} for example in examples]
-        batch = self.base_collator([self.apply_mask(example) for example in examples])
+        masked = [self.apply_mask(example) for example in examples]  # checks each mask's length first
+        if train_rows and self.dropped_labels:
+            step_values[DROPPED_LABELS_KEY] = [dropped_label_row(example, self.keep_column) for example in examples]
+        batch = self.base_collator(masked)
         for column, values in step_values.items():
             if "attention_mask" in batch:
                 batch[column] = rows_to_padded(values, batch["attention_mask"])
@@ -139,6 +150,9 @@ class TokenCleaningCollator:
                     "(padding-free batches) in every batch to align per-token scores; the data collator returned "
                     "neither."
                 )
+        if DROPPED_LABELS_KEY in batch:
+            # Placed like the float columns (NaN off the dropped tokens); token ids are exact in float32 (< 2**24).
+            batch[DROPPED_LABELS_KEY] = torch.nan_to_num(batch[DROPPED_LABELS_KEY], nan=-100.0).long()
         return batch
 
     def attach_row(self, example: dict[str, Any]) -> dict[str, Any]:
@@ -167,3 +181,31 @@ class TokenCleaningCollator:
             )
         example["labels"] = [label if kept else -100 for label, kept in zip(labels, keep)]
         return example
+
+
+def dropped_label_row(example: dict[str, Any], keep_column: str = TOKEN_KEEP_COLUMN) -> np.ndarray:
+    """
+    One float per position of an example: its label where the keep mask drops a trained token, NaN elsewhere (and at
+    position 0, which nothing predicts). An example without a keep mask (per-step selection) drops nothing here.
+    """
+    labels = np.asarray(example.get("labels", example["input_ids"]), dtype=np.int64)
+    out = np.full(labels.shape, np.nan, dtype=np.float32)
+    if keep_column not in example:
+        return out
+    dropped = ~np.asarray(example[keep_column], dtype=bool) & (labels != -100)
+    dropped[:1] = False
+    out[dropped] = labels[dropped]
+    return out
+
+
+__all__ = [
+    "DROPPED_LABELS_KEY",
+    "ROW_COLUMN",
+    "STEP_COLUMNS",
+    "TOKEN_KEEP_COLUMN",
+    "TOKEN_REF_LOSSES_COLUMN",
+    "TOKEN_SCORES_COLUMN",
+    "RowStore",
+    "TokenCleaningCollator",
+    "dropped_label_row",
+]

@@ -10,11 +10,11 @@ masks are written into every checkpoint (`checkpoint.py`), so a run resumed mid-
 with rather than rescoring with the half-trained model. The base losses of chunks 1..T are computed before round 0
 trains (the model still holds the original weights then), or read from the score cache or the checkpoint.
 
-The rounds' state is one [`SelfEvolvingRun`], passed to the functions below; the trainer only dispatches to
-[`train_rounds`] and reads the run in its hooks (sampler, output folder, checkpoint, logs).
+The rounds' state is one [`SelfEvolvingRun`], passed to the functions below; the self-evolving mode
+(`modes/self_evolving.py`) drives [`train_rounds`] from the trainer's hooks and reads the run in them (sampler, output
+folder, checkpoint, logs).
 """
 
-import gc
 import logging
 import math
 import os
@@ -350,28 +350,18 @@ def round_update_steps(args, rows: int) -> int:
 def begin_round_optimizer(trainer, first: bool, bounds: list[tuple[int, int]]) -> None:
     """'restart': a fresh optimizer and schedule for the round. 'continuous': one of each across all rounds."""
     if trainer.args.self_evolving_schedule == "restart":
-        trainer.optimizer, trainer.lr_scheduler = None, None
-        return
-    if first:
+        trainer.reset_optimizer()
+    elif first:
         total = sum(round_update_steps(trainer.args, end - start) for start, end in bounds)
-        trainer.optimizer, trainer.lr_scheduler = None, None
-        trainer.create_optimizer()
-        trainer.create_scheduler(num_training_steps=total, optimizer=trainer.optimizer)
-        # Trainer recreates a scheduler it created itself on every train() call; this one must span all rounds.
-        trainer._created_lr_scheduler = False
+        trainer.reset_optimizer(num_training_steps=total)
     else:
-        # Hand Trainer the bare optimizer again (accelerate wraps it once per train() call).
-        trainer.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        trainer.reuse_optimizer()
 
 
 def end_round_optimizer(trainer) -> None:
     if trainer.args.self_evolving_schedule == "restart":
         # Release the round's optimizer state before the next round scores its chunk.
-        trainer.optimizer, trainer.lr_scheduler = None, None
-        trainer.accelerator.free_memory()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        trainer.reset_optimizer(free_memory=True)
 
 
 def merges_lora(args, model) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .columns import DROPPED_LABELS_KEY, TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
 from .rules import DEFAULT_RULE, Quantities, Rule, check_score_rule, excess_loss
 from .selection import dropped_runs, span_starts
 
@@ -344,10 +345,9 @@ def select_step_tokens(
     Each micro-batch carries its static values in a column the collator filled (`token_scores` with
     `token_selection="batch"`, `token_ref_losses` in online mode, where `current_losses(batch)` gives the trained
     model's losses and the ranking is Rho-1's excess loss `L_current - L_ref`). Trained tokens that are not response
-    tokens stay trained.
+    tokens stay trained. A batch that carries `dropped_labels` (a dropped-token loss is configured) gets the labels
+    this step drops added to it.
     """
-    from .collator import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
-
     online = current_losses is not None
     column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
     scores, responses, trained, ref_losses = [], [], [], []
@@ -380,7 +380,11 @@ def select_step_tokens(
         position_ids=[batch.get("position_ids") for batch in batch_samples],
     )
     for batch, keep, response, trained_here in zip(batch_samples, selection.keep, responses, trained):
-        batch["labels"] = apply_keep(batch["labels"], keep | (trained_here & ~response))
+        labels = batch["labels"]
+        batch["labels"] = apply_keep(labels, keep | (trained_here & ~response))
+        if DROPPED_LABELS_KEY in batch:
+            dropped = (batch["labels"] == -100) & (labels != -100)
+            batch[DROPPED_LABELS_KEY] = torch.where(dropped, labels, batch[DROPPED_LABELS_KEY].to(labels.device))
     return selection
 
 

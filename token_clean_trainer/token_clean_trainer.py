@@ -5,9 +5,11 @@ Orchestration only. The data path, in the order a run takes it:
 modes) or `self_evolving.py` (rounds), both scoring through `score_driver.py` (sharded, cached) with the sides of
 `reference.py` -> `selection.py` / `compact.py` (which tokens stay) -> `collator.py` (labels -100 by row) ->
 `step_selection.py` (per optimizer step, in `get_batch_samples`) -> `checkpoint.py` (state beside checkpoints) ->
-`report/` (report.json, the page, the logs).
+`report/` (report.json, the page, the logs). Each mode is an object of `modes/` (fixed, online, self-evolving, none)
+that the trainer's hooks call, one line per hook; `dropped_loss.py` is the hook of a loss on the dropped tokens.
 """
 
+import gc
 import logging
 import os
 from typing import Any
@@ -18,47 +20,27 @@ import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
 from datasets.table import InMemoryTable
-from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 
-from . import self_evolving
 from .cache import check_cache_dir_writable
-from .checkpoint import (
-    STATE_JSON,
-    check_resume_matches,
-    latest_complete_checkpoint,
-    load_checkpoint_state,
-    round_output_dir,
-    save_checkpoint_state,
-)
-from .collator import (
-    ROW_COLUMN,
-    STEP_COLUMNS,
-    TOKEN_KEEP_COLUMN,
-    RowStore,
-    TokenCleaningCollator,
-)
+from .checkpoint import save_checkpoint_state
+from .collator import RowStore, TokenCleaningCollator
+from .columns import DROPPED_LABELS_KEY, ROW_COLUMN, STEP_COLUMNS, TOKEN_KEEP_COLUMN
 from .distributed import Collective, decide_on_main
+from .dropped_loss import DroppedTokenLoss, DroppedTokens
 from .hub import HubUploadMixin
+from .modes import CleaningMode, make_mode
 from .positions import mask_sequence_starts
 from .preparation import add_response_mask, refuse_packing_without_response_labels, refuse_unscorable_dataset
 from .reference import Reference, ScoringSides
-from .report import add_step_summary, pop_raw_row_column, publish_to_integrations, with_raw_row_column
-from .report.run import RunReport, load_report, log_fields, model_settings, round_log_fields, step_log_fields
-from .rules import DEFAULT_RULE
+from .report import pop_raw_row_column, publish_to_integrations, with_raw_row_column
+from .report.run import RunReport, load_report, model_settings
 from .run_settings import layout_from_accelerator, layout_from_arguments, refuse_setting_clashes
-from .score_driver import ScoringDriver, row_offsets
+from .score_driver import ScoringDriver
 from .scoring import ScoringStats, eval_mode, precision_context, preserve_rng_state, token_losses
-from .scoring_pass import (
-    CleaningContext,
-    TokenCleaningState,
-    fill_row_store,
-    score_and_select,
-    score_reference,
-    selection_seed,
-)
-from .step_selection import StepRecords, accelerator_gather, select_step_tokens
+from .scoring_pass import CleaningContext, TokenCleaningState, selection_seed
 from .token_clean_config import TokenCleanConfig, as_token_clean_config
 from .utils import is_peft_model, list_array
 from .validation import DatasetValidationError, validate_raw_dataset
@@ -156,22 +138,20 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             formatting_func=formatting_func,
         )
         self.reference = Reference(self.args, ref_model)
-        self.token_cleaning_state: TokenCleaningState | None = None
         self.token_cleaning_enabled = args.token_cleaning != "none"
         self.scoring_stats = ScoringStats()
-        # Masks (or per-token values) of the train rows, looked up by row index in the collator. They are filled once
-        # accelerate has prepared the model (`_prepare_for_training`), before the first batch is collated.
-        self._row_store = RowStore()
+        # Masks (or per-token values) of the train rows, looked up by row index in the collator. The mode fills them
+        # once accelerate has prepared the model (`_prepare_for_training`), before the first batch is collated.
+        self.row_store = RowStore()
         self._collective = Collective(self.accelerator.device)
-        self._on_model_prepared = None  # what runs once accelerate has prepared the model (see `train`)
-        # The state of the mode that runs: per-step records (online, "batch") or the self-evolving rounds.
-        self._steps: StepRecords | None = None
-        self._rounds: self_evolving.SelfEvolvingRun | None = None
+        # A loss on the dropped tokens (`set_dropped_token_loss`); None: the loss is exactly SFTTrainer's.
+        self.dropped_token_loss: DroppedTokenLoss | None = None
         self._cleaning = self._cleaning_context(model if isinstance(model, str) else None)
+        # The mode that runs (`modes/`): it holds the masks, the per-step records or the rounds.
+        self.cleaning_mode: CleaningMode = make_mode(self)
         if not self.token_cleaning_enabled:
             return
-        if args.token_cleaning == "self_evolving":
-            self.add_callback(_SaveAtRoundEnd())
+        self.cleaning_mode.attach()
         self._check_mode_fits_run()
         if "input_ids" not in self.train_dataset.column_names:
             raise ValueError(
@@ -186,7 +166,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         if args.score_cache_dir is not None:
             decide_on_main(self._collective, lambda: check_cache_dir_writable(args.score_cache_dir))
         self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, np.arange(len(self.train_dataset)))
-        self.data_collator = TokenCleaningCollator(self.data_collator, store=self._row_store)
+        self.data_collator = TokenCleaningCollator(self.data_collator, store=self.row_store)
 
     def _cleaning_context(self, model_source: str | None) -> CleaningContext:
         """The driver, sides and report every scoring pass of this run shares."""
@@ -220,7 +200,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             prepare_stats=self._prepare_stats,
             describe_reference=self.reference.describe,
             model_settings=lambda: model_settings(self.model),
-            input_ids=lambda rows: self._reported_dataset().select(rows)["input_ids"],
+            input_ids=lambda rows: self.cleaning_mode.reported_dataset().select(rows)["input_ids"],
             publish_to_integrations=lambda folder: publish_to_integrations(self, folder),
             seed=selection_seed(args),
             describe_precision=lambda: sides.describe_precision(reference_role, self.scoring_stats.compute_dtypes),
@@ -237,11 +217,19 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         return self.reference.ref_model
 
     @property
-    def _selects_per_step(self) -> bool:
-        """Whether kept tokens are chosen per optimizer step (online mode, or `token_selection="batch"`)."""
-        return self.token_cleaning_enabled and (
-            self.args.token_cleaning == "online" or self.args.token_selection == "batch"
-        )
+    def token_cleaning_state(self) -> TokenCleaningState | None:
+        """The scores and masks of the train set once the mode has them (see `score_tokens()`)."""
+        return self.cleaning_mode.state
+
+    @property
+    def cleaning_context(self) -> CleaningContext:
+        """The driver, sides and report every scoring pass of this run shares."""
+        return self._cleaning
+
+    @property
+    def collective(self) -> Collective:
+        """The run's processes, as the scoring passes see them."""
+        return self._collective
 
     # ------------------------------------------------------------------------------------------------------------
     # Data preparation (TRL's, with the checks and marks of `preparation.py`)
@@ -294,15 +282,6 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         extra = [c for c in (ROW_COLUMN, TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c not in self._signature_columns]
         self._signature_columns = [*self._signature_columns, *extra]
 
-    @staticmethod
-    def _without_token_columns(dataset: Dataset) -> Dataset:
-        present = [c for c in (TOKEN_KEEP_COLUMN, *STEP_COLUMNS) if c in dataset.column_names]
-        return dataset.remove_columns(present) if present else dataset
-
-    def _reported_dataset(self) -> Dataset:
-        """The rows the report samples for `tokens.html`: the whole train set, also while a round trains a chunk."""
-        return self._rounds.dataset if self._rounds is not None else self.train_dataset
-
     # ------------------------------------------------------------------------------------------------------------
     # Training: the mode's preparation, then Trainer's loop
     # ------------------------------------------------------------------------------------------------------------
@@ -319,133 +298,52 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         saved with; a fixed-mode checkpoint carries its keep mask, so a resume never rescores.
         """
         train_kwargs = {"trial": trial, "ignore_keys_for_eval": ignore_keys_for_eval, **kwargs}
-        mode = self.args.token_cleaning
-        if mode == "none":
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **train_kwargs)
-        if mode == "self_evolving":
-            return self._train_self_evolving(resume_from_checkpoint, train_kwargs)
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            # Skips a checkpoint folder a kill left half-written (Trainer saves in place), and prefers one that holds
-            # the token-cleaning state (written after Trainer's files): a fixed-mode resume then reads its keep mask
-            # instead of scoring again; only checkpoints of earlier versions have none.
-            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir, with_state=True)
-            if resume_from_checkpoint is None and not self._selects_per_step:
-                resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
-        if self._steps is not None:
-            self._steps.records = []
-        if resume_from_checkpoint and self.token_cleaning_state is None:
-            self._restore_from_checkpoint(resume_from_checkpoint)
-        if self.token_cleaning_state is None:
-            self._on_model_prepared = self._prepare_token_cleaning
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **train_kwargs)
-        if self._steps is not None and self._collective.is_main:
-            report = self.token_cleaning_state.report
-            add_step_summary(report, self._steps.records)
-            self._cleaning.report.write(report)
-            self._cleaning.report.summarise(report)
-        return output
+        return self.cleaning_mode.train(resume_from_checkpoint, **train_kwargs)
+
+    def train_pass(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """One [`~transformers.Trainer.train`] call, without the mode's preparation: what a mode's `train` runs (the
+        self-evolving mode once per round)."""
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         # Trainer prepares the model (and optimizer) here; the mode's scoring runs right after, on the prepared model,
         # before the first batch is collated.
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        hook, self._on_model_prepared = self._on_model_prepared, None
-        if hook is not None:
-            hook()
+        if self.cleaning_mode.on_model_prepared():
             self._reshard_after_scoring()
         return model, train_dataloader
 
-    def _prepare_token_cleaning(self) -> TokenCleaningState:
-        """Fixed and online modes: score once, select, and fill the masks (or values) the collator reads by row."""
-        if self.token_cleaning_state is not None:
-            return self.token_cleaning_state
-        dataset = self._without_token_columns(self.train_dataset)
-        online = self.args.token_cleaning == "online"
-        state = score_reference(self._cleaning, dataset) if online else score_and_select(self._cleaning, dataset)
-        fill_row_store(self._row_store, state, online)
-        if self._selects_per_step and self._steps is None:
-            self._steps = StepRecords(self._resume_identity())
-        self.token_cleaning_state = state
-        return state
+    # ------------------------------------------------------------------------------------------------------------
+    # The optimizer across several `Trainer.train()` calls (self-evolving rounds)
+    # ------------------------------------------------------------------------------------------------------------
 
-    def _restore_from_checkpoint(self, folder: str) -> None:
-        """Masks (fixed mode) or step records (per-step selection) saved with a checkpoint: a resume never rescores."""
-        path = os.path.join(folder, STATE_JSON)
-        if not os.path.isfile(path) and not self._selects_per_step:
-            return  # a checkpoint of an older version: the masks are recomputed (or read from the score cache)
-        payload, keep_bits = load_checkpoint_state(folder, packed=True)
-        identity = self._resume_identity()
-        check_resume_matches(payload, identity, folder)
-        if self._selects_per_step:
-            self._steps = StepRecords(identity, list(payload.get("steps", [])))
-            return
-        offsets = row_offsets(self._without_token_columns(self.train_dataset))
-        summary = payload.get("summary", {})
-        self.token_cleaning_state = TokenCleaningState(offsets, keep_bits, summary.get("threshold"), summary)
-        self._row_store.set_keep_bits(offsets, keep_bits)
+    def reset_optimizer(self, num_training_steps: int | None = None, free_memory: bool = False) -> None:
+        """
+        Drop the optimizer and learning-rate schedule, so the next `Trainer.train()` call creates fresh ones; or, with
+        `num_training_steps`, create them now with a schedule of that many steps that the next `train()` calls keep.
 
-    def _resume_identity(self, dataset: Dataset | None = None) -> dict[str, Any]:
-        """What a checkpoint must match to resume this run: the mode's settings and the prepared data."""
-        args = self.args
-        dataset = self._without_token_columns(self.train_dataset) if dataset is None else dataset
-        identity = {
-            "mode": args.token_cleaning,
-            "selection": args.token_selection,
-            "ratio": args.token_keep_ratio,
-            "dataset": self._cleaning.driver.dataset_hash(dataset),
-        }
-        # The span-aware settings only when they differ from the paper's (so checkpoints of earlier versions resume).
-        if (args.token_score_rule, args.token_score_window) != (DEFAULT_RULE, 1):
-            identity.update(score_rule=args.token_score_rule, score_window=args.token_score_window)
-        return identity
+        Args:
+            num_training_steps (`int`, *optional*):
+                Steps of a schedule that spans several `train()` calls (e.g. all self-evolving rounds).
+            free_memory (`bool`, *optional*, defaults to `False`):
+                Also give the released optimizer state's memory back (before a scoring pass).
+        """
+        self.optimizer, self.lr_scheduler = None, None
+        if free_memory:
+            self.accelerator.free_memory()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if num_training_steps is not None:
+            self.create_optimizer()
+            self.create_scheduler(num_training_steps=num_training_steps, optimizer=self.optimizer)
+            # Trainer recreates a schedule it created itself on every train() call; this one must span all of them.
+            self._created_lr_scheduler = False
 
-    def _train_self_evolving(self, resume_from_checkpoint, train_kwargs: dict[str, Any]) -> TrainOutput:
-        """The rounds of `self_evolving.py`, each a `Trainer.train()` call on its chunk."""
-        args = self.args
-        ctx = self._cleaning
-        dataset = self._rounds.dataset if self._rounds is not None else self._without_token_columns(self.train_dataset)
-        identity = {
-            **self._resume_identity(dataset),
-            "rounds_total": args.self_evolving_rounds,
-            "schedule": args.self_evolving_schedule,
-            # The base side is the original model (taken now, before any round trains or a checkpoint is loaded).
-            "base": ctx.driver.sides.key("base"),
-        }
-        if is_peft_model(self.model):
-            identity["lora"] = args.self_evolving_lora
-        merges = self_evolving.merges_lora(args, self.model)
-        run = self_evolving.new_run(ctx, dataset, identity, base_recomputable=is_peft_model(self.model) and not merges)
-        self._rounds = run
-        start_round, resume_path = self_evolving.resume_run(ctx, run, resume_from_checkpoint)
-        if merges and start_round > 0:
-            # The finished rounds' LoRA merges, replayed from their checkpoints. The base losses come from the
-            # checkpoint or the score cache: the adapters-off model is no longer the original after a merge.
-            self_evolving.replay_round_merges(self.model, resume_path, start_round, seed=args.seed)
-
-        def train_round(t: int, prepare, resume_path):
-            start, end = run.bounds[t]
-            self.train_dataset = dataset.select(range(start, end))  # carries the global row ids the collator reads
-            if prepare is None:
-                self._row_store.set_keep_bits(run.offsets, run.keep_bits)
-            else:
-                self._on_model_prepared = lambda: self._row_store.set_keep_bits(run.offsets, prepare())
-            self_evolving.begin_round_optimizer(self, first=t == start_round, bounds=run.bounds)
-            output = super(TokenCleanSFTTrainer, self).train(resume_from_checkpoint=resume_path, **train_kwargs)
-            return output, self.state.log_history
-
-        def between_rounds(t: int) -> None:
-            self_evolving.end_round_optimizer(self)
-            self_evolving.merge_round_adapter(args, self.model, t, base_done=run.base_done or not run.needs_scores)
-
-        outputs, log_history = self_evolving.train_rounds(
-            ctx, run, start_round, resume_path, train_round, between_rounds
-        )
-        self.token_cleaning_state = state = self_evolving.final_state(ctx, run)
-        self.train_dataset = dataset.add_column(TOKEN_KEEP_COLUMN, list_array(run.offsets, state.keep))
-        self.state.log_history = log_history
-        return self_evolving.merged_output(outputs)
+    def reuse_optimizer(self) -> None:
+        """Keep the optimizer (and a schedule from `reset_optimizer(num_training_steps=...)`) for the next `train()`
+        call: Trainer gets the bare optimizer back, since accelerate wraps it once per call."""
+        self.optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
 
     # ------------------------------------------------------------------------------------------------------------
     # Scores on demand
@@ -464,26 +362,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             of its round (NaN in chunk 0, which trains on every token). Under several processes, every process gets
             the same dataset (the scores are sent from the main process).
         """
-        mode = self.args.token_cleaning
-        if not self.token_cleaning_enabled:
-            raise ValueError("`score_tokens()` needs token cleaning on; `token_cleaning='none'` scores nothing.")
-        if mode == "online":
-            raise ValueError(
-                "In online mode the scores are `L_current - L_ref` of the model at each optimizer step, so there is no "
-                "static score per token; the per-step counts and thresholds are in `<output_dir>/token_cleaning/"
-                "report.json` under `steps`. Use `token_cleaning='fixed'` for static scores."
-            )
-        if mode == "self_evolving":
-            if self.token_cleaning_state is None:
-                raise ValueError(
-                    "Self-evolving scores are computed round by round during `train()` (each chunk against the model "
-                    "of its round); call `score_tokens()` after `train()`."
-                )
-            state = self.token_cleaning_state
-        else:
-            if self.token_cleaning_state is None:
-                self._prepare_model_for_scoring()
-            state = self._prepare_token_cleaning()
+        state = self.cleaning_mode.scores()
         scores = state.scores if self._collective.is_main else None
         if self._collective.world > 1:
             scores = self._collective.broadcast_array(scores, np.float32)
@@ -513,10 +392,10 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             raise ValueError(f"`role` must be 'base', 'ref' or 'model', got {role!r}.")
         if role == "ref" and not self.reference.configured:
             raise ValueError("`role='ref'` needs a reference model; none is configured.")
-        self._prepare_model_for_scoring()
+        self.prepare_model_for_scoring()
         return self._cleaning.driver.token_losses(dataset, role)[0]
 
-    def _prepare_model_for_scoring(self) -> None:
+    def prepare_model_for_scoring(self) -> None:
         """
         Outside `train()`, prepare the model for no-grad forwards the way `Trainer.evaluate` does when it runs before
         training: FSDP and DeepSpeed need their wrapper before any forward (DDP and one process need nothing).
@@ -563,7 +442,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         mean over the kept tokens of the whole step (all micro-batches, all processes), exactly what `SFTTrainer`
         computes when the same labels are masked in the data.
         """
-        if not self._selects_per_step:
+        if not self.cleaning_mode.selects_per_step:
             self._record_static_metrics()
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         batch_samples = []
@@ -576,21 +455,12 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def _select_step_tokens(self, batch_samples: list[dict[str, Any]]) -> None:
-        """The step's kept tokens (`step_selection.select_step_tokens`), its record and its values in the logs."""
-        online = self.args.token_cleaning == "online"
-        selection = select_step_tokens(
-            batch_samples,
-            self.args,
-            gather=accelerator_gather(self.accelerator),
-            current_losses=self._current_token_losses if online else None,
-        )
-        record = selection.record(step=self.state.global_step + 1)
-        self._steps.records.append(record)
-        for key, value in step_log_fields(record).items():
+        """The mode chooses the step's kept tokens; its values go to TRL's metrics buffer, one per step."""
+        for key, value in self.cleaning_mode.on_step(batch_samples).items():
             self._metrics["train"][key].append(value)
 
     @torch.no_grad()
-    def _current_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+    def current_token_losses(self, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token losses of the model being trained on one micro-batch: one no-grad forward, dropout off."""
         # FSDP and ZeRO-3 shard the parameters, so only the wrapped module can run a forward; with DDP (or one
         # process) the plain module shares the same weights and skips DDP's hooks.
@@ -618,36 +488,21 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _get_train_sampler(self, train_dataset=None):
-        # Self-evolving rounds read their chunk in order unless shuffling is asked for, like the paper's runs.
-        if self._rounds is not None and self._rounds.training and not self.args.self_evolving_shuffle:
+        if self.cleaning_mode.reads_rows_in_order():
             return torch.utils.data.SequentialSampler(
                 train_dataset if train_dataset is not None else self.train_dataset
             )
         return super()._get_train_sampler(train_dataset)
 
     def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        if self._rounds is not None and self._rounds.training:
-            return round_output_dir(run_dir, self._rounds.round_index)
-        return run_dir
+        return self.cleaning_mode.output_dir(super()._get_output_dir(trial))
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        state = self.token_cleaning_state
-        if self._rounds is not None and self._rounds.training and self._rounds.checkpoint_state is not None:
-            payload, arrays = self._rounds.checkpoint_state
-        elif self._steps is not None:
-            payload, arrays = self._steps.checkpoint()
-        elif state is not None and state.keep_bits is not None:
-            # Fixed mode: the masks themselves (one bit per position), so a resume needs neither model nor cache.
-            summary = {"kept_fraction": state.report.get("kept_fraction"), "threshold": state.threshold}
-            arrays = {"keep_bits": state.keep_bits, "keep_size": state.positions}
-            payload = {**self._resume_identity(), "summary": summary}
-        else:
-            return
-        if self.args.should_save:
+        saved = self.cleaning_mode.checkpoint_state()
+        if saved is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            save_checkpoint_state(folder, payload, arrays)
+            save_checkpoint_state(folder, *saved)
 
     def _record_static_metrics(self) -> None:
         """
@@ -655,24 +510,57 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         metrics buffer (`_metrics`), which `SFTTrainer.log` averages since the last log and writes beside the loss.
         Per-step selection appends one value per step instead (`get_batch_samples`).
         """
-        rounds = self._rounds
-        if rounds is not None and rounds.training and rounds.round_index < len(rounds.records):
-            fields = round_log_fields(rounds.records[rounds.round_index])
-        elif self.token_cleaning_enabled and self.token_cleaning_state is not None:
-            fields = log_fields(self.token_cleaning_state.report)
-        else:
-            return
-        for key, value in fields.items():
+        for key, value in self.cleaning_mode.log_fields().items():
             self._metrics["train"][key] = [value]
 
+    # ------------------------------------------------------------------------------------------------------------
+    # A loss on the dropped tokens (none by default)
+    # ------------------------------------------------------------------------------------------------------------
 
-class _SaveAtRoundEnd(TrainerCallback):
-    """Save a checkpoint at the last step of every self-evolving round, so a run killed later resumes from there."""
+    def set_dropped_token_loss(self, loss: DroppedTokenLoss | None) -> None:
+        """
+        Add a loss term on the dropped tokens to every training loss (see `dropped_loss.py`), or remove it (`None`).
+        Set it before `train()`: the collator then also builds `dropped_labels` for the train batches.
+        """
+        if loss is not None and not isinstance(self.data_collator, TokenCleaningCollator):
+            raise ValueError("A dropped-token loss needs token cleaning on; `token_cleaning='none'` drops no token.")
+        self.dropped_token_loss = loss
+        if isinstance(self.data_collator, TokenCleaningCollator):
+            self.data_collator.dropped_labels = loss is not None
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if args.save_strategy != "no" and state.max_steps and state.global_step >= state.max_steps:
-            control.should_save = True
-        return control
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The batch key exists only while a dropped-token loss is set; it never reaches the model.
+        dropped = inputs.pop(DROPPED_LABELS_KEY, None)
+        if dropped is None or self.dropped_token_loss is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        return self._loss_with_dropped_tokens(model, inputs, dropped, return_outputs, num_items_in_batch)
+
+    def _loss_with_dropped_tokens(self, model, inputs, dropped, return_outputs, num_items_in_batch):
+        """SFTTrainer's loss, plus the hook's term on the dropped tokens, given the outputs of SFTTrainer's forward."""
+        captured = []
+
+        def keep_first_output(module, args, output):
+            if not captured:  # the loss forward; TRL may run a second, no-grad one for its metrics
+                captured.append(output)
+
+        handle = model.register_forward_hook(keep_first_output)
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            handle.remove()
+        loss, outputs = result if return_outputs else (result, None)
+        term = self.dropped_token_loss(
+            model, captured[0], inputs, DroppedTokens(labels=dropped, num_items_in_batch=num_items_in_batch)
+        )
+        # The factor TRL applies to its own loss: `num_items_in_batch` counts the tokens of every process.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            term = term * (self.accelerator.num_processes // self.get_tp_size())
+        loss = loss + term
+        return (loss, outputs) if return_outputs else loss
 
 
 __all__ = ["TokenCleanSFTTrainer", "TokenCleaningState", "load_report"]

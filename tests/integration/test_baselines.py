@@ -42,7 +42,7 @@ def baselines(tmp_path_factory, tiny_model_dir, tiny_ref_dir, tokenizer):
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-        state = trainer._prepare_token_cleaning()
+        state = trainer.cleaning_mode.prepare()
         results[name] = (state, trainer.token_cleaning_state.report)
     return results
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
 from token_clean_trainer.checkpoint import STATE_ARRAYS, STATE_JSON
+from token_clean_trainer.columns import without_token_columns
 from token_clean_trainer.positions import RESPONSE_MASK_COLUMN, response_positions
 from token_clean_trainer.utils import flat_list_column
 
@@ -26,7 +27,7 @@ class CountingTrainer(TokenCleanSFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        driver = self._cleaning.driver
+        driver = self.cleaning_context.driver
         inner = driver.token_losses
 
         def counting(dataset, role, sink=None):
@@ -57,10 +58,10 @@ def flat_response(dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def assert_rows_are_the_flat_values(trainer, flat_values):
     """Every row the collator reads is the flat array's row (NaN off the response tokens), from compact storage."""
-    prepared = trainer._without_token_columns(trainer.train_dataset)
+    prepared = without_token_columns(trainer.train_dataset)
     offsets, response = flat_response(prepared)
     expected = np.where(response, flat_values, np.float32(np.nan)).astype(np.float32)
-    store = trainer._row_store
+    store = trainer.row_store
     assert store._values.size == int(response.sum())  # response positions only
     for row in range(len(prepared)):
         got = store.row(row)
@@ -74,7 +75,7 @@ def test_batch_selection_keeps_compact_scores_that_expand_to_the_flat_rows(
 ):
     trainer = build(tmp_path, tiny_model_dir, tokenizer, token_selection="batch", ref_model_name_or_path=tiny_ref_dir)
     scored = trainer.score_tokens()
-    prepared = trainer._without_token_columns(trainer.train_dataset)
+    prepared = without_token_columns(trainer.train_dataset)
     base, ref = trainer.token_losses(prepared, role="base"), trainer.token_losses(prepared, role="ref")
     assert_rows_are_the_flat_values(trainer, base - ref)
     state = trainer.token_cleaning_state
@@ -92,7 +93,7 @@ def test_online_mode_keeps_compact_reference_losses_that_expand_to_the_flat_rows
 ):
     trainer = build(tmp_path, tiny_model_dir, tokenizer, token_cleaning="online", ref_model_name_or_path=tiny_ref_dir)
     trainer.train()
-    prepared = trainer._without_token_columns(trainer.train_dataset)
+    prepared = without_token_columns(trainer.train_dataset)
     # The reference is released after its pass: score the flat losses with the same reference in a second trainer.
     other = build(tmp_path / "other", tiny_model_dir, tokenizer, ref_model_name_or_path=tiny_ref_dir)
     expected = assert_rows_are_the_flat_values(trainer, other.token_losses(prepared, role="ref"))

@@ -16,6 +16,7 @@ from trl import SFTTrainer
 
 from tests.conftest import arithmetic_rows, cpu_args, cpu_kwargs
 from token_clean_trainer import TokenCleanSFTTrainer
+from token_clean_trainer.columns import without_token_columns
 from token_clean_trainer.selection import keep_count
 from token_clean_trainer.step_selection import response_mask
 
@@ -145,11 +146,11 @@ def test_online_scores_use_the_current_model(tmp_path, tiny_model_dir, tiny_ref_
         train_dataset=dataset,
         processing_class=tokenizer,
     )
-    prepared = trainer._without_token_columns(trainer.train_dataset)
+    prepared = without_token_columns(trainer.train_dataset)
     current = trainer.token_losses(prepared, "model")  # initial weights, before any step
     reference = trainer.token_losses(prepared, "ref")
     trainer.train()
-    record = trainer._steps.records[0]
+    record = trainer.cleaning_mode.step_records[0]
     expected = (current - reference)[~np.isnan(current)]
     assert record["response_tokens"] == expected.size
     np.testing.assert_allclose(record["score_mean"], expected.mean(), rtol=1e-4)
@@ -182,7 +183,9 @@ def test_online_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, ti
     resumed = build(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
 
-    assert resumed._steps.records == whole._steps.records  # steps 1-2 from the checkpoint, 3-4 recomputed equal
+    assert (
+        resumed.cleaning_mode.step_records == whole.cleaning_mode.step_records
+    )  # steps 1-2 from the checkpoint, 3-4 recomputed equal
     whole_losses = [log["loss"] for log in whole.state.log_history if "loss" in log]
     resumed_losses = [log["loss"] for log in resumed.state.log_history if "loss" in log]
     np.testing.assert_allclose(resumed_losses[-2:], whole_losses[-2:], rtol=1e-6)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
+from token_clean_trainer.columns import without_token_columns
 from token_clean_trainer.score_driver import row_offsets
 from token_clean_trainer.scoring import compute_token_losses
 from token_clean_trainer.selection import keep_count
@@ -26,7 +27,7 @@ def build(tmp_path, model_dir, tokenizer, rows=16, **overrides):
 
 def sequences(trainer, values):
     """`{input_ids: values}` per original sequence: packed rows are cut at their `seq_lengths`."""
-    dataset = trainer._without_token_columns(trainer.train_dataset)
+    dataset = without_token_columns(trainer.train_dataset)
     offsets = row_offsets(dataset)
     out = {}
     for row in range(len(dataset)):
@@ -44,7 +45,7 @@ def sequences(trainer, values):
 
 def test_packed_rows_score_like_their_sequences_one_by_one(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
     trainer = build(tmp_path, tiny_model_dir, tokenizer, packing=True, ref_model_name_or_path=tiny_ref_dir)
-    dataset = trainer._without_token_columns(trainer.train_dataset)
+    dataset = without_token_columns(trainer.train_dataset)
     assert max(len(lengths) for lengths in dataset["seq_lengths"]) >= 2  # rows really hold several sequences
     packed = sequences(trainer, trainer.token_losses(dataset, role="ref"))
     assert len(packed) == 16
@@ -81,7 +82,7 @@ def test_fixed_mode_with_packing_keeps_the_same_tokens_as_unpacked(tmp_path, tin
     # tokens, back to back.
     rows = [packed.train_dataset[i] for i in (0, 1)]
     batch = packed.data_collator(rows)
-    store = packed._row_store
+    store = packed.row_store
     trained = [np.where(store.row(row["token_clean_row"]), np.asarray(row["labels"]), -100) for row in rows]
     flat = np.concatenate(trained)
     assert batch["labels"].shape[0] == 1 and "attention_mask" not in batch
@@ -137,7 +138,7 @@ def test_online_padding_free_selects_within_sequences(tmp_path, tiny_model_dir, 
         # Per sample: each sequence keeps its own floor(0.6 * n_i) response tokens.
         n_response = int((~torch.isnan(f_scores[0][0, a:b]) & f_labels[0][0, a:b].ne(-100)).sum())
         assert int(free_keep[a:b].sum()) == keep_count(0.6, n_response)
-    assert len(free._steps.records) == 2
+    assert len(free.cleaning_mode.step_records) == 2
 
 
 @pytest.mark.slow
@@ -154,9 +155,9 @@ def test_self_evolving_with_packing_trains_every_round(tmp_path, tiny_model_dir,
     trainer = build(tmp_path, tiny_model_dir, tokenizer, rows=24, **settings)
     trainer.train()
     state = trainer.token_cleaning_state
-    dataset = trainer._without_token_columns(trainer.train_dataset)
+    dataset = without_token_columns(trainer.train_dataset)
     assert max(len(lengths) for lengths in dataset["seq_lengths"]) >= 2
-    first, last = trainer._rounds.records[1]["rows"]
+    first, last = trainer.cleaning_mode.run.records[1]["rows"]
     assert last == len(dataset) and 0 < first < last
     begin = int(state.offsets[first])
     chunk = state.scores[begin:]
@@ -167,7 +168,7 @@ def test_self_evolving_with_packing_trains_every_round(tmp_path, tiny_model_dir,
         [state.offsets[row] + np.cumsum([0, *lengths[:-1]]) for row, lengths in enumerate(dataset["seq_lengths"])]
     ).astype(np.int64)
     assert not state.keep[starts].any()
-    assert len(trainer._rounds.records) == 2
+    assert len(trainer.cleaning_mode.run.records) == 2
 
 
 def test_packing_refuses_data_whose_labels_do_not_mark_the_responses(tmp_path, tiny_model_dir, tokenizer):

@@ -35,7 +35,7 @@ def test_a_toy_rule_registered_in_one_line_runs_through_fixed_mode(
         train_dataset=Dataset.from_list(arithmetic_rows(12)),
         processing_class=tokenizer,
     )
-    state = trainer._prepare_token_cleaning()
+    state = trainer.cleaning_mode.prepare()
     response = ~np.isnan(state.scores)
     expected = select_global(-state.scores[response], 0.6).keep
     np.testing.assert_array_equal(state.keep[response], expected)

@@ -38,7 +38,7 @@ class RecordingTrainer(TokenCleanSFTTrainer):
                 trainer.round_end_fingerprints.append(fingerprint_module(trainer.model))
 
         self.add_callback(AtRoundEnd())
-        driver = self._cleaning.driver
+        driver = self.cleaning_context.driver
         inner = driver.token_losses
 
         def recording(dataset, role, sink=None):
@@ -50,7 +50,7 @@ class RecordingTrainer(TokenCleanSFTTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self.batches.extend(
-            (self._rounds.round_index, b["input_ids"][b["attention_mask"].bool()].tolist(), b["labels"].clone())
+            (self.cleaning_mode.round_index, b["input_ids"][b["attention_mask"].bool()].tolist(), b["labels"].clone())
             for b in batches
         )
         return batches, num_items
@@ -118,7 +118,7 @@ def _run_recording_learning_rates(output_dir, model_dir, tokenizer, **overrides)
 
     class FirstLearningRate(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            first_lr.setdefault(trainer._rounds.round_index, trainer.lr_scheduler.get_last_lr()[0])
+            first_lr.setdefault(trainer.cleaning_mode.round_index, trainer.lr_scheduler.get_last_lr()[0])
 
     trainer.add_callback(FirstLearningRate())
     trainer.train()
@@ -221,7 +221,7 @@ class MergeRecordingTrainer(RecordingTrainer):
                 trainer.round_end_logits.append(trainer._logits())
 
         self.add_callback(AtRoundEnd())
-        driver = self._cleaning.driver
+        driver = self.cleaning_context.driver
         inner = driver.token_losses
 
         def recording(dataset, role, sink=None):
@@ -259,7 +259,7 @@ def test_lora_merge_rounds(tmp_path, tiny_model_dir, tokenizer):
     # The base losses the rounds ranked with are the original model's (row 6, the first of chunk 1, by hand; chunk 0
     # is never scored).
     state = trainer.token_cleaning_state
-    row = trainer._rounds.dataset[6]
+    row = trainer.cleaning_mode.run.dataset[6]
     with torch.no_grad():
         row_logits = original(input_ids=torch.tensor([row["input_ids"]])).logits
     labels = torch.tensor(row["labels"])

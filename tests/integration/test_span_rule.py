@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanConfig, TokenCleanSFTTrainer
+from token_clean_trainer.columns import without_token_columns
 from token_clean_trainer.selection import keep_count, select_junk_gate, window_mean
 from token_clean_trainer.step_selection import response_mask
 
@@ -37,7 +38,7 @@ def test_fixed_junk_gate_with_window_masks_exactly_what_the_rule_says(
     paper.score_tokens()
     # The same raw scores; the rule ranks their 5-token span means and gates on the reference's span means.
     np.testing.assert_array_equal(state.scores, paper.token_cleaning_state.scores)
-    dataset = trainer._without_token_columns(trainer.train_dataset)
+    dataset = without_token_columns(trainer.train_dataset)
     ref = trainer.token_losses(dataset, role="ref")
     expected = select_junk_gate(window_mean(state.scores, 5), window_mean(ref, 5), state.offsets, 0.8, "global").keep
     response = ~np.isnan(state.scores)
@@ -95,8 +96,8 @@ class StepSpy(TokenCleanSFTTrainer):
         super().__init__(*args, **kwargs)
         self.steps, self._current = [], []
 
-    def _current_token_losses(self, batch):
-        losses = super()._current_token_losses(batch)
+    def current_token_losses(self, batch):
+        losses = super().current_token_losses(batch)
         self._current.append(losses.detach().float().cpu().clone())
         return losses
 
@@ -152,7 +153,10 @@ def test_online_window_and_junk_gate_mask_what_the_rule_says(tmp_path, tiny_mode
         per_token = select_junk_gate(flat_scores, flat_refs, ends, 0.8, "global").keep
         assert not np.array_equal(per_token, keep)
     # The span settings are part of what a resumed run must match.
-    assert trainer._steps.identity["score_window"] == 5 and trainer._steps.identity["score_rule"] == "junk_gate"
+    assert (
+        trainer.cleaning_mode.steps.identity["score_window"] == 5
+        and trainer.cleaning_mode.steps.identity["score_rule"] == "junk_gate"
+    )
     with open(tmp_path / "token_cleaning" / "report.json") as f:
         report = json.load(f)
     assert (report["score_rule"], report["score_window"]) == ("junk_gate", 5)

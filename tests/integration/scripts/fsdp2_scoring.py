@@ -46,7 +46,7 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
         processing_class=tokenizer,
         ref_model=ref_model,
     )
-    collective = trainer._collective
+    collective = trainer.collective
     sharded = collective.world > 1
     if sharded:
         trainer.model = trainer.model_wrapped = shard(trainer.model)

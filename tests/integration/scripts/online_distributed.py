@@ -37,7 +37,7 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str) -> None:
         torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, result_path + ".pt")
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         with open(result_path, "w") as f:
-            json.dump({"steps": trainer._steps.records, "losses": losses, "processes": world}, f)
+            json.dump({"steps": trainer.cleaning_mode.step_records, "losses": losses, "processes": world}, f)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str, packed: b
     )
     scored = trainer.score_tokens()
     trainer.train()  # masks reach every process's dataloader (flattened with each padding-free batch when packed)
-    forwards = trainer._collective.all_gather_object(trainer.scoring_stats.forwards)
+    forwards = trainer.collective.all_gather_object(trainer.scoring_stats.forwards)
     if trainer.accelerator.is_main_process:
         scores = np.concatenate(scored["token_scores"]).astype(float)
         with open(result_path, "w") as f:

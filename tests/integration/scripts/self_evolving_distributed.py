@@ -40,7 +40,7 @@ def main(model_dir: str, _unused: str, out_dir: str, result_path: str) -> None:
     )
     trainer.train()
     # Scoring forwards of every process: under FSDP2/ZeRO-3 each is a collective, so the counts must be equal.
-    forwards = trainer._collective.all_gather_object(trainer.scoring_stats.forwards)
+    forwards = trainer.collective.all_gather_object(trainer.scoring_stats.forwards)
     if trainer.accelerator.is_main_process:
         torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, result_path + ".pt")
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
