@@ -25,7 +25,7 @@ from .compact import (
 )
 from .distributed import Collective
 from .reference import Reference
-from .report import _nanmean
+from .report import nanmean as _nanmean
 from .report.run import RunReport, log_fields
 from .score_driver import ScoringDriver, row_offsets
 from .selection import select_junk_gate, select_tokens
