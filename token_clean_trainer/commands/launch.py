@@ -124,6 +124,14 @@ def cpu_only_distributed_fallback() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
+def no_pinned_memory_without_accelerator(training) -> None:
+    """Pinned memory only speeds copies to an accelerator; without one, torch warns at every DataLoader that pins it."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        training.dataloader_pin_memory = False
+
+
 def parse_or_exit(argv: list[str], prog: str, description: str):
     from .recipe import RecipeError, parse_recipe
 
@@ -182,6 +190,7 @@ def run_recipe_command(command: str, argv: list[str], description: str, body, ch
     recipe = parse_or_exit(argv, f"token-clean {command}", description)
     if checked:
         check_or_exit(recipe, f"token-clean {command}")
+    no_pinned_memory_without_accelerator(recipe.training)
     return body(recipe)
 
 

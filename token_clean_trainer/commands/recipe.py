@@ -393,9 +393,15 @@ def _coerce(actions: dict[str, argparse.Action], values: dict[str, Any]) -> dict
 
 
 def _construct(cls: type, kwargs: dict[str, Any], cpu_only: bool):
-    if cpu_only and "use_cpu" in {f.name for f in dataclasses.fields(cls)} and not kwargs.get("use_cpu"):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if cpu_only and "use_cpu" in names and not kwargs.get("use_cpu"):
         # Validation may run on a machine without the recipe's GPU: check bf16 recipes as if on their hardware.
         kwargs = {**kwargs, "use_cpu": True}
+    checkpointing = {"activation_checkpointing", "gradient_checkpointing"}
+    if "activation_checkpointing" in names and not checkpointing & kwargs.keys():
+        # TRL's default still sets the deprecated `gradient_checkpointing`, which transformers warns about; the same
+        # default under the new name builds the same config without a warning about a key the recipe does not have.
+        kwargs = {**kwargs, "activation_checkpointing": names["gradient_checkpointing"].default}
     return cls(**kwargs)
 
 
