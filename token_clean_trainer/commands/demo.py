@@ -41,11 +41,11 @@ class DemoSettings:
     output_dir: str = "outputs/demo"
     # "embedded:smollm2" or a local model folder (the tests use a tiny random model).
     model: str = "embedded:smollm2"
-    # Sized so that the default rows end in under 8 minutes on 2 idle CPU cores; raise them on a bigger machine.
+    # Sized so that the default rows end in under 8 minutes on 2 idle CPU cores (a warm-up and two trainings of ~0.35 s
+    # a row, ~0.1 s a row per scoring or held-out pass); raise them on a bigger machine.
     # The warm-up gets as many rows as the training runs, so the reference differs from them only in its data.
-    warmup_rows: int = 256
-    train_rows: int = 256
-    # 64 held-out answers: every trained row is measured on them twice (clean and with junk), ~6 s per pass here.
+    warmup_rows: int = 192
+    train_rows: int = 192
     heldout_rows: int = 64
     # Share of train rows that get one junk span.
     junk_share: float = 0.5
