@@ -41,8 +41,8 @@ class DemoSettings:
     output_dir: str = "outputs/demo"
     # "embedded:smollm2" or a local model folder (the tests use a tiny random model).
     model: str = "embedded:smollm2"
-    # Sized so that the default rows end in under 8 minutes on 2 idle CPU cores (a warm-up and two trainings of ~0.35 s
-    # a row, ~0.1 s a row per scoring or held-out pass); raise them on a bigger machine.
+    # Sized for a short first run on 2 CPU cores (a warm-up and two trainings of ~0.5 s a row, ~0.1 s a row per scoring
+    # or held-out pass); raise them on a bigger machine.
     # The warm-up gets as many rows as the training runs, so the reference differs from them only in its data.
     warmup_rows: int = 192
     train_rows: int = 192
