@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -519,6 +520,12 @@ class _StringLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     yaml_implicit_resolvers = {}
 
 
+# A conversation whose turn list lost its first dash (`- Q` over `  - A`: English trivia.yml #13 and a few Ukrainian ones
+# in corpus 1.3.3) parses as one folded string "Q - A"; a continuation line that starts with a dash can only mean the
+# list, so the dash is restored.
+_DROPPED_DASH = re.compile(r"^- (?!- )(.*\n)(?=  - )", re.MULTILINE)
+
+
 def _check_fraction(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
@@ -556,9 +563,10 @@ def load_chatterbot_dataset(
 
     Each conversation `[q1, a1, q2, a2, ...]` becomes one row: every turn before the last answer goes in `prompt`
     (alternating `user`/`assistant` messages), the last answer is the `completion`. A trailing unanswered question is
-    dropped and conversations with fewer than two turns are skipped. Conversations with an empty or non-scalar turn
-    are skipped with a warning. Rows also carry an `id` (`"<file stem>/<index>"`, stable across calls) and a
-    `category` (the file stem).
+    dropped and conversations with fewer than two turns are skipped. A conversation whose turn list lost its first
+    dash (`- Q` over `  - A`, one in the English trivia file) is read as the list it was meant to be. Conversations
+    with an empty or non-scalar turn are skipped with a warning. Rows also carry an `id` (`"<file stem>/<index>"`,
+    stable across calls) and a `category` (the file stem).
 
     The split is deterministic and content-based: a row goes to `heldout` if
     `int(sha256(id + first question), 16) % 10_000 / 10_000 < heldout_fraction`, to `warmup` if below
@@ -603,8 +611,8 @@ def load_chatterbot_dataset(
     splits: dict[str, dict[str, list]] = {name: {key: [] for key in features} for name in split_names}
     malformed = too_short = 0
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            content = yaml.load(f, Loader=_StringLoader)  # noqa: S506 (a SafeLoader subclass)
+        text = _DROPPED_DASH.sub(r"- - \1", path.read_text(encoding="utf-8"))
+        content = yaml.load(text, Loader=_StringLoader)  # noqa: S506 (a SafeLoader subclass)
         conversations = content.get("conversations") if isinstance(content, dict) else None
         if not isinstance(conversations, list):
             logger.warning("Skipping %s: no `conversations` list", path.name)

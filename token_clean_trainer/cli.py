@@ -19,12 +19,16 @@ This module imports nothing heavy at the top: `token-clean --help` and `--versio
 import importlib
 import os
 import sys
+import warnings
 
 from .commands.launch import LaunchError, exit_process  # light: no torch, no TRL
 
 # Default assets are local; never let a run reach the Hub (TRL also sends telemetry at start).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# peft reads `model.is_gradient_checkpointing` whenever it wraps a model, a property transformers 5 deprecates: a warning
+# about the two libraries' internals that no setting (ours or the user's) can change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Set to 1 to see the traceback behind a one-line error.
 DEBUG_ENV = "TOKEN_CLEAN_DEBUG"

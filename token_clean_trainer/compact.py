@@ -20,8 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .positions import RESPONSE_MASK_COLUMN
-from .rules import Quantities, get_rule
-from .selection import Selection, span_starts, window_mean
+from .selection import span_starts, window_mean
 
 # Rows read from Arrow per chunk: 1,024 rows of 2,048 positions is 16 MB of int64 labels at a time.
 CHUNK_ROWS = 1024
@@ -297,17 +296,6 @@ def compact_window_mean(
     return window_mean(np.asarray(values, dtype=np.float32), window, span_start=span_start, out=out)
 
 
-def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) -> Selection:
-    """
-    `selection.select_global` of `base - ref` without holding the scores: the same top-k ([`~selection.top_k`]), with
-    each chunk's differences computed when a pass reads it, so no full-size float array is made (at 307M response
-    positions, the scores and a working copy would be 2.5 GB). Memory: the bool mask and chunk temporaries. The
-    differences must be finite. The `excess` rule at the global level, per token (`rules/excess.py`).
-    """
-    quantities = Quantities(np.array([0, base.size]), base=base, ref=ref)
-    return get_rule("excess").select(quantities, "global", ratio)
-
-
 def kept_per_row(response_offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Kept response tokens per row (int64) from a compact keep mask and its row offsets, counted chunk by chunk."""
     bounds = np.asarray(response_offsets, dtype=np.int64)
@@ -337,7 +325,6 @@ __all__ = [
     "response_layout",
     "response_span_start_mask",
     "scatter_rows",
-    "select_global_difference",
     "unpack_bits",
     "write_bits",
 ]

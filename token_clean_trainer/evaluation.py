@@ -139,10 +139,11 @@ def evaluate_nll(
             per_device_eval_batch_size=batch_size,
             # Forward only: the model's own dtype decides; TRL's bf16 default would autocast on a GPU.
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             report_to="none",
             disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=torch.accelerator.is_available(),  # without an accelerator torch warns at each loader
         )
         # SFTTrainer needs a train dataset; the rows are prepared (never trained on) as the train split.
         trainer = TokenCleanSFTTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)

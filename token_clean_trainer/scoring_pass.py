@@ -24,7 +24,7 @@ from .compact import (
 )
 from .distributed import Collective
 from .reference import Reference
-from .report import _nanmean
+from .report import nanmean
 from .report.run import RunReport, log_fields
 from .rules import Quantities, configured_rule, excess_loss
 from .score_driver import ScoringDriver, row_offsets
@@ -271,7 +271,7 @@ def publish_fixed(
     tokens = ctx.report.token_sample(
         layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": kept}, layout
     )
-    means = {"base_loss_mean": _nanmean(base), "ref_loss_mean": _nanmean(ref)}
+    means = {"base_loss_mean": nanmean(base), "ref_loss_mean": nanmean(ref)}
     scores = None
     if base is not None:
         scores = excess_loss(base, ref, out=base)

@@ -289,8 +289,50 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
     array = _chunked_to_array(column)
     if _is_json(array.type) or (_is_list(array.type) and _is_json(array.type.value_type)):
         array = _decode_json_conversation(array)
+    rows = np.arange(start, start + len(array))
+    checked_rows = _check_message_lists(scan, array, rows, name, role)
+    if checked_rows is None:
+        return
+    null_row, empty_row = checked_rows
+    messages = _Messages.of(array, rows, name)
+    if not _check_message_keys(scan, messages, name):
+        return
+    roles = _check_roles(scan, messages)
+    if roles is None:
+        return
+    _check_contents(scan, messages, roles.assistant)
+    if role in ("conversation", "completion"):
+        has_assistant = np.bincount(messages.parents[roles.assistant], minlength=len(array)) > 0
+        where = "the completion" if role == "completion" else "the conversation"
+        scan.flag(
+            ~null_row & ~empty_row & ~has_assistant,
+            rows,
+            name,
+            crash=assistant_only_loss and role == "conversation",
+            problem="no assistant turn",
+            fix=f"{where} has no `role: 'assistant'` message, so it has no response to train on; add the "
+            "reply or drop the row",
+        )
+    if role == "completion":
+        not_assistant = ~roles.assistant & ~messages.null & ~roles.tool
+        scan.flag(
+            not_assistant & roles.known,
+            messages.rows,
+            messages.field_names(".role"),
+            crash=False,
+            problem="non-assistant message in the completion",
+            fix="the completion is what the model learns to say; move user/system turns into `prompt`",
+        )
+
+
+def _check_message_lists(
+    scan: _Scan, array: pa.Array, rows: np.ndarray, name: str, role: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """
+    Each row of a conversation column is a list of messages: `(null_row, empty_row)` masks, or None when the column
+    as a whole is not one (flagged; nothing more to check in it).
+    """
     n = len(array)
-    rows = np.arange(start, start + n)
     if pa.types.is_null(array.type):
         scan.flag(
             np.ones(n, bool),
@@ -300,7 +342,7 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
             problem=f"`{name}` is None",
             fix=f"give every row a list of {{'role', 'content'}} messages in `{name}`, or drop the row",
         )
-        return
+        return None
     if not _is_list(array.type) or not pa.types.is_struct(array.type.value_type):
         scan.flag(
             np.ones(n, bool),
@@ -311,7 +353,7 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
             fix=f"`{name}` holds {array.type}; make it a list of {{'role': str, 'content': str}} dicts "
             "(or a plain string in both `prompt` and `completion`)",
         )
-        return
+        return None
     null_row = array.is_null().to_numpy(zero_copy_only=False)
     scan.flag(
         null_row,
@@ -331,93 +373,146 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
         problem=f"`{name}` is an empty list",
         fix=f"give the row at least one message in `{name}` (the completion: one assistant message), or drop it",
     )
+    return null_row, empty_row
 
-    # One entry per message, with the row and the position in the row it came from.
-    flat = pc.list_flatten(array)
-    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    position = np.arange(len(flat)) - offsets[parents]
-    message_rows = rows[parents]
-    field_names = np.char.add(np.char.add(f"{name}[", position.astype(str)), "]")
-    names = {flat.type.field(i).name for i in range(flat.type.num_fields)}
+
+@dataclass
+class _Messages:
+    """The messages of a conversation column, one entry per message, with the row and the field each came from."""
+
+    flat: pa.Array  # struct per message
+    parents: np.ndarray  # the message's row within the batch
+    rows: np.ndarray  # the message's row in the dataset
+    fields: np.ndarray  # "messages[2]", ...
+    keys: set[str]  # the struct's fields
+    null: np.ndarray  # the message itself is None
+
+    @classmethod
+    def of(cls, array: pa.Array, rows: np.ndarray, name: str) -> "_Messages":
+        lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(array)
+        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        position = np.arange(len(flat)) - offsets[parents]
+        return cls(
+            flat=flat,
+            parents=parents,
+            rows=rows[parents],
+            fields=np.char.add(np.char.add(f"{name}[", position.astype(str)), "]"),
+            keys={flat.type.field(i).name for i in range(flat.type.num_fields)},
+            null=flat.is_null().to_numpy(zero_copy_only=False),
+        )
+
+    def field_names(self, suffix: str) -> np.ndarray:
+        return np.char.add(self.fields, suffix)
+
+
+def _check_message_keys(scan: _Scan, messages: _Messages, name: str) -> bool:
+    """Every message has `role` and `content` and is not None; False when a key is missing from them all."""
     for key in ("role", "content"):
-        if key not in names:
+        if key not in messages.keys:
             scan.flag(
-                np.ones(len(flat), bool),
-                message_rows,
-                field_names,
+                np.ones(len(messages.flat), bool),
+                messages.rows,
+                messages.fields,
                 crash=True,
                 problem=f"messages have no `{key}` key",
-                fix=f"every message needs `role` and `content`; {name}'s messages have only {sorted(names)}",
+                fix=f"every message needs `role` and `content`; {name}'s messages have only {sorted(messages.keys)}",
             )
-            return
-    null_message = flat.is_null().to_numpy(zero_copy_only=False)
+            return False
     scan.flag(
-        null_message,
-        message_rows,
-        field_names,
+        messages.null,
+        messages.rows,
+        messages.fields,
         crash=True,
         problem="a message is None",
         fix="remove the None entries from the message list",
     )
+    return True
 
-    role_array = pc.struct_field(flat, "role")
+
+@dataclass
+class _Roles:
+    """Per message: a known role (or None), the assistant's, a tool's."""
+
+    known: np.ndarray
+    assistant: np.ndarray
+    tool: np.ndarray
+
+
+def _check_roles(scan: _Scan, messages: _Messages) -> _Roles | None:
+    """Every `role` is a known string; None when the role field is not text at all (flagged, nothing more to check)."""
+    role_array = pc.struct_field(messages.flat, "role")
+    role_fields = messages.field_names(".role")
     if not (
         pa.types.is_string(role_array.type)
         or pa.types.is_large_string(role_array.type)
         or pa.types.is_null(role_array.type)
     ):
         scan.flag(
-            np.ones(len(flat), bool),
-            message_rows,
-            np.char.add(field_names, ".role"),
+            np.ones(len(messages.flat), bool),
+            messages.rows,
+            role_fields,
             crash=True,
             problem="`role` is not a string",
             fix=f"`role` must be one of {list(KNOWN_ROLES)}",
         )
-        return
-    role_null = role_array.is_null().to_numpy(zero_copy_only=False) & ~null_message
+        return None
+    role_null = role_array.is_null().to_numpy(zero_copy_only=False) & ~messages.null
     scan.flag(
         role_null,
-        message_rows,
-        np.char.add(field_names, ".role"),
+        messages.rows,
+        role_fields,
         crash=True,
         problem="`role` is None",
         fix=f"set `role` to one of {list(KNOWN_ROLES)}",
     )
     known = pc.is_in(role_array, value_set=pa.array(KNOWN_ROLES)).fill_null(True).to_numpy(zero_copy_only=False)
     scan.flag(
-        ~known & ~null_message,
-        message_rows,
-        np.char.add(field_names, ".role"),
+        ~known & ~messages.null,
+        messages.rows,
+        role_fields,
         crash=False,
         problem="unknown `role`",
         fix=f"use one of {list(KNOWN_ROLES)} (map ShareGPT's 'human'/'gpt' to 'user'/'assistant')",
     )
-    assistant = pc.equal(role_array, "assistant").fill_null(False).to_numpy(zero_copy_only=False)
+    return _Roles(
+        known=known,
+        assistant=pc.equal(role_array, "assistant").fill_null(False).to_numpy(zero_copy_only=False),
+        tool=pc.equal(role_array, "tool").fill_null(False).to_numpy(zero_copy_only=False),
+    )
 
-    content = pc.struct_field(flat, "content")
+
+def _answered_otherwise(messages: _Messages) -> np.ndarray:
+    """Messages whose reply is not in `content`: tool calls, or reasoning alone."""
+    answered = np.zeros(len(messages.flat), bool)
     # An assistant message that calls tools may have no content (OpenAI format); it is not a missing content.
-    answered_otherwise = np.zeros(len(flat), bool)
-    if "tool_calls" in names:
-        answered_otherwise = pc.struct_field(flat, "tool_calls").is_valid().to_numpy(zero_copy_only=False)
+    if "tool_calls" in messages.keys:
+        answered = pc.struct_field(messages.flat, "tool_calls").is_valid().to_numpy(zero_copy_only=False)
     # Harmony (GPT-OSS) and other reasoning templates: an assistant turn may hold only its reasoning (`thinking`), with
     # the final answer in a later turn or after a tool call. Its reasoning is what it says, so it is not a missing reply.
-    for key in (k for k in _REASONING_KEYS if k in names):
-        reasoning = pc.struct_field(flat, key)
+    for key in (k for k in _REASONING_KEYS if k in messages.keys):
+        reasoning = pc.struct_field(messages.flat, key)
         if pa.types.is_string(reasoning.type) or pa.types.is_large_string(reasoning.type):
-            answered_otherwise |= (
+            answered |= (
                 pc.utf8_length(pc.utf8_trim_whitespace(reasoning)).fill_null(0).to_numpy(zero_copy_only=False) > 0
             )
-    content_fields = np.char.add(field_names, ".content")
+    return answered
+
+
+def _check_contents(scan: _Scan, messages: _Messages, assistant: np.ndarray) -> None:
+    """Every `content` is a string (or multimodal parts), and no assistant reply is empty."""
+    content = pc.struct_field(messages.flat, "content")
+    answered_otherwise = _answered_otherwise(messages)
+    content_fields = messages.field_names(".content")
     if pa.types.is_null(content.type):
-        content_null = np.ones(len(flat), bool)
+        content_null = np.ones(len(messages.flat), bool)
     elif pa.types.is_string(content.type) or pa.types.is_large_string(content.type):
         content_null = content.is_null().to_numpy(zero_copy_only=False)
         blank = pc.utf8_length(pc.utf8_trim_whitespace(content)).fill_null(1).to_numpy(zero_copy_only=False) == 0
         scan.flag(
             blank & assistant & ~answered_otherwise,
-            message_rows,
+            messages.rows,
             content_fields,
             crash=False,
             problem="assistant `content` is empty",
@@ -427,49 +522,22 @@ def _check_conversation(scan: _Scan, column, start: int, name: str, role: str, a
         content_null = content.is_null().to_numpy(zero_copy_only=False)
     else:
         scan.flag(
-            ~null_message,
-            message_rows,
+            ~messages.null,
+            messages.rows,
             content_fields,
             crash=True,
             problem="`content` is not a string",
             fix=f"`content` holds {content.type} values; convert them to text",
         )
-        content_null = np.zeros(len(flat), bool)
+        content_null = np.zeros(len(messages.flat), bool)
     scan.flag(
-        content_null & ~null_message & ~answered_otherwise,
-        message_rows,
+        content_null & ~messages.null & ~answered_otherwise,
+        messages.rows,
         content_fields,
         crash=True,
         problem="`content` is None or missing",
         fix='give every message a string `content` ("" is allowed for non-assistant turns), or drop the row',
     )
-
-    if role in ("conversation", "completion"):
-        has_assistant = np.bincount(parents[assistant], minlength=n) > 0
-        where = "the completion" if role == "completion" else "the conversation"
-        scan.flag(
-            ~null_row & ~empty_row & ~has_assistant,
-            rows,
-            name,
-            crash=assistant_only_loss and role == "conversation",
-            problem="no assistant turn",
-            fix=f"{where} has no `role: 'assistant'` message, so it has no response to train on; add the "
-            "reply or drop the row",
-        )
-    if role == "completion":
-        not_assistant = (
-            ~assistant
-            & ~null_message
-            & (pc.equal(role_array, "tool").fill_null(False).to_numpy(zero_copy_only=False) == 0)
-        )
-        scan.flag(
-            not_assistant & known,
-            message_rows,
-            np.char.add(field_names, ".role"),
-            crash=False,
-            problem="non-assistant message in the completion",
-            fix="the completion is what the model learns to say; move user/system turns into `prompt`",
-        )
 
 
 def _conclude(scan: _Scan, rows_total: int) -> ValidationResult:

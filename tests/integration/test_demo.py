@@ -9,8 +9,10 @@ from datasets import Dataset
 from token_clean_trainer.assets import load_chatterbot_dataset
 from token_clean_trainer.commands.demo import (
     ARMS,
+    DEFAULT_ARMS,
     DemoSettings,
     MaskInputs,
+    demo_arms,
     format_table,
     inject_junk,
     junk_token_mask,
@@ -143,8 +145,20 @@ def test_reference_sentence_splits_the_gap_with_the_bound_row():
     assert "256 junk-free" in text and "+0.0500 nats" in text and "+0.1500" in text
 
 
+def test_a_plain_demo_trains_plain_sft_and_the_papers_rule_only():
+    # Two trainings after the warm-up (the first run's time); the span and random rows are masks at the paper's budget.
+    assert demo_arms(DemoSettings()) == list(DEFAULT_ARMS) == ["plain", "paper", "span_same_budget", "random"]
+    trained = [name for name in DEFAULT_ARMS if getattr(ARMS[name], "train", True)]
+    assert trained == ["plain", "paper"]
+    assert demo_arms(DemoSettings(all_arms=True)) == list(ARMS)
+    assert demo_arms(DemoSettings(arms="plain, bound")) == ["plain", "bound"]
+    with pytest.raises(ValueError, match="unknown.*nope"):
+        demo_arms(DemoSettings(arms="plain,nope"))
+
+
 def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     settings = DemoSettings(
+        all_arms=True,
         output_dir=str(tmp_path / "demo"),
         model=tiny_model_dir,
         warmup_rows=16,

@@ -33,7 +33,7 @@ def test_chatterbot_splits_are_disjoint_and_cover_all_rows(corpus):
     ids = _ids(corpus)
     all_ids = [i for split in ids.values() for i in split]
     assert len(all_ids) == len(set(all_ids))  # unique ids, disjoint splits
-    # English 1.3.3: 2,026 conversations in 21 files, one malformed entry (a string, not a list) in trivia.yml.
+    # English 1.3.3: 2,026 conversations in 21 files (trivia.yml #13, missing its first dash, read as the list it means).
     assert len(all_ids) > 1900
     assert len({i.split("/")[0] for i in all_ids}) == 21
     total = len(all_ids)
@@ -125,6 +125,23 @@ def test_chatterbot_parsing_edge_cases(fake_corpus, caplog):
     for index in (4, 5, 6):
         assert any(f"conversation {index} of b.yml" in w for w in warnings)
     assert any("c.yml" in w for w in warnings)
+
+
+def test_chatterbot_turn_list_missing_its_first_dash_is_read_as_the_list(tmp_path, monkeypatch, caplog):
+    # ChatterBot 1.3.3's trivia.yml #13: `- Q` over `  - '22'`, which YAML folds into the string "Q - '22'".
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "t.yml").write_text(
+        "categories:\n- t\nconversations:\n- - Who?\n  - Me\n- In bingo, what is \"two little ducks\"?\n  - '22'\n"
+        "- - Why?\n  - Because\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(assets, "_corpus_data_dir", lambda: tmp_path)
+    with caplog.at_level(logging.WARNING, logger=assets.__name__):
+        rows = list(assets.load_chatterbot_dataset("toy", heldout_fraction=0.0, warmup_fraction=0.0)["train"])
+    assert [row["id"] for row in rows] == ["t/0", "t/1", "t/2"]
+    assert rows[1]["prompt"] == [{"role": "user", "content": 'In bingo, what is "two little ducks"?'}]
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "22"}]
+    assert rows[0]["category"] == "t" and not caplog.records
 
 
 def test_chatterbot_unknown_language(fake_corpus):

@@ -12,7 +12,6 @@ from token_clean_trainer.compact import (
     expand_keep,
     response_layout,
     scatter_rows,
-    select_global_difference,
 )
 from token_clean_trainer.positions import (
     RESPONSE_MASK_COLUMN,
@@ -21,6 +20,7 @@ from token_clean_trainer.positions import (
     response_positions,
 )
 from token_clean_trainer.report import build_report, build_token_sample
+from token_clean_trainer.rules.excess import select_global_difference
 from token_clean_trainer.selection import select_global, select_junk_gate, select_tokens, window_mean
 
 

@@ -253,12 +253,12 @@ def test_token_summary_counts_kept_share_and_mean_score_per_token_string():
     # Chunked counting gives the same tables as one pass.
     import token_clean_trainer.report.statistics as report_module
 
-    chunk = report_module._CHUNK
-    report_module._CHUNK = 3
+    chunk = report_module.CHUNK_POSITIONS
+    report_module.CHUNK_POSITIONS = 3
     try:
         assert token_summary(labels, response, keep, scores, WordTokenizer()) == summary
     finally:
-        report_module._CHUNK = chunk
+        report_module.CHUNK_POSITIONS = chunk
 
 
 def test_threshold_inside_the_near_zero_band_warns_with_the_share_around_it():

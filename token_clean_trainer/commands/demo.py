@@ -8,7 +8,8 @@ A controlled junk experiment: the paper's fixed-model pipeline, unchanged, on da
    as in the paper);
 3. score the train rows with the base (adapters off) and the reference, keep the global top 60% of response tokens,
    and LoRA-train the original base on the cleaned labels (`TokenCleanSFTTrainer`, `token_cleaning="fixed"`);
-4. train the comparison runs on the same rows: plain SFT (every token) and the bound (exactly the junk masked);
+4. train plain SFT (every token) on the same rows; `--all_arms` adds the trained span rule and the bound (exactly the
+   junk masked), two more trainings;
 5. report, per model: the share of injected tokens each rule masked (a random 60% masks 40%), how much junk it learned
    (NLL of fresh junk spliced into held-out answers; higher = learned less) and held-out NLL on clean answers.
 
@@ -31,17 +32,22 @@ from ..rules import Quantities, excess_loss, get_rule
 from ..selection import keep_count
 from ..utils import atomic_write_json, flat_list_column
 
+# The rows a plain `token-clean demo` trains: plain SFT against the paper's rule, and the span rule and a random mask at
+# the paper's budget (mask only, nearly free). `--all_arms` adds the trained span rule and the bound (two more trainings).
+DEFAULT_ARMS = ("plain", "paper", "span_same_budget", "random")
+
 
 @dataclass
 class DemoSettings:
     output_dir: str = "outputs/demo"
     # "embedded:smollm2" or a local model folder (the tests use a tiny random model).
     model: str = "embedded:smollm2"
-    # Sized so that the whole demo ends in about 10 minutes on 2 idle CPU cores; raise them on a bigger machine.
+    # Sized for a short first run on 2 CPU cores (a warm-up and two trainings of ~0.5 s a row, ~0.1 s a row per scoring
+    # or held-out pass); raise them on a bigger machine.
     # The warm-up gets as many rows as the training runs, so the reference differs from them only in its data.
-    warmup_rows: int = 256
-    train_rows: int = 256
-    heldout_rows: int = 120
+    warmup_rows: int = 192
+    train_rows: int = 192
+    heldout_rows: int = 64
     # Share of train rows that get one junk span.
     junk_share: float = 0.5
     max_length: int = 128
@@ -53,7 +59,9 @@ class DemoSettings:
     lora_r: int = 16
     seed: int = 42
     # Table rows, by name in `ARMS`, in order (comma-separated).
-    arms: str = "plain,paper,span,span_same_budget,random,bound"
+    arms: str = ",".join(DEFAULT_ARMS)
+    # Every row in `ARMS` (adds the trained span rule and the bound: two more trainings), whatever `arms` says.
+    all_arms: bool = False
     # A warm-up adapter folder from an earlier run: skips the warm-up (e.g. to add or rerun rows). Empty: train one.
     reference_adapter: str = ""
     # Score cache shared by the cleaning rows; empty: <output_dir>/score_cache.
@@ -355,7 +363,9 @@ def _config(settings: DemoSettings, name: str = "", **overrides):
     values = dict(
         output_dir=os.path.join(settings.output_dir, name) if name else settings.output_dir,
         bf16=False,  # CPU: TRL defaults bf16 and gradient checkpointing to True, ~19x slower here
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # (transformers 5's name: `gradient_checkpointing` warns that it is deprecated)
+        # Pinned memory only speeds copies to an accelerator; without one, torch warns at every DataLoader.
+        dataloader_pin_memory=_has_accelerator(),
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=16,
         learning_rate=settings.learning_rate,
@@ -402,164 +412,243 @@ def mask_shares(keep: np.ndarray, response: np.ndarray, junk: np.ndarray) -> dic
     }
 
 
-def run_demo(settings: DemoSettings) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class _DemoData:
+    """The demo's rows: clean warm-up rows, train rows with junk in half of them, held-out rows with and without."""
 
-    from ..assets import EMBEDDED_DATASET, load_chatterbot_dataset
-    from ..sources import resolve_model
-    from ..token_clean_trainer import TokenCleanSFTTrainer
-    from .train import warm_up_reference
+    warmup: Any
+    train: Any
+    train_spans: list
+    heldout: Any
+    heldout_junk: Any
+    heldout_spans: list
 
-    started = time.perf_counter()
-    times: dict[str, float] = {}
+    @classmethod
+    def load(cls, settings: DemoSettings) -> "_DemoData":
+        from ..assets import load_chatterbot_dataset
 
-    def lap(name: str, since: float) -> float:
-        times[name] = round(time.perf_counter() - since, 1)
-        print(f"[demo] {name}: {times[name]} s", flush=True)
+        splits = load_chatterbot_dataset()
+        train, train_spans = inject_junk(
+            _take(splits["train"], settings.train_rows, settings.seed), settings.junk_share, settings.seed
+        )
+        heldout = _take(splits["heldout"], settings.heldout_rows, settings.seed)
+        # Fresh junk of the same families for the held-out probe (another seed: no instance seen in training).
+        heldout_junk, heldout_spans = inject_junk(heldout, 1.0, settings.seed + 1)
+        return cls(
+            _take(splits["warmup"], settings.warmup_rows, settings.seed),
+            train,
+            train_spans,
+            heldout,
+            heldout_junk,
+            heldout_spans,
+        )
+
+    @property
+    def junk_rows(self) -> int:
+        return sum(s is not None for s in self.train_spans)
+
+
+class _DemoRun:
+    """One demo run: the shared reference and scores, then one table row per arm, each written as it finishes."""
+
+    def __init__(self, settings: DemoSettings, arms: list[str]):
+        from transformers import AutoTokenizer
+
+        from ..sources import resolve_model
+
+        self.settings, self.arms = settings, arms
+        self.started = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.model_path = resolve_model(settings.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.data = _DemoData.load(settings)
+        self.cache_dir = settings.score_cache_dir or os.path.join(settings.output_dir, "score_cache")
+        self.adapter_dir = settings.reference_adapter
+        # The first cleaning arm (or a scoring-only trainer) gives the prepared data and the scores every row shares.
+        self.first_cleaning = next((name for name in arms if isinstance(ARMS[name], CleaningArm)), None)
+
+    def lap(self, name: str, since: float) -> float:
+        self.times[name] = round(time.perf_counter() - since, 1)
+        print(f"[demo] {name}: {self.times[name]} s", flush=True)
         return time.perf_counter()
 
-    arms = [name.strip() for name in settings.arms.split(",") if name.strip()]
-    unknown = [name for name in arms if name not in ARMS]
-    if unknown:
-        raise ValueError(f"`arms`: unknown {unknown}; choose from {sorted(ARMS)} (comma-separated).")
-    os.makedirs(settings.output_dir, exist_ok=True)
-    model_path = resolve_model(settings.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    splits = load_chatterbot_dataset()
-    warmup_rows = _take(splits["warmup"], settings.warmup_rows, settings.seed)
-    train_clean = _take(splits["train"], settings.train_rows, settings.seed)
-    heldout = _take(splits["heldout"], settings.heldout_rows, settings.seed)
-    train, train_spans = inject_junk(train_clean, settings.junk_share, settings.seed)
-    # Fresh junk of the same families for the held-out probe (another seed: no instance seen in training).
-    heldout_junk, heldout_spans = inject_junk(heldout, 1.0, settings.seed + 1)
-    print(
-        f"[demo] data: warmup {len(warmup_rows)} clean rows; train {len(train)} rows, "
-        f"{sum(s is not None for s in train_spans)} with junk; heldout {len(heldout)} rows",
-        flush=True,
-    )
+    def load_model(self):
+        from transformers import AutoModelForCausalLM
 
-    def load_model():
-        return AutoModelForCausalLM.from_pretrained(model_path)
+        return AutoModelForCausalLM.from_pretrained(self.model_path)
 
-    # (1) Reference warm-up: every response token of clean rows, the training recipe (`token-clean train`'s own step).
-    t = time.perf_counter()
-    adapter_dir = settings.reference_adapter
-    if not adapter_dir:
-        adapter_dir = warm_up_reference(
-            model_path, warmup_rows, _config(settings), _lora(settings), dataset=EMBEDDED_DATASET, split="warmup"
-        )
-        t = lap("reference warm-up", t)
+    def warm_up(self) -> None:
+        """The reference: every response token of clean rows, the training recipe (`token-clean train`'s own step)."""
+        from ..assets import EMBEDDED_DATASET
+        from .train import warm_up_reference
 
-    # (2) The paper's pipeline through the product: score, global top-k, train on the cleaned labels.
-    cache_dir = settings.score_cache_dir or os.path.join(settings.output_dir, "score_cache")
+        if not self.adapter_dir:
+            self.adapter_dir = warm_up_reference(
+                self.model_path,
+                self.data.warmup,
+                _config(self.settings),
+                _lora(self.settings),
+                dataset=EMBEDDED_DATASET,
+                split="warmup",
+            )
 
-    def cleaning_trainer(name: str, arm: CleaningArm):
+    def cleaning_trainer(self, name: str, arm: CleaningArm):
+        """The paper's pipeline through the product: score, global top-k, train on the cleaned labels."""
+        from ..token_clean_trainer import TokenCleanSFTTrainer
+
         return TokenCleanSFTTrainer(
-            load_model(),
+            self.load_model(),
             args=_config(
-                settings,
+                self.settings,
                 name,
                 token_cleaning="fixed",
                 token_selection="global",
-                ref_adapter_name_or_path=adapter_dir,
-                score_cache_dir=cache_dir,
+                ref_adapter_name_or_path=self.adapter_dir,
+                score_cache_dir=self.cache_dir,
                 # An arm may change the ratio too (the span rule keeps 0.8).
-                **{"token_keep_ratio": settings.keep_ratio, **arm.overrides},
+                **{"token_keep_ratio": self.settings.keep_ratio, **arm.overrides},
             ),
-            train_dataset=train,
-            eval_dataset={"clean": heldout, "junk": heldout_junk},
-            processing_class=tokenizer,
-            peft_config=_lora(settings),
+            train_dataset=self.data.train,
+            eval_dataset={"clean": self.data.heldout, "junk": self.data.heldout_junk},
+            processing_class=self.tokenizer,
+            peft_config=_lora(self.settings),
         )
 
-    first_cleaning = next((name for name in arms if isinstance(ARMS[name], CleaningArm)), None)
-    # The first cleaning arm (or a scoring-only trainer) gives the prepared data and the scores every row shares.
-    probe = cleaning_trainer(first_cleaning or "scores", ARMS[first_cleaning] if first_cleaning else CleaningArm(""))
-    probe.score_tokens()  # scores once; `train()` reuses them
-    state = probe.token_cleaning_state
-    prepared_train = probe.train_dataset
-    prepared_clean, prepared_junk = probe.eval_dataset["clean"], probe.eval_dataset["junk"]
-    t = lap("scoring (base + reference) and selection", t)
+    def score(self) -> None:
+        """Score the train rows once (the first cleaning arm's `train()` reuses them) and lay out the flat arrays."""
+        name = self.first_cleaning
+        self.probe = self.cleaning_trainer(name or "scores", ARMS[name] if name else CleaningArm(""))
+        self.probe.score_tokens()
+        self.prepared_train = self.probe.train_dataset
+        self.prepared_clean = self.probe.eval_dataset["clean"]
+        self.prepared_junk = self.probe.eval_dataset["junk"]
+        lengths, _ = flat_list_column(self.prepared_train, "labels")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        # The trainer keeps only the scores after selection; both sides come back from the score cache (no forward).
+        base_losses = self.probe.token_losses(self.prepared_train, role="base")
+        ref_losses = self.probe.token_losses(self.prepared_train, role="ref")
+        response = ~np.isnan(self.probe.token_cleaning_state.scores)
+        data = self.data
+        junk = junk_token_mask(self.prepared_train, list(data.train), data.train_spans, self.tokenizer) & response
+        self.heldout_junk_mask = junk_token_mask(
+            self.prepared_junk, list(data.heldout_junk), data.heldout_spans, self.tokenizer
+        )
+        s = self.settings
+        self.inputs = MaskInputs(offsets, response, base_losses, ref_losses, junk, s.keep_ratio, s.seed)
 
-    lengths, labels = flat_list_column(prepared_train, "labels")
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    # The trainer keeps only the scores after selection; both sides come back from the score cache (no forward).
-    base_losses = probe.token_losses(prepared_train, role="base")
-    ref_losses = probe.token_losses(prepared_train, role="ref")
-    response = ~np.isnan(state.scores)
-    junk = junk_token_mask(prepared_train, list(train), train_spans, tokenizer) & response
-    heldout_junk_mask = junk_token_mask(prepared_junk, list(heldout_junk), heldout_spans, tokenizer)
-    inputs = MaskInputs(offsets, response, base_losses, ref_losses, junk, settings.keep_ratio, settings.seed)
-
-    def heldout_nll(trainer, role: str) -> dict[str, Any]:
-        clean = response_losses(trainer, role=role, dataset=prepared_clean)
-        junk_losses = response_losses(trainer, role=role, dataset=prepared_junk)
+    def heldout_nll(self, trainer, role: str) -> dict[str, Any]:
+        clean = response_losses(trainer, role=role, dataset=self.prepared_clean)
+        junk_losses = response_losses(trainer, role=role, dataset=self.prepared_junk)
         return {
             "clean_nll": nll_summary(clean)["nll"],
-            "junk_nll": nll_summary(junk_losses, heldout_junk_mask)["nll"],
+            "junk_nll": nll_summary(junk_losses, self.heldout_junk_mask)["nll"],
         }
 
-    rows: dict[str, dict[str, Any]] = {}
+    def baselines(self) -> None:
+        self.rows["base (not trained)"] = self.heldout_nll(self.probe, "base")
+        self.rows[REFERENCE_LABEL] = self.heldout_nll(self.probe, "ref")
 
-    def summary(finished: bool) -> dict[str, Any]:
-        report = probe.token_cleaning_state.report
+    def run_arm(self, name: str) -> None:
+        """Train (or only mask, for a mask-only arm) one row of the table and record it."""
+        from ..token_clean_trainer import TokenCleanSFTTrainer
+
+        arm, x = ARMS[name], self.inputs
+        if isinstance(arm, CleaningArm):
+            trainer = self.probe if name == self.first_cleaning else self.cleaning_trainer(name, arm)
+            trainer.train()
+            keep = trainer.token_cleaning_state.keep
+            self.rows[arm.label] = {**mask_shares(keep, x.response, x.junk), **self.heldout_nll(trainer, "model")}
+            return
+        keep = np.asarray(arm.keep(x), dtype=bool) & x.response
+        row = mask_shares(keep, x.response, x.junk)
+        if arm.train:
+            trainer = TokenCleanSFTTrainer(
+                self.load_model(),
+                args=_config(self.settings, name, token_cleaning="none"),
+                train_dataset=_masked_labels_dataset(self.prepared_train, keep),
+                processing_class=self.tokenizer,
+                peft_config=_lora(self.settings),
+            )
+            trainer.train()
+            row.update(self.heldout_nll(trainer, "model"))
+        self.rows[arm.label] = row
+
+    def summary(self, finished: bool) -> dict[str, Any]:
+        x, data, settings = self.inputs, self.data, self.settings
+        report = self.probe.token_cleaning_state.report
         return {
-            "table": rows,
-            "why_reference": reference_sentence(rows, len(warmup_rows)),
-            "train_response_tokens": int(response.sum()),
-            "train_junk_tokens": int(junk.sum()),
-            "train_junk_rows": sum(s is not None for s in train_spans),
-            "junk_kinds": {k: sum(1 for s in train_spans if s and s[0] == k) for k in JUNK_KINDS},
-            "heldout_junk_tokens": int(heldout_junk_mask.sum()),
+            "table": self.rows,
+            "why_reference": reference_sentence(self.rows, len(data.warmup)),
+            "train_response_tokens": int(x.response.sum()),
+            "train_junk_tokens": int(x.junk.sum()),
+            "train_junk_rows": data.junk_rows,
+            "junk_kinds": {k: sum(1 for s in data.train_spans if s and s[0] == k) for k in JUNK_KINDS},
+            "heldout_junk_tokens": int(self.heldout_junk_mask.sum()),
             # The most junk the trained span row can mask (its keep ratio caps what it masks), when it ran.
-            "span_junk_ceiling": span_ceiling(response, junk) if "span" in arms else None,
+            "span_junk_ceiling": span_ceiling(x.response, x.junk) if "span" in self.arms else None,
             "score_share_abs_below_0.01": (report.get("scores") or {}).get("share_abs_below_0.01"),
-            "report": os.path.join(settings.output_dir, first_cleaning or "scores", "token_cleaning", "report.json"),
-            "stage_seconds": times,
-            "seconds": round(time.perf_counter() - started, 1),
+            "report": os.path.join(
+                settings.output_dir, self.first_cleaning or "scores", "token_cleaning", "report.json"
+            ),
+            "stage_seconds": self.times,
+            "seconds": round(time.perf_counter() - self.started, 1),
             "load_average": _load_average(),
             "settings": asdict(settings),
             # False while rows are still running (results.json is rewritten after each row).
             "finished": finished,
         }
 
+    def write(self, finished: bool) -> dict[str, Any]:
+        results = self.summary(finished)
+        atomic_write_json(os.path.join(self.settings.output_dir, "results.json"), results)
+        return results
+
+
+def demo_arms(settings: DemoSettings) -> list[str]:
+    """The table rows a run trains, by name in `ARMS`: every one with `all_arms`, else `arms`."""
+    if settings.all_arms:
+        return list(ARMS)
+    arms = [name.strip() for name in settings.arms.split(",") if name.strip()]
+    unknown = [name for name in arms if name not in ARMS]
+    if unknown:
+        raise ValueError(f"`arms`: unknown {unknown}; choose from {sorted(ARMS)} (comma-separated).")
+    return arms
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    arms = demo_arms(settings)
+    os.makedirs(settings.output_dir, exist_ok=True)
+    run = _DemoRun(settings, arms)
+    data = run.data
+    print(
+        f"[demo] data: warmup {len(data.warmup)} clean rows; train {len(data.train)} rows, {data.junk_rows} with junk; "
+        f"heldout {len(data.heldout)} rows",
+        flush=True,
+    )
+    t = time.perf_counter()
+    if not settings.reference_adapter:
+        run.warm_up()
+        t = run.lap("reference warm-up", t)
+    run.score()
+    t = run.lap("scoring (base + reference) and selection", t)
     if settings.baselines:
-        rows["base (not trained)"] = heldout_nll(probe, "base")
-        rows[REFERENCE_LABEL] = heldout_nll(probe, "ref")
-        t = lap("held-out NLL of base and reference", t)
-
+        run.baselines()
+        t = run.lap("held-out NLL of base and reference", t)
     for name in arms:
-        arm = ARMS[name]
-        if isinstance(arm, CleaningArm):
-            trainer = probe if name == first_cleaning else cleaning_trainer(name, arm)
-            trainer.train()
-            keep = trainer.token_cleaning_state.keep
-            rows[arm.label] = {**mask_shares(keep, response, junk), **heldout_nll(trainer, "model")}
-            if trainer is not probe:
-                del trainer
-        else:
-            keep = np.asarray(arm.keep(inputs), dtype=bool) & response
-            row = mask_shares(keep, response, junk)
-            if arm.train:
-                trainer = TokenCleanSFTTrainer(
-                    load_model(),
-                    args=_config(settings, name, token_cleaning="none"),
-                    train_dataset=_masked_labels_dataset(prepared_train, keep),
-                    processing_class=tokenizer,
-                    peft_config=_lora(settings),
-                )
-                trainer.train()
-                row.update(heldout_nll(trainer, "model"))
-                del trainer
-            rows[arm.label] = row
-        t = lap(name, t)
+        run.run_arm(name)
+        t = run.lap(name, t)
         # Every finished row is on disk: a long run stopped part way keeps what it measured.
-        atomic_write_json(os.path.join(settings.output_dir, "results.json"), summary(finished=False))
-
-    results = summary(finished=True)
-    atomic_write_json(os.path.join(settings.output_dir, "results.json"), results)
+        run.write(finished=False)
+    results = run.write(finished=True)
     print(format_table(results), flush=True)
     return results
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def _load_average() -> list[float] | None:
@@ -583,7 +672,7 @@ def reference_sentence(rows: dict[str, dict[str, Any]], warmup_rows: int) -> str
         f"clean held-out NLL {ref:.4f} against {plain:.4f} for plain SFT"
     )
     if bound is None:
-        return head + " (run the 'bound' row to split the difference into junk and rows)."
+        return head + " (run the 'bound' row, e.g. with --all_arms, to split the difference into junk and rows)."
     return (
         head + f". Masking exactly the junk in the train rows gives {bound:.4f}: the junk itself accounts for "
         f"{plain - bound:+.4f} nats, the choice of rows (warm-up split against train split, same count) for "
@@ -641,7 +730,10 @@ def demo_command(argv: list[str]) -> int:
         "corpus, offline, and print held-out response NLL for the base, plain SFT and the cleaned model.",
     )
     for f in fields(DemoSettings):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"(default: {f.default})")
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name}", action="store_true", help=f"(default: {f.default})")
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"(default: {f.default})")
     args = parser.parse_args(argv)
     run_demo(DemoSettings(**vars(args)))
     return 0

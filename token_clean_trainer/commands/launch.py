@@ -9,7 +9,9 @@ Nothing heavy is imported at the top: `token-clean --help` must answer without t
 import os
 import subprocess
 import sys
-from importlib import resources
+
+# Public here too (the relaunch resolves its config with it; tests and callers import it from here).
+from .lookup import accelerate_config_sources, resolve_accelerate_config, shipped_accelerate_configs  # noqa: F401
 
 # Set in the processes that `--accelerate_config` starts, so they do not launch again.
 LAUNCHED_ENV = "TOKEN_CLEAN_LAUNCHED"
@@ -42,10 +44,10 @@ def processes_text(count: int) -> str:
 
 def peek_launch_settings(argv: list[str]) -> tuple[str | None, int | None]:
     """`accelerate_config` and `num_processes` from the recipe file and the command line, without parsing the rest."""
-    from .recipe import _config_path, load_recipe_file
+    from .recipe import config_path_from_argv, load_recipe_file
 
     values = {}
-    path = _config_path(argv)
+    path = config_path_from_argv(argv)
     if path is not None:
         values = load_recipe_file(path)
     for key in ("accelerate_config", "num_processes"):
@@ -92,64 +94,6 @@ def already_launched() -> bool:
     )
 
 
-def _trl_accelerate_config_folder():
-    """TRL's own shipped accelerate configs (`trl/accelerate_configs/`), found without importing TRL."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "accelerate_configs")
-    return folder if os.path.isdir(folder) else None
-
-
-def accelerate_config_sources() -> dict[str, str]:
-    """
-    `{name: path}` of every accelerate config usable by name.
-
-    Ours come first: `cpu_multi_process` (TRL has none), `single_gpu` (TRL's says 8 processes) and the sharded
-    `fsdp2` and `zero3` we tune for token cleaning. Every other name resolves to the config TRL ships (`multi_gpu`,
-    `zero1`, `zero2`, `fsdp1`), so a copy of TRL's file is never kept here.
-    """
-    sources = {}
-    trl_folder = _trl_accelerate_config_folder()
-    if trl_folder is not None:
-        for name in sorted(os.listdir(trl_folder)):
-            if name.endswith(".yaml"):
-                sources[name[: -len(".yaml")]] = os.path.join(trl_folder, name)
-    folder = resources.files("token_clean_trainer") / "accelerate_configs"
-    for p in folder.iterdir():
-        if p.name.endswith(".yaml"):
-            sources[p.name[: -len(".yaml")]] = str(p)
-    return dict(sorted(sources.items()))
-
-
-def shipped_accelerate_configs() -> list[str]:
-    """Names of the accelerate configs shipped in this package (see [`accelerate_config_sources`] for TRL's)."""
-    folder = resources.files("token_clean_trainer") / "accelerate_configs"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def resolve_accelerate_config(name_or_path: str) -> str:
-    """The path of an accelerate config given its name (`zero3`: ours, then TRL's), or the given path if a file."""
-    from ..utils import expand_path
-    from .recipe import did_you_mean
-
-    path = expand_path(name_or_path)
-    if os.path.isfile(path):
-        return os.path.abspath(path)
-
-    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
-    sources = accelerate_config_sources()
-    if name not in sources:
-        known = list(sources)
-        raise ValueError(
-            f"{name_or_path!r} is neither a file nor a known accelerate config{did_you_mean(name, known)}; known: "
-            f"{', '.join(known)}"
-        )
-    return sources[name]
-
-
 def relaunch(command: str, argv: list[str], config_name: str, num_processes: int | None) -> int:
     """Run this subcommand again under `accelerate launch --config_file <config>` and return its exit code."""
     try:
@@ -178,6 +122,14 @@ def cpu_only_distributed_fallback() -> None:
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     if not has_accelerator:
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def no_pinned_memory_without_accelerator(training) -> None:
+    """Pinned memory only speeds copies to an accelerator; without one, torch warns at every DataLoader that pins it."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        training.dataloader_pin_memory = False
 
 
 def parse_or_exit(argv: list[str], prog: str, description: str):
@@ -238,6 +190,7 @@ def run_recipe_command(command: str, argv: list[str], description: str, body, ch
     recipe = parse_or_exit(argv, f"token-clean {command}", description)
     if checked:
         check_or_exit(recipe, f"token-clean {command}")
+    no_pinned_memory_without_accelerator(recipe.training)
     return body(recipe)
 
 

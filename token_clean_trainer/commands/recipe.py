@@ -15,7 +15,6 @@ finds (unknown keys with a did-you-mean suggestion, values of the wrong type, in
 
 import argparse
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import yaml
 
 from ..sources import EMBEDDED_DATASETS, EMBEDDED_MODELS, LOCAL_DATA_FORMATS, NAMED_CHAT_TEMPLATES, looks_local
 from ..utils import expand_path
+from .lookup import did_you_mean, resolve_accelerate_config
 
 SCORES_FORMATS = ("dataset", "parquet")
 
@@ -198,7 +198,7 @@ def make_parser(prog: str | None = None, description: str | None = None):
 
 def parse_recipe(argv: list[str], prog: str | None = None, description: str | None = None) -> Recipe:
     """Parse `--config FILE` (optional) and command-line overrides into a [`Recipe`]; unknown keys are an error."""
-    config_path = _config_path(argv)
+    config_path = config_path_from_argv(argv)
     if config_path is not None:
         problems = validate_recipe(config_path, overrides=_overrides_without_config(argv), check_values=False)
         if problems:
@@ -212,7 +212,8 @@ def parse_recipe(argv: list[str], prog: str | None = None, description: str | No
     return Recipe(*parsed[:5], purge_mix=parsed[5] if len(parsed) > 5 else None)
 
 
-def _config_path(argv: list[str]) -> str | None:
+def config_path_from_argv(argv: list[str]) -> str | None:
+    """The recipe file `--config FILE` names (`~` and `$VAR` expanded), or None without `--config`."""
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
@@ -267,14 +268,6 @@ def _field_owners() -> dict[str, type]:
             if f.init:
                 owners.setdefault(f.name, cls)
     return owners
-
-
-def did_you_mean(key: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if not close:
-        # a sub-string match catches the common missing prefix or suffix, e.g. `keep_ratio` -> `token_keep_ratio`
-        close = sorted((n for n in names if key in n or (len(n) > 4 and n in key)), key=len)[:1]
-    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def _check_value(action: argparse.Action, key: str, value: Any) -> str | None:
@@ -400,9 +393,15 @@ def _coerce(actions: dict[str, argparse.Action], values: dict[str, Any]) -> dict
 
 
 def _construct(cls: type, kwargs: dict[str, Any], cpu_only: bool):
-    if cpu_only and "use_cpu" in {f.name for f in dataclasses.fields(cls)} and not kwargs.get("use_cpu"):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if cpu_only and "use_cpu" in names and not kwargs.get("use_cpu"):
         # Validation may run on a machine without the recipe's GPU: check bf16 recipes as if on their hardware.
         kwargs = {**kwargs, "use_cpu": True}
+    checkpointing = {"activation_checkpointing", "gradient_checkpointing"}
+    if "activation_checkpointing" in names and not checkpointing & kwargs.keys():
+        # TRL's default still sets the deprecated `gradient_checkpointing`, which transformers warns about; the same
+        # default under the new name builds the same config without a warning about a key the recipe does not have.
+        kwargs = {**kwargs, "activation_checkpointing": names["gradient_checkpointing"].default}
     return cls(**kwargs)
 
 
@@ -545,7 +544,6 @@ def check_recipe(
 def _check_layout(training, model, recipe: RecipeArguments) -> list[str]:
     """The accelerate config exists, and no setting clashes with the layout it asks for (what the trainer refuses)."""
     from ..run_settings import recipe_layout, setting_clashes
-    from .launch import resolve_accelerate_config
 
     path = None
     if recipe.accelerate_config is not None:
@@ -559,7 +557,6 @@ def _check_layout(training, model, recipe: RecipeArguments) -> list[str]:
 def _check_global_batch(training, recipe: RecipeArguments) -> list[str]:
     """`train`'s global batch check at the process count the recipe launches (`num_processes` or its config's)."""
     from ..run_settings import global_batch_problem, recipe_processes
-    from .launch import resolve_accelerate_config
 
     path = None
     if recipe.accelerate_config is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..utils import atomic_write
-from .statistics import _CHUNK, float64_quantiles
+from .statistics import CHUNK_POSITIONS, float64_quantiles
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def _panel(values: np.ndarray, label: str, threshold: float | None) -> dict[str,
         low, high = low - 0.5, high + 0.5
     # Counted in float64 chunks (the counts of one float64 histogram of the clipped values, without that copy).
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-    for start in range(0, values.size, _CHUNK):
-        part = np.clip(values[start : start + _CHUNK].astype(np.float64), low, high)
+    for start in range(0, values.size, CHUNK_POSITIONS):
+        part = np.clip(values[start : start + CHUNK_POSITIONS].astype(np.float64), low, high)
         chunk_counts, edges = np.histogram(part, bins=HISTOGRAM_BINS, range=(low, high))
         counts += chunk_counts
     return {

@@ -2,7 +2,7 @@
 The numbers of a cleaning run, from its flat or compact arrays: score statistics and quantiles, the threshold's
 near-zero band, dropped tokens as runs, and the response tokens grouped by token id.
 
-Everything runs chunk by chunk (`_CHUNK` positions): at hundreds of millions of scores no float64 copy of them exists.
+Everything runs chunk by chunk ([`CHUNK_POSITIONS`]): at hundreds of millions of scores no float64 copy of them exists.
 """
 
 from typing import Any
@@ -36,7 +36,7 @@ TOKEN_TABLES = {
     "special": "special tokens",
 }
 # Positions read per chunk when counting tokens, so the summary needs little memory at hundreds of millions of tokens.
-_CHUNK = 1 << 22
+CHUNK_POSITIONS = 1 << 22
 
 
 def threshold_band(scores: np.ndarray | None, threshold: float | None) -> dict[str, Any] | None:
@@ -93,8 +93,8 @@ def token_summary(
             return None
 
         def chunks():
-            for start in range(0, len(labels), _CHUNK):
-                part = slice(start, start + _CHUNK)
+            for start in range(0, len(labels), CHUNK_POSITIONS):
+                part = slice(start, start + CHUNK_POSITIONS)
                 where = response[part]
                 yield (
                     labels[part][where],
@@ -192,8 +192,8 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     """
     count = total = near = negative = 0
     low, high = np.inf, -np.inf
-    for start in range(0, scores.size, _CHUNK):
-        part = scores[start : start + _CHUNK]
+    for start in range(0, scores.size, CHUNK_POSITIONS):
+        part = scores[start : start + CHUNK_POSITIONS]
         part = part[~np.isnan(part)].astype(np.float64)
         if part.size:
             count += part.size
@@ -205,8 +205,8 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
         return {"count": 0}
     mean = total / count
     squares = 0.0
-    for start in range(0, scores.size, _CHUNK):
-        part = scores[start : start + _CHUNK]
+    for start in range(0, scores.size, CHUNK_POSITIONS):
+        part = scores[start : start + CHUNK_POSITIONS]
         part = part[~np.isnan(part)].astype(np.float64) - mean
         squares += float(np.dot(part, part))
     stats: dict[str, Any] = {
@@ -249,13 +249,13 @@ def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> d
     }
 
 
-def _nanmean(values: np.ndarray | None) -> float | None:
+def nanmean(values: np.ndarray | None) -> float | None:
     """Mean of the non-NaN values, accumulated in float64 (flat and compact layouts agree to ~1e-15)."""
     if values is None:
         return None
     count, total = 0, 0.0
-    for start in range(0, values.size, _CHUNK):  # in chunks: no copy of the whole array
-        part = values[start : start + _CHUNK]
+    for start in range(0, values.size, CHUNK_POSITIONS):  # in chunks: no copy of the whole array
+        part = values[start : start + CHUNK_POSITIONS]
         count += part.size - int(np.count_nonzero(np.isnan(part)))
         total += float(np.nansum(part, dtype=np.float64))
     return total / count if count else None

@@ -7,7 +7,7 @@ import numpy as np
 from .._version import __version__
 from ..positions import context_positions
 from ..rules import DEFAULT_RULE
-from .statistics import NEAR_ZERO, _nanmean, masked_runs, score_statistics, threshold_band, token_summary
+from .statistics import NEAR_ZERO, masked_runs, nanmean, score_statistics, threshold_band, token_summary
 
 # Row ids listed in the report (rows TRL dropped, rows with every response token dropped): at most this many.
 ROW_ID_LIST = 1000
@@ -182,8 +182,8 @@ def _finish_report(
         "trained_non_response_tokens": context_tokens,
         "max_length": max_length,
         "scores": score_statistics(scores, keep) if scores is not None else None,
-        "base_loss_mean": _nanmean(base_losses),
-        "ref_loss_mean": _nanmean(ref_losses),
+        "base_loss_mean": nanmean(base_losses),
+        "ref_loss_mean": nanmean(ref_losses),
         "ref_losses": score_statistics(ref_losses, None) if ref_losses is not None and scores is None else None,
         "reference": reference,
         "seed": args.token_selection_seed if args.token_selection_seed is not None else args.seed,

@@ -1,5 +1,7 @@
 """The paper's rule: keep the highest excess losses (`L_base - L_ref`; online, Rho-1's `L_current - L_ref`)."""
 
+import numpy as np
+
 from ..selection import Selection, select_sample, select_top
 from .base import Quantities, Rule
 
@@ -23,3 +25,13 @@ class Excess(Rule):
 
 
 RULE = Excess(name="excess", label="paper: top scores", needs=("excess",))
+
+
+def select_global_difference(base: np.ndarray, ref: np.ndarray, ratio: float) -> Selection:
+    """
+    `selection.select_global` of `base - ref` without holding the scores: the excess rule at the global level, per
+    token, where each chunk's differences are computed when a pass of the top-k reads it, so no full-size float array
+    is made (at 307M response positions, the scores and a working copy would be 2.5 GB). The differences must be
+    finite.
+    """
+    return RULE.select(Quantities(np.array([0, base.size]), base=base, ref=ref), "global", ratio)
