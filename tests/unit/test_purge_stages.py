@@ -332,6 +332,9 @@ def test_sources_typed_as_chat_are_not_paired():
     kept, skipped = on.edited_sources(index, prompts)
     assert kept.tolist() == [0, 2] and skipped == 2
     off = stages.Clustering(ClusterSettings.from_config(PurgeMixConfig(purge_mix_verify_provenance=False)))
-    assert off.edited_sources(index, prompts)[0].tolist() == [0, 1, 2, 3] and off.edited_sources(index, prompts)[1] is None
+    assert (
+        off.edited_sources(index, prompts)[0].tolist() == [0, 1, 2, 3]
+        and off.edited_sources(index, prompts)[1] is None
+    )
     other_rules = PurgeMixConfig(purge_mix_provenance_rules="answer_leak,cross_source")
     assert stages.Clustering(ClusterSettings.from_config(other_rules)).edited_sources(index, prompts)[1] is None

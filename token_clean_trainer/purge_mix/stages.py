@@ -341,7 +341,6 @@ class Clustering:
         record["timings"]["clustering_s"] = _elapsed(start)
         return record
 
-
     def edited_sources(self, index: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, int | None]:
         """`index` without the rows whose instruction the provenance verifier's `source_form` rule rejects (typed as a
         chat message): every fusion built on one is refused, so pairing it would only spend generations. `None` when
