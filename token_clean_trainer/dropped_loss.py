@@ -24,10 +24,15 @@ class DroppedTokens:
         num_items_in_batch (`torch.Tensor` or `int`, *optional*):
             The kept tokens of the whole optimizer step (all micro-batches, all processes), the divisor of the main
             loss, or None where Trainer counts none.
+        num_dropped_in_batch (`torch.Tensor` or `int`, *optional*):
+            The dropped tokens of the whole optimizer step, counted the same way (labels shifted by one, every
+            micro-batch, every process): the divisor that makes a term the mean over the step's dropped tokens. None
+            where Trainer counts none.
     """
 
     labels: torch.Tensor
     num_items_in_batch: torch.Tensor | int | None = None
+    num_dropped_in_batch: torch.Tensor | int | None = None
 
     @property
     def mask(self) -> torch.Tensor:

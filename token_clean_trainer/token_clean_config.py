@@ -10,6 +10,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from .dropped_losses import check_dropped_loss, dropped_loss_names
 from .rules import DEFAULT_RULE, LEVELS, baselines, check_score_rule, score_rules
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,26 @@ class TokenCleanConfig(SFTConfig):
             self-evolving modes at the `"global"` and `"sample"` levels, online mode per step (`"batch"`) or per
             sample.
 
+        > Parameters that control a loss on the dropped tokens (none by default)
+
+        token_dropped_loss (`str`, *optional*, defaults to `"none"`):
+            A loss on the dropped tokens added to the loss of the kept ones (`dropped_losses/`). `"none"`: the dropped
+            tokens add nothing, the loss is [`~trl.SFTTrainer`]'s on the kept tokens. `"ascent"`: `-lambda` times the
+            mean over the dropped tokens of their cross-entropy clipped at 10 nats (bounded likelihood ascent,
+            arXiv 2508.04329). `"unlikelihood"`: `lambda` times the mean over the dropped tokens of `-log(1 - p)`
+            (Welleck et al. 2019). Each mean divides by the dropped tokens of the whole optimizer step, as the main
+            loss divides by its kept tokens (`num_items_in_batch`). Both unlearn whatever the mask drops, clean tokens
+            it drops by mistake included, so they are only as good as the mask's precision. Under TRL's fused LM
+            head (its default) the dropped tokens take one more forward and backward per micro-batch.
+        token_dropped_weight (`float`, *optional*, defaults to `0.25`):
+            `lambda`, the weight of the dropped-token loss once its ramp is over; `>= 0`. 0.25 is the setting
+            measured on the junk experiment: with each token's term bounded (10 nats for the ascent), the term stays
+            at most a few nats, the scale of the kept tokens' loss, so it cannot swamp it.
+        token_dropped_ramp (`float`, *optional*, defaults to `0.5`):
+            Fraction of training, in `[0, 1]`, over which `lambda` rises linearly from 0 to `token_dropped_weight`
+            (`global_step / max_steps`); 0 applies the full weight from the first step. The ramp lets the model first
+            learn the kept tokens before it is pushed away from the dropped ones.
+
         > Parameters that control the reference model
 
         ref_model_name_or_path (`str`, *optional*):
@@ -174,6 +195,23 @@ class TokenCleanConfig(SFTConfig):
             "by score, mask the tokens with the highest reference loss until 1 - token_keep_ratio are masked.",
             "choices": list(score_rules()),
         },
+    )
+    token_dropped_loss: str = field(
+        default="none",
+        metadata={
+            "help": "A loss on the dropped tokens: 'none' (they add nothing), 'ascent' (-lambda * mean of their "
+            "cross-entropy clipped at 10 nats) or 'unlikelihood' (lambda * mean of -log(1 - p)). Only as good as the "
+            "mask's precision.",
+            "choices": list(dropped_loss_names()),
+        },
+    )
+    token_dropped_weight: float = field(
+        default=0.25,
+        metadata={"help": "lambda, the weight of the dropped-token loss after its ramp (>= 0)."},
+    )
+    token_dropped_ramp: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of training over which lambda rises linearly from 0 (in [0, 1])."},
     )
     ref_model_name_or_path: str | None = field(
         default=None,
@@ -266,6 +304,7 @@ class TokenCleanConfig(SFTConfig):
                 f"`self_evolving_lora` must be one of {list(SELF_EVOLVING_LORA)}, got {self.self_evolving_lora!r}."
             )
         self._check_span_settings()
+        self._check_dropped_loss()
         ratio = self.token_keep_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
             raise ValueError(
@@ -327,6 +366,30 @@ class TokenCleanConfig(SFTConfig):
                 "row's response tokens, but with `packing=True` a row holds several samples. Use "
                 "`token_selection='global'` (or 'batch' in fixed mode), or `packing=False` (`padding_free=True` "
                 "alone keeps one sample per row)."
+            )
+
+    def _check_dropped_loss(self) -> None:
+        """`token_dropped_loss` and its weight and ramp: refuse what is meaningless, naming the field."""
+        check_dropped_loss(self.token_dropped_loss)
+        for name, high in (("token_dropped_weight", math.inf), ("token_dropped_ramp", 1.0)):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value <= high
+                or value == math.inf
+            ):
+                bounds = ">= 0" if high == math.inf else "in [0, 1]"
+                raise ValueError(f"`{name}` must be a number {bounds}, got {value!r}.")
+            setattr(self, name, float(value))
+        if self.token_dropped_loss == "none":
+            return
+        if self.token_cleaning == "none" or self.token_selection == "full":
+            setting = "`token_cleaning='none'`" if self.token_cleaning == "none" else "`token_selection='full'`"
+            raise ValueError(
+                f"`token_dropped_loss={self.token_dropped_loss!r}` is a loss on the dropped tokens, but {setting} "
+                "drops no token. Set `token_dropped_loss='none'`, or clean with a selection that drops tokens (e.g. "
+                "`token_cleaning='fixed'`, `token_selection='global'`)."
             )
 
     def _check_span_settings(self) -> None:

@@ -30,6 +30,7 @@ from .collator import RowStore, TokenCleaningCollator
 from .columns import DROPPED_LABELS_KEY, ROW_COLUMN, STEP_COLUMNS, TOKEN_KEEP_COLUMN
 from .distributed import Collective, decide_on_main
 from .dropped_loss import DroppedTokenLoss, DroppedTokens
+from .dropped_losses import configured_term
 from .hub import HubUploadMixin
 from .modes import CleaningMode, make_mode
 from .positions import mask_sequence_starts
@@ -146,6 +147,8 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         self._collective = Collective(self.accelerator.device)
         # A loss on the dropped tokens (`set_dropped_token_loss`); None: the loss is exactly SFTTrainer's.
         self.dropped_token_loss: DroppedTokenLoss | None = None
+        # The dropped tokens of the current optimizer step (the divisor of the hook's term), counted per step.
+        self._num_dropped_in_batch: torch.Tensor | int | None = None
         self._cleaning = self._cleaning_context(model if isinstance(model, str) else None)
         # The mode that runs (`modes/`): it holds the masks, the per-step records or the rounds.
         self.cleaning_mode: CleaningMode = make_mode(self)
@@ -167,6 +170,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             decide_on_main(self._collective, lambda: check_cache_dir_writable(args.score_cache_dir))
         self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, np.arange(len(self.train_dataset)))
         self.data_collator = TokenCleaningCollator(self.data_collator, store=self.row_store)
+        self._install_configured_dropped_loss()
 
     def _cleaning_context(self, model_source: str | None) -> CleaningContext:
         """The driver, sides and report every scoring pass of this run shares."""
@@ -444,15 +448,26 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         """
         if not self.cleaning_mode.selects_per_step:
             self._record_static_metrics()
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        self._select_step_tokens(batch_samples)
-        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+            batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:
+            batch_samples = []
+            for _ in range(num_batches):
+                try:
+                    batch_samples.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            self._select_step_tokens(batch_samples)
+            num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
+        self._num_dropped_in_batch = self._count_dropped_tokens(batch_samples, device)
+        return batch_samples, num_items_in_batch
+
+    def _count_dropped_tokens(self, batch_samples: list[dict[str, Any]], device) -> torch.Tensor | int | None:
+        """The step's dropped tokens, counted exactly as Trainer counts `num_items_in_batch` (shifted labels, every
+        micro-batch, summed across processes); None without a dropped-token loss."""
+        dropped = [{"labels": batch[DROPPED_LABELS_KEY]} for batch in batch_samples if DROPPED_LABELS_KEY in batch]
+        if self.dropped_token_loss is None or not dropped:
+            return None
+        return self._get_num_items_in_batch(dropped, device)
 
     def _select_step_tokens(self, batch_samples: list[dict[str, Any]]) -> None:
         """The mode chooses the step's kept tokens; its values go to TRL's metrics buffer, one per step."""
@@ -528,6 +543,24 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         if isinstance(self.data_collator, TokenCleaningCollator):
             self.data_collator.dropped_labels = loss is not None
 
+    def _install_configured_dropped_loss(self) -> None:
+        """`token_dropped_loss` (`dropped_losses/`): install the configured loss as the hook; "none" installs none."""
+        term = configured_term(self.args, self._training_progress)
+        if term is None:
+            return
+        self.set_dropped_token_loss(term)
+        logger.info(
+            "token_dropped_loss=%r: lambda ramps to %s over the first %s of training. Under TRL's fused LM head the "
+            "dropped tokens take one more forward and backward per micro-batch.",
+            term.loss.name,
+            term.weight,
+            term.ramp,
+        )
+
+    def _training_progress(self) -> float:
+        """`global_step / max_steps` of the training pass that runs (0 before it knows its length)."""
+        return self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The batch key exists only while a dropped-token loss is set; it never reaches the model.
         dropped = inputs.pop(DROPPED_LABELS_KEY, None)
@@ -553,14 +586,32 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         finally:
             handle.remove()
         loss, outputs = result if return_outputs else (result, None)
-        term = self.dropped_token_loss(
-            model, captured[0], inputs, DroppedTokens(labels=dropped, num_items_in_batch=num_items_in_batch)
-        )
+        dropped = DroppedTokens(dropped, num_items_in_batch, num_dropped_in_batch=self._num_dropped_in_batch)
+        term = self.dropped_token_loss(model, captured[0], inputs, dropped)
         # The factor TRL applies to its own loss: `num_items_in_batch` counts the tokens of every process.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             term = term * (self.accelerator.num_processes // self.get_tp_size())
+        self._log_dropped_term(loss, term)  # train batches only: eval batches carry no dropped tokens
         loss = loss + term
         return (loss, outputs) if return_outputs else loss
+
+    def _log_dropped_term(self, loss: torch.Tensor, term: torch.Tensor) -> None:
+        """
+        TRL's metrics buffer, one value per micro-batch, averaged at each log: `dropped_loss`, the hook's term summed
+        over the step's micro-batches (the units of the logged `loss`), and `dropped_loss_share`, its share of the
+        loss's magnitude, `|term| / (|kept-token loss| + |term|)`, in `[0, 1]`.
+        """
+        pair = self.accelerator.gather_for_metrics(torch.stack([loss.detach(), term.detach()]).reshape(1, 2))
+        main, dropped = pair.float().mean(dim=0).tolist()
+        steps = (
+            getattr(self, "current_gradient_accumulation_steps", 1) if self._num_dropped_in_batch is not None else 1
+        )
+        self._metrics["train"]["dropped_loss"].append(dropped * steps)
+        magnitude = abs(main) + abs(dropped)
+        self._metrics["train"]["dropped_loss_share"].append(abs(dropped) / magnitude if magnitude > 0 else 0.0)
+        weight = getattr(self.dropped_token_loss, "last_weight", None)
+        if weight is not None:
+            self._metrics["train"]["dropped_weight"].append(weight)
 
 
 __all__ = ["TokenCleanSFTTrainer", "TokenCleaningState", "load_report"]

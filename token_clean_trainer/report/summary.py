@@ -167,6 +167,10 @@ def _finish_report(
         # or the span-aware variants.
         "score_rule": getattr(args, "token_score_rule", DEFAULT_RULE),
         "score_window": getattr(args, "token_score_window", 1),
+        # The loss on the dropped tokens (a name of `dropped_losses/`, "none" by default), its weight and ramp.
+        "dropped_loss": getattr(args, "token_dropped_loss", "none"),
+        "dropped_weight": getattr(args, "token_dropped_weight", None),
+        "dropped_ramp": getattr(args, "token_dropped_ramp", None),
         "threshold": threshold,
         # Dropped response tokens as runs of consecutive tokens (count, mean and longest length in tokens).
         "masked_runs": masked_runs_of() if keep is not None else None,
