@@ -6,7 +6,8 @@ modes) or `self_evolving.py` (rounds), both scoring through `score_driver.py` (s
 `reference.py` -> `selection.py` / `compact.py` (which tokens stay) -> `collator.py` (labels -100 by row) ->
 `step_selection.py` (per optimizer step, in `get_batch_samples`) -> `checkpoint.py` (state beside checkpoints) ->
 `report/` (report.json, the page, the logs). Each mode is an object of `modes/` (fixed, online, self-evolving, none)
-that the trainer's hooks call, one line per hook; `dropped_loss.py` is the hook of a loss on the dropped tokens.
+that the trainer's hooks call, one line per hook; `dropped_loss.py` is the hook of a loss on the dropped tokens,
+and `dropped_losses/` the losses `token_dropped_loss` installs on it.
 """
 
 import gc
