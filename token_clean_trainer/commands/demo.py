@@ -45,9 +45,9 @@ class DemoSettings:
     # Sized for a short first run on 2 CPU cores (a warm-up and two trainings of ~0.5 s a row, ~0.1 s a row per scoring
     # or held-out pass); raise them on a bigger machine.
     # The warm-up gets as many rows as the training runs, so the reference differs from them only in its data.
-    warmup_rows: int = 192
-    train_rows: int = 192
-    heldout_rows: int = 64
+    warmup_rows: int = 160
+    train_rows: int = 160
+    heldout_rows: int = 48
     # Share of train rows that get one junk span.
     junk_share: float = 0.5
     max_length: int = 128
