@@ -12,8 +12,6 @@ from .columns import (
     ROW_COLUMN,
     STEP_COLUMNS,
     TOKEN_KEEP_COLUMN,
-    TOKEN_REF_LOSSES_COLUMN,
-    TOKEN_SCORES_COLUMN,
 )
 from .compact import unpack_bits
 from .step_selection import rows_to_flat, rows_to_padded
@@ -199,12 +197,6 @@ def dropped_label_row(example: dict[str, Any], keep_column: str = TOKEN_KEEP_COL
 
 
 __all__ = [
-    "DROPPED_LABELS_KEY",
-    "ROW_COLUMN",
-    "STEP_COLUMNS",
-    "TOKEN_KEEP_COLUMN",
-    "TOKEN_REF_LOSSES_COLUMN",
-    "TOKEN_SCORES_COLUMN",
     "RowStore",
     "TokenCleaningCollator",
     "dropped_label_row",

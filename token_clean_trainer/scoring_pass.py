@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .collator import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN, RowStore
+from .collator import RowStore
+from .columns import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
 from .compact import (
     ResponseLayout,
     expand_bits,

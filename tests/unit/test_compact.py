@@ -271,7 +271,8 @@ def test_subset_layout_is_the_layout_of_those_rows(dataset):
 
 
 def test_row_store_expands_compact_values_to_the_flat_row(dataset):
-    from token_clean_trainer.collator import TOKEN_SCORES_COLUMN, RowStore
+    from token_clean_trainer.collator import RowStore
+    from token_clean_trainer.columns import TOKEN_SCORES_COLUMN
     from token_clean_trainer.compact import response_bits
 
     base_rows, ref_rows = losses(np.random.default_rng(5), LABELS)

@@ -8,7 +8,8 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from token_clean_trainer import TokenCleaningCollator
-from token_clean_trainer.collator import ROW_COLUMN, TOKEN_REF_LOSSES_COLUMN, RowStore
+from token_clean_trainer.collator import RowStore
+from token_clean_trainer.columns import ROW_COLUMN, TOKEN_REF_LOSSES_COLUMN
 from token_clean_trainer.positions import mask_sequence_starts
 from token_clean_trainer.scoring import collate_right_padded, packed_position_ids, scored_positions
 from token_clean_trainer.selection import span_starts
