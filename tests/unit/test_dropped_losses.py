@@ -6,11 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
-from tests.conftest import arithmetic_rows, cpu_args
+from tests.conftest import cpu_args
+from tests.unit.test_dropped_loss import build  # the same 2-step fixed-mode trainer
 from token_clean_trainer import TokenCleanSFTTrainer
 from token_clean_trainer.columns import DROPPED_LABELS_KEY
 from token_clean_trainer.dropped_loss import DroppedTokens
@@ -137,15 +136,6 @@ def test_config_defaults(tmp_path):
     assert (args.token_dropped_loss, args.token_dropped_weight, args.token_dropped_ramp) == ("none", 0.25, 0.5)
     # A weight or ramp without a loss is harmless; full selection without a loss is the plain baseline.
     cpu_args(tmp_path, token_selection="full", token_dropped_weight=1.0)
-
-
-def build(output_dir, model_dir, ref_dir, tokenizer, **overrides):
-    return TokenCleanSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        args=cpu_args(output_dir, ref_model_name_or_path=ref_dir, max_steps=2, **overrides),
-        train_dataset=Dataset.from_list(arithmetic_rows(8)),
-        processing_class=tokenizer,
-    )
 
 
 def hand_batch():
