@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Dataset
 from transformers.trainer_utils import TrainOutput
 
@@ -38,6 +37,7 @@ from .checkpoint import (
     round_output_dir,
 )
 from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
+from .lora_merge import merge_and_reset_adapter
 from .rules import excess_loss
 from .score_driver import row_offsets
 from .scoring_pass import CleaningContext, TokenCleaningState, check_scores
@@ -400,50 +400,6 @@ def chunk_bounds(n_rows: int, rounds: int) -> list[tuple[int, int]]:
     bounds = [(t * size, (t + 1) * size) for t in range(rounds)]
     bounds[-1] = (bounds[-1][0], n_rows)
     return bounds
-
-
-def merge_and_reset_adapter(model, seed: int) -> None:
-    """
-    Merge the active LoRA adapter of a `PeftModel` into its base weights, in place, then give the adapter fresh weights.
-
-    This is how the paper's self-evolving rounds use LoRA: after round `t` the round's adapter becomes part of the
-    weights, so the model (and the reference of round `t + 1`) is unchanged, and round `t + 1` trains a new adapter on
-    top of it. The module objects and their parameters stay the same (the trainer, its accelerator and any wrapping
-    keep working); only their values change. Layers saved whole (`modules_to_save`) are copied into the base too.
-
-    After this call the model with its adapters disabled is no longer the original base: losses of the original
-    weights must have been computed before the first merge.
-
-    Args:
-        model (`peft.PeftModel`):
-            Model with one active LoRA adapter (LoRA initialised with `init_lora_weights` `True` or `"gaussian"`).
-        seed (`int`):
-            Seed of the fresh adapter's random initialisation; the global random state is left as it was.
-    """
-    from peft import LoraConfig
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    name = model.active_adapter
-    config = model.peft_config[name]
-    if not isinstance(config, LoraConfig) or config.use_dora or config.init_lora_weights not in (True, "gaussian"):
-        raise ValueError(
-            "`self_evolving_lora='merge'` merges a plain LoRA adapter (init_lora_weights True or 'gaussian', no DoRA) "
-            f"after every round; the adapter {name!r} is {type(config).__name__}"
-            f"(use_dora={getattr(config, 'use_dora', None)}, init_lora_weights={getattr(config, 'init_lora_weights', None)!r}). "
-            "Use `self_evolving_lora='continue'` to train one adapter across the rounds."
-        )
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and (name in module.lora_A or name in module.lora_embedding_A):
-                module.merge(adapter_names=[name])
-                # The delta now belongs to the base weights for good: never unmerge it.
-                module.merged_adapters.remove(name)
-                module.reset_lora_parameters(name, config.init_lora_weights)
-            elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
-                module.original_module.load_state_dict(module.modules_to_save[name].state_dict())
 
 
 def replay_round_merges(model, resume_path: str, rounds: int, seed: int) -> None:

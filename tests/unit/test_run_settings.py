@@ -71,7 +71,7 @@ def test_validate_refuses_exactly_what_the_trainer_refuses(tmp_path, monkeypatch
         output_dir=str(tmp_path / "out"), use_cpu=True, token_cleaning="self_evolving", self_evolving_lora=lora
     )
     trainer_side = setting_clashes(args, peft, layout_from_arguments(args))
-    refused = lora == "merge" and peft and config.startswith("fsdp")
+    refused = lora == "merge" and peft and config == "fsdp1"  # FSDP2 merges each process's rows
     assert bool(trainer_side) == refused
     assert [p for p in problems if "clashes with" in p] == (
         [p.replace("the FSDP launch (`accelerate launch`)", f"`accelerate_config: {config}`") for p in trainer_side]
@@ -112,13 +112,13 @@ def test_trainer_refuses_before_writing_anything(tmp_path, monkeypatch, tokenize
     from tests.conftest import make_tiny_llama
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP2 merges each process's rows; FSDP1's flat parameters cannot
     out = tmp_path / "out"
     args = TokenCleanConfig(
         output_dir=str(out), use_cpu=True, token_cleaning="self_evolving", report_to="none", bf16=False
     )
     dataset = Dataset.from_list([{"prompt": "Hi", "completion": " there"}] * 4)
-    with pytest.raises(ValueError, match=r"self_evolving_lora='merge'.*FSDP2.*Change `self_evolving_lora`"):
+    with pytest.raises(ValueError, match=r"self_evolving_lora='merge'.*FSDP1.*Change `self_evolving_lora`"):
         TokenCleanSFTTrainer(
             make_tiny_llama(tokenizer, seed=0),
             args=args,
@@ -134,10 +134,12 @@ def test_train_command_refuses_a_paper_self_evolving_recipe_before_launch(tmp_pa
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("must not launch a refused recipe"))
     out = tmp_path / "out"
+    # The paper recipe under ZeRO-3: no merge of partitioned weights (under its own FSDP2 config it runs).
     argv = ["train", "--config", PAPER_SELF_EVOLVING, "--output_dir", str(out), "--bf16", "false"]
+    argv += ["--accelerate_config", "zero3"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*argv, "--activation_checkpointing", "false"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "`self_evolving_lora='merge'`" in err and "`accelerate_config: fsdp2`" in err
+    assert "`self_evolving_lora='merge'`" in err and "`accelerate_config: zero3`" in err
     assert not out.exists()
