@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoTokenizer
 from trl.trainer.utils import use_adapter
 
 from .distributed import decide_on_main
-from .scoring import preserve_rng_state, unwrap_causal_lm
+from .scoring import preserve_rng_state, scoring_mixed_precision, unwrap_causal_lm
 from .utils import file_provenance, fingerprint_module, is_peft_model, sha256_json
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ class ScoringSides:
         model, _ = self.models()
         own = weights_dtype(model)
         weights = self.reference.weights_dtype(own) if role == "ref" else own
-        return {"weights": weights, "autocast": self.accelerator.mixed_precision or "no"}
+        return {"weights": weights, "autocast": scoring_mixed_precision(self.accelerator)}
 
     def describe_precision(self, reference_role: str | None, compute_dtypes: dict[str, str]) -> dict[str, Any]:
         """

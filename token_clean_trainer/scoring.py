@@ -228,6 +228,16 @@ def scoring_head(model: torch.nn.Module, stats: ScoringStats | None = None, role
             del inner.forward
 
 
+def scoring_mixed_precision(accelerator) -> str:
+    """
+    The autocast scoring forwards run in: the run's mixed precision, except under DeepSpeed, whose engine trains in
+    its own precision (weights cast to the config's bf16/fp16, no autocast), so its scoring forwards do the same.
+    """
+    if accelerator.state.deepspeed_plugin is not None:
+        return "no"
+    return accelerator.mixed_precision or "no"
+
+
 def precision_context(
     device_type: str, mixed_precision: str | None
 ) -> Callable[[], contextlib.AbstractContextManager]:

@@ -10,6 +10,7 @@ that the trainer's hooks call, one line per hook; `dropped_loss.py` is the hook 
 and `dropped_losses/` the losses `token_dropped_loss` installs on it.
 """
 
+import copy
 import gc
 import logging
 import os
@@ -41,7 +42,14 @@ from .report import pop_raw_row_column, publish_to_integrations, with_raw_row_co
 from .report.run import RunReport, load_report, model_settings
 from .run_settings import layout_from_accelerator, layout_from_arguments, refuse_setting_clashes
 from .score_driver import ScoringDriver
-from .scoring import ScoringStats, eval_mode, precision_context, preserve_rng_state, token_losses
+from .scoring import (
+    ScoringStats,
+    eval_mode,
+    precision_context,
+    preserve_rng_state,
+    scoring_mixed_precision,
+    token_losses,
+)
 from .scoring_pass import CleaningContext, TokenCleaningState, selection_seed
 from .token_clean_config import TokenCleanConfig, as_token_clean_config
 from .utils import is_peft_model, list_array
@@ -189,7 +197,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             self._collective,
             sides,
             device=self.accelerator.device,
-            mixed_precision=self.accelerator.mixed_precision,
+            mixed_precision=scoring_mixed_precision(self.accelerator),
             pad_token_id=self._tokenizer.pad_token_id or 0,
             two_passes=self.reference.configured or args.token_cleaning == "self_evolving",
             stats=self.scoring_stats,
@@ -313,6 +321,11 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         # Trainer prepares the model (and optimizer) here; the mode's scoring runs right after, on the prepared model,
         # before the first batch is collated.
+        if self.is_deepspeed_enabled and self.model_wrapped is not self.model:
+            # An engine from an earlier `train()` (a self-evolving round) or from `score_tokens()`: Trainer has just
+            # freed it (`accelerator.free_memory()`) but would reuse it as already wrapped. Build a new one.
+            self.model_wrapped, self.deepspeed = self.model, None
+            self.optimizer, self.lr_scheduler = None, None
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self.cleaning_mode.on_model_prepared():
             self._reshard_after_scoring()
@@ -407,10 +420,21 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         """
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) or len(self.accelerator._models) > 0:
             return
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage != 3:
+            # ZeRO-1/2 keep whole parameters on every process, so a scoring forward needs no engine (and DeepSpeed has
+            # no inference engine below ZeRO-3); `train()` builds the training engine as usual.
+            self.model.to(self.args.device)
+            return
         if self.is_deepspeed_enabled and self.deepspeed is None:
             from transformers.integrations.deepspeed import deepspeed_init
 
+            # The inference set-up deletes the optimizer and scheduler sections of the DeepSpeed config, which the
+            # training engine built later must still read: restore them, in the same dict.
+            ds_config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+            kept = copy.deepcopy(ds_config)
             deepspeed_init(self, num_training_steps=0, inference=True)
+            ds_config.clear()
+            ds_config.update(kept)
         model = self.accelerator.prepare(self.model)
         if self.is_fsdp_enabled:
             self.model = model
@@ -483,7 +507,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         model = self.model_wrapped if sharded else self.model
         inputs = {key: self._prepare_input(value) for key, value in batch.items()}
-        precision = precision_context(self.accelerator.device.type, self.accelerator.mixed_precision)
+        precision = precision_context(self.accelerator.device.type, scoring_mixed_precision(self.accelerator))
         # Padding-free (and packed) batches carry `position_ids` and no attention mask: the forward then attends
         # within each sequence, as the training forward does.
         extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}

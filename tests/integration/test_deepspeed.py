@@ -1,0 +1,78 @@
+"""DeepSpeed ZeRO-1/2/3 around `train()`: a second `train()`, `score_tokens()` then `train()`, self-evolving rounds.
+
+DeepSpeed runs here on its CPU accelerator over gloo, one process per ZeRO stage (scripts/deepspeed_lifecycle.py):
+the engine's lifecycle is the same as on GPUs, where Trainer frees the engine at the start of every `train()` call.
+Scores computed under DeepSpeed equal those of a run without it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import arithmetic_rows, cpu_args
+from token_clean_trainer import TokenCleanSFTTrainer
+
+pytest.importorskip("deepspeed", reason="deepspeed is in the `dev` extra: `make install` installs it")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "tests", "integration", "scripts", "deepspeed_lifecycle.py")
+
+
+def run_stage(tmp_path, model_dir, ref_dir, stage: int, port: int) -> dict:
+    result = tmp_path / f"deepspeed_{stage}.json"
+    # One process of a world of one, as a launcher would start it.
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    command = [sys.executable, SCRIPT, model_dir, ref_dir, str(tmp_path / f"out_{stage}"), str(result), str(stage)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline_scores(tmp_path_factory, tiny_model_dir, tiny_ref_dir):
+    """The same fixed-mode scores without DeepSpeed."""
+    trainer = TokenCleanSFTTrainer(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=cpu_args(tmp_path_factory.mktemp("plain"), ref_model_name_or_path=tiny_ref_dir, use_cpu=True),
+        train_dataset=Dataset.from_list(arithmetic_rows(8)),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    scored = trainer.score_tokens()
+    return np.concatenate(scored["token_scores"]).astype(float), [bool(x) for row in scored["token_keep"] for x in row]
+
+
+# ZeRO-1 follows ZeRO-2's path (whole parameters, no engine for scoring): `make test-slow` runs it.
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
+def test_engine_lifecycle_across_train_calls(tmp_path, tiny_model_dir, tiny_ref_dir, baseline_scores, stage):
+    result = run_stage(tmp_path, tiny_model_dir, tiny_ref_dir, stage, port=29600 + stage)
+
+    twice = result["twice"]
+    assert twice["engine"] == "DeepSpeedEngine" and twice["new_engine"]  # rebuilt, never the freed one
+    assert twice["steps"] == 2 and all(np.isfinite(twice["losses"]))
+    assert twice["second_changed_weights"]  # the second call trained
+
+    scored = result["score_then_train"]
+    scores = np.array([np.nan if x is None else x for x in scored["scores"]])
+    plain_scores, plain_keep = baseline_scores
+    np.testing.assert_array_equal(np.isnan(scores), np.isnan(plain_scores))
+    np.testing.assert_allclose(scores, plain_scores, atol=1e-5)
+    assert scored["keep"] == plain_keep
+    assert scored["steps"] == 2 and np.isfinite(scored["loss"])
+
+    rounds = result["self_evolving"]
+    assert rounds["rounds"] == 2 and np.isfinite(rounds["loss"])
