@@ -332,6 +332,23 @@ ARMS: dict[str, CleaningArm | MaskArm] = {
 }
 
 
+def _dropped_loss_arms() -> dict[str, CleaningArm]:
+    """
+    A loss on the dropped tokens (`token_dropped_loss`) on top of the paper's and the span rule's masks, at the
+    default weight and at a smaller one: what pushing the dropped tokens down adds to ignoring them.
+    """
+    arms = {}
+    for loss, weight, suffix in (("ascent", 0.25, ""), ("ascent", 0.05, "_small"), ("unlikelihood", 0.25, "")):
+        settings = {"token_dropped_loss": loss, "token_dropped_weight": weight}
+        for rule, base in (("paper", ARMS["paper"]), ("span", ARMS["span"])):
+            label = f"{rule} + {loss} on dropped, lambda {weight}"
+            arms[f"{rule}_{loss}{suffix}"] = CleaningArm(label, {**base.overrides, **settings})
+    return arms
+
+
+ARMS.update(_dropped_loss_arms())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
