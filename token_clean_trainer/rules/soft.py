@@ -1,0 +1,106 @@
+"""Soft token weights (`token_weighting="soft"`): a rule's hard top-k softened into per-token loss weights.
+
+For the values a rule ranks at its level (the whole array, each sample, or the optimizer step), with `t` the top-k
+threshold at the keep ratio and `s` the standard deviation of the ranked values, each response token gets
+
+    w = sigmoid((v - t) / (T * s))
+
+`T` is `token_weight_temperature`. `t` lies midway between the lowest kept and the highest dropped ranked value, so
+as `T -> 0` the weights become the rule's keep mask (1 kept, 0 dropped); values tied across the threshold get 1/2
+each. A value of `+inf` means "always kept" (the junk gate's upper half by score): weight 1 at every `T`.
+"""
+
+import numpy as np
+
+
+def soft_threshold(values: np.ndarray, keep: np.ndarray) -> float:
+    """
+    `t` of one group: midway between the lowest kept and the highest dropped finite ranked value. `-inf` when
+    nothing is dropped (every weight 1), `+inf` when no finite value is kept (every finite value's weight 0).
+    """
+    finite = np.isfinite(values)
+    kept, dropped = values[keep & finite], values[~keep & finite]
+    if dropped.size == 0:
+        return -np.inf
+    if kept.size == 0:
+        return np.inf
+    return float((np.float64(kept.min()) + np.float64(dropped.max())) / 2)
+
+
+def sigmoid_weights(values: np.ndarray, threshold: float, temperature: float, scale: float) -> np.ndarray:
+    """`sigmoid((values - threshold) / (temperature * scale))` in float32, NaN kept as NaN; `+inf` gives 1, `-inf` 0.
+    A zero or non-finite `scale` (every value equal) counts as 1, so only the sign of `values - threshold` matters."""
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    v = values.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = (v - threshold) / (temperature * scale)
+        weights = 0.5 * (1.0 + np.tanh(z / 2))  # the logistic function, overflow-free
+    weights[v == np.inf] = 1.0
+    weights[v == -np.inf] = 0.0
+    weights[np.isnan(v)] = np.nan
+    return weights.astype(np.float32)
+
+
+def soft_weights(
+    values: np.ndarray, keep: np.ndarray, temperature: float, offsets: np.ndarray | None = None
+) -> np.ndarray:
+    """
+    The soft weights of `values` (the ranked values, NaN off the response tokens) given the rule's hard `keep` mask
+    at the same level: one group over the whole array, or one per sample between `offsets` (`"sample"` level).
+
+    Args:
+        values (`np.ndarray`):
+            Flat ranked values (window means when the rule windows), NaN where a position is not ranked.
+        keep (`np.ndarray`):
+            Bool keep mask the rule chose over the same positions.
+        temperature (`float`):
+            `token_weight_temperature`, `> 0`.
+        offsets (`np.ndarray`, *optional*):
+            Sample offsets (`samples + 1`): `t` and `s` per sample. `None`: over the whole array.
+
+    Returns:
+        `np.ndarray`: float32 weights in `[0, 1]`, NaN where `values` is NaN.
+    """
+    if not temperature > 0:
+        raise ValueError(f"`token_weight_temperature` must be > 0, got {temperature!r}.")
+    values, keep = np.asarray(values), np.asarray(keep, dtype=bool)
+    bounds = [(0, values.size)] if offsets is None else list(zip(offsets[:-1], offsets[1:]))
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    for start, end in bounds:
+        group, group_keep = values[start:end], keep[start:end]
+        finite = group[np.isfinite(group)]
+        scale = float(np.std(finite, dtype=np.float64)) if finite.size else 1.0
+        out[start:end] = sigmoid_weights(group, soft_threshold(group, group_keep), temperature, scale)
+    return out
+
+
+def weight_summary(weights: np.ndarray) -> dict:
+    """
+    The weight distribution the report shows, over the response tokens (NaN ignored): mean, quantiles (5, 25, 50,
+    75, 95%), the shares below 0.1 and above 0.9, and the effective token count `(sum w)^2 / sum w^2`, also relative
+    to the response tokens.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w[~np.isnan(w)]
+    if w.size == 0:
+        return {"response_tokens": 0}
+    q = np.quantile(w, [0.05, 0.25, 0.5, 0.75, 0.95])
+    squares = float(np.square(w).sum())
+    effective = float(w.sum()) ** 2 / squares if squares > 0 else 0.0
+    return {
+        "response_tokens": int(w.size),
+        "mean": float(w.mean()),
+        "p05": float(q[0]),
+        "p25": float(q[1]),
+        "p50": float(q[2]),
+        "p75": float(q[3]),
+        "p95": float(q[4]),
+        "share_below_0.1": float((w < 0.1).mean()),
+        "share_above_0.9": float((w > 0.9).mean()),
+        "effective_tokens": effective,
+        "effective_fraction": effective / w.size,
+    }
+
+
+__all__ = ["sigmoid_weights", "soft_threshold", "soft_weights", "weight_summary"]
