@@ -36,6 +36,12 @@ class FixedMode(CleaningMode):
         return self.online or self.trainer.args.token_selection == "batch"
 
     @property
+    def weighted(self) -> bool:
+        """Whether the loss is weighted per token (soft weights, or a user's weight column) instead of masked."""
+        args = self.trainer.args
+        return args.token_weighting == "soft" or args.token_weights_column is not None
+
+    @property
     def step_records(self) -> list[dict[str, Any]]:
         """The per-step records of the last `train()` (empty without per-step selection)."""
         return [] if self.steps is None else self.steps.records
@@ -99,6 +105,8 @@ class FixedMode(CleaningMode):
         """Masks (fixed mode) or step records (per-step selection) saved with a checkpoint: a resume never rescores."""
         if not os.path.isfile(os.path.join(folder, STATE_JSON)) and not self.selects_per_step:
             return  # a checkpoint of an older version: the masks are recomputed (or read from the score cache)
+        if self.weighted and not self.selects_per_step:
+            return  # soft weights are not saved: recomputed (the score cache makes it cheap), or read from the column
         payload, keep_bits = load_checkpoint_state(folder, packed=True)
         identity = self.identity()
         check_resume_matches(payload, identity, folder)
@@ -130,7 +138,7 @@ class FixedMode(CleaningMode):
         if self.steps is not None:
             return self.steps.checkpoint()
         state = self.state
-        if state is None or state.keep_bits is None:
+        if state is None or state.keep_bits is None or self.weighted:
             return None
         # The masks themselves (one bit per position), so a resume needs neither model nor cache.
         summary = {"kept_fraction": state.report.get("kept_fraction"), "threshold": state.threshold}
