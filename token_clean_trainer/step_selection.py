@@ -111,6 +111,7 @@ class StepSelection:
     # tokens), and their distribution over the step (`rules.soft.weight_summary`).
     weights: list[torch.Tensor] | None = None
     weight_stats: dict | None = None
+    step_weights: np.ndarray | None = None  # every process's weights of the step, flat
 
     def record(self, step: int) -> dict:
         record = {
@@ -203,6 +204,7 @@ def select_step(
         local_weights, all_weights = chosen[4:]
         outcome.weights = _per_micro_batch(responses, local_weights, torch.float32, float("nan"))
         outcome.weight_stats = weight_summary(all_weights)
+        outcome.step_weights = all_weights
     return outcome
 
 

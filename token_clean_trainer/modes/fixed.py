@@ -13,6 +13,7 @@ from ..checkpoint import STATE_JSON, check_resume_matches, latest_complete_check
 from ..columns import without_token_columns
 from ..report import add_step_summary
 from ..report.run import log_fields, step_log_fields
+from ..rules.soft import WeightTally
 from ..score_driver import row_offsets
 from ..scoring_pass import TokenCleaningState, fill_row_store, score_and_select
 from ..step_selection import StepRecords, accelerator_gather, select_step_tokens
@@ -29,6 +30,8 @@ class FixedMode(CleaningMode):
         super().__init__(trainer)
         # Per-step selection only: one record per optimizer step, saved with every checkpoint.
         self.steps: StepRecords | None = None
+        # Per-step soft weights: their distribution over the steps of the last `train()`.
+        self.weight_tally: WeightTally | None = None
         self._pending = False
 
     @property
@@ -60,6 +63,7 @@ class FixedMode(CleaningMode):
                 raise ValueError(f"No valid checkpoint found in output directory ({output_dir}).")
         if self.steps is not None:
             self.steps.records = []
+        self.weight_tally = WeightTally() if self.weighted and self.selects_per_step else None
         if resume_from_checkpoint and self.state is None:
             self.restore(resume_from_checkpoint)
         self._pending = self.state is None
@@ -68,6 +72,8 @@ class FixedMode(CleaningMode):
         if self.steps is not None and ctx.collective.is_main:
             report = self.state.report
             add_step_summary(report, self.steps.records)
+            if self.weight_tally is not None:
+                report["weights"] = self.weight_tally.summary()
             ctx.report.write(report)
             ctx.report.summarise(report)
         return output
@@ -128,6 +134,8 @@ class FixedMode(CleaningMode):
             current_losses=trainer.current_token_losses if self.online else None,
         )
         record = selection.record(step=trainer.state.global_step + 1)
+        if self.weight_tally is not None and selection.step_weights is not None:
+            self.weight_tally.add(selection.step_weights)
         self.steps.records.append(record)
         return step_log_fields(record)
 

@@ -12,6 +12,9 @@ each. A value of `+inf` means "always kept" (the junk gate's upper half by score
 
 import numpy as np
 
+# The quantiles the report shows, by name.
+QUANTILES = (("p05", 0.05), ("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95))
+
 
 def soft_threshold(values: np.ndarray, keep: np.ndarray) -> float:
     """
@@ -85,17 +88,13 @@ def weight_summary(weights: np.ndarray) -> dict:
     w = w[~np.isnan(w)]
     if w.size == 0:
         return {"response_tokens": 0}
-    q = np.quantile(w, [0.05, 0.25, 0.5, 0.75, 0.95])
+    q = np.quantile(w, [p for _, p in QUANTILES])
     squares = float(np.square(w).sum())
     effective = float(w.sum()) ** 2 / squares if squares > 0 else 0.0
     return {
         "response_tokens": int(w.size),
         "mean": float(w.mean()),
-        "p05": float(q[0]),
-        "p25": float(q[1]),
-        "p50": float(q[2]),
-        "p75": float(q[3]),
-        "p95": float(q[4]),
+        **{name: float(value) for (name, _), value in zip(QUANTILES, q)},
         "share_below_0.1": float((w < 0.1).mean()),
         "share_above_0.9": float((w > 0.9).mean()),
         "effective_tokens": effective,
@@ -103,4 +102,46 @@ def weight_summary(weights: np.ndarray) -> dict:
     }
 
 
-__all__ = ["sigmoid_weights", "soft_threshold", "soft_weights", "weight_summary"]
+class WeightTally:
+    """
+    The weight distribution of a run whose weights come step by step (online mode, `token_selection="batch"`):
+    exact counts, sums and shares, quantiles read from a histogram of `[0, 1]` in `bins` bins (to `1 / bins`).
+    """
+
+    def __init__(self, bins: int = 10_000):
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.total = self.weight_sum = self.square_sum = 0.0
+        self.below = self.above = 0
+
+    def add(self, weights: np.ndarray) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        w = w[~np.isnan(w)]
+        bins = self.counts.size
+        self.counts += np.bincount(np.clip((w * bins).astype(np.int64), 0, bins - 1), minlength=bins)
+        self.total += w.size
+        self.weight_sum += float(w.sum())
+        self.square_sum += float(np.square(w).sum())
+        self.below += int((w < 0.1).sum())
+        self.above += int((w > 0.9).sum())
+
+    def summary(self) -> dict:
+        """What [`weight_summary`] gives, over every weight added."""
+        n = int(self.total)
+        if n == 0:
+            return {"response_tokens": 0}
+        cumulative = np.cumsum(self.counts)
+        centres = (np.arange(self.counts.size) + 0.5) / self.counts.size
+        q = {name: float(centres[np.searchsorted(cumulative, p * n)]) for name, p in QUANTILES}
+        effective = self.weight_sum**2 / self.square_sum if self.square_sum > 0 else 0.0
+        return {
+            "response_tokens": n,
+            "mean": self.weight_sum / n,
+            **q,
+            "share_below_0.1": self.below / n,
+            "share_above_0.9": self.above / n,
+            "effective_tokens": effective,
+            "effective_fraction": effective / n,
+        }
+
+
+__all__ = ["WeightTally", "sigmoid_weights", "soft_threshold", "soft_weights", "weight_summary"]
