@@ -46,6 +46,7 @@ from .scoring_pass import CleaningContext, TokenCleaningState, selection_seed
 from .token_clean_config import TokenCleanConfig, as_token_clean_config
 from .utils import is_peft_model, list_array
 from .validation import DatasetValidationError, validate_raw_dataset
+from .weight_column import take_weight_column
 from .weighted_loss import label_log_probs, local_weight_sum, weighted_loss
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             callbacks = [c for c in callbacks if not isinstance(c, PurgeMixCallback)]
         # Filled by `_prepare_dataset` during `super().__init__`, to count rows TRL drops after truncation.
         self._prepare_stats: dict[str, dict[str, int]] = {}
+        # `token_weights_column`: (weights of each prepared train row, its raw row index), from `_prepare_dataset`.
+        self.user_token_weights: tuple[list | None, np.ndarray | None] = (None, None)
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
             # SFTTrainer reads the first row before preparing the data and fails with a bare StopIteration.
             raise DatasetValidationError(
@@ -158,12 +161,6 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         self.cleaning_mode: CleaningMode = make_mode(self)
         if not self.token_cleaning_enabled:
             return
-        if args.token_weighting == "soft" and compute_loss_func is not None:
-            raise ValueError(
-                "`token_weighting='soft'` computes the loss itself (a weighted mean of the per-token cross-entropy), "
-                "so a `compute_loss_func` would be ignored. Drop `compute_loss_func`, or set "
-                "`token_weighting='mask'`."
-            )
         self.cleaning_mode.attach()
         self._check_mode_fits_run()
         if "input_ids" not in self.train_dataset.column_names:
@@ -224,6 +221,13 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
     def _check_mode_fits_run(self) -> None:
         """The same refusals as before `super().__init__`, on the layout the accelerator actually built."""
         refuse_setting_clashes(self.args, is_peft_model(self.model), layout_from_accelerator(self.accelerator))
+        weighted = self.args.token_weighting == "soft" or self.args.token_weights_column is not None
+        if weighted and self.compute_loss_func is not None:
+            raise ValueError(
+                "Per-token weights (`token_weighting='soft'` or `token_weights_column`) make the loss a weighted mean "
+                "of the per-token cross-entropy, so a `compute_loss_func` would be ignored. Drop `compute_loss_func`, "
+                "or set `token_weighting='mask'` without a weights column."
+            )
 
     @property
     def ref_model(self) -> PreTrainedModel | None:
@@ -262,12 +266,18 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
                 strict=cleaned,  # only the train rows are ranked; eval rows need only be rows TRL can prepare
                 assistant_only_loss=args.assistant_only_loss,
             )
+        weight_rows = None
+        if cleaned and getattr(args, "token_weights_column", None) is not None and isinstance(dataset, Dataset):
+            dataset, weight_rows = take_weight_column(dataset, args.token_weights_column)
         if rows_in is not None and not packing and cleaned:
             dataset = with_raw_row_column(dataset)  # the user's row index, carried through TRL's maps/filter/shuffle
         if packing and cleaned:
             refuse_packing_without_response_labels(dataset, args)
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         prepared, raw_rows = pop_raw_row_column(prepared)
+        if weight_rows is not None:
+            kept = raw_rows if raw_rows is not None else np.arange(len(prepared))
+            self.user_token_weights = ([weight_rows[int(r)] for r in kept], kept)
         if packing and cleaned and isinstance(prepared, Dataset) and "seq_lengths" in prepared.column_names:
             prepared = prepared.map(
                 lambda row: {"labels": mask_sequence_starts(row["labels"], row["seq_lengths"])},

@@ -17,6 +17,7 @@ from ..rules.soft import WeightTally
 from ..score_driver import row_offsets
 from ..scoring_pass import TokenCleaningState, fill_row_store, score_and_select
 from ..step_selection import StepRecords, accelerator_gather, select_step_tokens
+from ..weight_column import weight_column_state
 from .base import CleaningMode
 
 
@@ -99,8 +100,13 @@ class FixedMode(CleaningMode):
         return state
 
     def score(self, dataset) -> TokenCleaningState:
-        """The scoring pass: `L_base - L_ref` and the selection (`scoring_pass.score_and_select`)."""
-        return score_and_select(self.trainer.cleaning_context, dataset)
+        """The scoring pass: `L_base - L_ref` and the selection (`scoring_pass.score_and_select`); with a
+        `token_weights_column`, the user's weights instead (`weight_column.py`), no model run."""
+        trainer = self.trainer
+        if trainer.args.token_weights_column is not None:
+            rows, raw_rows = trainer.user_token_weights
+            return weight_column_state(trainer.cleaning_context, dataset, rows, raw_rows)
+        return score_and_select(trainer.cleaning_context, dataset)
 
     def scores(self) -> TokenCleaningState:
         if self.state is None:
