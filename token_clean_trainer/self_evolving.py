@@ -37,8 +37,8 @@ from .checkpoint import (
     load_checkpoint_state,
     round_output_dir,
 )
-from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
 from .columns import TOKEN_WEIGHTS_COLUMN
+from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
 from .rules import excess_loss
 from .rules.soft import weight_summary
 from .score_driver import row_offsets

@@ -445,7 +445,11 @@ class TokenCleanConfig(SFTConfig):
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"`token_weighting` must be 'mask' or 'soft', got {self.token_weighting!r}.")
         temperature = self.token_weight_temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not 0 < temperature < math.inf
+        ):
             raise ValueError(
                 f"`token_weight_temperature` must be a finite number > 0, got {temperature!r}. Smaller values give "
                 "weights closer to the keep mask; 1.0 is one standard deviation of the ranked values."
@@ -458,8 +462,9 @@ class TokenCleanConfig(SFTConfig):
             return
         if self.token_cleaning == "none" or self.token_selection in baselines():
             setting = (
-                "`token_cleaning='none'` scores" if self.token_cleaning == "none" else
-                f"`token_selection={self.token_selection!r}` ranks"
+                "`token_cleaning='none'` scores"
+                if self.token_cleaning == "none"
+                else f"`token_selection={self.token_selection!r}` ranks"
             )
             raise ValueError(
                 f"`token_weighting='soft'` softens the ranking of a score, but {setting} nothing. Set "

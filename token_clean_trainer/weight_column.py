@@ -62,7 +62,7 @@ def check_weight_rows(
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
             raise ValueError(
-                f"Row {raw} of the train dataset: `{column}` weight {j} is {values[j]!r}; weights must be finite and "
+                f"Row {raw} of the train dataset: `{column}` weight {j} is {float(values[j])!r}; weights must be finite and "
                 ">= 0. Replace NaN with a number (e.g. 1.0 to keep the token as it is) and clip negative weights at 0."
             )
         out[start:end] = values

@@ -197,7 +197,9 @@ def log_fields(report: dict[str, Any]) -> dict[str, float]:
     if "token_cleaning/kept_fraction" in report:
         # A process other than the main one holds only these fields of the report (see `RunReport.last`).
         return dict(report)
-    fields = {"token_cleaning/kept_fraction": report["kept_fraction"]}
+    fields = {}
+    if report.get("kept_fraction") is not None:  # none for a user's weight column: nothing is kept or dropped
+        fields["token_cleaning/kept_fraction"] = report["kept_fraction"]
     if report.get("threshold") is not None:
         fields["token_cleaning/threshold"] = report["threshold"]
     scores = report.get("scores") or {}
