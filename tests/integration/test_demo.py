@@ -10,6 +10,7 @@ from token_clean_trainer.assets import load_chatterbot_dataset
 from token_clean_trainer.commands.demo import (
     ARMS,
     DEFAULT_ARMS,
+    OPT_IN_ARMS,
     DemoSettings,
     MaskInputs,
     demo_arms,
@@ -150,7 +151,8 @@ def test_a_plain_demo_trains_plain_sft_and_the_papers_rule_only():
     assert demo_arms(DemoSettings()) == list(DEFAULT_ARMS) == ["plain", "paper", "span_same_budget", "random"]
     trained = [name for name in DEFAULT_ARMS if getattr(ARMS[name], "train", True)]
     assert trained == ["plain", "paper"]
-    assert demo_arms(DemoSettings(all_arms=True)) == list(ARMS)
+    assert demo_arms(DemoSettings(all_arms=True)) == [name for name in ARMS if name not in OPT_IN_ARMS]
+    assert demo_arms(DemoSettings(arms="paper_soft,span_soft")) == ["paper_soft", "span_soft"]
     assert demo_arms(DemoSettings(arms="plain, bound")) == ["plain", "bound"]
     with pytest.raises(ValueError, match="unknown.*nope"):
         demo_arms(DemoSettings(arms="plain,nope"))
