@@ -17,6 +17,7 @@ from token_clean_trainer.rules import Quantities, get_rule
 from token_clean_trainer.rules.base import OUTPUTS
 from token_clean_trainer.rules.soft import WeightTally, soft_threshold, soft_weights, weight_summary
 from token_clean_trainer.step_selection import select_step, select_step_tokens
+from token_clean_trainer.weight_column import check_weight_rows, take_weight_column
 from token_clean_trainer.weighted_loss import label_log_probs, local_weight_sum, shifted_weights, weighted_loss
 
 NAN = float("nan")
@@ -297,3 +298,36 @@ def test_config_defaults_and_refusals(tmp_path):
     for kwargs, named in refused:
         with pytest.raises(ValueError, match=named):
             config(tmp_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A user's weight column
+
+
+def test_weight_rows_are_flattened_over_the_response_tokens():
+    # two prepared rows with 2 and 3 response tokens; the second prepared row is raw row 4 (TRL dropped rows 1-3)
+    flat = check_weight_rows([[0.5, 1], [0, 2, 0.25]], np.array([0, 2, 5]), np.array([0, 4]), "w")
+    assert flat.dtype == np.float32 and flat.tolist() == [0.5, 1, 0, 2, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([[1, 1], [1, 1]], r"Row 4 of the train dataset: `w` holds 2 weights, but the row has 3 response tokens"),
+        ([[1, 1], [1, NAN, 1]], r"Row 4 of the train dataset: `w` weight 1 is nan; weights must be finite and >= 0"),
+        ([[-0.5, 1], [1, 1, 1]], r"Row 0 of the train dataset: `w` weight 0 is -0.5"),
+        ([[1, 1], None], r"Row 4 of the train dataset: `w` holds 0 weights, but the row has 3"),
+    ],
+)
+def test_weight_rows_refuse_bad_rows_naming_them(rows, message):
+    with pytest.raises(ValueError, match=message):
+        check_weight_rows(rows, np.array([0, 2, 5]), np.array([0, 4]), "w")
+
+
+def test_take_weight_column_names_a_missing_column():
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="`token_weights_column='w'` names no column"):
+        take_weight_column(Dataset.from_list([{"text": "a"}]), "w")
+    rest, rows = take_weight_column(Dataset.from_list([{"text": "a", "w": [1.0]}]), "w")
+    assert rest.column_names == ["text"] and rows == [[1.0]]
