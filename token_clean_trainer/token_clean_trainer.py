@@ -639,6 +639,11 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         # The factor TRL applies to its own loss: `W` sums the weights of every process.
         if self.args.average_tokens_across_devices and weight_sum is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        aux_loss = getattr(captured, "aux_loss", None)
+        if self.aux_loss_enabled and aux_loss is not None:
+            # MoE load balancing, added as TRL adds it: a per-micro-batch mean, averaged over the accumulation.
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
         return (loss, outputs) if return_outputs else loss
 
     def _loss_with_dropped_tokens(self, model, inputs, dropped, return_outputs, num_items_in_batch):
