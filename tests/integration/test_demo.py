@@ -207,3 +207,13 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert stamp["path"] == str(tmp_path / "demo" / "reference" / "adapter")
     assert stamp["identity"]["split"] == "warmup" and stamp["identity"]["rows"] == 16
     assert "bound" in results["why_reference"] or "Masking exactly the junk" in results["why_reference"]
+
+
+def test_the_soft_weight_rows_are_valid_configs(tmp_path):
+    # `--arms paper_soft,span_soft`: the product's fixed mode with soft weights around each rule's threshold.
+    for name in OPT_IN_ARMS:
+        overrides = ARMS[name].overrides
+        args = cpu_args(tmp_path, token_cleaning="fixed", ref_model_name_or_path="ref", **overrides)
+        assert args.token_weighting == "soft" and args.token_weight_temperature > 0
+    assert ARMS["span_soft"].overrides["token_score_rule"] == "junk_gate"
+    assert ARMS["span_soft"].overrides["token_score_window"] == 5

@@ -191,3 +191,21 @@ def test_weight_column_bad_rows_are_named(tmp_path, tiny_model_dir, tokenizer, m
     trainer = build(tmp_path / "bad", tiny_model_dir, tokenizer, rows=bad, token_weights_column="w")
     with pytest.raises(ValueError, match=message):
         trainer.train()
+
+
+def test_fixed_batch_level_soft_weights_per_step(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
+    soft = build(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        ref_model_name_or_path=tiny_ref_dir,
+        token_selection="batch",
+        token_weighting="soft",
+        token_weight_temperature=0.5,
+    )
+    soft.train()
+    assert len(losses(soft)) == 2
+    data = report(tmp_path)
+    assert SUMMARY_KEYS <= set(data["weights"]) and all("weights" in step for step in data["steps"])
+    logged = [log for log in soft.state.log_history if "token_cleaning/weight_effective_fraction" in log]
+    assert logged and all(0 < log["token_cleaning/weight_effective_fraction"] <= 1 for log in logged)

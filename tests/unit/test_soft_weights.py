@@ -331,3 +331,17 @@ def test_take_weight_column_names_a_missing_column():
         take_weight_column(Dataset.from_list([{"text": "a"}]), "w")
     rest, rows = take_weight_column(Dataset.from_list([{"text": "a", "w": [1.0]}]), "w")
     assert rest.column_names == ["text"] and rows == [[1.0]]
+
+
+def test_self_evolving_checkpoints_carry_the_weights(tmp_path):
+    from token_clean_trainer.checkpoint import load_base_losses, load_checkpoint_state, save_checkpoint_state
+
+    weights = np.array([1.0, 0.25, NAN], dtype=np.float32)
+    keep_bits = np.packbits(np.array([1, 1, 0, 1], dtype=bool))
+    save_checkpoint_state(
+        str(tmp_path), {"round": 1}, {"keep_bits": keep_bits, "keep_size": 4, "token_weights": weights}
+    )
+    _, bits = load_checkpoint_state(str(tmp_path), packed=True)
+    assert bits.tolist() == keep_bits.tolist()
+    np.testing.assert_array_equal(load_base_losses(str(tmp_path), "token_weights"), weights)
+    assert load_base_losses(str(tmp_path)) is None
