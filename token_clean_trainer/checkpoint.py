@@ -87,8 +87,9 @@ def save_checkpoint_state(
         elif arrays.get("keep") is not None:
             keep = arrays["keep"].astype(bool)
             stored.update(keep_bits=np.packbits(keep), keep_size=np.array([keep.size], dtype=np.int64))
-        if arrays.get("base_losses") is not None:
-            stored["base_losses"] = np.ascontiguousarray(arrays["base_losses"], dtype=np.float32)
+        for name in ("base_losses", "token_weights"):  # float32 at the response positions
+            if arrays.get(name) is not None:
+                stored[name] = np.ascontiguousarray(arrays[name], dtype=np.float32)
         atomic_write_bytes(arrays_path, save(stored))
     atomic_write_json(os.path.join(folder, STATE_JSON), {"format": STATE_FORMAT_VERSION, **payload})
 
@@ -120,13 +121,14 @@ def load_checkpoint_state(folder: str, packed: bool = False) -> tuple[dict[str, 
     return payload, keep
 
 
-def load_base_losses(folder: str) -> np.ndarray | None:
-    """The base losses a self-evolving checkpoint carries (None when it has none: a score cache holds them)."""
+def load_base_losses(folder: str, name: str = "base_losses") -> np.ndarray | None:
+    """The base losses a self-evolving checkpoint carries (None when it has none: a score cache holds them), or
+    another float array saved beside them (`name="token_weights"`: the soft weights of the rounds so far)."""
     arrays_path = os.path.join(folder, STATE_ARRAYS)
     if not os.path.isfile(arrays_path):
         return None
     with safe_open(arrays_path, framework="numpy") as f:
-        return f.get_tensor("base_losses") if "base_losses" in f.keys() else None
+        return f.get_tensor(name) if name in f.keys() else None
 
 
 def check_resume_matches(payload: dict[str, Any], expected: dict[str, Any], folder: str) -> None:

@@ -12,6 +12,7 @@ from .columns import (
     ROW_COLUMN,
     STEP_COLUMNS,
     TOKEN_KEEP_COLUMN,
+    TOKEN_WEIGHTS_COLUMN,
 )
 from .compact import unpack_bits
 from .step_selection import rows_to_flat, rows_to_padded
@@ -90,7 +91,9 @@ class TokenCleaningCollator:
 
     Masking happens here, before the batch reaches the trainer, so TRL's loss normalisation and the `Trainer`'s
     `num_items_in_batch` count (taken over the whole gradient-accumulation window and across processes) see only kept
-    tokens and stay exact. The collator never calls a model: batches are prefetched, may be built in worker processes,
+    tokens and stay exact. With soft weights (`token_weighting="soft"`, or a `token_weights_column`) the store holds
+    per-token weights instead of a mask: no label changes, and the batch carries them as `token_weights`, `(B, T)`
+    float like the per-step columns below. The collator never calls a model: batches are prefetched, may be built in worker processes,
     and a model call here would desynchronise FSDP/ZeRO-3 collectives.
 
     Examples without the keep column (e.g. evaluation rows) pass through unchanged. The per-token float columns used
@@ -128,7 +131,7 @@ class TokenCleaningCollator:
         if train_rows:
             examples = [self.attach_row(example) for example in examples]
         step_values = {}
-        for column in STEP_COLUMNS:
+        for column in (*STEP_COLUMNS, TOKEN_WEIGHTS_COLUMN):
             if examples and column in examples[0]:
                 step_values[column] = [example[column] for example in examples]
                 examples = [{k: v for k, v in example.items() if k != column} for example in examples]

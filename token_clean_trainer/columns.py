@@ -9,6 +9,10 @@ TOKEN_KEEP_COLUMN = "token_keep"
 TOKEN_SCORES_COLUMN = "token_scores"
 TOKEN_REF_LOSSES_COLUMN = "token_ref_losses"
 STEP_COLUMNS = (TOKEN_SCORES_COLUMN, TOKEN_REF_LOSSES_COLUMN)
+# Per-token loss weights (`token_weighting="soft"`, or the user's `token_weights_column`): what the row store hands
+# the collator by row, and the batch key of the `(B, T)` float tensor aligned with `labels` (NaN off the weighted
+# tokens), which the trainer pops before the forward.
+TOKEN_WEIGHTS_COLUMN = "token_weights"
 # Batch key of the dropped tokens' labels, `(B, T)` like `labels` (the label where a response token was dropped,
 # -100 elsewhere). Only present when a dropped-token loss is set; the trainer pops it before the forward.
 DROPPED_LABELS_KEY = "dropped_labels"
@@ -27,5 +31,6 @@ __all__ = [
     "TOKEN_KEEP_COLUMN",
     "TOKEN_REF_LOSSES_COLUMN",
     "TOKEN_SCORES_COLUMN",
+    "TOKEN_WEIGHTS_COLUMN",
     "without_token_columns",
 ]

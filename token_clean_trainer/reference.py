@@ -128,6 +128,7 @@ class Reference:
                 )
             return
         needs_reference = args.token_cleaning == "online" or args.token_selection in ("global", "sample", "batch")
+        needs_reference = needs_reference and getattr(args, "token_weights_column", None) is None  # no scoring
         if needs_reference and not self.configured:
             raise ValueError(
                 f"`token_cleaning={args.token_cleaning!r}` with `token_selection={args.token_selection!r}` ranks tokens "

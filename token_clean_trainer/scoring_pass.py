@@ -14,7 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from .collator import RowStore
-from .columns import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
+from .columns import TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .compact import (
     ResponseLayout,
     expand_bits,
@@ -28,6 +28,7 @@ from .reference import Reference
 from .report import nanmean
 from .report.run import RunReport, log_fields
 from .rules import Quantities, configured_rule, excess_loss
+from .rules.soft import weight_summary
 from .score_driver import ScoringDriver, row_offsets
 from .selection import Selection
 
@@ -53,6 +54,8 @@ class TokenCleaningState:
     compact_scores: np.ndarray | None = None
     compact_base: np.ndarray | None = None
     compact_ref: np.ndarray | None = None
+    # Soft weights (`token_weighting="soft"`, or a `token_weights_column`): one per response position, every process.
+    compact_weights: np.ndarray | None = None
     # On the main process: where the response tokens sit (row offsets of the compact arrays, the dataset).
     layout: ResponseLayout | None = None
 
@@ -148,6 +151,7 @@ class CleaningContext:
         The configured rule ([`~rules.configured_rule`]) over compact arrays of `layout`: the losses (`base`, `ref`),
         or the scores already computed (`scores`). A score window stays inside the layout's response spans. Fixed and
         self-evolving modes select through here; online mode calls the same rule per step (`step_selection.py`).
+        With `token_weighting="soft"` the selection also carries the soft weights (`Rule.select_weights`).
         """
         args = self.args
         rule, level = configured_rule(args)
@@ -159,6 +163,8 @@ class CleaningContext:
             window=args.token_score_window,
             span_start=lambda: response_span_start_mask(layout),
         )
+        if args.token_weighting == "soft":
+            return rule.select_weights(quantities, level, args.token_keep_ratio, args.token_weight_temperature, seed)
         return rule.select(quantities, level, args.token_keep_ratio, seed)
 
 
@@ -172,6 +178,7 @@ class FixedSelection:
     keep: np.ndarray | None
     threshold: float | None
     stats: dict[str, Any] = field(default_factory=dict)
+    weights: np.ndarray | None = None  # soft weights, compact
 
 
 def check_scores(scores: np.ndarray) -> None:
@@ -221,6 +228,9 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
         scores = collective.broadcast_array(scores, np.float32)
     elif collective.world > 1:
         keep_bits = collective.broadcast_array(keep_bits, np.uint8)
+    weights = selected.weights if collective.is_main and selected is not None else None
+    if args.token_weighting == "soft" and args.token_selection != "batch" and collective.world > 1:
+        weights = collective.broadcast_array(weights, np.float32)
     return TokenCleaningState(
         offsets,
         keep_bits,
@@ -229,6 +239,7 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
         response_offsets=response_offsets,
         response_bits=bits,
         compact_scores=scores,
+        compact_weights=weights,
         layout=layout,
     )
 
@@ -250,7 +261,7 @@ def select_fixed(ctx: CleaningContext, layout: ResponseLayout, losses: dict[str,
         "response_tokens": int(selection.keep.size),
         "kept_tokens": int(np.count_nonzero(selection.keep)),
     }
-    return FixedSelection(selection.keep, selection.threshold, stats)
+    return FixedSelection(selection.keep, selection.threshold, stats, selection.weights)
 
 
 def publish_fixed(
@@ -290,6 +301,8 @@ def publish_fixed(
         tokens=tokens,
     )
     report.update(means)
+    if selected.weights is not None:
+        report["weights"] = weight_summary(selected.weights)
     ctx.report.publish(report)  # writes the histogram and drops the report's reference to the scores
     keep_bits = None if kept is None else expand_keep_bits(layout, kept)
     return keep_bits, threshold, log_fields(report) if kept is not None else {}, scores
@@ -345,8 +358,13 @@ def fill_row_store(store: RowStore, state: TokenCleaningState, online: bool) -> 
     """
     Give the collator what it reads by row: the packed keep mask, or, for per-step selection, the compact values it
     ranks (fixed `"batch"`: the scores; online: the reference losses), which every process holds and expands a row at
-    a time.
+    a time. Soft weights replace the mask: the collator then changes no label and hands the weights to the loss.
     """
+    if state.compact_weights is not None:
+        store.set_compact_values(
+            TOKEN_WEIGHTS_COLUMN, state.offsets, state.response_offsets, state.response_bits, state.compact_weights
+        )
+        return
     if state.keep_bits is not None:
         store.set_keep_bits(state.offsets, state.keep_bits)
         return

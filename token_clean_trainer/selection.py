@@ -25,10 +25,12 @@ def keep_count(ratio: float, n: int) -> int:
 
 @dataclass
 class Selection:
-    """Result of a selection: the keep mask and, for threshold-based levels, the lowest kept score."""
+    """Result of a selection: the keep mask and, for threshold-based levels, the lowest kept score; with soft
+    weighting (`rules/soft.py`) also each position's loss weight (float32, NaN off the response tokens)."""
 
     keep: np.ndarray
     threshold: float | None
+    weights: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -36,9 +36,11 @@ from .checkpoint import (
     load_checkpoint_state,
     round_output_dir,
 )
+from .columns import TOKEN_WEIGHTS_COLUMN
 from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
 from .lora_merge import merge_and_reset_adapter
 from .rules import excess_loss
+from .rules.soft import weight_summary
 from .score_driver import row_offsets
 from .scoring_pass import CleaningContext, TokenCleaningState, check_scores
 from .utils import is_peft_model
@@ -73,6 +75,9 @@ class SelfEvolvingRun:
     # The round being trained (None between rounds) and what each of its checkpoints carries.
     round_index: int | None = None
     checkpoint_state: tuple[dict[str, Any], dict[str, Any]] | None = None
+    # Soft weights (`token_weighting="soft"`): float32 per response position, every process, NaN until a round
+    # chooses them (chunk 0: all 1). None with the keep mask.
+    weights: np.ndarray | None = None
 
     @property
     def training(self) -> bool:
@@ -99,7 +104,20 @@ def new_run(
         ref_all=np.full(layout.n_response, np.nan, dtype=np.float32) if collective.is_main else None,
         identity=identity,
         base_recomputable=base_recomputable,
+        weights=np.full(int(response_offsets[-1]), np.nan, dtype=np.float32)
+        if ctx.args.token_weighting == "soft"
+        else None,
     )
+
+
+def fill_round_store(store, run: SelfEvolvingRun) -> None:
+    """What the collator reads by row for the rounds so far: the soft weights, or the packed keep mask."""
+    if run.weights is not None:
+        store.set_compact_values(
+            TOKEN_WEIGHTS_COLUMN, run.offsets, run.response_offsets, run.response_bits, run.weights
+        )
+    else:
+        store.set_keep_bits(run.offsets, run.keep_bits)
 
 
 def resume_run(ctx: CleaningContext, run: SelfEvolvingRun, resume_from_checkpoint) -> tuple[int, str | None]:
@@ -116,6 +134,14 @@ def resume_run(ctx: CleaningContext, run: SelfEvolvingRun, resume_from_checkpoin
     start_round, run.records = payload["round"], payload["rounds"]
     run.keep_bits = np.array(saved_bits, dtype=np.uint8)  # written to by the later rounds
     run.base_losses = saved_base_losses(run, path) if ctx.collective.is_main else None
+    if run.weights is not None:
+        saved = load_base_losses(path, "token_weights")
+        if saved is None or saved.size != run.weights.size:
+            raise ValueError(
+                f"Cannot resume from {path} with `token_weighting='soft'`: it holds no soft weights of this dataset. "
+                "Resume from a checkpoint of the same soft-weighted run, or start a new run in another `output_dir`."
+            )
+        run.weights = np.array(saved, dtype=np.float32)
     run.base_done = run.base_losses is not None or start_round >= len(run.bounds) - 1
     run.base_done = run.base_done or not run.needs_scores or len(run.bounds) < 2
     return start_round, path
@@ -179,6 +205,7 @@ def final_state(ctx: CleaningContext, run: SelfEvolvingRun) -> TokenCleaningStat
         response_bits=run.response_bits,
         compact_base=run.base_losses,
         compact_ref=run.ref_all,
+        compact_weights=run.weights,
         layout=run.layout,
     )
 
@@ -221,6 +248,7 @@ def prepare_round(ctx: CleaningContext, run: SelfEvolvingRun, t: int) -> np.ndar
             return None, None
         low, high = int(run.layout.response_offsets[start]), int(run.layout.response_offsets[end])
         scores = threshold = None
+        weights = np.ones(high - low, dtype=np.float32) if run.weights is not None else None
         if t == 0:  # the warm-up chunk trains on every response token
             keep = np.ones(high - low, dtype=bool)
         else:
@@ -230,15 +258,23 @@ def prepare_round(ctx: CleaningContext, run: SelfEvolvingRun, t: int) -> np.ndar
             chunk = run.layout.subset(start, end)
             selection = ctx.select(chunk, ctx.seed + t, ref=run.ref_all[low:high], scores=scores)
             keep, threshold = selection.keep, selection.threshold
+            weights = selection.weights
         # Trained tokens that are not response tokens are never ranked and never dropped.
         bits = expand_keep_bits(run.layout, keep, start, end)
-        return bits, round_record(t, (start, end), high - low, keep, threshold, scores)
+        record = round_record(t, (start, end), high - low, keep, threshold, scores)
+        if weights is not None:
+            record["weights"] = weight_summary(weights)
+        return bits, record, weights
 
-    bits, record = collective.together(select)
+    bits, record, weights = collective.together(select)
     record = collective.broadcast_object(record)
     if collective.world > 1:
         bits = collective.broadcast_array(bits, np.uint8)
+        if run.weights is not None:
+            weights = collective.broadcast_array(weights, np.float32)
     write_bits(run.keep_bits, begin, np.unpackbits(bits, count=finish - begin))
+    if run.weights is not None:
+        run.weights[int(run.response_offsets[start]) : int(run.response_offsets[end])] = weights
     run.records = run.records[:t] + [record]
     set_round_checkpoint(run, t, args.score_cache_dir)
     return run.keep_bits
@@ -282,6 +318,8 @@ def set_round_checkpoint(run: SelfEvolvingRun, t: int, score_cache_dir: str | No
     arrays: dict[str, Any] = {"keep_bits": run.keep_bits, "keep_size": int(run.offsets[-1])}
     if run.base_losses is not None and score_cache_dir is None and t < len(run.bounds) - 1:
         arrays["base_losses"] = run.base_losses
+    if run.weights is not None:
+        arrays["token_weights"] = run.weights
     run.checkpoint_state = (payload, arrays)
 
 
@@ -303,6 +341,8 @@ def round_report(ctx: CleaningContext, run: SelfEvolvingRun, t: int, started: fl
         reference={"kind": "self_evolving", "rounds_done": t + 1, "rounds": len(run.bounds)},
     )
     report["rounds"] = run.records
+    if run.weights is not None:
+        report["weights"] = weight_summary(run.weights[:prefix])
     return report
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .columns import DROPPED_LABELS_KEY, TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN
+from .columns import DROPPED_LABELS_KEY, TOKEN_REF_LOSSES_COLUMN, TOKEN_SCORES_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .rules import DEFAULT_RULE, Quantities, Rule, check_score_rule, excess_loss
+from .rules.soft import weight_summary
 from .selection import dropped_runs, span_starts
 
 # Gathers one 2-D float array `(channels, n_local)` from every process; returns them in rank order and this rank.
@@ -106,9 +107,14 @@ class StepSelection:
     rows_all_masked: int
     masked_runs: int = 0
     masked_run_max: int = 0
+    # Soft weights (`token_weighting="soft"`): one float `(B, T)` tensor per micro-batch (NaN off the response
+    # tokens), and their distribution over the step (`rules.soft.weight_summary`).
+    weights: list[torch.Tensor] | None = None
+    weight_stats: dict | None = None
+    step_weights: np.ndarray | None = None  # every process's weights of the step, flat
 
     def record(self, step: int) -> dict:
-        return {
+        record = {
             "step": step,
             "response_tokens": self.response_tokens,
             "kept_tokens": self.kept_tokens,
@@ -122,6 +128,9 @@ class StepSelection:
             "masked_runs": self.masked_runs,
             "masked_run_max": self.masked_run_max,
         }
+        if self.weight_stats is not None:
+            record["weights"] = self.weight_stats
+        return record
 
 
 def select_step(
@@ -135,6 +144,7 @@ def select_step(
     rule: str | Rule = DEFAULT_RULE,
     ref_losses: Sequence[torch.Tensor] | None = None,
     position_ids: Sequence[torch.Tensor | None] | None = None,
+    temperature: float | None = None,
 ) -> StepSelection:
     """
     Choose the kept response tokens of one optimizer step.
@@ -170,6 +180,9 @@ def select_step(
         position_ids (`Sequence[torch.Tensor | None]`, *optional*):
             Position ids of the micro-batches (packed or padding-free batches restart them at 0 for each sequence).
             With them, each sequence is a sample: of `"sample"`, and of `rows_all_masked`.
+        temperature (`float`, *optional*):
+            `token_weight_temperature` with `token_weighting="soft"`: the selection also carries each response
+            token's soft weight (`Rule.select_weights`, the step's ranked values). `None`: the keep mask only.
 
     Returns:
         [`StepSelection`] with one bool keep mask per micro-batch (True only on kept response positions).
@@ -183,10 +196,28 @@ def select_step(
         responses = [response.cpu() & response_mask(lab.cpu()) for response, lab in zip(responses, labels)]
     step = _flatten_step(scores, responses, ref_losses if "ref" in rule.needs else None, position_ids)
     if level == "batch":
-        local_keep, all_keep, everything, threshold = _select_over_step(rule, step, window, ratio, gather)
+        chosen = _select_over_step(rule, step, window, ratio, gather, temperature)
     else:
-        local_keep, all_keep, everything, threshold = _select_per_sample(rule, step, window, ratio, gather)
-    return _step_outcome(step, responses, local_keep, all_keep, everything, threshold, gather)
+        chosen = _select_per_sample(rule, step, window, ratio, gather, temperature)
+    outcome = _step_outcome(step, responses, *chosen[:4], gather)
+    if temperature is not None:
+        local_weights, all_weights = chosen[4:]
+        outcome.weights = _per_micro_batch(responses, local_weights, torch.float32, float("nan"))
+        outcome.weight_stats = weight_summary(all_weights)
+        outcome.step_weights = all_weights
+    return outcome
+
+
+def _per_micro_batch(responses, flat: np.ndarray, dtype, fill) -> list[torch.Tensor]:
+    """A flat array over this process's response tokens back into one `(B, T)` tensor per micro-batch."""
+    out, cursor = [], 0
+    for response in responses:
+        tensor = torch.full(response.shape, fill, dtype=dtype)
+        n = int(response.sum())
+        tensor[response] = torch.from_numpy(np.ascontiguousarray(flat[cursor : cursor + n])).to(dtype)
+        cursor += n
+        out.append(tensor)
+    return out
 
 
 def _step_rule(rule: str | Rule, ref_losses) -> Rule:
@@ -243,9 +274,9 @@ def _flatten_step(scores, responses, ref_losses, position_ids) -> _StepArrays:
     )
 
 
-def _select_over_step(rule: Rule, step: _StepArrays, window: int, ratio: float, gather: GatherFn):
+def _select_over_step(rule: Rule, step: _StepArrays, window: int, ratio: float, gather: GatherFn, temperature=None):
     """`"batch"`: every process's response tokens gathered in rank order and ranked together by `rule`.
-    `(local keep, step keep, step scores, threshold)`."""
+    `(local keep, step keep, step scores, threshold)`, then with a `temperature` `(local weights, step weights)`."""
     # Each process windows its own tokens first: spans never cross processes, so the means are those of the whole
     # step, and only the values ranked travel.
     local = Quantities(step.sample_offsets, ref=step.refs, scores=step.scores, window=window, span_start=step.starts)
@@ -261,22 +292,36 @@ def _select_over_step(rule: Rule, step: _StepArrays, window: int, ratio: float, 
         ref=np.concatenate([part[-1] for part in parts]) if refs is not None else None,
         scores=np.concatenate([part[1] for part in parts]) if windowed else everything,
     )
-    selection = rule.select(quantities, "batch", ratio)
+    if temperature is None:
+        selection = rule.select(quantities, "batch", ratio)
+    else:
+        selection = rule.select_weights(quantities, "batch", ratio, temperature)
     start = sum(part.shape[1] for part in parts[:rank])
-    return selection.keep[start : start + step.scores.size], selection.keep, everything, selection.threshold
+    local = slice(start, start + step.scores.size)
+    chosen = (selection.keep[local], selection.keep, everything, selection.threshold)
+    return chosen if temperature is None else (*chosen, selection.weights[local], selection.weights)
 
 
-def _select_per_sample(rule: Rule, step: _StepArrays, window: int, ratio: float, gather: GatherFn):
-    """`"sample"`: each sample of this process ranked by `rule` on its own, then the keep masks gathered for the
-    statistics. `(local keep, step keep, step scores, None)`."""
+def _select_per_sample(rule: Rule, step: _StepArrays, window: int, ratio: float, gather: GatherFn, temperature=None):
+    """`"sample"`: each sample of this process ranked by `rule` on its own, then the keep masks (and soft weights)
+    gathered for the statistics. `(local keep, step keep, step scores, None)`, then with a `temperature`
+    `(local weights, step weights)`."""
     quantities = Quantities(
         step.sample_offsets, ref=step.refs, scores=step.scores, window=window, span_start=step.starts
     )
-    local_keep = rule.select(quantities, "sample", ratio).keep
-    parts, _ = gather(np.stack([step.scores, local_keep.astype(np.float32)]).astype(np.float32))
+    if temperature is None:
+        selection = rule.select(quantities, "sample", ratio)
+        channels = [step.scores, selection.keep.astype(np.float32)]
+    else:
+        selection = rule.select_weights(quantities, "sample", ratio, temperature)
+        channels = [step.scores, selection.keep.astype(np.float32), selection.weights]
+    parts, _ = gather(np.stack(channels).astype(np.float32))
     everything = np.concatenate([part[0] for part in parts])
     all_keep = np.concatenate([part[1] for part in parts]).astype(bool)
-    return local_keep, all_keep, everything, None
+    chosen = (selection.keep, all_keep, everything, None)
+    if temperature is None:
+        return chosen
+    return (*chosen, selection.weights, np.concatenate([part[2] for part in parts]))
 
 
 def _step_outcome(step, responses, local_keep, all_keep, everything, threshold, gather: GatherFn) -> StepSelection:
@@ -346,7 +391,8 @@ def select_step_tokens(
     `token_selection="batch"`, `token_ref_losses` in online mode, where `current_losses(batch)` gives the trained
     model's losses and the ranking is Rho-1's excess loss `L_current - L_ref`). Trained tokens that are not response
     tokens stay trained. A batch that carries `dropped_labels` (a dropped-token loss is configured) gets the labels
-    this step drops added to it.
+    this step drops added to it. With `token_weighting="soft"` no label changes: each batch gets the step's soft
+    weights as `token_weights` instead (`(B, T)`, NaN off the response tokens), for the weighted loss.
     """
     online = current_losses is not None
     column = TOKEN_REF_LOSSES_COLUMN if online else TOKEN_SCORES_COLUMN
@@ -378,7 +424,12 @@ def select_step_tokens(
         rule=args.token_score_rule,
         ref_losses=ref_losses if online else None,
         position_ids=[batch.get("position_ids") for batch in batch_samples],
+        temperature=args.token_weight_temperature if getattr(args, "token_weighting", "mask") == "soft" else None,
     )
+    if selection.weights is not None:
+        for batch, weights in zip(batch_samples, selection.weights):
+            batch[TOKEN_WEIGHTS_COLUMN] = weights.to(batch["labels"].device)
+        return selection
     for batch, keep, response, trained_here in zip(batch_samples, selection.keep, responses, trained):
         labels = batch["labels"]
         batch["labels"] = apply_keep(labels, keep | (trained_here & ~response))

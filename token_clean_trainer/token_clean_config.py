@@ -26,6 +26,8 @@ PATH_SETTINGS = (
     "deepspeed",
 )
 TOKEN_CLEANING_MODES = ("none", "fixed", "self_evolving", "online")
+# `token_weighting`: the rule's hard keep mask (the paper), or soft per-token loss weights (`rules/soft.py`).
+TOKEN_WEIGHTINGS = ("mask", "soft")
 # The ranking levels, then the baselines of the rule registry (`rules/`), which rank nothing.
 TOKEN_SELECTION_LEVELS = (*LEVELS, *baselines())
 # Which selection levels each mode accepts, and the level it uses when `token_selection` is left unset. Online scores
@@ -114,6 +116,31 @@ class TokenCleanConfig(SFTConfig):
             Fraction of training, in `[0, 1]`, over which `lambda` rises linearly from 0 to `token_dropped_weight`
             (`global_step / max_steps`); 0 applies the full weight from the first step. The ramp lets the model first
             learn the kept tokens before it is pushed away from the dropped ones.
+
+        > Parameters that control soft token weights (a hard keep mask by default)
+
+        token_weighting (`str`, *optional*, defaults to `"mask"`):
+            `"mask"`: the rule's keep mask, dropped tokens get label `-100` (the paper). `"soft"`: no token is
+            dropped; each response token's cross-entropy is weighted by `w = sigmoid((v - t) / (T * s))`, where `v` is
+            the value the configured rule ranks (its windowed score at its level: the whole dataset or chunk, each
+            sample, or the optimizer step; for the junk gate, minus the reference loss on the lower half by score and
+            weight 1 on the upper half), `t` the rule's top-k threshold at `token_keep_ratio` (midway between the lowest
+            kept and the highest dropped value), `s` the standard deviation of the ranked values at that level (per
+            sample at `"sample"`) and `T` is `token_weight_temperature`. `T -> 0` gives the keep mask back (values tied
+            across `t` get 1/2). The loss is the weighted mean `sum(w * CE) / sum(w)`, `sum(w)` taken over the whole
+            optimizer step as TRL's `num_items_in_batch` counts tokens. Fixed, self-evolving and online modes; not with
+            `token_selection="random"` or `"full"` (no score to soften) or a dropped-token loss (nothing is dropped).
+        token_weight_temperature (`float`, *optional*, defaults to `1.0`):
+            `T` of the soft weights, `> 0`, in units of the ranked values' standard deviation: a token one standard
+            deviation above the threshold gets `sigmoid(1 / T)` (0.73 at `T=1`, 0.9999 at `T=0.1`).
+        token_weights_column (`str`, *optional*):
+            A train-dataset column of per-token loss weights supplied by the user, used instead of any score: no
+            scoring runs, no reference is needed, and the loss is the weighted mean above. Each row holds one float
+            `>= 0` per response token of the tokenised row: the positions whose label is not `-100` in the prepared
+            dataset after truncation to `max_length`, in order, except position 0 (the `token_scores` of
+            `trainer.score_tokens()` are non-NaN at exactly those positions). Needs `token_cleaning="fixed"` with
+            `token_selection="global"` and no packing; `token_weighting`, `token_weight_temperature` and
+            `token_keep_ratio` are not read.
 
         > Parameters that control the reference model
 
@@ -213,6 +240,26 @@ class TokenCleanConfig(SFTConfig):
         default=0.5,
         metadata={"help": "Fraction of training over which lambda rises linearly from 0 (in [0, 1])."},
     )
+    token_weighting: str = field(
+        default="mask",
+        metadata={
+            "help": "'mask': drop the tokens the rule does not keep (label -100, the paper). 'soft': weight every "
+            "response token's loss by sigmoid((v - t) / (T * s)), v the rule's ranked value, t its top-k threshold, s "
+            "the ranked values' standard deviation, T token_weight_temperature.",
+            "choices": list(TOKEN_WEIGHTINGS),
+        },
+    )
+    token_weight_temperature: float = field(
+        default=1.0,
+        metadata={"help": "T of the soft weights (> 0); T -> 0 gives the hard keep mask."},
+    )
+    token_weights_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train-dataset column of user-supplied per-token weights (>= 0, one per response token after "
+            "truncation); no scoring runs. Needs token_cleaning='fixed'."
+        },
+    )
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Path or Hub id of a full reference model."},
@@ -305,6 +352,7 @@ class TokenCleanConfig(SFTConfig):
             )
         self._check_span_settings()
         self._check_dropped_loss()
+        self._check_weighting()
         ratio = self.token_keep_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio <= 1:
             raise ValueError(
@@ -390,6 +438,80 @@ class TokenCleanConfig(SFTConfig):
                 f"`token_dropped_loss={self.token_dropped_loss!r}` is a loss on the dropped tokens, but {setting} "
                 "drops no token. Set `token_dropped_loss='none'`, or clean with a selection that drops tokens (e.g. "
                 "`token_cleaning='fixed'`, `token_selection='global'`)."
+            )
+
+    def _check_weighting(self) -> None:
+        """`token_weighting`, its temperature and `token_weights_column`: refuse what is meaningless, naming the field."""
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"`token_weighting` must be 'mask' or 'soft', got {self.token_weighting!r}.")
+        temperature = self.token_weight_temperature
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not 0 < temperature < math.inf
+        ):
+            raise ValueError(
+                f"`token_weight_temperature` must be a finite number > 0, got {temperature!r}. Smaller values give "
+                "weights closer to the keep mask; 1.0 is one standard deviation of the ranked values."
+            )
+        self.token_weight_temperature = float(temperature)
+        column = self.token_weights_column
+        if column is not None:
+            self._check_weights_column(column)
+        if self.token_weighting == "mask" or column is not None:
+            return
+        if self.token_cleaning == "none" or self.token_selection in baselines():
+            setting = (
+                "`token_cleaning='none'` scores"
+                if self.token_cleaning == "none"
+                else f"`token_selection={self.token_selection!r}` ranks"
+            )
+            raise ValueError(
+                f"`token_weighting='soft'` softens the ranking of a score, but {setting} nothing. Set "
+                "`token_weighting='mask'`, or rank scores (e.g. `token_cleaning='fixed'`, `token_selection='global'`); "
+                "to weight tokens by your own values, set `token_weights_column`."
+            )
+        if self.token_dropped_loss != "none":
+            raise ValueError(
+                f"`token_weighting='soft'` drops no token (low-scoring ones get a small weight instead), so "
+                f"`token_dropped_loss={self.token_dropped_loss!r}` has nothing to act on. Set `token_dropped_loss="
+                "'none'`, or `token_weighting='mask'`."
+            )
+        self._check_weighted_loss("`token_weighting='soft'`", "`token_weighting='mask'`")
+
+    def _check_weights_column(self, column) -> None:
+        """`token_weights_column`: fixed mode, ranked globally, nothing dropped, no packing."""
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"`token_weights_column` must be a column name, got {column!r}.")
+        if self.token_cleaning != "fixed" or self.token_selection != "global":
+            raise ValueError(
+                f"`token_weights_column={column!r}` gives fixed per-token weights, which need "
+                "`token_cleaning='fixed'` and `token_selection='global'`; got "
+                f"`token_cleaning={self.token_cleaning!r}`, `token_selection={self.token_selection!r}`."
+            )
+        if self.token_dropped_loss != "none":
+            raise ValueError(
+                f"`token_weights_column={column!r}` drops no token, so `token_dropped_loss="
+                f"{self.token_dropped_loss!r}` has nothing to act on. Set `token_dropped_loss='none'`."
+            )
+        if self.packing:
+            raise ValueError(
+                f"`token_weights_column={column!r}` aligns one weight per response token of each row, but "
+                "`packing=True` joins rows. Set `packing=False` (`padding_free=True` keeps one row per sample)."
+            )
+        self._check_weighted_loss(f"`token_weights_column={column!r}`", "no `token_weights_column`")
+
+    def _check_weighted_loss(self, setting: str, instead: str) -> None:
+        """A weighted loss is the weighted mean of the plain per-token cross-entropy: refuse the other losses."""
+        if self.loss_type not in ("nll", "chunked_nll"):
+            raise ValueError(
+                f"{setting} weights the per-token cross-entropy, not `loss_type={self.loss_type!r}`. Set "
+                f"`loss_type='nll'`, or use {instead}."
+            )
+        if self.label_smoothing_factor > 0:
+            raise ValueError(
+                f"{setting} weights the per-token cross-entropy without label smoothing; got "
+                f"`label_smoothing_factor={self.label_smoothing_factor}`. Set it to 0, or use {instead}."
             )
 
     def _check_span_settings(self) -> None:

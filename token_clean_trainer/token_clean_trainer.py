@@ -29,7 +29,7 @@ from trl import SFTTrainer
 from .cache import check_cache_dir_writable
 from .checkpoint import save_checkpoint_state
 from .collator import RowStore, TokenCleaningCollator
-from .columns import DROPPED_LABELS_KEY, ROW_COLUMN, STEP_COLUMNS, TOKEN_KEEP_COLUMN
+from .columns import DROPPED_LABELS_KEY, ROW_COLUMN, STEP_COLUMNS, TOKEN_KEEP_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .distributed import Collective, decide_on_main
 from .dropped_loss import DroppedTokenLoss, DroppedTokens
 from .dropped_losses import configured_term
@@ -54,6 +54,8 @@ from .scoring_pass import CleaningContext, TokenCleaningState, selection_seed
 from .token_clean_config import TokenCleanConfig, as_token_clean_config
 from .utils import is_peft_model, list_array
 from .validation import DatasetValidationError, validate_raw_dataset
+from .weight_column import take_weight_column
+from .weighted_loss import label_log_probs, local_weight_sum, weighted_loss
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             callbacks = [c for c in callbacks if not isinstance(c, PurgeMixCallback)]
         # Filled by `_prepare_dataset` during `super().__init__`, to count rows TRL drops after truncation.
         self._prepare_stats: dict[str, dict[str, int]] = {}
+        # `token_weights_column`: (weights of each prepared train row, its raw row index), from `_prepare_dataset`.
+        self.user_token_weights: tuple[list | None, np.ndarray | None] = (None, None)
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
             # SFTTrainer reads the first row before preparing the data and fails with a bare StopIteration.
             raise DatasetValidationError(
@@ -158,6 +162,8 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         self.dropped_token_loss: DroppedTokenLoss | None = None
         # The dropped tokens of the current optimizer step (the divisor of the hook's term), counted per step.
         self._num_dropped_in_batch: torch.Tensor | int | None = None
+        # The weights of the current optimizer step (soft weights): the divisor of the weighted loss, counted per step.
+        self._weight_sum_in_batch: torch.Tensor | None = None
         self._cleaning = self._cleaning_context(model if isinstance(model, str) else None)
         # The mode that runs (`modes/`): it holds the masks, the per-step records or the rounds.
         self.cleaning_mode: CleaningMode = make_mode(self)
@@ -223,6 +229,13 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
     def _check_mode_fits_run(self) -> None:
         """The same refusals as before `super().__init__`, on the layout the accelerator actually built."""
         refuse_setting_clashes(self.args, is_peft_model(self.model), layout_from_accelerator(self.accelerator))
+        weighted = self.args.token_weighting == "soft" or self.args.token_weights_column is not None
+        if weighted and self.compute_loss_func is not None:
+            raise ValueError(
+                "Per-token weights (`token_weighting='soft'` or `token_weights_column`) make the loss a weighted mean "
+                "of the per-token cross-entropy, so a `compute_loss_func` would be ignored. Drop `compute_loss_func`, "
+                "or set `token_weighting='mask'` without a weights column."
+            )
 
     @property
     def ref_model(self) -> PreTrainedModel | None:
@@ -261,12 +274,18 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
                 strict=cleaned,  # only the train rows are ranked; eval rows need only be rows TRL can prepare
                 assistant_only_loss=args.assistant_only_loss,
             )
+        weight_rows = None
+        if cleaned and getattr(args, "token_weights_column", None) is not None and isinstance(dataset, Dataset):
+            dataset, weight_rows = take_weight_column(dataset, args.token_weights_column)
         if rows_in is not None and not packing and cleaned:
             dataset = with_raw_row_column(dataset)  # the user's row index, carried through TRL's maps/filter/shuffle
         if packing and cleaned:
             refuse_packing_without_response_labels(dataset, args)
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         prepared, raw_rows = pop_raw_row_column(prepared)
+        if weight_rows is not None:
+            kept = raw_rows if raw_rows is not None else np.arange(len(prepared))
+            self.user_token_weights = ([weight_rows[int(r)] for r in kept], kept)
         if packing and cleaned and isinstance(prepared, Dataset) and "seq_lengths" in prepared.column_names:
             prepared = prepared.map(
                 lambda row: {"labels": mask_sequence_starts(row["labels"], row["seq_lengths"])},
@@ -484,7 +503,21 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             self._select_step_tokens(batch_samples)
             num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         self._num_dropped_in_batch = self._count_dropped_tokens(batch_samples, device)
+        self._weight_sum_in_batch = self._count_weights(batch_samples, device)
         return batch_samples, num_items_in_batch
+
+    def _count_weights(self, batch_samples: list[dict[str, Any]], device) -> torch.Tensor | None:
+        """The step's weight sum `W` (soft weights), counted as Trainer counts `num_items_in_batch`: labels shifted by
+        one, every micro-batch, summed across processes with `average_tokens_across_devices`; None without weights."""
+        total = local_weight_sum(batch_samples, TOKEN_WEIGHTS_COLUMN)
+        if total is None:
+            return None
+        total = total.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        elif self.args.n_gpu > 1:
+            total = total / self.args.n_gpu
+        return total / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
 
     def _count_dropped_tokens(self, batch_samples: list[dict[str, Any]], device) -> torch.Tensor | int | None:
         """The step's dropped tokens, counted exactly as Trainer counts `num_items_in_batch` (shifted labels, every
@@ -589,14 +622,18 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The batch key exists only while a dropped-token loss is set; it never reaches the model.
         dropped = inputs.pop(DROPPED_LABELS_KEY, None)
+        weights = inputs.pop(TOKEN_WEIGHTS_COLUMN, None)  # soft weights: train batches only
+        if weights is not None:
+            return self._weighted_loss(model, inputs, weights, return_outputs, num_items_in_batch)
         if dropped is None or self.dropped_token_loss is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         return self._loss_with_dropped_tokens(model, inputs, dropped, return_outputs, num_items_in_batch)
 
-    def _loss_with_dropped_tokens(self, model, inputs, dropped, return_outputs, num_items_in_batch):
-        """SFTTrainer's loss, plus the hook's term on the dropped tokens, given the outputs of SFTTrainer's forward."""
+    def _captured_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """`SFTTrainer.compute_loss`, with the outputs of its loss forward (the first forward it runs) captured by a
+        hook: `(loss, returned outputs, captured outputs)`."""
         captured = []
 
         def keep_first_output(module, args, output):
@@ -611,8 +648,33 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         finally:
             handle.remove()
         loss, outputs = result if return_outputs else (result, None)
+        return loss, outputs, captured[0]
+
+    def _weighted_loss(self, model, inputs, weights, return_outputs, num_items_in_batch):
+        """
+        The weighted mean `sum(w * CE) / W` (`weighted_loss.py`), `W` the step's weight sum, from the per-token
+        log-probabilities of SFTTrainer's own forward (its metrics stay TRL's). Replaces TRL's loss, which is the
+        same with every weight 1.
+        """
+        _, outputs, captured = self._captured_loss(model, inputs, return_outputs, num_items_in_batch)
+        log_probs = label_log_probs(captured, inputs["labels"])
+        weight_sum = self._weight_sum_in_batch if num_items_in_batch is not None else None
+        loss = weighted_loss(log_probs, inputs["labels"], weights, weight_sum)
+        # The factor TRL applies to its own loss: `W` sums the weights of every process.
+        if self.args.average_tokens_across_devices and weight_sum is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        aux_loss = getattr(captured, "aux_loss", None)
+        if self.aux_loss_enabled and aux_loss is not None:
+            # MoE load balancing, added as TRL adds it: a per-micro-batch mean, averaged over the accumulation.
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_with_dropped_tokens(self, model, inputs, dropped, return_outputs, num_items_in_batch):
+        """SFTTrainer's loss, plus the hook's term on the dropped tokens, given the outputs of SFTTrainer's forward."""
+        loss, outputs, captured = self._captured_loss(model, inputs, return_outputs, num_items_in_batch)
         dropped = DroppedTokens(dropped, num_items_in_batch, num_dropped_in_batch=self._num_dropped_in_batch)
-        term = self.dropped_token_loss(model, captured[0], inputs, dropped)
+        term = self.dropped_token_loss(model, captured, inputs, dropped)
         # The factor TRL applies to its own loss: `num_items_in_batch` counts the tokens of every process.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             term = term * (self.accelerator.num_processes // self.get_tp_size())

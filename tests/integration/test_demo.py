@@ -10,6 +10,7 @@ from token_clean_trainer.assets import load_chatterbot_dataset
 from token_clean_trainer.commands.demo import (
     ARMS,
     DEFAULT_ARMS,
+    OPT_IN_ARMS,
     DemoSettings,
     MaskInputs,
     demo_arms,
@@ -150,7 +151,8 @@ def test_a_plain_demo_trains_plain_sft_and_the_papers_rule_only():
     assert demo_arms(DemoSettings()) == list(DEFAULT_ARMS) == ["plain", "paper", "span_same_budget", "random"]
     trained = [name for name in DEFAULT_ARMS if getattr(ARMS[name], "train", True)]
     assert trained == ["plain", "paper"]
-    assert demo_arms(DemoSettings(all_arms=True)) == list(ARMS)
+    assert demo_arms(DemoSettings(all_arms=True)) == [name for name in ARMS if name not in OPT_IN_ARMS]
+    assert demo_arms(DemoSettings(arms="paper_soft,span_soft")) == ["paper_soft", "span_soft"]
     assert demo_arms(DemoSettings(arms="plain, bound")) == ["plain", "bound"]
     with pytest.raises(ValueError, match="unknown.*nope"):
         demo_arms(DemoSettings(arms="plain,nope"))
@@ -205,3 +207,13 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert stamp["path"] == str(tmp_path / "demo" / "reference" / "adapter")
     assert stamp["identity"]["split"] == "warmup" and stamp["identity"]["rows"] == 16
     assert "bound" in results["why_reference"] or "Masking exactly the junk" in results["why_reference"]
+
+
+def test_the_soft_weight_rows_are_valid_configs(tmp_path):
+    # `--arms paper_soft,span_soft`: the product's fixed mode with soft weights around each rule's threshold.
+    for name in OPT_IN_ARMS:
+        overrides = ARMS[name].overrides
+        args = cpu_args(tmp_path, token_cleaning="fixed", ref_model_name_or_path="ref", **overrides)
+        assert args.token_weighting == "soft" and args.token_weight_temperature > 0
+    assert ARMS["span_soft"].overrides["token_score_rule"] == "junk_gate"
+    assert ARMS["span_soft"].overrides["token_score_window"] == 5

@@ -206,6 +206,6 @@ def test_excess_loss_is_model_minus_reference_in_place_or_not():
 
 def test_a_rule_declares_known_quantities_levels_and_output():
     excess_type = type(get_rule("excess"))
-    for bad in ({"needs": ("score",)}, {"needs": (), "levels": ("step",)}, {"needs": (), "output": "weights"}):
+    for bad in ({"needs": ("score",)}, {"needs": (), "levels": ("step",)}, {"needs": (), "output": "scores"}):
         with pytest.raises(ValueError, match="Selection rule 'bad'"):
             excess_type(name="bad", label="bad", **bad)

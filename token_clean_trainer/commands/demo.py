@@ -15,7 +15,9 @@ A controlled junk experiment: the paper's fixed-model pipeline, unchanged, on da
 
 Rows of the table are pluggable (`ARMS`): a `CleaningArm` is a `TokenCleanConfig` variant trained by the product's own
 fixed-mode pipeline (sharing the reference and the score cache), a `MaskArm` is any keep mask over the train tokens,
-trained as a plain `labels` column.
+trained as a plain `labels` column. The soft-weight rows (`paper_soft`, `span_soft`, `token_weighting="soft"`) run
+only when named in `--arms`; their masked shares are those of their `T -> 0` mask, and their rows add the mean weight
+of the junk and of the clean tokens.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compact import expand_bits
 from ..evaluation import nll_summary, response_losses
 from ..rules import Quantities, excess_loss, get_rule
 from ..selection import keep_count
@@ -60,7 +63,8 @@ class DemoSettings:
     seed: int = 42
     # Table rows, by name in `ARMS`, in order (comma-separated).
     arms: str = ",".join(DEFAULT_ARMS)
-    # Every row in `ARMS` (adds the trained span rule and the bound: two more trainings), whatever `arms` says.
+    # Every row in `ARMS` but the soft-weight ones, `OPT_IN_ARMS` (adds the trained span rule and the bound: two more
+    # trainings), whatever `arms` says.
     all_arms: bool = False
     # A warm-up adapter folder from an earlier run: skips the warm-up (e.g. to add or rerun rows). Empty: train one.
     reference_adapter: str = ""
@@ -289,6 +293,14 @@ def _random_keep(x: MaskInputs) -> np.ndarray:
 
 
 SPAN_WINDOW, SPAN_KEEP_RATIO = 5, 0.8  # the trained span row's settings (`ARMS["span"]`)
+SPAN_SETTINGS = {
+    "token_score_window": SPAN_WINDOW,
+    "token_score_rule": "junk_gate",
+    "token_keep_ratio": SPAN_KEEP_RATIO,
+}
+# The soft-weight rows' temperature (`token_weight_temperature`): one standard deviation above the threshold is 0.73.
+SOFT_TEMPERATURE = 1.0
+SOFT_SETTINGS = {"token_weighting": "soft", "token_weight_temperature": SOFT_TEMPERATURE}
 # The rules of the mask-only rows, from the registry the trainer selects with.
 JUNK_GATE, RANDOM = get_rule("junk_gate"), get_rule("random")
 
@@ -318,10 +330,7 @@ ARMS: dict[str, CleaningArm | MaskArm] = {
     "plain": MaskArm(PLAIN_LABEL, lambda x: x.response),
     "paper": CleaningArm("paper: global top 60% of L_base - L_ref"),
     # Beyond the paper: 5-token span means, and the junk gate masking 20% from the lower half by score.
-    "span": CleaningArm(
-        f"span: window {SPAN_WINDOW} + junk gate, keep {SPAN_KEEP_RATIO}",
-        {"token_score_window": SPAN_WINDOW, "token_score_rule": JUNK_GATE.name, "token_keep_ratio": SPAN_KEEP_RATIO},
-    ),
+    "span": CleaningArm(f"span: window {SPAN_WINDOW} + junk gate, keep {SPAN_KEEP_RATIO}", SPAN_SETTINGS),
     # The span rule masking as many tokens as the paper's rule (its keep ratio): which of the two finds more junk for
     # the same budget. Mask only: at keep 0.8 the span rule cannot mask more junk than 20% of the response tokens.
     "span_same_budget": MaskArm(
@@ -329,7 +338,16 @@ ARMS: dict[str, CleaningArm | MaskArm] = {
     ),
     "random": MaskArm("random 60% (mask only, not trained)", _random_keep, train=False),
     "bound": MaskArm("bound: mask exactly the junk", lambda x: x.response & ~x.junk),
+    # Beyond the paper: soft weights (`docs/soft-weights.md`) around the paper's and the span rule's thresholds. Only
+    # when named in `--arms` (two more trainings); masked shares are those of the T -> 0 mask.
+    "paper_soft": CleaningArm(f"paper, soft weights T={SOFT_TEMPERATURE}", SOFT_SETTINGS),
+    "span_soft": CleaningArm(
+        f"span, soft weights T={SOFT_TEMPERATURE} (window {SPAN_WINDOW} + junk gate, keep {SPAN_KEEP_RATIO})",
+        {**SPAN_SETTINGS, **SOFT_SETTINGS},
+    ),
 }
+# Rows `--all_arms` leaves out (name them in `--arms`): the soft-weight rows.
+OPT_IN_ARMS = ("paper_soft", "span_soft")
 
 
 def _dropped_loss_arms() -> dict[str, CleaningArm]:
@@ -415,6 +433,17 @@ def _masked_labels_dataset(prepared, keep: np.ndarray):
             "labels": [masked[offsets[i] : offsets[i + 1]].tolist() for i in range(len(lengths))],
         }
     )
+
+
+def weight_shares(weights: np.ndarray, x: "MaskInputs") -> dict[str, float]:
+    """Mean soft weight of the train response tokens: all of them, the injected junk, and the clean rest."""
+    junk = x.junk & x.response
+    clean = x.response & ~junk
+
+    def mean(where: np.ndarray) -> float | None:
+        return float(np.nanmean(weights[where])) if where.any() else None
+
+    return {"weight_mean": mean(x.response), "junk_weight_mean": mean(junk), "clean_weight_mean": mean(clean)}
 
 
 def mask_shares(keep: np.ndarray, response: np.ndarray, junk: np.ndarray) -> dict[str, float]:
@@ -574,8 +603,11 @@ class _DemoRun:
         if isinstance(arm, CleaningArm):
             trainer = self.probe if name == self.first_cleaning else self.cleaning_trainer(name, arm)
             trainer.train()
-            keep = trainer.token_cleaning_state.keep
-            self.rows[arm.label] = {**mask_shares(keep, x.response, x.junk), **self.heldout_nll(trainer, "model")}
+            state = trainer.token_cleaning_state
+            row = {**mask_shares(state.keep, x.response, x.junk), **self.heldout_nll(trainer, "model")}
+            if state.compact_weights is not None:
+                row.update(weight_shares(expand_bits(state.response_bits, state.compact_weights, state.positions), x))
+            self.rows[arm.label] = row
             return
         keep = np.asarray(arm.keep(x), dtype=bool) & x.response
         row = mask_shares(keep, x.response, x.junk)
@@ -623,9 +655,9 @@ class _DemoRun:
 
 
 def demo_arms(settings: DemoSettings) -> list[str]:
-    """The table rows a run trains, by name in `ARMS`: every one with `all_arms`, else `arms`."""
+    """The table rows a run trains, by name in `ARMS`: every one but `OPT_IN_ARMS` with `all_arms`, else `arms`."""
     if settings.all_arms:
-        return list(ARMS)
+        return [name for name in ARMS if name not in OPT_IN_ARMS]
     arms = [name.strip() for name in settings.arms.split(",") if name.strip()]
     unknown = [name for name in arms if name not in ARMS]
     if unknown:

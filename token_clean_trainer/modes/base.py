@@ -96,6 +96,13 @@ class CleaningMode:
         # The span-aware settings only when they differ from the paper's (so checkpoints of earlier versions resume).
         if (args.token_score_rule, args.token_score_window) != (DEFAULT_RULE, 1):
             identity.update(score_rule=args.token_score_rule, score_window=args.token_score_window)
+        # Soft weights likewise only when on: a checkpoint of masks never resumes as weights, nor the reverse.
+        if args.token_weighting == "soft" or args.token_weights_column is not None:
+            identity.update(
+                weighting=args.token_weighting,
+                weight_temperature=args.token_weight_temperature,
+                weights_column=args.token_weights_column,
+            )
         return identity
 
     # -- report ---------------------------------------------------------------------------------------------------

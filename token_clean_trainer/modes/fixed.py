@@ -13,9 +13,11 @@ from ..checkpoint import STATE_JSON, check_resume_matches, latest_complete_check
 from ..columns import without_token_columns
 from ..report import add_step_summary
 from ..report.run import log_fields, step_log_fields
+from ..rules.soft import WeightTally
 from ..score_driver import row_offsets
 from ..scoring_pass import TokenCleaningState, fill_row_store, score_and_select
 from ..step_selection import StepRecords, accelerator_gather, select_step_tokens
+from ..weight_column import weight_column_state
 from .base import CleaningMode
 
 
@@ -29,11 +31,19 @@ class FixedMode(CleaningMode):
         super().__init__(trainer)
         # Per-step selection only: one record per optimizer step, saved with every checkpoint.
         self.steps: StepRecords | None = None
+        # Per-step soft weights: their distribution over the steps of the last `train()`.
+        self.weight_tally: WeightTally | None = None
         self._pending = False
 
     @property
     def selects_per_step(self) -> bool:
         return self.online or self.trainer.args.token_selection == "batch"
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the loss is weighted per token (soft weights, or a user's weight column) instead of masked."""
+        args = self.trainer.args
+        return args.token_weighting == "soft" or args.token_weights_column is not None
 
     @property
     def step_records(self) -> list[dict[str, Any]]:
@@ -54,6 +64,7 @@ class FixedMode(CleaningMode):
                 raise ValueError(f"No valid checkpoint found in output directory ({output_dir}).")
         if self.steps is not None:
             self.steps.records = []
+        self.weight_tally = WeightTally() if self.weighted and self.selects_per_step else None
         if resume_from_checkpoint and self.state is None:
             self.restore(resume_from_checkpoint)
         self._pending = self.state is None
@@ -62,6 +73,8 @@ class FixedMode(CleaningMode):
         if self.steps is not None and ctx.collective.is_main:
             report = self.state.report
             add_step_summary(report, self.steps.records)
+            if self.weight_tally is not None:
+                report["weights"] = self.weight_tally.summary()
             ctx.report.write(report)
             ctx.report.summarise(report)
         return output
@@ -87,8 +100,13 @@ class FixedMode(CleaningMode):
         return state
 
     def score(self, dataset) -> TokenCleaningState:
-        """The scoring pass: `L_base - L_ref` and the selection (`scoring_pass.score_and_select`)."""
-        return score_and_select(self.trainer.cleaning_context, dataset)
+        """The scoring pass: `L_base - L_ref` and the selection (`scoring_pass.score_and_select`); with a
+        `token_weights_column`, the user's weights instead (`weight_column.py`), no model run."""
+        trainer = self.trainer
+        if trainer.args.token_weights_column is not None:
+            rows, raw_rows = trainer.user_token_weights
+            return weight_column_state(trainer.cleaning_context, dataset, rows, raw_rows)
+        return score_and_select(trainer.cleaning_context, dataset)
 
     def scores(self) -> TokenCleaningState:
         if self.state is None:
@@ -99,6 +117,8 @@ class FixedMode(CleaningMode):
         """Masks (fixed mode) or step records (per-step selection) saved with a checkpoint: a resume never rescores."""
         if not os.path.isfile(os.path.join(folder, STATE_JSON)) and not self.selects_per_step:
             return  # a checkpoint of an older version: the masks are recomputed (or read from the score cache)
+        if self.weighted and not self.selects_per_step:
+            return  # soft weights are not saved: recomputed (the score cache makes it cheap), or read from the column
         payload, keep_bits = load_checkpoint_state(folder, packed=True)
         identity = self.identity()
         check_resume_matches(payload, identity, folder)
@@ -120,6 +140,8 @@ class FixedMode(CleaningMode):
             current_losses=trainer.current_token_losses if self.online else None,
         )
         record = selection.record(step=trainer.state.global_step + 1)
+        if self.weight_tally is not None and selection.step_weights is not None:
+            self.weight_tally.add(selection.step_weights)
         self.steps.records.append(record)
         return step_log_fields(record)
 
@@ -130,7 +152,7 @@ class FixedMode(CleaningMode):
         if self.steps is not None:
             return self.steps.checkpoint()
         state = self.state
-        if state is None or state.keep_bits is None:
+        if state is None or state.keep_bits is None or self.weighted:
             return None
         # The masks themselves (one bit per position), so a resume needs neither model nor cache.
         summary = {"kept_fraction": state.report.get("kept_fraction"), "threshold": state.threshold}

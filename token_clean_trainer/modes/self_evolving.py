@@ -65,9 +65,9 @@ class SelfEvolvingMode(CleaningMode):
             start, end = run.bounds[t]
             trainer.train_dataset = dataset.select(range(start, end))  # carries the global row ids the collator reads
             if prepare is None:
-                trainer.row_store.set_keep_bits(run.offsets, run.keep_bits)
+                self_evolving.fill_round_store(trainer.row_store, run)
             else:
-                self._prepare_round = lambda: trainer.row_store.set_keep_bits(run.offsets, prepare())
+                self._prepare_round = lambda: (prepare(), self_evolving.fill_round_store(trainer.row_store, run))
             self.begin_round(t, first=t == start_round)
             output = trainer.train_pass(resume_from_checkpoint=resume_path, **train_kwargs)
             return output, trainer.state.log_history

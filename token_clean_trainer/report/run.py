@@ -197,14 +197,26 @@ def log_fields(report: dict[str, Any]) -> dict[str, float]:
     if "token_cleaning/kept_fraction" in report:
         # A process other than the main one holds only these fields of the report (see `RunReport.last`).
         return dict(report)
-    fields = {"token_cleaning/kept_fraction": report["kept_fraction"]}
+    fields = {}
+    if report.get("kept_fraction") is not None:  # none for a user's weight column: nothing is kept or dropped
+        fields["token_cleaning/kept_fraction"] = report["kept_fraction"]
     if report.get("threshold") is not None:
         fields["token_cleaning/threshold"] = report["threshold"]
     scores = report.get("scores") or {}
     for name in ("mean", "p10", "p50", "p90"):
         if scores.get(name) is not None:
             fields[f"token_cleaning/score_{name}"] = scores[name]
-    return fields
+    return {**fields, **weight_log_fields(report.get("weights"))}
+
+
+def weight_log_fields(weights: dict[str, Any] | None) -> dict[str, float]:
+    """Soft weights (`token_weighting="soft"`): their mean and effective token fraction, as the logs show them."""
+    if not weights or weights.get("mean") is None:
+        return {}
+    return {
+        "token_cleaning/weight_mean": float(weights["mean"]),
+        "token_cleaning/weight_effective_fraction": float(weights["effective_fraction"]),
+    }
 
 
 def step_log_fields(record: dict[str, Any]) -> dict[str, float]:
@@ -215,7 +227,7 @@ def step_log_fields(record: dict[str, Any]) -> dict[str, float]:
         fields["token_cleaning/threshold"] = float(record["threshold"])
     if record.get("score_mean") is not None:
         fields["token_cleaning/score_mean"] = float(record["score_mean"])
-    return fields
+    return {**fields, **weight_log_fields(record.get("weights"))}
 
 
 def round_log_fields(record: dict[str, Any]) -> dict[str, float]:
@@ -223,7 +235,7 @@ def round_log_fields(record: dict[str, Any]) -> dict[str, float]:
     fields = {"token_cleaning/round": record["round"], "token_cleaning/kept_fraction": record["kept_fraction"]}
     if record.get("threshold") is not None:
         fields["token_cleaning/threshold"] = record["threshold"]
-    return fields
+    return {**fields, **weight_log_fields(record.get("weights"))}
 
 
 def load_report(output_dir: str) -> dict[str, Any]:

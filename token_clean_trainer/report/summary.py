@@ -195,6 +195,13 @@ def _finish_report(
         "score_seconds": round(seconds, 3),
         "version": version,
     }
+    if getattr(args, "token_weighting", "mask") == "soft" or getattr(args, "token_weights_column", None):
+        # Soft weights: the settings here, their distribution under `weights` (filled by the mode).
+        report.update(
+            weighting=args.token_weighting,
+            weight_temperature=args.token_weight_temperature,
+            weights_column=args.token_weights_column,
+        )
     raw_rows = prepare_stats.get("raw_rows")
     report["row_ids"] = "dataset" if raw_rows is not None else "prepared"
     if raw_rows is not None:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..selection import Selection, window_mean
+from .soft import soft_weights
 
 # The per-token quantities a rule may read. "excess" is `L_model - L_ref`, the model being the base (fixed and
 # self-evolving modes) or the model being trained (online mode); the others are the losses themselves.
 QUANTITIES = ("excess", "base", "ref", "current")
-# What a rule's `choose` returns: a bool keep mask. A rule giving per-token weights instead would declare another
-# output here, which the modes would then have to read; none does yet.
-OUTPUTS = ("mask",)
+# What a rule gives: a bool keep mask (`select`), and per-token loss weights (`select_weights`, `token_weighting=
+# "soft"`), by default the keep mask softened around its threshold (`rules/soft.py`).
+OUTPUTS = ("mask", "weights")
 # Levels a rule may rank at: over the whole dataset (or a self-evolving chunk), within each sample, within each
 # optimizer step. A step's tokens are ranked together the way "global" ranks a dataset, over the step's arrays.
 LEVELS = ("global", "sample", "batch")
@@ -181,3 +182,32 @@ class Rule(ABC):
     @abstractmethod
     def choose(self, quantities: Quantities, level: str, ratio: float, seed: int | None) -> Selection:
         """The keep mask at `level` (`"global"` or `"sample"`), the quantities and the ratio already checked."""
+
+    def ranked_values(self, quantities: Quantities, level: str) -> np.ndarray | None:
+        """
+        The values this rule ranks, one per position (NaN off the response tokens; `+inf` for a token always kept):
+        what [`select_weights`] softens. By default the windowed excess; `None` for a rule reading no quantity.
+        """
+        if not self.needs:
+            return None
+        values, fresh = quantities.ranked_excess()
+        return quantities.windowed(values, fresh)
+
+    def select_weights(
+        self, quantities: Quantities, level: str, ratio: float, temperature: float, seed: int | None = None
+    ) -> Selection:
+        """
+        [`select`], plus per-token loss weights (`Selection.weights`): `sigmoid((v - t) / (T * s))` over
+        [`ranked_values`] `v`, with `t` the threshold between the kept and the dropped values and `s` their standard
+        deviation, per sample at the `"sample"` level (`rules/soft.py`). `T -> 0` gives the keep mask. A rule that
+        ranks nothing gives its keep mask as 0/1 weights.
+        """
+        selection = self.select(quantities, level, ratio, seed)
+        response = quantities.response_mask()
+        values = self.ranked_values(quantities, "global" if level == "batch" else level)
+        if values is None:
+            weights = np.where(response, selection.keep.astype(np.float32), np.float32(np.nan))
+        else:
+            offsets = quantities.offsets if level == "sample" else None
+            weights = soft_weights(values, selection.keep, temperature, offsets)
+        return Selection(selection.keep, selection.threshold, weights)

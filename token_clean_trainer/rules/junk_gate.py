@@ -1,6 +1,8 @@
 """The junk gate: among the lower half by score, mask the tokens the reference finds least likely."""
 
-from ..selection import Selection, select_junk_gate
+import numpy as np
+
+from ..selection import Selection, select_junk_gate, select_sample, select_top
 from .base import Quantities, Rule
 
 
@@ -24,6 +26,17 @@ class JunkGate(Rule):
         scores = quantities.windowed(*quantities.ranked_excess())
         refs = quantities.windowed(quantities.ref)
         return select_junk_gate(scores, refs, quantities.offsets, ratio, level)
+
+    def ranked_values(self, quantities: Quantities, level: str) -> np.ndarray:
+        """What the gate ranks: `+inf` (always kept) on the upper half by score, minus the reference loss on the
+        lower half, so soft weights fall as the reference finds a low-scoring token less likely."""
+        scores = quantities.windowed(*quantities.ranked_excess())
+        refs = np.asarray(quantities.windowed(quantities.ref), dtype=np.float32)
+        if level == "sample":
+            upper = select_sample(scores, quantities.offsets, 0.5).keep
+        else:
+            upper = select_top(scores.size, lambda where: scores[where], 0.5).keep
+        return np.where(upper, np.float32(np.inf), -refs)
 
 
 RULE = JunkGate(name="junk_gate", label="junk gate", needs=("excess", "ref"))
