@@ -1,5 +1,3 @@
-
-
 def test_scoring_under_deepspeed_runs_in_the_engines_precision():
     # DeepSpeed casts the weights to its config's dtype and trains without autocast: scoring does the same.
     from types import SimpleNamespace

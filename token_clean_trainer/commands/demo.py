@@ -15,9 +15,10 @@ A controlled junk experiment: the paper's fixed-model pipeline, unchanged, on da
 
 Rows of the table are pluggable (`ARMS`): a `CleaningArm` is a `TokenCleanConfig` variant trained by the product's own
 fixed-mode pipeline (sharing the reference and the score cache), a `MaskArm` is any keep mask over the train tokens,
-trained as a plain `labels` column. The soft-weight rows (`paper_soft`, `span_soft`, `token_weighting="soft"`) run
-only when named in `--arms`; their masked shares are those of their `T -> 0` mask, and their rows add the mean weight
-of the junk and of the clean tokens.
+trained as a plain `labels` column. The soft-weight rows (`paper_soft`, `span_soft`, `token_weighting="soft"`) and the
+dropped-token-loss rows (`paper_ascent`, `span_unlikelihood`, ...: `token_dropped_loss`) run only when named in
+`--arms`; the soft rows' masked shares are those of their `T -> 0` mask, and their rows add the mean weight of the junk
+and of the clean tokens.
 """
 
 import argparse
@@ -63,7 +64,7 @@ class DemoSettings:
     seed: int = 42
     # Table rows, by name in `ARMS`, in order (comma-separated).
     arms: str = ",".join(DEFAULT_ARMS)
-    # Every row in `ARMS` but the soft-weight ones, `OPT_IN_ARMS` (adds the trained span rule and the bound: two more
+    # Every row in `ARMS` but the opt-in ones, `OPT_IN_ARMS` (adds the trained span rule and the bound: two more
     # trainings), whatever `arms` says.
     all_arms: bool = False
     # A warm-up adapter folder from an earlier run: skips the warm-up (e.g. to add or rerun rows). Empty: train one.
@@ -346,8 +347,6 @@ ARMS: dict[str, CleaningArm | MaskArm] = {
         {**SPAN_SETTINGS, **SOFT_SETTINGS},
     ),
 }
-# Rows `--all_arms` leaves out (name them in `--arms`): the soft-weight rows.
-OPT_IN_ARMS = ("paper_soft", "span_soft")
 
 
 def _dropped_loss_arms() -> dict[str, CleaningArm]:
@@ -365,6 +364,8 @@ def _dropped_loss_arms() -> dict[str, CleaningArm]:
 
 
 ARMS.update(_dropped_loss_arms())
+# Rows `--all_arms` leaves out (name them in `--arms`): the soft-weight and the dropped-token-loss rows.
+OPT_IN_ARMS = ("paper_soft", "span_soft", *_dropped_loss_arms())
 
 
 # ----------------------------------------------------------------------------------------------------------------
