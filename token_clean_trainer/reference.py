@@ -128,6 +128,8 @@ class Reference:
                 )
             return
         needs_reference = args.token_cleaning == "online" or args.token_selection in ("global", "sample", "batch")
+        # A score column (`token_scores_from="column:<name>"`) is the score itself: no reference to compare with.
+        needs_reference = needs_reference and not str(getattr(args, "token_scores_from", None)).startswith("column:")
         if needs_reference and not self.configured:
             raise ValueError(
                 f"`token_cleaning={args.token_cleaning!r}` with `token_selection={args.token_selection!r}` ranks tokens "

@@ -7,6 +7,7 @@ arrays while they are ranked; they live in the compact layout (response position
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ from .report.run import RunReport, log_fields
 from .rules import Quantities, configured_rule, excess_loss
 from .score_driver import ScoringDriver, row_offsets
 from .selection import Selection
+
+# `read_losses(layout) -> (compact arrays, report note)`: losses read instead of scored (see `score_and_select`).
+LossReader = Callable[[ResponseLayout], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
 @dataclass
@@ -186,13 +190,19 @@ def check_scores(scores: np.ndarray) -> None:
         )
 
 
-def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningState:
+def score_and_select(
+    ctx: CleaningContext, dataset: Dataset, read_losses: LossReader | None = None
+) -> TokenCleaningState:
     """
     Fixed mode, in the compact layout. The main process holds one float32 array per side over the response
     positions only, filled shard by shard (`compact.scatter_rows`); the configured rule selects
     ([`select_fixed`]: the paper's global top-k ranks `base - ref` without a copy of the scores), then the report is
     published from what it selected ([`publish_fixed`]) and the losses are dropped. Every process ends with the
     packed keep mask, or, with `token_selection="batch"` (ranked per optimizer step), the compact scores.
+
+    `read_losses(layout)`, when given, takes the place of scoring (`token_scores_from`, see `score_files.py`): run on
+    the main process (an error there is raised on every process), it returns the compact arrays (`"base"` and
+    `"ref"`, or `"scores"`, the excess itself) and the report's note on where they came from.
     """
     args, collective = ctx.args, ctx.collective
     started = time.perf_counter()
@@ -200,7 +210,11 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
     layout = ctx.response_layout(dataset)
     cache_stats: dict[str, dict[str, int]] = {}
     losses: dict[str, np.ndarray | None] = {"base": None, "ref": None}
-    if ctx.reference.configured:
+    if read_losses is not None:
+        read = collective.together(lambda: read_losses(layout) if collective.is_main else None)
+        if read is not None:
+            losses, cache_stats = {"base": None, "ref": None, **read[0]}, read[1]
+    elif ctx.reference.configured:
         for role in ("base", "ref"):
             losses[role], cache_stats[role] = ctx.driver.response_losses(dataset, role, layout)
         ctx.reference.release()
@@ -236,14 +250,14 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
 def select_fixed(ctx: CleaningContext, layout: ResponseLayout, losses: dict[str, np.ndarray | None]) -> FixedSelection:
     """Fixed mode's selection on the main process, over the compact losses (checked finite first); nothing with
     `token_selection="batch"`, whose tokens are ranked per optimizer step. Baselines run without a reference."""
-    base, ref = losses["base"], losses["ref"]
-    if base is not None:
-        check_scores(base)
-        check_scores(ref)
+    base, ref, scores = losses["base"], losses["ref"], losses.get("scores")
+    for values in (base, ref, scores):
+        if values is not None:
+            check_scores(values)
     rule, level = configured_rule(ctx.args)
     if ctx.args.token_selection == "batch":
         return FixedSelection(None, None, {"rule": rule.name, "level": level})
-    selection = ctx.select(layout, ctx.seed, base=base, ref=ref)
+    selection = ctx.select(layout, ctx.seed, base=base, ref=ref, scores=scores)
     stats = {
         "rule": rule.name,
         "level": level,
@@ -273,7 +287,7 @@ def publish_fixed(
         layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": kept}, layout
     )
     means = {"base_loss_mean": nanmean(base), "ref_loss_mean": nanmean(ref)}
-    scores = None
+    scores = losses.get("scores")  # the excess itself (a score column), else computed here
     if base is not None:
         scores = excess_loss(base, ref, out=base)
         losses.clear()
@@ -359,6 +373,7 @@ def fill_row_store(store: RowStore, state: TokenCleaningState, online: bool) -> 
 __all__ = [
     "CleaningContext",
     "FixedSelection",
+    "LossReader",
     "TokenCleaningState",
     "check_scores",
     "fill_row_store",
