@@ -45,14 +45,14 @@ META_PREFIX = "token_clean."
 COLUMN_PREFIX = "column:"
 # The metadata that must equal the trainer's own, and how an error names it.
 CHECKED = {
-    "format": "the file format version",
-    "base_model": "the base model (its identity: files, init kwargs, dtype)",
-    "ref_model": "the reference model (its identity: files, init kwargs, dtype)",
-    "tokenizer": "the tokenizer",
-    "chat_template": "the chat template",
+    "format": "file format version",
+    "base_model": "base model (its identity: files, init kwargs, dtype)",
+    "ref_model": "reference model (its identity: files, init kwargs, dtype)",
+    "tokenizer": "tokenizer",
+    "chat_template": "chat template",
     "max_length": "`max_length`",
     "packing": "`packing`",
-    "rows_total": "the number of prepared train rows",
+    "rows_total": "number of prepared train rows",
 }
 
 
@@ -273,7 +273,7 @@ def check_shard_metadata(found: dict[str, str] | None, expected: dict[str, str],
         else:
             details.append(f"{CHECKED[key]}")
     raise ScoreFileError(
-        f"{path} was scored with another {', '.join(details)} than this run. Scores are only valid for the exact "
+        f"{path} was scored with a different {', '.join(details)} than this run. Scores are only valid for the exact "
         f"models and tokenisation they were computed with: score again with this run's settings ({hint}), or train "
         "with the settings the files were made with."
     )

@@ -210,10 +210,11 @@ def score_and_select(
     layout = ctx.response_layout(dataset)
     cache_stats: dict[str, dict[str, int]] = {}
     losses: dict[str, np.ndarray | None] = {"base": None, "ref": None}
+    source: dict[str, Any] = {}  # where read losses came from, for the report (`scores_from`)
     if read_losses is not None:
         read = collective.together(lambda: read_losses(layout) if collective.is_main else None)
         if read is not None:
-            losses, cache_stats = {"base": None, "ref": None, **read[0]}, read[1]
+            losses, source = {"base": None, "ref": None, **read[0]}, read[1]
     elif ctx.reference.configured:
         for role in ("base", "ref"):
             losses[role], cache_stats[role] = ctx.driver.response_losses(dataset, role, layout)
@@ -224,7 +225,9 @@ def score_and_select(
     def publish() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
         if not collective.is_main:
             return None, None, {}, None
-        return publish_fixed(ctx, layout, started, losses, selected, cache_stats)
+        return publish_fixed(
+            ctx, layout, started, losses, selected, cache_stats, {"scores_from": source} if source else {}
+        )
 
     keep_bits, threshold, summary, scores = collective.together(publish)
     losses.clear()
@@ -274,9 +277,11 @@ def publish_fixed(
     losses: dict[str, np.ndarray | None],
     selected: FixedSelection,
     cache_stats: dict[str, dict[str, int]],
+    notes: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
     """
-    The report of fixed mode's selection, on the main process, published from what [`select_fixed`] returned:
+    The report of fixed mode's selection, on the main process, published from what [`select_fixed`] returned
+    (`notes`: more fields of the report, e.g. where read losses came from):
     `(keep_bits, threshold, log fields, compact scores)`. The scores are computed in place of the base losses once
     the token sample and the mean losses are taken, and the losses dropped; only the compact scores stay, for
     `score_tokens()` and per-step ranking.
@@ -304,6 +309,7 @@ def publish_fixed(
         tokens=tokens,
     )
     report.update(means)
+    report.update(notes or {})
     ctx.report.publish(report)  # writes the histogram and drops the report's reference to the scores
     keep_bits = None if kept is None else expand_keep_bits(layout, kept)
     return keep_bits, threshold, log_fields(report) if kept is not None else {}, scores

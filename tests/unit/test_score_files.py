@@ -156,7 +156,7 @@ def test_other_rows_are_refused_by_their_content_hash(tmp_path):
     other = prepared(seed=1)  # same row count and lengths, other tokens
     with pytest.raises(ScoreFileError, match=r"scored on other rows 0-\d+ .*input_ids/labels hash differs"):
         read_score_files(str(tmp_path), response_layout(other), IDENTITY)
-    with pytest.raises(ScoreFileError, match=r"the number of prepared train rows \(file: 9, this run: 8\)"):
+    with pytest.raises(ScoreFileError, match=r"different number of prepared train rows \(file: 9, this run: 8\)"):
         read_score_files(str(tmp_path), response_layout(prepared(rows=8)), IDENTITY)
 
 
