@@ -3,8 +3,11 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from datasets import Dataset, DatasetDict
@@ -14,6 +17,8 @@ from token_clean_trainer.commands.recipe import parse_recipe
 from token_clean_trainer.commands.score import score_command
 from token_clean_trainer.commands.train import build_trainer
 from token_clean_trainer.score_files import ScoreFileError, read_metadata, shard_file_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +101,32 @@ def test_score_files_of_another_reference_are_refused_naming_it(recipe, tiny_mod
     trainer = trainer_from(path, "--token_scores_from", scores, "--ref_model_name_or_path", tiny_model_dir)
     with pytest.raises(ScoreFileError, match="scored with a different reference model"):
         trainer.cleaning_mode.scores()
+
+
+@pytest.mark.slow
+def test_score_jobs_under_two_processes_write_what_one_process_writes(recipe):
+    path, folder = recipe
+    if not os.path.isdir(folder / "scores"):
+        pytest.skip("runs after the scoring test")
+    scores = folder / "scores_two_processes"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for index in (0, 1):
+        command = ["score", "--config", path, "--shard", f"{index}/2", "--output_dir", str(scores)]
+        completed = subprocess.run(
+            [sys.executable, "-m", "token_clean_trainer.cli", *command, "--num_processes", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    for index in (0, 1):
+        name = shard_file_name(index, 2)
+        assert read_metadata(str(scores / name)) == read_metadata(str(folder / "scores" / name))
+        one, two = pq.read_table(folder / "scores" / name), pq.read_table(scores / name)
+        assert one.column("row").to_pylist() == two.column("row").to_pylist()
+        for column in ("base_losses", "ref_losses"):
+            a = np.concatenate(one.column(column).to_pylist())
+            b = np.concatenate(two.column(column).to_pylist())
+            np.testing.assert_allclose(a, b, atol=1e-5)  # other batches over 2 processes: equal to float rounding
