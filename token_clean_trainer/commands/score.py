@@ -49,6 +49,10 @@ def score_command(argv: list[str]) -> int:
     if shard is None:
         from .train import score_command as score_whole
 
+        if any(a in ("-h", "--help") for a in argv):
+            print_main(
+                "token-clean score --shard I/N --output_dir DIR: one job of a sharded scoring run (--shard 0/1 --help)"
+            )
         return score_whole(argv)
     from ..score_files import parse_shard
 
