@@ -214,7 +214,11 @@ def score_and_select(
     if read_losses is not None:
         read = collective.together(lambda: read_losses(layout) if collective.is_main else None)
         if read is not None:
-            losses, source = {"base": None, "ref": None, **read[0]}, read[1]
+            arrays, source = read
+            losses = {"base": None, "ref": None, **arrays}
+            # Only `losses` may hold the arrays: `publish_fixed` frees each after its last use.
+            arrays.clear()
+        del read
     elif ctx.reference.configured:
         for role in ("base", "ref"):
             losses[role], cache_stats[role] = ctx.driver.response_losses(dataset, role, layout)
