@@ -4,9 +4,13 @@ The paper-scale case is 300k rows x 2,048 positions with half of them response t
 positions). This benchmark runs the trainer's own preparation on an in-memory prepared dataset, with real processes
 over gloo: fixed mode (`scoring_pass.score_and_select`: the driver's `response_losses`, the selection, the report, the
 row store; `--selection batch` keeps the compact scores for per-step ranking), online mode's reference pass
-(`--mode online`: `scoring_pass.score_reference`, the row store) and the scoring and selection of every self-evolving
+(`--mode online`: `scoring_pass.score_reference`, the row store), the scoring and selection of every self-evolving
 round (`--mode self_evolving`: `self_evolving.new_run`, then per round `prepare_round` and the report of the rounds so
-far; training between rounds is not part of it). Only the forwards are simulated: the driver's `token_losses` is
+far; training between rounds is not part of it), and fixed mode reading its losses back from the files of a sharded
+scoring run (`--mode score_files`: `token_scores_from=<folder>`; synthetic files written beforehand by
+`score_files.write_score_shard`, the writer of `token-clean score --shard I/N`, then `score_and_select` with
+`score_files.read_score_files` in place of scoring: the files' checks, their rows streamed into two preallocated
+compact arrays, the selection, the report, the row store). Only the forwards are simulated: the driver's `token_losses` is
 replaced by a loop that gives each process synthetic losses for its round-robin share of every shard (`deal_rows`, as
 the driver deals them) and sends them to the main process with the driver's `gather_shard`; the main process writes
 each shard into its compact arrays through the driver's sink. The forwards are the GPUs' business; the host
@@ -21,6 +25,7 @@ shared by `input_ids` and `labels`) is part of the baseline, as a memory-mapped 
     python benchmarks/bench_scale.py --rows 30000 --selection batch
     python benchmarks/bench_scale.py --rows 30000 --mode online
     python benchmarks/bench_scale.py --rows 30000 --mode self_evolving --rounds 3
+    python benchmarks/bench_scale.py --rows 100000 --mode score_files --world 1 --score_shards 8
 """
 
 import argparse
@@ -111,7 +116,7 @@ def bench_context(args, collective, out_dir: str, timings: dict, dataset):
             return None, {"reused": 0, "computed": len(self.shard_bounds(len(dataset)))}
 
     config = SimpleNamespace(
-        token_cleaning=args.mode, token_selection=args.selection, token_keep_ratio=0.6, token_score_rule="excess",
+        token_cleaning="fixed" if args.mode == "score_files" else args.mode, token_selection=args.selection, token_keep_ratio=0.6, token_score_rule="excess",
         token_score_window=1, token_selection_seed=None, seed=0, max_length=None, output_dir=out_dir,
         score_shard_rows=args.shard_rows, report_to=[], self_evolving_rounds=args.rounds, score_cache_dir=None,
         learning_rate=0.0, num_train_epochs=1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
@@ -137,6 +142,36 @@ def bench_context(args, collective, out_dir: str, timings: dict, dataset):
 
     scoring_pass.CleaningContext.select = timed
     return scoring_pass.CleaningContext(config, collective, driver, reference, report)
+
+
+def write_score_folder(folder: str, dataset, shards: int, block_rows: int):
+    """Synthetic score files of `dataset` (random losses), one per shard, by the writer `token-clean score` uses; one
+    shard's arrays in memory at a time. Returns the identity the files carry."""
+    from token_clean_trainer.compact import response_layout
+    from token_clean_trainer.score_files import (
+        RunIdentity,
+        range_hash,
+        shard_file_name,
+        shard_metadata,
+        shard_row_range,
+        write_score_shard,
+    )
+
+    identity = RunIdentity("bench-base", "bench-ref", "bench-tokenizer", "bench-template", None, False)
+    layout = response_layout(dataset)
+    for index in range(shards):
+        start, end = shard_row_range(len(dataset), block_rows, index, shards)
+        offsets = layout.response_offsets[start : end + 1]
+        rng = np.random.default_rng(index)
+        base = rng.random(int(offsets[-1] - offsets[0]), dtype=np.float32) + np.float32(1)
+        ref = rng.random(base.size, dtype=np.float32) + np.float32(0.5)
+        rows_hash = range_hash(dataset, start, end)
+        meta = shard_metadata(identity, index, shards, start, end, len(dataset), rows_hash, None)
+        write_score_shard(
+            os.path.join(folder, shard_file_name(index, shards)), start, offsets - offsets[0], base, ref, meta
+        )
+        del base, ref
+    return identity
 
 
 def self_evolving_rounds(ctx, dataset, collective, timings: dict):
@@ -171,6 +206,22 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
 
         ctx = bench_context(args, collective, report_dir, timings, dataset)
         store = RowStore()
+        read_losses = None
+        if args.mode == "score_files":
+            from token_clean_trainer.score_files import read_score_files
+
+            score_dir = os.path.join(report_dir, "scores")
+            identity = (
+                write_score_folder(score_dir, dataset, args.score_shards, args.shard_rows) if rank == 0 else None
+            )
+
+            def read_losses(layout):
+                started = time.perf_counter()
+                read = read_score_files(score_dir, layout, identity)
+                timings["read_s"] = time.perf_counter() - started
+                timings["peak_after_read_mb"] = status("VmHWM")
+                return read
+
         collective.barrier()
         reset_peak()
         baseline = status("VmRSS")
@@ -184,7 +235,7 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
             assert abs(kept - (first + 0.6 * (response - first))) < 2 * args.rounds, (kept, response)
         else:
             online = args.mode == "online"
-            state = score_reference(ctx, dataset) if online else score_and_select(ctx, dataset)
+            state = score_reference(ctx, dataset) if online else score_and_select(ctx, dataset, read_losses)
             fill_row_store(store, state, online)
             if state.keep_bits is not None:
                 kept = int(np.unpackbits(state.keep_bits).sum())
@@ -205,6 +256,13 @@ def worker(rank: int, world: int, args, port: int, out: str) -> None:
     }
     if "peak_after_selection_mb" in timings:
         result["peak_in_units_through_selection"] = (timings["peak_after_selection_mb"] - baseline) / unit_mb
+    if "peak_after_read_mb" in timings:
+        result["peak_in_units_through_read"] = (timings["peak_after_read_mb"] - baseline) / unit_mb
+        # The ratios do not depend on the size: the same process at 300k rows x 2,048 positions.
+        result["projected_300k_x_2048_mb"] = {
+            key: units * 300_000 * 1024 * 4 / 2**20
+            for key, units in (("read", result["peak_in_units_through_read"]), ("peak", result["peak_in_units"]))
+        }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
@@ -216,9 +274,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--shard_rows", type=int, default=2048)
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--mode", choices=["fixed", "online", "self_evolving"], default="fixed")
+    parser.add_argument("--mode", choices=["fixed", "online", "self_evolving", "score_files"], default="fixed")
     parser.add_argument("--selection", choices=["global", "batch", "sample"], default=None)
     parser.add_argument("--rounds", type=int, default=3, help="self-evolving rounds")
+    parser.add_argument("--score_shards", type=int, default=8, help="score files (--mode score_files)")
     parser.add_argument("--out", default=None, help="defaults to benchmarks/results/scale[_<mode>_<selection>]")
     args = parser.parse_args()
     if args.selection is None:
@@ -235,6 +294,12 @@ def main() -> None:
         json.dump(summary, f, indent=2)
     for r in results:
         through = r.get("peak_in_units_through_selection")
+        if "peak_in_units_through_read" in r:
+            print(
+                f"rank {r['rank']}: {r['peak_in_units_through_read']:.2f} x through reading the score files; "
+                f"projected to 300k rows x 2,048: {r['projected_300k_x_2048_mb']['read']:,.0f} MB through reading, "
+                f"{r['projected_300k_x_2048_mb']['peak']:,.0f} MB at the peak"
+            )
         print(
             f"rank {r['rank']}: peak RSS {r['peak_rss_mb'] - r['baseline_mb']:.0f} MB above the dataset = "
             f"{r['peak_in_units']:.2f} x one float32 array of response positions ({r['unit_mb']:.0f} MB)"

@@ -2,6 +2,7 @@
 
     token-clean train     --config recipe.yaml [--key value ...]   score, clean and train (the recipe's mode)
     token-clean score     --config recipe.yaml [--key value ...]   score and select only; write scores and the report
+    token-clean score     --config recipe.yaml --shard I/N --output_dir DIR   one job of a sharded scoring run
     token-clean validate  recipe.yaml [...]                        check recipes without loading a model
     token-clean purge-mix --config recipe.yaml [--key value ...]   ENTP purge-mix on the recipe's train split
     token-clean eval      --model M [--adapter A] --dataset D      held-out response NLL and perplexity
@@ -36,7 +37,7 @@ DEBUG_ENV = "TOKEN_CLEAN_DEBUG"
 # Subcommand -> "module:function" under `token_clean_trainer.commands`, imported only when that command runs.
 COMMANDS = {
     "train": "train:train_command",
-    "score": "train:score_command",
+    "score": "score:score_command",
     "validate": "validate:validate_command",
     "purge-mix": "purge_mix:purge_mix_command",
     "report": "report:report_command",

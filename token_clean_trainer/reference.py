@@ -128,7 +128,10 @@ class Reference:
                 )
             return
         needs_reference = args.token_cleaning == "online" or args.token_selection in ("global", "sample", "batch")
-        needs_reference = needs_reference and getattr(args, "token_weights_column", None) is None  # no scoring
+        # A weight column needs no scoring, and a score column (`token_scores_from="column:<name>"`) is the score
+        # itself: neither compares with a reference.
+        needs_reference = needs_reference and getattr(args, "token_weights_column", None) is None
+        needs_reference = needs_reference and not str(getattr(args, "token_scores_from", None)).startswith("column:")
         if needs_reference and not self.configured:
             raise ValueError(
                 f"`token_cleaning={args.token_cleaning!r}` with `token_selection={args.token_selection!r}` ranks tokens "

@@ -7,6 +7,7 @@ arrays while they are ranked; they live in the compact layout (response position
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ from .rules import Quantities, configured_rule, excess_loss
 from .rules.soft import weight_summary
 from .score_driver import ScoringDriver, row_offsets
 from .selection import Selection
+
+# `read_losses(layout) -> (compact arrays, report note)`: losses read instead of scored (see `score_and_select`).
+LossReader = Callable[[ResponseLayout], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
 @dataclass
@@ -193,13 +197,19 @@ def check_scores(scores: np.ndarray) -> None:
         )
 
 
-def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningState:
+def score_and_select(
+    ctx: CleaningContext, dataset: Dataset, read_losses: LossReader | None = None
+) -> TokenCleaningState:
     """
     Fixed mode, in the compact layout. The main process holds one float32 array per side over the response
     positions only, filled shard by shard (`compact.scatter_rows`); the configured rule selects
     ([`select_fixed`]: the paper's global top-k ranks `base - ref` without a copy of the scores), then the report is
     published from what it selected ([`publish_fixed`]) and the losses are dropped. Every process ends with the
     packed keep mask, or, with `token_selection="batch"` (ranked per optimizer step), the compact scores.
+
+    `read_losses(layout)`, when given, takes the place of scoring (`token_scores_from`, see `score_files.py`): run on
+    the main process (an error there is raised on every process), it returns the compact arrays (`"base"` and
+    `"ref"`, or `"scores"`, the excess itself) and the report's note on where they came from.
     """
     args, collective = ctx.args, ctx.collective
     started = time.perf_counter()
@@ -207,7 +217,16 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
     layout = ctx.response_layout(dataset)
     cache_stats: dict[str, dict[str, int]] = {}
     losses: dict[str, np.ndarray | None] = {"base": None, "ref": None}
-    if ctx.reference.configured:
+    source: dict[str, Any] = {}  # where read losses came from, for the report (`scores_from`)
+    if read_losses is not None:
+        read = collective.together(lambda: read_losses(layout) if collective.is_main else None)
+        if read is not None:
+            arrays, source = read
+            losses = {"base": None, "ref": None, **arrays}
+            # Only `losses` may hold the arrays: `publish_fixed` frees each after its last use.
+            arrays.clear()
+        del read
+    elif ctx.reference.configured:
         for role in ("base", "ref"):
             losses[role], cache_stats[role] = ctx.driver.response_losses(dataset, role, layout)
         ctx.reference.release()
@@ -217,7 +236,9 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
     def publish() -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
         if not collective.is_main:
             return None, None, {}, None
-        return publish_fixed(ctx, layout, started, losses, selected, cache_stats)
+        return publish_fixed(
+            ctx, layout, started, losses, selected, cache_stats, {"scores_from": source} if source else {}
+        )
 
     keep_bits, threshold, summary, scores = collective.together(publish)
     losses.clear()
@@ -247,14 +268,14 @@ def score_and_select(ctx: CleaningContext, dataset: Dataset) -> TokenCleaningSta
 def select_fixed(ctx: CleaningContext, layout: ResponseLayout, losses: dict[str, np.ndarray | None]) -> FixedSelection:
     """Fixed mode's selection on the main process, over the compact losses (checked finite first); nothing with
     `token_selection="batch"`, whose tokens are ranked per optimizer step. Baselines run without a reference."""
-    base, ref = losses["base"], losses["ref"]
-    if base is not None:
-        check_scores(base)
-        check_scores(ref)
+    base, ref, scores = losses["base"], losses["ref"], losses.get("scores")
+    for values in (base, ref, scores):
+        if values is not None:
+            check_scores(values)
     rule, level = configured_rule(ctx.args)
     if ctx.args.token_selection == "batch":
         return FixedSelection(None, None, {"rule": rule.name, "level": level})
-    selection = ctx.select(layout, ctx.seed, base=base, ref=ref)
+    selection = ctx.select(layout, ctx.seed, base=base, ref=ref, scores=scores)
     stats = {
         "rule": rule.name,
         "level": level,
@@ -271,9 +292,11 @@ def publish_fixed(
     losses: dict[str, np.ndarray | None],
     selected: FixedSelection,
     cache_stats: dict[str, dict[str, int]],
+    notes: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray | None, float | None, dict[str, Any], np.ndarray | None]:
     """
-    The report of fixed mode's selection, on the main process, published from what [`select_fixed`] returned:
+    The report of fixed mode's selection, on the main process, published from what [`select_fixed`] returned
+    (`notes`: more fields of the report, e.g. where read losses came from):
     `(keep_bits, threshold, log fields, compact scores)`. The scores are computed in place of the base losses once
     the token sample and the mean losses are taken, and the losses dropped; only the compact scores stay, for
     `score_tokens()` and per-step ranking.
@@ -284,7 +307,7 @@ def publish_fixed(
         layout.offsets, None, {"base_losses": base, "ref_losses": ref, "keep": kept}, layout
     )
     means = {"base_loss_mean": nanmean(base), "ref_loss_mean": nanmean(ref)}
-    scores = None
+    scores = losses.get("scores")  # the excess itself (a score column), else computed here
     if base is not None:
         scores = excess_loss(base, ref, out=base)
         losses.clear()
@@ -303,6 +326,7 @@ def publish_fixed(
     report.update(means)
     if selected.weights is not None:
         report["weights"] = weight_summary(selected.weights)
+    report.update(notes or {})
     ctx.report.publish(report)  # writes the histogram and drops the report's reference to the scores
     keep_bits = None if kept is None else expand_keep_bits(layout, kept)
     return keep_bits, threshold, log_fields(report) if kept is not None else {}, scores
@@ -377,6 +401,7 @@ def fill_row_store(store: RowStore, state: TokenCleaningState, online: bool) -> 
 __all__ = [
     "CleaningContext",
     "FixedSelection",
+    "LossReader",
     "TokenCleaningState",
     "check_scores",
     "fill_row_store",

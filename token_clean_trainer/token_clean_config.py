@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -163,6 +164,14 @@ class TokenCleanConfig(SFTConfig):
             on-disk cache. Must be visible to every process of a distributed run.
         score_shard_rows (`int`, *optional*, defaults to `2048`):
             Rows per cache shard. A run killed during scoring recomputes only the shards it had not finished.
+        token_scores_from (`str`, *optional*):
+            Where fixed mode takes its scores from instead of scoring before training. A folder: the score files that
+            `token-clean score --shard I/N --output_dir <folder>` wrote (one per shard; every file's models,
+            tokenizer, chat template, `max_length`, packing and rows must match this run, or training refuses to
+            start, naming the difference). `"column:<name>"`: a column of the train dataset with one list of floats
+            per row, one per position whose label is not -100 in the prepared row (after prompt masking and
+            truncation to `max_length`), ranked as the score `L_base - L_ref` would be; needs a rule that reads the
+            score only, and no packing. Fixed mode only. See `docs/scores-from-anywhere.md`.
         self_evolving_rounds (`int`, *optional*, defaults to `5`):
             Number of contiguous data chunks (rounds) in self-evolving mode. The chunks are equal in rows, the last
             one takes the remainder, and the dataset is never shuffled before it is split.
@@ -287,6 +296,13 @@ class TokenCleanConfig(SFTConfig):
         default=2048,
         metadata={"help": "Rows per score-cache shard; a killed run recomputes only unfinished shards."},
     )
+    token_scores_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fixed mode: read the scores instead of scoring, from a folder of `token-clean score --shard I/N` "
+            "files, or from a dataset column of per-token scores ('column:<name>', one float per trained token)."
+        },
+    )
     self_evolving_rounds: int = field(
         default=5,
         metadata={"help": "Number of contiguous chunks (rounds) in self-evolving mode."},
@@ -396,6 +412,45 @@ class TokenCleanConfig(SFTConfig):
             )
         if self.token_cleaning != "none" and self.packing:
             self._check_packing()
+        if self.token_scores_from is not None:
+            self._check_scores_from()
+
+    def _check_scores_from(self) -> None:
+        """`token_scores_from`: fixed mode, a selection that ranks scores, and what a score column can feed."""
+        source = self.token_scores_from
+        if self.token_cleaning != "fixed":
+            why = {
+                "none": "cleans nothing",
+                "online": "ranks the trained model's losses of every step, which no file holds",
+                "self_evolving": "scores each round against the model of the round before, which no file holds",
+            }[self.token_cleaning]
+            raise ValueError(
+                f"`token_scores_from={source!r}` needs `token_cleaning='fixed'`: `token_cleaning="
+                f"{self.token_cleaning!r}` {why}. Unset `token_scores_from`, or train with `token_cleaning='fixed'`."
+            )
+        if self.token_selection in baselines():
+            raise ValueError(
+                f"`token_scores_from={source!r}` gives scores to rank, but `token_selection={self.token_selection!r}` "
+                "ranks none. Unset `token_scores_from`, or use `token_selection` 'global', 'sample' or 'batch'."
+            )
+        if not source.startswith("column:"):
+            self.token_scores_from = os.path.expanduser(os.path.expandvars(source))
+            return
+        if not source[len("column:") :]:
+            raise ValueError("`token_scores_from='column:<name>'` needs the column's name, e.g. 'column:my_scores'.")
+        rule = check_score_rule(self.token_score_rule)
+        losses = [LOSS_NAMES[name] for name in rule.needs if name != "excess"]
+        if losses:
+            raise ValueError(
+                f"`token_scores_from={source!r}` gives one score per token, but `token_score_rule={rule.name!r}` "
+                f"also reads the {' and '.join(losses)}. Use `token_score_rule='{DEFAULT_RULE}'`, or score with "
+                "`token-clean score --shard I/N`, whose files hold both losses."
+            )
+        if self.packing:
+            raise ValueError(
+                f"`token_scores_from={source!r}` aligns each row's scores with its trained tokens, but `packing=True` "
+                "merges rows. Use `packing=False` (`padding_free=True` keeps one sample per row)."
+            )
 
     def _check_packing(self) -> None:
         """Packing with token cleaning: the strategies whose rows keep every sequence whole and apart."""
@@ -488,6 +543,11 @@ class TokenCleanConfig(SFTConfig):
                 f"`token_weights_column={column!r}` gives fixed per-token weights, which need "
                 "`token_cleaning='fixed'` and `token_selection='global'`; got "
                 f"`token_cleaning={self.token_cleaning!r}`, `token_selection={self.token_selection!r}`."
+            )
+        if self.token_scores_from is not None:
+            raise ValueError(
+                f"`token_weights_column={column!r}` gives the weights themselves, so `token_scores_from="
+                f"{self.token_scores_from!r}` has nothing to rank. Set one of the two."
             )
         if self.token_dropped_loss != "none":
             raise ValueError(

@@ -163,10 +163,13 @@ def check_or_exit(recipe, prog: str) -> None:
         raise SystemExit(2)
 
 
-def run_recipe_command(command: str, argv: list[str], description: str, body, checked: bool = True) -> int:
+def run_recipe_command(
+    command: str, argv: list[str], description: str, body, checked: bool = True, launch_argv: list[str] | None = None
+) -> int:
     """
     Parse the recipe of `token-clean <command>`, check it, and run `body(recipe)` here, or first start the command again
-    under `accelerate launch` when the recipe (or `--num_processes N`) asks for several processes.
+    under `accelerate launch` when the recipe (or `--num_processes N`) asks for several processes. `launch_argv`: what
+    that start passes on (defaults to `argv`; a command's own flags, which are no recipe keys, go there too).
     """
     asks_help = any(a in ("-h", "--help") for a in argv)
     if not argv:
@@ -185,7 +188,7 @@ def run_recipe_command(command: str, argv: list[str], description: str, body, ch
             recipe = parse_or_exit(argv, f"token-clean {command}", description)
             if checked:
                 check_or_exit(recipe, f"token-clean {command}")
-            return relaunch(command, argv, config_name, processes)
+            return relaunch(command, argv if launch_argv is None else launch_argv, config_name, processes)
     cpu_only_distributed_fallback()
     recipe = parse_or_exit(argv, f"token-clean {command}", description)
     if checked:

@@ -15,6 +15,7 @@ from ..report import add_step_summary
 from ..report.run import log_fields, step_log_fields
 from ..rules.soft import WeightTally
 from ..score_driver import row_offsets
+from ..score_files import column_name, read_score_column, read_score_files, run_identity
 from ..scoring_pass import TokenCleaningState, fill_row_store, score_and_select
 from ..step_selection import StepRecords, accelerator_gather, select_step_tokens
 from ..weight_column import weight_column_state
@@ -100,13 +101,27 @@ class FixedMode(CleaningMode):
         return state
 
     def score(self, dataset) -> TokenCleaningState:
-        """The scoring pass: `L_base - L_ref` and the selection (`scoring_pass.score_and_select`); with a
-        `token_weights_column`, the user's weights instead (`weight_column.py`), no model run."""
+        """The scoring pass: `L_base - L_ref` and the selection (`scoring_pass.score_and_select`); with
+        `token_scores_from`, the losses of a score folder or the scores of a dataset column instead of scoring; with a
+        `token_weights_column`, the user's weights (`weight_column.py`), no model run."""
         trainer = self.trainer
         if trainer.args.token_weights_column is not None:
             rows, raw_rows = trainer.user_token_weights
             return weight_column_state(trainer.cleaning_context, dataset, rows, raw_rows)
-        return score_and_select(trainer.cleaning_context, dataset)
+        source = trainer.args.token_scores_from
+        if source is None:
+            return score_and_select(trainer.cleaning_context, dataset)
+        column = column_name(source)
+        if column is not None:
+
+            def read_column(layout):
+                return {"scores": read_score_column(layout, column, trainer.args.max_length)}, {"column": column}
+
+            return score_and_select(trainer.cleaning_context, dataset, read_losses=read_column)
+        identity = run_identity(trainer)  # on every process: a sharded model's fingerprint is a collective
+        return score_and_select(
+            trainer.cleaning_context, dataset, read_losses=lambda layout: read_score_files(source, layout, identity)
+        )
 
     def scores(self) -> TokenCleaningState:
         if self.state is None:
