@@ -102,7 +102,11 @@ def test_accelerate_prepared_the_model_with_fsdp2(results, scenario):
     _, two = results
     assert two["processes"] == 2
     prepared = two[scenario]["prepared"]
-    assert prepared["distributed_type"] == "DistributedType.FSDP" and prepared["is_fsdp2"] and prepared["trainer_is_fsdp_enabled"]
+    assert (
+        prepared["distributed_type"] == "DistributedType.FSDP"
+        and prepared["is_fsdp2"]
+        and prepared["trainer_is_fsdp_enabled"]
+    )
     # accelerate's auto-wrap: one unit per decoder layer, and the root over the rest (embeddings, norm, head).
     assert prepared["root_is_fsdp_module"]
     assert prepared["units"].count("FSDPLlamaDecoderLayer") == 2

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
 
-
 if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
     from tests.integration.accelerate_fsdp2_cpu import enable_fsdp2_on_cpu
 
@@ -49,6 +48,10 @@ SCENARIOS = {
         score_shard_rows=5,
     ),
     "packing": dict(packing=True, token_score_window=3, score_shard_rows=3, score_batch_size=2, max_steps=2),
+    # The paper recipes' precision: weights loaded in bf16, bf16 mixed precision (FSDP2's MixedPrecisionPolicy), with
+    # LoRA and as a full fine-tune; only on 2 processes (bf16 rounding differs between one and two processes).
+    "bf16_lora": dict(bf16=True, max_steps=1, score_shard_rows=12, score_batch_size=6),
+    "bf16_full": dict(bf16=True, max_steps=1, score_shard_rows=12, score_batch_size=6),
 }
 
 
@@ -87,16 +90,17 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
         settings["ref_model_name_or_path"] = ref_dir
     if name == "packing":
         settings["per_device_train_batch_size"] = 2 // WORLD
+    bf16 = name.startswith("bf16")
     rows = 24 if name == "self_evolving" else 16 if name == "online" else 23
     trainer = TokenCleanSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32),
         args=cpu_args(os.path.join(out_dir, name), use_cpu=True, **settings),
         train_dataset=Dataset.from_list(arithmetic_rows(rows)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=LoraConfig(**LORA),
+        peft_config=None if name == "bf16_full" else LoraConfig(**LORA),
     )
     result = {}
-    if name in ("fixed_path", "fixed_adapter", "packing"):
+    if name in ("fixed_path", "fixed_adapter", "packing", "bf16_lora", "bf16_full"):
         scored = trainer.score_tokens()
         if trainer.accelerator.is_main_process:
             result["scores"], result["keep"] = flat_scores(scored)
@@ -107,6 +111,8 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
         result["steps"] = trainer.cleaning_mode.step_records
     if name == "self_evolving" and trainer.accelerator.is_main_process:  # the report lives on the main process
         result["rounds"] = trainer.token_cleaning_state.report["rounds"]
+    if trainer.accelerator.is_main_process and name in ("fixed_path", "bf16_lora", "bf16_full"):
+        result["scoring_precision"] = trainer.token_cleaning_state.report["scoring_precision"]
     if trainer.accelerator.num_processes > 1:
         result["prepared"] = how_prepared(trainer)
     result["forwards"] = trainer.collective.all_gather_object(trainer.scoring_stats.forwards)
