@@ -23,7 +23,7 @@ from tests.integration.accelerate_fsdp2_cpu import FSDP2_CONFIG
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "accelerate_fsdp2.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCENARIOS = ["fixed_path", "fixed_adapter", "online", "self_evolving", "packing"]
+SCENARIOS = ["fixed_path", "fixed_adapter", "online", "self_evolving", "packing", "bf16_lora", "bf16_full"]
 
 
 def launch(folder, processes: int, model_dir: str, ref_dir: str, adapter_dir: str) -> dict:
@@ -111,6 +111,7 @@ def test_accelerate_prepared_the_model_with_fsdp2(results, scenario):
     assert prepared["root_is_fsdp_module"]
     assert prepared["units"].count("FSDPLlamaDecoderLayer") == 2
     assert prepared["all_parameters_dtensors"] and prepared["optimizer_holds_dtensors"]
+    # fp32 trainable parameters: LoRA's own, or accelerate's upcast of a bf16 model under bf16 mixed precision.
     assert prepared["trainable_dtypes"] == ["torch.float32"]
     assert len(set(two[scenario]["forwards"])) == 1  # every process ran the same scoring forwards
 
@@ -138,3 +139,17 @@ def test_self_evolving_merge_equals_one_process(results):
         if a["threshold"] is not None:
             assert abs(a["threshold"] - b["threshold"]) < 1e-5
     np.testing.assert_allclose(one["losses"], two["losses"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("scenario", ["bf16_lora", "bf16_full"])
+def test_bf16_mixed_precision_trains_and_scores_the_reference_in_bf16(results, scenario):
+    """The paper recipes' precision (bf16 weights, bf16 mixed precision) under FSDP2, with LoRA and full fine-tuning.
+
+    accelerate upcasts the trainable parameters to fp32 (checked above); the reference still loads and scores in
+    bf16, the dtype the trained model computes in, and a training step runs after the scoring forwards.
+    """
+    _, two = results
+    precision = two[scenario]["scoring_precision"]
+    assert precision["reference"]["weights"] == precision["base"]["weights"] == "bfloat16"
+    assert precision["reference"]["compute"] == "bfloat16"
+    assert len(two[scenario]["losses"]) == 1 and np.isfinite(two[scenario]["losses"]).all()

@@ -11,6 +11,7 @@ losses, and on FSDP how accelerate prepared the model.
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ SCENARIOS = {
     "fixed_path": dict(max_steps=2, score_shard_rows=5, score_batch_size=3),
     # Fixed mode with a LoRA adapter as reference, loaded onto the sharded PeftModel.
     "fixed_adapter": dict(max_steps=2, score_shard_rows=5, score_batch_size=3),
-    "online": dict(token_cleaning="online", max_steps=3),
+    "online": dict(token_cleaning="online", max_steps=2),
     "self_evolving": dict(
         token_cleaning="self_evolving",
         self_evolving_rounds=2,
@@ -50,8 +51,8 @@ SCENARIOS = {
     "packing": dict(packing=True, token_score_window=3, score_shard_rows=3, score_batch_size=2, max_steps=2),
     # The paper recipes' precision: weights loaded in bf16, bf16 mixed precision (FSDP2's MixedPrecisionPolicy), with
     # LoRA and as a full fine-tune; only on 2 processes (bf16 rounding differs between one and two processes).
-    "bf16_lora": dict(bf16=True, max_steps=1, score_shard_rows=12, score_batch_size=6),
-    "bf16_full": dict(bf16=True, max_steps=1, score_shard_rows=12, score_batch_size=6),
+    "bf16_lora": dict(bf16=True, max_steps=1, score_shard_rows=8, score_batch_size=4),
+    "bf16_full": dict(bf16=True, max_steps=1, score_shard_rows=8, score_batch_size=4),
 }
 
 
@@ -91,7 +92,8 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
     if name == "packing":
         settings["per_device_train_batch_size"] = 2 // WORLD
     bf16 = name.startswith("bf16")
-    rows = 24 if name == "self_evolving" else 16 if name == "online" else 23
+    # Few rows, shards that split unevenly over 2 processes: 15 rows in 5-row shards (3 + 2 rows each).
+    rows = {"self_evolving": 16, "online": 8}.get(name, 8 if bf16 else 15)
     trainer = TokenCleanSFTTrainer(
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32),
         args=cpu_args(os.path.join(out_dir, name), use_cpu=True, **settings),
@@ -122,7 +124,11 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
 def main(model_dir: str, ref_dir: str, adapter_dir: str, out_dir: str, result_path: str, *names: str) -> None:
     results = {"processes": WORLD}
     for name in names:
+        if name.startswith("bf16") and WORLD == 1:
+            continue  # bf16 rounding differs between one and two processes: checked on FSDP2 only
+        start = time.perf_counter()
         results[name] = run_scenario(name, model_dir, ref_dir, adapter_dir, out_dir)
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result_path, "w") as f:
             json.dump(results, f)
