@@ -15,15 +15,24 @@ DDP.
 environment. The device stays `cpu` (it was set when the process group was made), the backend stays gloo, and
 nothing else is touched. From there on everything is accelerate's and transformers' GPU code path:
 `Trainer.create_accelerator_and_postprocess` sees the FSDP plugin (`is_fsdp_enabled`), `Accelerator.prepare` runs
-`_prepare_fsdp2` and `fsdp2_prepare_model` (auto-wrap by the decoder layer class from `_no_split_modules`, the root
-unit over the rest, fp32 upcast of trainable parameters when mixed precision is on, the broadcast of rank 0's
-weights under `cpu_ram_efficient_loading`), `fully_shard` builds its default mesh over the gloo group, and the
-optimizer's parameters are swapped for the sharded ones.
+`_prepare_fsdp2` and `fsdp2_prepare_model` (a unit per decoder layer from `_no_split_modules`, the tail unit of the
+tied embedding, lm_head and final norm kept unsharded after forward, the root unit, the fp32 upcast of trainable
+parameters under mixed precision, the broadcast of rank 0's weights under `cpu_ram_efficient_loading`, which the
+shipped config sets), `fully_shard` builds its default mesh over the gloo group, and the optimizer's parameters are
+swapped for the sharded ones.
 
-What stays different from a GPU: the device and the collectives' backend (gloo), and mixed precision, which the
-tests keep at `no` so that one and two processes can be compared to 1e-5 (bf16 rounding differs between a
-whole-weight forward and an all-gathered one). `enable_fsdp2_on_cpu` is idempotent and is called at the top of a
-script that `accelerate launch --config_file .../fsdp2.yaml` starts.
+Why this and not something else: `TrainingArguments` resets accelerate's state and builds a fresh `PartialState`
+when it sets up its device, so a state prepared beforehand does not survive (short of
+`accelerator_config={"use_configured_state": True}`, which would make the tests' arguments differ from a user's);
+and relabelling on entry to `AcceleratorState.__init__` is the narrowest point between the process group's classification
+and accelerate's FSDP decision. It touches accelerate internals (`PartialState._shared_state`), so it is a test
+helper, not part of the package.
+
+What stays different from a GPU: the device and the collectives' backend (gloo). The tests compare one and two
+processes with mixed precision off (bf16 rounding differs between a whole-weight forward and an all-gathered one)
+and run the paper recipes' bf16 on two processes only. Call `enable_fsdp2_on_cpu()` (idempotent) at the top of a
+script that `accelerate launch --config_file .../fsdp2.yaml` starts; on a GPU machine it changes nothing, because
+there the group is classified `MULTI_GPU` already.
 """
 
 import os

@@ -107,9 +107,13 @@ def test_accelerate_prepared_the_model_with_fsdp2(results, scenario):
         and prepared["is_fsdp2"]
         and prepared["trainer_is_fsdp_enabled"]
     )
-    # accelerate's auto-wrap: one unit per decoder layer, and the root over the rest (embeddings, norm, head).
-    assert prepared["root_is_fsdp_module"]
-    assert prepared["units"].count("FSDPLlamaDecoderLayer") == 2
+    # accelerate's auto-wrap: one unit per decoder layer (`_no_split_modules`), the tail unit (the tied embedding and
+    # lm_head, and the final norm where accelerate finds it: not through PEFT's wrapper), and the root.
+    units = prepared["units"]
+    assert prepared["root_is_fsdp_module"] and units[0] in ("FSDPPeftModelForCausalLM", "FSDPLlamaForCausalLM")
+    assert units.count("FSDPLlamaDecoderLayer") == 2
+    assert {"FSDPEmbedding", "FSDPLinear"} <= set(units)
+    assert ("FSDPLlamaRMSNorm" in units) == (scenario == "bf16_full")
     assert prepared["all_parameters_dtensors"] and prepared["optimizer_holds_dtensors"]
     # fp32 trainable parameters: LoRA's own, or accelerate's upcast of a bf16 model under bf16 mixed precision.
     assert prepared["trainable_dtypes"] == ["torch.float32"]
