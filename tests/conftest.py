@@ -122,6 +122,22 @@ def cpu_kwargs(**overrides) -> dict:
     return values
 
 
+def end_launched_process() -> None:
+    """
+    The last line of a script that `accelerate launch` starts: after a final barrier, end the process as `token-clean
+    train` does (`exit_process`: flush, then `os._exit` under several processes). torch's gloo backend aborts in a
+    share of runs at interpreter exit ("terminate called without an active exception", SIGABRT), with or without
+    `destroy_process_group()`; a script of a few lines that only all-reduces over gloo does it too.
+    """
+    import torch.distributed as dist
+
+    from token_clean_trainer.commands.launch import exit_process
+
+    if dist.is_initialized():
+        dist.barrier()
+    exit_process(0)
+
+
 def cpu_args(output_dir, **overrides):
     from token_clean_trainer import TokenCleanConfig
 

@@ -19,7 +19,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import arithmetic_rows, cpu_args
+from tests.conftest import arithmetic_rows, cpu_args, end_launched_process
 from token_clean_trainer import TokenCleanSFTTrainer
 
 if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -94,14 +94,18 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
     bf16 = name.startswith("bf16")
     # Few rows, shards that split unevenly over 2 processes: 15 rows in 5-row shards (3 + 2 rows each).
     rows = {"self_evolving": 16, "online": 8}.get(name, 8 if bf16 else 15)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    # Under `fsdp_cpu_ram_efficient_loading` transformers loads the weights on the main process only (the others get
+    # the meta device) once the process group exists, i.e. from the second scenario of a launch on.
+    on_meta = next(model.parameters()).device.type == "meta"
     trainer = TokenCleanSFTTrainer(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32),
+        model,
         args=cpu_args(os.path.join(out_dir, name), use_cpu=True, **settings),
         train_dataset=Dataset.from_list(arithmetic_rows(rows)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=None if name == "bf16_full" else LoraConfig(**LORA),
     )
-    result = {}
+    result = {"loaded_on_meta": trainer.collective.all_gather_object(on_meta)}
     if name in ("fixed_path", "fixed_adapter", "packing", "bf16_lora", "bf16_full"):
         scored = trainer.score_tokens()
         if trainer.accelerator.is_main_process:
@@ -132,9 +136,8 @@ def main(model_dir: str, ref_dir: str, adapter_dir: str, out_dir: str, result_pa
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result_path, "w") as f:
             json.dump(results, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_launched_process()
