@@ -56,7 +56,7 @@ SCENARIOS = {
 }
 
 
-def how_prepared(trainer) -> dict:
+def how_prepared(trainer, with_optimizer: bool = True) -> dict:
     """What accelerate did to the model: its distributed type and FSDP version, the FSDP2 units and parameters."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -72,9 +72,9 @@ def how_prepared(trainer) -> dict:
         "units": units,
         "all_parameters_dtensors": all(isinstance(p, DTensor) for p in model.parameters()),
         "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
-        "optimizer_holds_dtensors": all(
-            isinstance(p, DTensor) for group in trainer.optimizer.param_groups for p in group["params"]
-        ),
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "optimizer_holds_dtensors": with_optimizer
+        and all(isinstance(p, DTensor) for group in trainer.optimizer.param_groups for p in group["params"]),
     }
 
 
@@ -108,6 +108,8 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
     result = {"loaded_on_meta": trainer.collective.all_gather_object(on_meta)}
     if name in ("fixed_path", "fixed_adapter", "packing", "bf16_lora", "bf16_full"):
         scored = trainer.score_tokens()
+        if trainer.accelerator.num_processes > 1:  # scored on the model as accelerate prepared it
+            result["prepared_for_scoring"] = how_prepared(trainer, with_optimizer=False)
         if trainer.accelerator.is_main_process:
             result["scores"], result["keep"] = flat_scores(scored)
         result["threshold"] = trainer.token_cleaning_state.threshold
