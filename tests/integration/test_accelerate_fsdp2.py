@@ -95,7 +95,8 @@ def assert_same_scores(one: dict, two: dict) -> None:
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert one["keep"] == two["keep"]
-    assert abs(one["threshold"] - two["threshold"]) < 1e-5
+    if "threshold" in one:
+        assert abs(one["threshold"] - two["threshold"]) < 1e-5
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -121,7 +122,8 @@ def test_accelerate_prepared_the_model_with_fsdp2(results, scenario):
     assert len(set(two[scenario]["forwards"])) == 1  # every process ran the same scoring forwards
     if "prepared_for_scoring" in two[scenario]:  # `score_tokens()` before `train()` scored the prepared model
         scoring = two[scenario]["prepared_for_scoring"]
-        assert scoring["is_fsdp2"] and scoring["root_is_fsdp_module"] and scoring["all_parameters_dtensors"]
+        # (Not every parameter is a DTensor then: the tail unit keeps its parameters gathered after a forward.)
+        assert scoring["is_fsdp2"] and scoring["root_is_fsdp_module"] and scoring["units"] == units
 
 
 @pytest.mark.parametrize("scenario", ["fixed_path", "fixed_adapter", "packing"])
@@ -141,6 +143,7 @@ def test_online_equals_one_process(results):
 
 def test_self_evolving_merge_equals_one_process(results):
     one, two = (r["self_evolving"] for r in results)
+    assert_same_scores(one, two)  # chunk 1 scored against the merged model of round 0
     assert len(one["rounds"]) == len(two["rounds"]) == 2
     for a, b in zip(one["rounds"], two["rounds"], strict=True):
         assert (a["rows"], a["kept_tokens"], a["steps"]) == (b["rows"], b["kept_tokens"], b["steps"])

@@ -95,9 +95,6 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
     # Few rows, shards that split unevenly over 2 processes: 15 rows in 5-row shards (3 + 2 rows each).
     rows = {"self_evolving": 16, "online": 8}.get(name, 8 if bf16 else 15)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
-    # Under `fsdp_cpu_ram_efficient_loading` transformers loads the weights on the main process only (the others get
-    # the meta device) once the process group exists, i.e. from the second scenario of a launch on.
-    on_meta = next(model.parameters()).device.type == "meta"
     trainer = TokenCleanSFTTrainer(
         model,
         args=cpu_args(os.path.join(out_dir, name), use_cpu=True, **settings),
@@ -105,7 +102,7 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=None if name == "bf16_full" else LoraConfig(**LORA),
     )
-    result = {"loaded_on_meta": trainer.collective.all_gather_object(on_meta)}
+    result = {}
     if name in ("fixed_path", "fixed_adapter", "packing", "bf16_lora", "bf16_full"):
         scored = trainer.score_tokens()
         if trainer.accelerator.num_processes > 1:  # scored on the model as accelerate prepared it
@@ -117,8 +114,11 @@ def run_scenario(name: str, model_dir: str, ref_dir: str, adapter_dir: str, out_
     result["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     if name == "online":
         result["steps"] = trainer.cleaning_mode.step_records
-    if name == "self_evolving" and trainer.accelerator.is_main_process:  # the report lives on the main process
-        result["rounds"] = trainer.token_cleaning_state.report["rounds"]
+    if name == "self_evolving":
+        scored = trainer.score_tokens()  # each chunk's scores against the model of its round (NaN in chunk 0)
+        if trainer.accelerator.is_main_process:  # the report lives on the main process
+            result["scores"], result["keep"] = flat_scores(scored)
+            result["rounds"] = trainer.token_cleaning_state.report["rounds"]
     if trainer.accelerator.is_main_process and name in ("fixed_path", "bf16_lora", "bf16_full"):
         result["scoring_precision"] = trainer.token_cleaning_state.report["scoring_precision"]
     if trainer.accelerator.num_processes > 1:
