@@ -301,9 +301,25 @@ class Reference:
                     "adapter must have been trained on the same base model (same architecture and vocabulary)."
                 ) from error
         try:
-            yield lambda: use_adapter(model, REF_ADAPTER_NAME)
+            yield lambda: adapter_for_scoring(model, REF_ADAPTER_NAME)
         finally:
             remove_reference_adapter()
+
+
+@contextlib.contextmanager
+def adapter_for_scoring(model, adapter_name: str | None) -> Iterator[None]:
+    """
+    TRL's `use_adapter` (the adapters off for `None`, else `adapter_name` active) for one no-grad scoring forward,
+    with every parameter as trainable as before. PEFT marks the adapters it disables or deactivates as frozen, and
+    FSDP2 fixes each unit's gradient dtype at its first forward from the parameters trainable then: a first forward
+    with the trained LoRA frozen left its units without one, and under bf16 mixed precision the first backward then
+    assigned bf16 gradients to the fp32 LoRA parameters (a RuntimeError in FSDP2's reduce-scatter).
+    """
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    with use_adapter(model, adapter_name):
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+        yield
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -411,7 +427,10 @@ class ScoringSides:
         if role == "model":
             yield prepared, contextlib.nullcontext
         elif role == "base":
-            yield prepared, (lambda: use_adapter(model, None)) if is_peft_model(model) else contextlib.nullcontext
+            yield (
+                prepared,
+                (lambda: adapter_for_scoring(model, None)) if is_peft_model(model) else contextlib.nullcontext,
+            )
         else:
             dtype = next(unwrap_causal_lm(model).parameters()).dtype
             with self.reference.scoring(model, self.accelerator, dtype) as (ref_model, context):

@@ -13,6 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import end_launched_process
+
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
@@ -71,3 +73,4 @@ def main(model_dir: str, _ref_dir: str, _out_dir: str, result_path: str) -> None
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    end_launched_process()

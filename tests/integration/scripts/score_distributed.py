@@ -10,7 +10,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import arithmetic_rows, cpu_args
+from tests.conftest import arithmetic_rows, cpu_args, end_launched_process
 from token_clean_trainer import TokenCleanSFTTrainer
 
 
@@ -50,3 +50,4 @@ def main(model_dir: str, ref_dir: str, out_dir: str, result_path: str, packed: b
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    end_launched_process()

@@ -2,7 +2,8 @@
 
 import sys
 
-from score_distributed import main  # the script's own folder is first on sys.path
+from score_distributed import end_launched_process, main  # the script's own folder is first on sys.path
 
 if __name__ == "__main__":
     main(*sys.argv[1:5], packed=True)
+    end_launched_process()

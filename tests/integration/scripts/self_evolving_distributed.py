@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import arithmetic_rows, cpu_args
+from tests.conftest import arithmetic_rows, cpu_args, end_launched_process
 from token_clean_trainer import TokenCleanSFTTrainer
 
 
@@ -51,3 +51,4 @@ def main(model_dir: str, _unused: str, out_dir: str, result_path: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    end_launched_process()
