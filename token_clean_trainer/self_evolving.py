@@ -243,9 +243,9 @@ def prepare_round(ctx: CleaningContext, run: SelfEvolvingRun, t: int) -> np.ndar
             chunk_rows, "model", run.layout, out=run.ref_all, first_row=start
         )
 
-    def select() -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    def select() -> tuple[np.ndarray | None, dict[str, Any] | None, np.ndarray | None]:
         if not collective.is_main:
-            return None, None
+            return None, None, None
         low, high = int(run.layout.response_offsets[start]), int(run.layout.response_offsets[end])
         scores = threshold = None
         weights = np.ones(high - low, dtype=np.float32) if run.weights is not None else None
