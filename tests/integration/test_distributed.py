@@ -98,6 +98,9 @@ def test_online_ranks_across_processes(tmp_path, no_dropout_model_dir, tiny_ref_
     assert_same_final_weights(tmp_path, "online_distributed.py")
 
 
+# Self-evolving rounds over 2 processes also run in `make test` under accelerate's FSDP2 preparation
+# (test_accelerate_fsdp2.py); this DDP variant runs in `make test-slow`.
+@pytest.mark.slow
 def test_self_evolving_rounds_across_processes(tmp_path, no_dropout_model_dir):
     """Three rounds (each re-prepares the model for DDP and scores its chunk sharded over the processes)."""
     model_dir = no_dropout_model_dir
