@@ -209,11 +209,16 @@ def test_the_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert "bound" in results["why_reference"] or "Masking exactly the junk" in results["why_reference"]
 
 
-def test_the_soft_weight_rows_are_valid_configs(tmp_path):
-    # `--arms paper_soft,span_soft`: the product's fixed mode with soft weights around each rule's threshold.
+def test_the_opt_in_rows_are_valid_configs(tmp_path):
+    # `--arms paper_soft,span_soft`: the product's fixed mode with soft weights around each rule's threshold;
+    # `--arms paper_ascent,...`: a loss on the dropped tokens on top of a rule's mask.
     for name in OPT_IN_ARMS:
         overrides = ARMS[name].overrides
         args = cpu_args(tmp_path, token_cleaning="fixed", ref_model_name_or_path="ref", **overrides)
-        assert args.token_weighting == "soft" and args.token_weight_temperature > 0
+        if name.endswith("_soft"):
+            assert args.token_weighting == "soft" and args.token_weight_temperature > 0
+        else:
+            assert args.token_weighting == "mask" and args.token_dropped_loss in ("ascent", "unlikelihood")
+            assert args.token_dropped_weight in (0.25, 0.05)
     assert ARMS["span_soft"].overrides["token_score_rule"] == "junk_gate"
     assert ARMS["span_soft"].overrides["token_score_window"] == 5
