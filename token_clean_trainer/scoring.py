@@ -233,7 +233,7 @@ def scoring_mixed_precision(accelerator) -> str:
     The autocast scoring forwards run in: the run's mixed precision, except under DeepSpeed, whose engine trains in
     its own precision (weights cast to the config's bf16/fp16, no autocast), so its scoring forwards do the same.
     """
-    if accelerator.state.deepspeed_plugin is not None:
+    if getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) is not None:
         return "no"
     return accelerator.mixed_precision or "no"
 
