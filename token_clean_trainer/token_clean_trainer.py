@@ -31,7 +31,7 @@ from .checkpoint import save_checkpoint_state
 from .collator import RowStore, TokenCleaningCollator
 from .columns import DROPPED_LABELS_KEY, ROW_COLUMN, STEP_COLUMNS, TOKEN_KEEP_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .distributed import Collective, decide_on_main
-from .dropped_loss import DroppedTokenLoss, DroppedTokens
+from .dropped_loss import DroppedTokenLoss, DroppedTokens, kept_outputs, kept_token_loss, with_dropped_labels
 from .dropped_losses import configured_term
 from .hub import HubUploadMixin
 from .modes import CleaningMode, make_mode
@@ -608,8 +608,7 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
             return
         self.set_dropped_token_loss(term)
         logger.info(
-            "token_dropped_loss=%r: lambda ramps to %s over the first %s of training. Under TRL's fused LM head the "
-            "dropped tokens take one more forward and backward per micro-batch.",
+            "token_dropped_loss=%r: lambda ramps to %s over the first %s of training.",
             term.loss.name,
             term.weight,
             term.ramp,
@@ -660,20 +659,34 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         log_probs = label_log_probs(captured, inputs["labels"])
         weight_sum = self._weight_sum_in_batch if num_items_in_batch is not None else None
         loss = weighted_loss(log_probs, inputs["labels"], weights, weight_sum)
-        # The factor TRL applies to its own loss: `W` sums the weights of every process.
-        if self.args.average_tokens_across_devices and weight_sum is not None:
+        # `W` sums the weights of every process, as `num_items_in_batch` counts their tokens.
+        loss = self._finish_as_trl(loss, captured, counted=weight_sum is not None)
+        return (loss, outputs) if return_outputs else loss
+
+    def _finish_as_trl(self, loss: torch.Tensor, captured, counted: bool) -> torch.Tensor:
+        """What `SFTTrainer.compute_loss` adds to a loss it divides by a count: the across-process factor where the
+        count covers every process (`counted`), and the MoE load-balancing loss as a per-micro-batch mean averaged over
+        the accumulation."""
+        if self.args.average_tokens_across_devices and counted:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         aux_loss = getattr(captured, "aux_loss", None)
         if self.aux_loss_enabled and aux_loss is not None:
-            # MoE load balancing, added as TRL adds it: a per-micro-batch mean, averaged over the accumulation.
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            steps = self.current_gradient_accumulation_steps if counted else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / steps
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
-    def _loss_with_dropped_tokens(self, model, inputs, dropped, return_outputs, num_items_in_batch):
+    def _loss_with_dropped_tokens(self, model, inputs, dropped_labels, return_outputs, num_items_in_batch):
         """SFTTrainer's loss, plus the hook's term on the dropped tokens, given the outputs of SFTTrainer's forward."""
-        loss, outputs, captured = self._captured_loss(model, inputs, return_outputs, num_items_in_batch)
-        dropped = DroppedTokens(dropped, num_items_in_batch, num_dropped_in_batch=self._num_dropped_in_batch)
+        log_probs = None
+        if self._loss_is_fused_head():
+            loss, outputs, captured, log_probs = self._kept_and_dropped_loss(
+                model, inputs, dropped_labels, return_outputs, num_items_in_batch
+            )
+        else:
+            loss, outputs, captured = self._captured_loss(model, inputs, return_outputs, num_items_in_batch)
+        dropped = DroppedTokens(
+            dropped_labels, num_items_in_batch, num_dropped_in_batch=self._num_dropped_in_batch, log_probs=log_probs
+        )
         term = self.dropped_token_loss(model, captured, inputs, dropped)
         # The factor TRL applies to its own loss: `num_items_in_batch` counts the tokens of every process.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -681,6 +694,46 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
         self._log_dropped_term(loss, term)  # train batches only: eval batches carry no dropped tokens
         loss = loss + term
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_fused_head(self) -> bool:
+        """Whether `SFTTrainer.compute_loss` takes its loss from the fused LM head's `log_probs` (its default: no
+        `compute_loss_func`, no label smoothing, no sequence parallelism, no prompt-learning PEFT, whose labels the
+        model pads)."""
+        if self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll"):
+            return False
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+            return False
+        return not (is_peft_model(self.model) and self.model.active_peft_config.is_prompt_learning)
+
+    def _kept_and_dropped_loss(self, model, inputs, dropped_labels, return_outputs, num_items_in_batch):
+        """
+        One fused forward with the kept and the dropped tokens labelled: TRL's loss from the kept positions (the same
+        operations as `SFTTrainer.compute_loss`), and every position's `log p` for the hook. The hook and TRL's
+        metrics see the kept positions only, as after a forward over the kept labels.
+        """
+        kept_labels = inputs["labels"]
+        labels = with_dropped_labels(kept_labels, dropped_labels)
+        _, outputs, captured = self._captured_loss(
+            model, {**inputs, "labels": labels}, return_outputs, num_items_in_batch
+        )
+        log_probs = captured.log_probs
+        kept_mask = (kept_labels[:, 1:] != -100).to(log_probs.device)
+        loss = kept_token_loss(log_probs, kept_mask, num_items_in_batch, self.args.loss_type)
+        loss = self._finish_as_trl(loss, captured, counted=num_items_in_batch is not None)
+        captured = kept_outputs(captured, kept_mask)
+        self._token_metrics_of(captured)
+        return loss, outputs, captured, log_probs
+
+    def _token_metrics_of(self, outputs) -> None:
+        """Replace the entropy and token accuracy `SFTTrainer.compute_loss` just logged with those of `outputs`,
+        computed as TRL computes them (over the labelled positions, every process)."""
+        mode = "train" if self.model.training else "eval"
+        valid = self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
+        entropy = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
+        correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
+        self._metrics[mode]["entropy"][-1] = (entropy / valid).item() if valid > 0 else 0.0
+        self._metrics[mode]["mean_token_accuracy"][-1] = (correct / valid).item() if valid > 0 else 0.0
 
     def _log_dropped_term(self, loss: torch.Tensor, term: torch.Tensor) -> None:
         """

@@ -189,3 +189,42 @@ def test_fused_head_term_matches_the_full_logits(loss_type, tmp_path, tiny_model
     assert (total - plain).item() == pytest.approx(expected.item(), abs=1e-6)
     share = trainer._metrics["train"]["dropped_loss_share"][-1]
     assert share == pytest.approx(expected.item() / (plain.item() + expected.item()), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_one_forward_gives_the_two_forward_loss_gradient_and_metrics(
+    loss_type, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer
+):
+    trainer = build(
+        tmp_path,
+        tiny_model_dir,
+        tiny_ref_dir,
+        tokenizer,
+        loss_type=loss_type,
+        token_dropped_loss="ascent",
+        token_dropped_ramp=0.0,
+    )
+    model = trainer.model
+    model.eval()  # no dropout: the forwards below are the same computation
+    inputs, dropped = hand_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    trainer._num_dropped_in_batch = torch.tensor(2)
+    total = trainer.compute_loss(model, {**inputs, DROPPED_LABELS_KEY: dropped}, num_items_in_batch=torch.tensor(5))
+    handle.remove()
+    assert len(forwards) == 1  # kept and dropped tokens from the same forward
+    metrics = {key: trainer._metrics["eval"][key][-1] for key in ("entropy", "mean_token_accuracy")}
+    one_forward = torch.autograd.grad(total, params)
+
+    # The two-forward computation: SFTTrainer's loss on the kept labels, and the dropped labels' own fused forward.
+    plain = SFTTrainer.compute_loss(trainer, model, dict(inputs), num_items_in_batch=torch.tensor(5))
+    # TRL's metrics of the kept labels are the ones the one-forward loss left in the logs.
+    assert metrics == {key: trainer._metrics["eval"][key][-1] for key in metrics}
+    log_probs = model(**{k: inputs[k] for k in ("input_ids", "attention_mask")}, labels=dropped, fused_lm_head=True)
+    mask = dropped[:, 1:] != -100
+    expected = trainer.args.token_dropped_weight * (-torch.clamp(-log_probs.log_probs, max=10.0))[mask].sum() / 2
+    torch.testing.assert_close(total, plain + expected, atol=1e-7, rtol=1e-6)
+    two_forwards = torch.autograd.grad(plain + expected, params)
+    for got, want in zip(one_forward, two_forwards, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)

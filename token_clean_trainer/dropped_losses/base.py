@@ -49,10 +49,13 @@ def dropped_log_probs(model, outputs: Any, inputs: dict[str, Any], dropped: Drop
     as in the model's own loss, the logits at position `t` predict the label at `t + 1`. Only the dropped positions
     are meaningful.
 
-    From `outputs.logits` when the loss forward built them (label smoothing, `compute_loss_func`): no extra forward.
-    TRL's fused LM head (its default loss, `loss_type` "nll" or "dft") returns the log-probabilities of the kept
-    tokens only, so the dropped tokens then take one more forward through the same head, with the dropped labels.
+    Under TRL's default loss the trainer labels the dropped tokens in its one fused forward and hands their
+    log-probabilities over (`dropped.log_probs`); from `outputs.logits` when the loss forward built them (label
+    smoothing, `compute_loss_func`). No extra forward in either case. Otherwise (a fused forward over the kept labels
+    only, e.g. prompt-learning PEFT) the dropped tokens take one more forward through the same head.
     """
+    if dropped.log_probs is not None:
+        return dropped.log_probs
     labels = dropped.labels
     logits = getattr(outputs, "logits", None)
     if logits is None:
