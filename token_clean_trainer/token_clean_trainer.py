@@ -697,13 +697,15 @@ class TokenCleanSFTTrainer(HubUploadMixin, SFTTrainer):
 
     def _loss_is_fused_head(self) -> bool:
         """Whether `SFTTrainer.compute_loss` takes its loss from the fused LM head's `log_probs` (its default: no
-        `compute_loss_func`, no label smoothing, no sequence parallelism, no prompt-learning PEFT, whose labels the
-        model pads)."""
+        `compute_loss_func`, no label smoothing, no sequence or context parallelism, no prompt-learning PEFT, whose
+        labels the model pads)."""
         if self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll"):
             return False
         parallelism = getattr(self.accelerator, "parallelism_config", None)
-        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
-            return False
+        if parallelism is not None and (
+            getattr(parallelism, "sp_enabled", False) or getattr(parallelism, "cp_enabled", False)
+        ):
+            return False  # sequence and context parallelism hand the model pre-shifted `shift_labels`
         return not (is_peft_model(self.model) and self.model.active_peft_config.is_prompt_learning)
 
     def _kept_and_dropped_loss(self, model, inputs, dropped_labels, return_outputs, num_items_in_batch):
