@@ -143,6 +143,25 @@ def end_launched_process() -> None:
     exit_process(0)
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accelerate_launch(layout: list[str], processes: int, script: str, *script_args: str, timeout: float):
+    """
+    Run `script` under `accelerate launch` with `layout` (`["--cpu"]`, `["--multi_gpu"]` or `["--config_file", F]`)
+    on `processes` local processes, fp32, no dynamo, a free port, this checkout on the path and one thread each.
+    Returns the `subprocess.CompletedProcess` (output captured); the caller checks the return code. Launched scripts
+    end with [`end_launched_process`], so no retry is needed.
+    """
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", *layout, "--num_processes", str(processes)]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, script, *script_args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def cpu_args(output_dir, **overrides):
     from token_clean_trainer import TokenCleanConfig
 

@@ -12,18 +12,15 @@ process count runs all the scenarios in sequence (scripts/accelerate_fsdp2.py).
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama
+from tests.conftest import accelerate_launch, make_tiny_llama
 from tests.integration.accelerate_fsdp2_cpu import FSDP2_CONFIG
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "accelerate_fsdp2.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCENARIOS = ["fixed_path", "fixed_adapter", "online", "self_evolving", "packing", "bf16_lora", "bf16_full"]
 
 
@@ -31,31 +28,10 @@ def launch(folder, processes: int, model_dir: str, ref_dir: str, adapter_dir: st
     """One launch running every scenario: FSDP2 from the shipped config on 2 processes, a plain process on 1."""
     layout = ["--config_file", FSDP2_CONFIG] if processes > 1 else ["--cpu"]
     result = folder / f"result_{processes}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *layout,
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        SCRIPT,
-        model_dir,
-        ref_dir,
-        adapter_dir,
-        str(folder / f"out_{processes}"),
-        str(result),
-        *SCENARIOS,
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    outputs = str(folder / f"out_{processes}")
+    completed = accelerate_launch(
+        layout, processes, SCRIPT, model_dir, ref_dir, adapter_dir, outputs, str(result), *SCENARIOS, timeout=900
+    )
     assert completed.returncode == 0, completed.stderr[-6000:]
     return json.loads(result.read_text())
 

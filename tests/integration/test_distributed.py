@@ -2,46 +2,24 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama
+from tests.conftest import accelerate_launch, make_tiny_llama
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(tmp_path, processes, model_dir, ref_dir, script="score_distributed.py"):
     result = tmp_path / f"result_{script}_{processes}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *(["--multi_gpu"] if processes > 1 else ["--cpu"]),
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        os.path.join(SCRIPTS, script),
-        model_dir,
-        ref_dir,
-        str(tmp_path / f"out_{script}_{processes}"),
-        str(result),
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # No retry: the scripts end with `end_launched_process()` (tests/conftest.py), which keeps torch's gloo backend
-    # from aborting at interpreter exit.
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    layout = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    outputs = str(tmp_path / f"out_{script}_{processes}")
+    script_path = os.path.join(SCRIPTS, script)
+    completed = accelerate_launch(
+        layout, processes, script_path, model_dir, ref_dir, outputs, str(result), timeout=600
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(result.read_text())
 
