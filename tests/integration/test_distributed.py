@@ -15,8 +15,8 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(tmp_path, processes, model_dir, ref_dir, script="score_distributed.py"):
-    result = tmp_path / f"result_{script}_{processes}.json"
+def accelerate_launch(processes: int, script: str, *script_args: str, timeout: int = 600):
+    """`accelerate launch` of one of scripts/ on CPU processes over gloo; the completed process (output captured)."""
     command = [
         sys.executable,
         "-m",
@@ -33,15 +33,18 @@ def run(tmp_path, processes, model_dir, ref_dir, script="score_distributed.py"):
         "--main_process_port",
         "0",
         os.path.join(SCRIPTS, script),
-        model_dir,
-        ref_dir,
-        str(tmp_path / f"out_{script}_{processes}"),
-        str(result),
+        *script_args,
     ]
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run(tmp_path, processes, model_dir, ref_dir, script="score_distributed.py"):
+    result = tmp_path / f"result_{script}_{processes}.json"
+    out_dir = str(tmp_path / f"out_{script}_{processes}")
     # No retry: the scripts end with `end_launched_process()` (tests/conftest.py), which keeps torch's gloo backend
     # from aborting at interpreter exit.
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    completed = accelerate_launch(processes, script, model_dir, ref_dir, out_dir, str(result))
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(result.read_text())
 
