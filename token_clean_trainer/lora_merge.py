@@ -24,7 +24,7 @@ import math
 
 import torch
 
-__all__ = ["merge_and_reset_adapter"]
+__all__ = ["load_adapter_values", "merge_and_reset_adapter"]
 
 
 def _is_dtensor(tensor) -> bool:
@@ -111,6 +111,20 @@ def merge_and_reset_adapter(model, seed: int) -> None:
                     list(module.modules_to_save[name].parameters()) + list(module.original_module.parameters())
                 ):
                     _copy_module_values(module.modules_to_save[name], module.original_module)
+
+
+def load_adapter_values(model, values: dict[str, torch.Tensor]) -> None:
+    """
+    PEFT's `set_peft_model_state_dict` into the active adapter (a saved round's adapter, before it is merged again on a
+    resumed run). Under DeepSpeed ZeRO-3 the adapter's partitions are gathered whole for the load, as the merge
+    gathers them; every process loads the same values.
+    """
+    from peft import set_peft_model_state_dict
+
+    name = model.active_adapter
+    adapter = [param for key, param in model.named_parameters() if f".{name}." in key or key.endswith(f".{name}")]
+    with _gathered(adapter):
+        set_peft_model_state_dict(model, values, adapter_name=name)
 
 
 def _copy_module_values(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 The same two rounds as scripts/fsdp2_lora_merge.py: each gives the adapter trained-like values (seeded, identical on
 every process), then merges it into the weights and starts a fresh adapter (`merge_and_reset_adapter`), as the
-trainer does between rounds. With `zero3` the PEFT model is first partitioned by `deepspeed.initialize` (ZeRO-3, no
+trainer does between rounds (round 1 loads its adapter as a resumed run does). With `zero3` the PEFT model is first partitioned by `deepspeed.initialize` (ZeRO-3, no
 optimizer: every parameter becomes a partition, its values gathered per layer for the merge); with `plain` it keeps
 whole weights (PEFT's own merge). Run by tests/integration/test_deepspeed.py; the gathered weights and the logits
 are compared there.
@@ -44,7 +44,7 @@ def gathered(params, modifier_rank=None):
 def main(model_dir: str, _ref_dir: str, _out_dir: str, result_path: str, layout: str = "zero3") -> None:
     from accelerate import PartialState
 
-    from token_clean_trainer.lora_merge import merge_and_reset_adapter
+    from token_clean_trainer.lora_merge import load_adapter_values, merge_and_reset_adapter
 
     state = PartialState(cpu=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -57,12 +57,23 @@ def main(model_dir: str, _ref_dir: str, _out_dir: str, result_path: str, layout:
         assert hasattr(weight, "ds_id") and weight.numel() == 0  # a partition: the parameter itself is empty
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
     for round_index in range(2):
-        # A trained adapter, the same on every process: whole values drawn from a seed.
+        # A trained adapter, the same on every process: whole values drawn from a seed. Round 0 writes them into the
+        # parameters; round 1 loads them as a resumed run loads a saved round's adapter (`load_adapter_values`).
         generator = torch.Generator().manual_seed(100 + round_index)
         lora_b = [(name, param) for name, param in model.named_parameters() if "lora_B" in name]
-        with torch.no_grad(), gathered([param for _, param in lora_b], modifier_rank=0):
-            for _, param in lora_b:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        values = {
+            name.replace(".default", ""): torch.randn(getattr(param, "ds_shape", param.shape), generator=generator)
+            * 0.5
+            for name, param in lora_b
+        }
+        if round_index == 0:
+            with torch.no_grad(), gathered([param for _, param in lora_b], modifier_rank=0):
+                for name, param in lora_b:
+                    param.copy_(values[name.replace(".default", "")])
+        else:
+            load_adapter_values(model, values)
+            with gathered([param for _, param in lora_b]):
+                assert all(torch.equal(param, values[name.replace(".default", "")]) for name, param in lora_b)
         merge_and_reset_adapter(model, seed=5 + round_index)
     with torch.no_grad():
         with gathered(list(model.parameters())):
