@@ -4,9 +4,21 @@ Under FSDP2 and ZeRO-3 every forward is a collective: a process that runs one fo
 raises while the others go on, leaves them waiting forever. Every decision that changes what a process does next
 (cache hit or miss, free space, an error) is therefore taken once, on the main process, and broadcast, and an error
 raised on one process is raised on all of them with the same message.
+
+A block that itself runs collectives (sharded forwards, the gathers of scored losses) cannot report an error that way:
+a process that failed mid-forward and then entered a gather to say so would meet the others inside the forward's
+all-gather, and every process would wait until `ddp_timeout`. There the failing process writes its error to the
+run's `torch.distributed` store instead, a key every other process polls from a thread while it is inside the block
+(see [`FailureWatch`]); a process that reads it prints the failing rank and error and exits at once. The store is
+the one the process group was made with (served by the launcher's agent under torchrun, else by rank 0), a plain TCP
+channel apart from gloo's and NCCL's own, so the message gets through whichever backend is stuck.
 """
 
 import contextlib
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -14,6 +26,14 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
+
+# Store keys of a failure inside a block of collectives: its message, and how many processes have read it.
+FAILURE_KEY = "token_clean_trainer/failure"
+FAILURE_SEEN_KEY = "token_clean_trainer/failure_seen"
+# How often a process inside such a block reads the store, and how long a failing process waits for the others to
+# read its message before it raises (the store may live in its own process, see `announce_failure`).
+POLL_SECONDS = 0.5
+ANNOUNCE_WAIT_SECONDS = 10.0
 
 
 class CollectiveError(RuntimeError):
@@ -105,12 +125,19 @@ class Collective:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def together(self, fn: Callable[[], T]) -> T:
+    def together(self, fn: Callable[[], T], *, runs_collectives: bool = False) -> T:
         """
         Run `fn` on every process; if it raises on any, raise on all. The failing process re-raises its own error,
         the others a [`CollectiveError`] naming the rank and its message, so no process is left waiting in the next
         collective while another one has stopped.
+
+        With `runs_collectives=True` (`fn` runs collectives itself: sharded forwards, gathers), an error cannot be
+        exchanged in a collective; the failing process announces it through the store and raises, and every other
+        process prints it and exits with code 1 within about `POLL_SECONDS` (see the module docstring). No process
+        leaves the block before every process has finished `fn`.
         """
+        if runs_collectives and self.world > 1:
+            return self._together_watched(fn)
         error: BaseException | None = None
         result = None
         try:
@@ -130,6 +157,24 @@ class Collective:
             raise CollectiveError(f"Process {rank} of {self.world} failed, so every process stops: {message}")
         return result
 
+    def _together_watched(self, fn: Callable[[], T]) -> T:
+        store = run_store()
+        watch = FailureWatch(store, self.rank, self.world) if store is not None else None
+        try:
+            try:
+                result = fn()
+            except Exception as error:
+                if watch is not None:
+                    watch.stop()  # before announcing: this process must not read its own message
+                announce_failure(store, self.rank, self.world, error)
+                raise
+            # Still watched: a process that finished may otherwise wait here for one that fails later.
+            self.barrier()
+        finally:
+            if watch is not None:
+                watch.stop()
+        return result
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """The main process runs the block first (e.g. to create a folder), then the others."""
@@ -138,6 +183,83 @@ class Collective:
         yield
         if self.is_main:
             self.barrier()
+
+
+def run_store():
+    """The store the default process group was made with, or None where torch does not expose it."""
+    try:
+        return torch.distributed.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def failure_message(rank: int, world: int, error: BaseException) -> str:
+    return f"Process {rank} of {world} failed while running collectives: {type(error).__name__}: {error}"
+
+
+def announce_failure(store, rank: int, world: int, error: BaseException) -> None:
+    """
+    Print the failing process's error with its rank and write it to the store for the others (a [`FailureWatch`] on
+    each), then wait until they have read it, at most `ANNOUNCE_WAIT_SECONDS`: where rank 0 serves the store, its
+    exit would take the message with it.
+    """
+    message = failure_message(rank, world, error)
+    sys.stderr.write(f"[token_clean_trainer] {message}. The other processes stop now.\n")
+    sys.stderr.flush()
+    if store is None:
+        return  # the launcher ends the others when this process exits
+    try:
+        store.set(FAILURE_KEY, message)
+        # Every process counts itself once: the others when they read the message, each failing one here.
+        store.add(FAILURE_SEEN_KEY, 1)
+        deadline = time.monotonic() + ANNOUNCE_WAIT_SECONDS
+        while store.add(FAILURE_SEEN_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception as gone:  # noqa: BLE001 - the launcher ends the others when this process exits
+        sys.stderr.write(f"[token_clean_trainer] Could not tell the other processes through the store: {gone}\n")
+
+
+class FailureWatch:
+    """
+    While a process is inside a block of collectives: a daemon thread that reads the store every `POLL_SECONDS` and,
+    once another process has announced a failure ([`announce_failure`]), prints it and ends this process with exit
+    code 1. The main thread may be blocked inside a collective that will never complete, and only an exit ends that
+    (an exception cannot reach it). An unreachable store ends the process the same way: the process serving it has
+    died.
+    """
+
+    def __init__(self, store, rank: int, world: int):
+        self.store = store
+        self.rank = rank
+        self.world = world
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="token_clean_trainer-failure-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(POLL_SECONDS):
+            try:
+                if not self.store.check([FAILURE_KEY]):
+                    continue
+                message = self.store.get(FAILURE_KEY).decode()
+                self.store.add(FAILURE_SEEN_KEY, 1)
+            except Exception as error:  # noqa: BLE001 - reported below, then the process ends
+                if self._stopped.is_set():
+                    return
+                message = f"The run's store stopped answering ({type(error).__name__}: {error}): a process has died"
+            sys.stderr.write(
+                f"[token_clean_trainer] {message}. Process {self.rank} of {self.world} stops too (exit code 1) rather "
+                "than wait inside a collective until `ddp_timeout`.\n"
+            )
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+            return  # (only where `os._exit` is replaced, in tests)
 
 
 def decide_on_main(collective: Collective, decide: Callable[[], T]) -> T:

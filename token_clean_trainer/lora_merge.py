@@ -8,21 +8,48 @@ aligned with its rows of `W` (the same `Shard(0)` split of the same output dimen
 only `r` rows). The fresh adapter is drawn whole on every process from the same seed, in the same module order as on
 one process, and each keeps its rows of it: the sharded result equals the one-process merge.
 
-Every sharded step is a collective (gathering `A` and aligning `B`): every process must call
-[`merge_and_reset_adapter`] together, on the same model, as self-evolving training does.
+Under DeepSpeed ZeRO-3 each parameter is a flat partition (`ds_tensor`; the parameter itself is empty). There the
+layer's parameters (base weight and adapters) are gathered whole on every process one layer at a time
+(`deepspeed.zero.GatheredParameters`), PEFT's own merge and re-initialisation run on them exactly as on one process
+(every process computes the same values from the same gathered weights and seed), and on leaving the block the main
+process's values are broadcast and partitioned again (`modifier_rank=0`). A process holds one whole layer at a time,
+as a ZeRO-3 forward does.
+
+Every sharded step is a collective (gathering `A` and aligning `B`, gathering a partitioned layer): every process must
+call [`merge_and_reset_adapter`] together, on the same model, as self-evolving training does.
 """
 
+import contextlib
 import math
 
 import torch
 
-__all__ = ["merge_and_reset_adapter"]
+__all__ = ["load_adapter_values", "merge_and_reset_adapter"]
 
 
 def _is_dtensor(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def _is_partitioned(tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (partitioned: `ds_id`, the values in `ds_tensor`)."""
+    return hasattr(tensor, "ds_id")
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """
+    `params` gathered whole for the block where some are ZeRO-3 partitions, else nothing. On leaving, the main
+    process's values are broadcast and partitioned again: every process must modify them identically, or only the
+    main process's modification counts.
+    """
+    partitioned = [p for p in params if _is_partitioned(p)]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 def _check_adapter(model, name: str):
@@ -47,8 +74,9 @@ def merge_and_reset_adapter(model, seed: int) -> None:
     weights, so the model (and the reference of round `t + 1`) is unchanged, and round `t + 1` trains a new adapter on
     top of it. The module objects and their parameters stay the same (the trainer, its accelerator and any wrapping
     keep working); only their values change. Layers saved whole (`modules_to_save`) are copied into the base too.
-    Under FSDP2 (parameters are `DTensor`s) every process merges its own rows, and every process must call this
-    together; the result equals the one-process merge.
+    Under FSDP2 (parameters are `DTensor`s) every process merges its own rows, under DeepSpeed ZeRO-3 every process
+    merges each layer gathered whole, one layer at a time; every process must call this together, and the result
+    equals the one-process merge.
 
     After this call the model with its adapters disabled is no longer the original base: losses of the original
     weights must have been computed before the first merge.
@@ -72,12 +100,31 @@ def merge_and_reset_adapter(model, seed: int) -> None:
                 if _is_dtensor(module.get_base_layer().weight):
                     _merge_sharded_layer(module, name, config.init_lora_weights)
                     continue
-                module.merge(adapter_names=[name])
-                # The delta now belongs to the base weights for good: never unmerge it.
-                module.merged_adapters.remove(name)
-                module.reset_lora_parameters(name, config.init_lora_weights)
+                # Whole weights; under ZeRO-3 this layer's partitions, gathered whole for the block.
+                with _gathered(list(module.parameters())):
+                    module.merge(adapter_names=[name])
+                    # The delta now belongs to the base weights for good: never unmerge it.
+                    module.merged_adapters.remove(name)
+                    module.reset_lora_parameters(name, config.init_lora_weights)
             elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
-                _copy_module_values(module.modules_to_save[name], module.original_module)
+                with _gathered(
+                    list(module.modules_to_save[name].parameters()) + list(module.original_module.parameters())
+                ):
+                    _copy_module_values(module.modules_to_save[name], module.original_module)
+
+
+def load_adapter_values(model, values: dict[str, torch.Tensor]) -> None:
+    """
+    PEFT's `set_peft_model_state_dict` into the active adapter (a saved round's adapter, before it is merged again on a
+    resumed run). Under DeepSpeed ZeRO-3 the adapter's partitions are gathered whole for the load, as the merge
+    gathers them; every process loads the same values.
+    """
+    from peft import set_peft_model_state_dict
+
+    name = model.active_adapter
+    adapter = [param for key, param in model.named_parameters() if f".{name}." in key or key.endswith(f".{name}")]
+    with _gathered(adapter):
+        set_peft_model_state_dict(model, values, adapter_name=name)
 
 
 def _copy_module_values(source: torch.nn.Module, target: torch.nn.Module) -> None:

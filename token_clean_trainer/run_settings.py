@@ -142,13 +142,14 @@ def setting_clashes(args, uses_peft: bool, layout: ParameterLayout, user_optimiz
             "optimizer across rounds, but DeepSpeed builds a new engine and optimizer for every `train()` call. "
             "Change `self_evolving_schedule` to 'restart' (the paper's setting)."
         )
-    # FSDP2 merges each process's rows (lora_merge.py); FSDP1's flat parameters and ZeRO-3's partitions have no merge.
-    if args.self_evolving_lora == "merge" and uses_peft and layout.shards_parameters and layout.fsdp_version != 2:
+    # FSDP2 merges each process's rows, ZeRO-3 each layer gathered whole (lora_merge.py); FSDP1's flat parameters
+    # have no merge.
+    if args.self_evolving_lora == "merge" and uses_peft and layout.backend == "fsdp" and layout.fsdp_version != 2:
         problems.append(
             f"`self_evolving_lora='merge'` (with LoRA) clashes with {layout.source} ({layout.name}): it merges each "
-            "round's LoRA into the weights in place, which this package does for whole weights and FSDP2 shards, not "
-            "for FSDP1's flat parameters or DeepSpeed ZeRO-3's partitions. Change `self_evolving_lora` to 'continue' "
-            "(one adapter trains through every round), or launch with FSDP2."
+            "round's LoRA into the weights in place, which this package does for whole weights, FSDP2 shards and "
+            "DeepSpeed ZeRO-3 partitions, not for FSDP1's flat parameters. Change `self_evolving_lora` to 'continue' "
+            "(one adapter trains through every round), or launch with FSDP2 or ZeRO-3."
         )
     return problems
 

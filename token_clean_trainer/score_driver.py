@@ -154,10 +154,13 @@ class ScoringDriver:
         stats = {"reused": len(bounds) - len(missing), "computed": len(missing)}
         if missing:
             with self.sides.scoring(role) as (model, forward_context):
+                # The forwards (collectives under FSDP2 and ZeRO-3) and the gathers of their losses: an error on one
+                # process ends every process within seconds (see `Collective.together`).
                 collective.together(
                     lambda: self._score_shards(
                         model, forward_context, dataset, lengths, bounds, missing, shards, role, cache, hashes, sink
-                    )
+                    ),
+                    runs_collectives=True,
                 )
             if collective.is_main and cache.not_stored:
                 stats["not_stored"] = cache.not_stored

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .columns import TOKEN_WEIGHTS_COLUMN
 from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
-from .lora_merge import merge_and_reset_adapter
+from .lora_merge import load_adapter_values, merge_and_reset_adapter
 from .rules import excess_loss
 from .rules.soft import weight_summary
 from .score_driver import row_offsets
@@ -448,7 +448,6 @@ def replay_round_merges(model, resume_path: str, rounds: int, seed: int) -> None
     and merge it, in order, as [`merge_and_reset_adapter`] did. The rounds are read from the run the checkpoint
     `resume_path` (`<run>/self_evolving/round-<t>/checkpoint-<step>`) belongs to.
     """
-    from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     round_dir = os.path.dirname(os.path.normpath(resume_path))
@@ -467,7 +466,7 @@ def replay_round_merges(model, resume_path: str, rounds: int, seed: int) -> None
                 f"{round_output_dir(output_dir, t)}, and its adapter is part of the weights of every later round. "
                 "Restart the run, or resume one saved with `save_strategy` other than 'no'."
             )
-        set_peft_model_state_dict(model, load_peft_weights(folder), adapter_name=model.active_adapter)
+        load_adapter_values(model, load_peft_weights(folder))
         merge_and_reset_adapter(model, seed=seed + t)
 
 

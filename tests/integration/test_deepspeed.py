@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-1/2/3 around `train()`: a second `train()`, `score_tokens()` then `train()`, self-evolving rounds.
+"""DeepSpeed ZeRO-1/2/3 around `train()`: a second `train()`, `score_tokens()` then `train()`, self-evolving rounds
+(with and without a LoRA merge), and the ZeRO-3 LoRA merge on two processes against one.
 
 DeepSpeed runs here on its CPU accelerator over gloo, one process per ZeRO stage (scripts/deepspeed_lifecycle.py):
 the engine's lifecycle is the same as on GPUs, where Trainer frees the engine at the start of every `train()` call.
@@ -12,10 +13,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import arithmetic_rows, cpu_args
+from tests.conftest import accelerate_launch, arithmetic_rows, cpu_args
 from token_clean_trainer import TokenCleanSFTTrainer
 
 pytest.importorskip("deepspeed", reason="deepspeed is in the `dev` extra: `make install` installs it")
@@ -79,3 +81,33 @@ def test_engine_lifecycle_across_train_calls(tmp_path, tiny_model_dir, tiny_ref_
 
     rounds = result["self_evolving"]
     assert rounds["rounds"] == 2 and np.isfinite(rounds["loss"])
+
+    merged = result["self_evolving_merge"]
+    assert merged["rounds"] == 2 and np.isfinite(merged["loss"])
+    assert merged["partitioned"] == (stage == 3)
+    assert merged["base_changed_by"] > 0  # round 0's adapter is part of the base weights now
+
+
+def test_zero3_lora_merge_on_two_processes_equals_the_plain_merge(tmp_path, tiny_model_dir):
+    """Two rounds of the self-evolving merge on a model partitioned by ZeRO-3 over 2 processes, against one process
+    with whole weights (PEFT's own merge): every weight and the logits to 1e-5 (scripts/zero3_lora_merge.py)."""
+    results = {}
+    for processes, layout in ((1, "plain"), (2, "zero3")):
+        result = tmp_path / f"merge_{layout}.json"
+        launch = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+        script = os.path.join(ROOT, "tests", "integration", "scripts", "zero3_lora_merge.py")
+        completed = accelerate_launch(
+            launch, processes, script, tiny_model_dir, "-", "-", str(result), layout, timeout=600
+        )
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        assert json.loads(result.read_text()) == {"processes": processes, "layout": layout}
+        results[layout] = torch.load(f"{result}.pt")
+    plain, zero3 = results["plain"], results["zero3"]
+    assert plain["weights"].keys() == zero3["weights"].keys()
+    merged = [name for name in plain["weights"] if "base_layer" in name]
+    assert merged  # the merged projections are compared, not only the untouched weights
+    for name, value in plain["weights"].items():
+        torch.testing.assert_close(zero3["weights"][name], value, rtol=0, atol=1e-5, msg=name)
+        if "lora_B" in name:
+            assert not value.any()  # a fresh adapter: B starts at zero
+    torch.testing.assert_close(zero3["logits"], plain["logits"], rtol=0, atol=1e-5)

@@ -80,10 +80,14 @@ def test_validate_refuses_exactly_what_the_trainer_refuses(tmp_path, monkeypatch
 
 def test_every_clash_names_both_settings_and_the_one_to_change():
     sharded = ParameterLayout("deepspeed", zero_stage=3, source="`accelerate_config: zero3`")
+    flat = ParameterLayout("fsdp", fsdp_version=1, source="`accelerate_config: fsdp1`")
     args = TokenCleanConfig(output_dir="unused", use_cpu=True, token_cleaning="self_evolving")
-    (merge,) = setting_clashes(args, uses_peft=True, layout=sharded)
-    assert "`self_evolving_lora='merge'`" in merge and "`accelerate_config: zero3`" in merge
+    (merge,) = setting_clashes(args, uses_peft=True, layout=flat)
+    assert "`self_evolving_lora='merge'`" in merge and "`accelerate_config: fsdp1`" in merge
     assert "Change `self_evolving_lora` to 'continue'" in merge
+    # ZeRO-3 merges each layer gathered whole, FSDP2 each process's rows (lora_merge.py).
+    assert setting_clashes(args, uses_peft=True, layout=sharded) == []
+    assert setting_clashes(args, uses_peft=True, layout=ParameterLayout("fsdp", fsdp_version=2)) == []
     args.self_evolving_schedule = "continuous"
     args.self_evolving_lora = "continue"
     (schedule,) = setting_clashes(args, uses_peft=True, layout=sharded)
@@ -134,12 +138,12 @@ def test_train_command_refuses_a_paper_self_evolving_recipe_before_launch(tmp_pa
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("must not launch a refused recipe"))
     out = tmp_path / "out"
-    # The paper recipe under ZeRO-3: no merge of partitioned weights (under its own FSDP2 config it runs).
+    # The paper recipe under FSDP1: no merge of flat parameters (under its own FSDP2 config, or ZeRO-3, it runs).
     argv = ["train", "--config", PAPER_SELF_EVOLVING, "--output_dir", str(out), "--bf16", "false"]
-    argv += ["--accelerate_config", "zero3"]
+    argv += ["--accelerate_config", "fsdp1"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*argv, "--activation_checkpointing", "false"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "`self_evolving_lora='merge'`" in err and "`accelerate_config: zero3`" in err
+    assert "`self_evolving_lora='merge'`" in err and "`accelerate_config: fsdp1`" in err
     assert not out.exists()
