@@ -70,6 +70,25 @@ def versions() -> dict:
     return found
 
 
+def unmet_requirements() -> list[str]:
+    """The project's own requirements (pyproject.toml) that the installed versions do not meet."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        requirements = [Requirement(line) for line in tomllib.load(f)["project"]["dependencies"]]
+    unmet = []
+    for requirement in requirements:
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            unmet.append(f"{requirement} (not installed)")
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{requirement} (installed: {installed})")
+    return unmet
+
+
 def preflight(folder: str, tiny: bool) -> int:
     found = versions()
     for name, value in found.items():
@@ -82,6 +101,7 @@ def preflight(folder: str, tiny: bool) -> int:
             except Exception as error:  # noqa: BLE001 - named below, whatever it is
                 missing.append(f"{name} (import failed: {type(error).__name__}: {error})")
                 found[name] = None
+    missing += unmet_requirements()
     if not tiny and found["gpu"] is None:
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
     os.makedirs(folder, exist_ok=True)

@@ -53,8 +53,8 @@ LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-150}
 LAUNCHES=${LAUNCHES:-single_gpu fsdp2 zero3}
 PY=${PY:-python3}
 # The CPU smoke path of this script (no GPU, the tests' tiny Llama, fp32): GPU_CHECK_TINY=1 WHEELS= LAUNCHES=single_gpu
-TINY_ARGS=()
-[ -z "${GPU_CHECK_TINY:-}" ] || TINY_ARGS=(--tiny --device cpu)
+TINY_ARGS=() TINY_LAUNCH=()
+[ -z "${GPU_CHECK_TINY:-}" ] || { TINY_ARGS=(--tiny --device cpu); TINY_LAUNCH=(--cpu --mixed_precision no); }
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export TOKEN_CLEAN_CACHE=${TOKEN_CLEAN_CACHE:-/tmp/token_clean_cache}
@@ -120,7 +120,7 @@ for launch in $LAUNCHES; do
   rc=0
   timeout --kill-after=10 "$limit" $PY -m accelerate.commands.launch \
     --config_file "token_clean_trainer/accelerate_configs/$launch.yaml" --num_processes 1 --num_machines 1 \
-    --main_process_port 0 benchmarks/gpu_check.py run "$FOLDER" "$launch" ${TINY_ARGS[@]+"${TINY_ARGS[@]}"} || rc=$?
+    --main_process_port 0 ${TINY_LAUNCH[@]+"${TINY_LAUNCH[@]}"} benchmarks/gpu_check.py run "$FOLDER" "$launch" ${TINY_ARGS[@]+"${TINY_ARGS[@]}"} || rc=$?
   case $rc in
     0) echo ok ;;
     124 | 137) echo "timed out after $limit s" ;;
