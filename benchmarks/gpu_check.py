@@ -413,10 +413,10 @@ def run(folder: str, launch: str, tiny: bool, device: str, only: list[str] | Non
             traceback.print_exc()
             results["scenarios"][name] = {"scenario": name, "error": f"{type(error).__name__}: {error}"}
         print(f"== {launch} / {name}: {time.perf_counter() - started:.1f} s", flush=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        os.makedirs(os.path.join(folder, "results"), exist_ok=True)
-        with open(os.path.join(folder, "results", f"{launch}.json"), "w") as f:
-            json.dump(results, f)
+        if int(os.environ.get("RANK", "0")) == 0:  # after each scenario: a launch that times out keeps the ones done
+            os.makedirs(os.path.join(folder, "results"), exist_ok=True)
+            with open(os.path.join(folder, "results", f"{launch}.json"), "w") as f:
+                json.dump(results, f)
     return 0
 
 

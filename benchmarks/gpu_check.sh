@@ -31,15 +31,17 @@
 # then make two device calls back to back (the machine stays warm only ~30 s after a call; if it went back in
 # between, step 1 fails at once naming part A and call 1 must be made again):
 #   call 1: command `bash benchmarks/gpu_model_parts.sh stash`, carry [".gpu_model/part-aa", ".gpu_model/SHA256SUMS"]
-#           (~60 MiB with the working tree; about a minute, mostly the machine's start)
+#           (~59.7 MiB with the working tree; about a minute, mostly the machine's start)
 #   call 2: command `bash benchmarks/gpu_check.sh $OUT`, carry [".whl", ".gpu_model/part-ab",
-#           ".gpu_model/SHA256SUMS"] (~61 MiB), timeout_s 480; FOLDER=$OUT brings gpu_check.json back.
-# Estimated device time of call 2 on one H100 (the CPU smoke run of the same code takes ~4.5 min per launch on 2
-# shared CPU cores, dominated by a 49k vocabulary on a tiny model; on the GPU the work is start-up bound): install
-# ~10 s, preflight ~15 s, setup ~60 s (GGUF conversion ~25 s, 20 LoRA steps), each launch ~90-120 s (imports and
-# accelerate ~20 s, 6 trainers of ~10-15 s each; zero3 the slowest), compare ~5 s: about 6-7 minutes. $BUDGET
-# (default 450 s) caps it: a launch gets at most what is left, so the call ends inside 8 minutes with the launch that
-# ran out named in the JSON.
+#           ".gpu_model/SHA256SUMS"] (~60.3 MiB), timeout_s 480; FOLDER=$OUT brings gpu_check.json back.
+# Estimated device time of call 2 on one H100, not yet measured: the CPU smoke run of this script (the tiny Llama,
+# 2 shared CPU cores) took 73 s to set up and 178 s for the single_gpu launch (17-40 s per scenario, mostly the
+# trainers' construction and a 49k vocabulary on CPU). On the H100 the 135M model's steps and scoring take
+# milliseconds, so each launch is start-up bound: the wheel install ~5 s (4.4 s measured here), the preflight ~10 s,
+# setup ~45 s (GGUF conversion, 20 LoRA steps), single_gpu and fsdp2 ~70 s each (~20 s of imports and launcher, 6
+# trainers of ~5-10 s), zero3 ~100 s (a DeepSpeed engine per trainer and per reference), compare ~5 s: about 5-6
+# minutes. $BUDGET (default 450 s) caps it: a launch gets at most what is left, so the call ends inside 8 minutes
+# with the launch that ran out named in the JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FOLDER=${1:-outputs/gpu_check}
