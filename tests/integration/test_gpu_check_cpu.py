@@ -2,7 +2,7 @@
 The CPU smoke path of `benchmarks/gpu_check.py`: the single launch and the comparison on the tests' tiny Llama in fp32.
 
 The GPU check runs its scenarios on a GPU machine only; here the same scenario code (every scenario in one process,
-the 20-step-style LoRA reference as adapter and merged, the first-step loss against SFTTrainer's, the collected
+a short LoRA reference as adapter and merged, the first-step loss against SFTTrainer's, the collected
 assertions and the one JSON) runs on CPU, without the timing and GPU-memory assertions.
 """
 
