@@ -120,7 +120,7 @@ def bench_context(args, collective, out_dir: str, timings: dict, dataset):
         token_score_window=1, token_selection_seed=None, seed=0, max_length=None, output_dir=out_dir,
         score_shard_rows=args.shard_rows, report_to=[], self_evolving_rounds=args.rounds, score_cache_dir=None,
         learning_rate=0.0, num_train_epochs=1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
-        world_size=collective.world,
+        world_size=collective.world, token_weighting="mask", token_weight_temperature=1.0, token_weights_column=None,
     )  # fmt: skip
     driver = SimulatedDriver(config, collective, None, torch.device("cpu"), "no", 0, True, ScoringStats())
     report = RunReport(
