@@ -371,14 +371,12 @@ def round_record(round_index, rows, n_response, keep, threshold, scores, overwri
         "threshold": threshold,
     }
     if scores is not None:
-        nan = np.isnan(scores)
         # A scored chunk has no NaN (its scores are checked finite): no copy of its scores then.
-        values = scores[~nan] if nan.any() else scores
-        del nan
+        step = 1 << 22
+        has_nan = any(np.isnan(scores[a : a + step]).any() for a in range(0, scores.size, step))
+        values = scores[~np.isnan(scores)] if has_nan else scores
         if values.size:
-            near = sum(
-                int(np.count_nonzero(np.abs(values[a : a + (1 << 22)]) < 0.01)) for a in range(0, values.size, 1 << 22)
-            )
+            near = sum(int(np.count_nonzero(np.abs(values[a : a + step]) < 0.01)) for a in range(0, values.size, step))
             # numpy's quantiles of the same values; in place (no copy) when they are a copy or the caller's scratch.
             p10, p50, p90 = np.quantile(values, [0.1, 0.5, 0.9], overwrite_input=overwrite or values is not scores)
             record.update(

@@ -5,7 +5,7 @@ near-zero band, dropped tokens as runs, and the response tokens grouped by token
 Everything runs chunk by chunk ([`CHUNK_POSITIONS`]): at hundreds of millions of scores no float64 copy of them exists.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -305,25 +305,60 @@ def streamed_quantiles(values, count: int, quantiles: list[float], finite: bool 
     return _interpolate(virtual, previous, a, b)
 
 
+# Values numpy sums at once in [`float32_mean`]; larger arrays are summed as the leaves of numpy's pairwise tree.
+PAIRWISE_LEAF = 1 << 20
+
+
+def float32_mean(parts: Iterator[np.ndarray], count: int) -> float:
+    """
+    `float(np.concatenate(list(parts)).mean())` of float32 `parts` (`count` values in all), to the bit, without the
+    concatenation. numpy sums a contiguous float32 array pairwise (each half rounded down to a multiple of 8); that
+    tree is walked down to leaves of at most `PAIRWISE_LEAF` values, each gathered from `parts` in order and summed by
+    numpy, and the leaf sums are added back up the tree in float32 as numpy adds them.
+    """
+    parts = iter(parts)
+    pending = np.zeros(0, dtype=np.float32)
+
+    def take(n: int) -> np.ndarray:
+        nonlocal pending
+        out, at = np.empty(n, dtype=np.float32), 0
+        while at < n:
+            while pending.size == 0:
+                pending = next(parts)
+            m = min(n - at, pending.size)
+            out[at : at + m], pending, at = pending[:m], pending[m:], at + m
+        return out
+
+    def total(n: int) -> np.float32:
+        if n <= PAIRWISE_LEAF:
+            return np.add.reduce(take(n))
+        half = n // 2 - (n // 2) % 8
+        return total(half) + total(n - half)
+
+    result = total(count)
+    return float(result.dtype.type(result / np.intp(count)))  # as `np.mean` divides
+
+
 def _masked_mean(values: ChunkedValues, keep: np.ndarray, kept: bool, count: int) -> float | None:
     """
     `float(values[keep].mean())` (`kept=True`, NaN included, as numpy gives it), or the same over the non-NaN dropped
-    values (`kept=False`), `count` values in all: gathered a chunk at a time into one float32 array, so the mean is
-    numpy's float32 mean of the same array. A NaN among the kept values makes it NaN without gathering.
+    values (`kept=False`), `count` values in all, read a chunk at a time ([`float32_mean`]). A NaN among the kept
+    values makes it NaN.
     """
     if count == 0:
         return None
-    picked = np.empty(count, dtype=np.float32)
-    at = 0
-    for start in range(0, values.size, CHUNK_POSITIONS):
-        part = values[start : start + CHUNK_POSITIONS]
-        where = keep[start : start + CHUNK_POSITIONS]
-        if kept and np.isnan(part[where]).any():
-            return float("nan")
-        chunk = part[where] if kept else part[~where & ~np.isnan(part)]
-        picked[at : at + chunk.size] = chunk
-        at += chunk.size
-    return float(picked.mean())
+    if kept and any(
+        np.isnan(values[a : a + CHUNK_POSITIONS][keep[a : a + CHUNK_POSITIONS]]).any()
+        for a in range(0, values.size, CHUNK_POSITIONS)
+    ):
+        return float("nan")
+
+    def parts() -> Iterator[np.ndarray]:
+        for start in range(0, values.size, CHUNK_POSITIONS):
+            part, where = values[start : start + CHUNK_POSITIONS], keep[start : start + CHUNK_POSITIONS]
+            yield part[where] if kept else part[~where & ~np.isnan(part)]
+
+    return float32_mean(parts(), count)
 
 
 def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
@@ -384,18 +419,18 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     return stats
 
 
-def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> dict[str, Any]:
+def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None, *, kept: bool = False) -> dict[str, Any]:
     """
     The dropped response tokens as runs: maximal stretches of consecutive dropped tokens. `dropped` is a flat bool
     array, False on every position that is not a response token, so a run never crosses a prompt, a row start or
     padding. Over the compact layout (response positions only), `span_starts` gives the indices where a response
     span begins, and a run ends before each. Span-aware rules (`token_score_window`) drop junk as runs; the paper's
     per-token rule scatters them. The runs are counted by `selection.dropped_runs`, as the per-step selection counts
-    them.
+    them. `kept=True`: `dropped` is a compact keep mask (response positions only), read inverted without a copy.
     """
     dropped = np.asarray(dropped, dtype=bool)
-    count, longest = dropped_runs(dropped, span_starts)
-    tokens = int(np.count_nonzero(dropped))
+    count, longest = dropped_runs(dropped, span_starts, kept=kept)
+    tokens = dropped.size - int(np.count_nonzero(dropped)) if kept else int(np.count_nonzero(dropped))
     return {
         "count": count,
         "tokens": tokens,
