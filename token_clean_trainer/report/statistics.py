@@ -382,7 +382,8 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
             count += part.size
             total += float(part.sum())
             low, high = min(low, float(part.min())), max(high, float(part.max()))
-            near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
+            # |x| < NEAR_ZERO as two comparisons: no float64 temporary of the chunk's absolute values.
+            near += int(np.count_nonzero((part > -NEAR_ZERO) & (part < NEAR_ZERO)))
             negative += int(np.count_nonzero(part < 0))
     if count == 0:
         return {"count": 0}
@@ -390,7 +391,8 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     squares = 0.0
     for start in range(0, scores.size, CHUNK_POSITIONS):
         part = scores[start : start + CHUNK_POSITIONS]
-        part = part[~np.isnan(part)].astype(np.float64) - mean
+        part = part[~np.isnan(part)].astype(np.float64)
+        part -= mean  # in place: one float64 temporary of the chunk, not two
         squares += float(np.dot(part, part))
     stats: dict[str, Any] = {
         "count": count,
