@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from token_clean_trainer.compact import write_bits, write_packed
-from token_clean_trainer.report import histogram_data
 from token_clean_trainer.report import histogram as histogram_module
-from token_clean_trainer.report import statistics
+from token_clean_trainer.report import histogram_data, statistics
 from token_clean_trainer.report.statistics import (
     QUANTILES,
     ChunkedValues,
