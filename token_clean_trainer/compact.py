@@ -222,6 +222,16 @@ def write_bits(bits: np.ndarray, start: int, values: np.ndarray) -> None:
     bits[first:last] = np.packbits(chunk)
 
 
+def write_packed(bits: np.ndarray, start: int, packed: np.ndarray, count: int) -> None:
+    """
+    [`write_bits`] of the first `count` entries of the packed bool array `packed` at `start`, unpacked a block at a
+    time (a self-evolving chunk's keep mask: unpacked whole, one byte per label position of the chunk, twice).
+    """
+    step = 1 << 23  # entries per block (a multiple of 8): 8 MB unpacked
+    for i in range(0, count, step):
+        write_bits(bits, start + i, unpack_bits(packed, i, min(i + step, count)))
+
+
 def response_bits(layout: ResponseLayout) -> np.ndarray:
     """The response mask over every label position, packed (one bit per position): what expands a compact row."""
     return pack_bits(int(layout.offsets[-1]), (response for _, _, _, response in layout.chunks()))
@@ -327,4 +337,5 @@ __all__ = [
     "scatter_rows",
     "unpack_bits",
     "write_bits",
+    "write_packed",
 ]

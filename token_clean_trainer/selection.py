@@ -426,14 +426,15 @@ def span_starts(
 _RUN_CHUNK = 1 << 22
 
 
-def dropped_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> tuple[int, int]:
+def dropped_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None, *, kept: bool = False) -> tuple[int, int]:
     """
     `(count, longest)` of the runs of dropped tokens: maximal stretches of consecutive True in the flat bool
     `dropped`, which is False on every position that is not a response token, so a run never crosses a prompt, a row
     start or padding. Over arrays of response positions only (the compact layout, the per-step arrays),
     `span_starts` gives the indices where a response span begins ([`span_starts`]), and a run ends before each.
     Chunk by chunk, so no int64 array of run bounds over the whole array exists (hundreds of MB at scale).
-    `longest` is 0 without a run.
+    `longest` is 0 without a run. `kept=True`: `dropped` is a keep mask over response positions only, whose False
+    entries are the dropped ones (inverted a chunk at a time, with no inverted copy of the whole mask).
     """
     dropped = np.asarray(dropped, dtype=bool)
     n = dropped.size
@@ -442,15 +443,15 @@ def dropped_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> 
     open_begin = None  # a run that began in an earlier chunk and has not ended yet (runs never overlap)
     for a in range(0, n, _RUN_CHUNK):
         b = min(a + _RUN_CHUNK, n)
-        part = dropped[a:b]
+        part = ~dropped[a:b] if kept else dropped[a:b]
         begins = part.copy()
         begins[1:] &= ~part[:-1]
         if a:
-            begins[0] &= ~dropped[a - 1]
+            begins[0] &= dropped[a - 1] == kept  # the position before is not dropped
         ends = part.copy()
         ends[:-1] &= ~part[1:]
         if b < n:
-            ends[-1] &= ~dropped[b]
+            ends[-1] &= dropped[b] == kept
         here = span_starts[(span_starts >= a) & (span_starts < b)] - a
         begins[here] = part[here]  # a run starts at a span start even after a dropped token of the span before
         before = span_starts[(span_starts > a) & (span_starts <= b)] - 1 - a

@@ -37,8 +37,9 @@ from .checkpoint import (
     round_output_dir,
 )
 from .columns import TOKEN_WEIGHTS_COLUMN
-from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_bits
+from .compact import ResponseLayout, compact_keep, expand_keep_bits, write_packed
 from .lora_merge import load_adapter_values, merge_and_reset_adapter
+from .report.statistics import ChunkedValues
 from .rules import excess_loss
 from .rules.soft import weight_summary
 from .score_driver import row_offsets
@@ -261,7 +262,8 @@ def prepare_round(ctx: CleaningContext, run: SelfEvolvingRun, t: int) -> np.ndar
             weights = selection.weights
         # Trained tokens that are not response tokens are never ranked and never dropped.
         bits = expand_keep_bits(run.layout, keep, start, end)
-        record = round_record(t, (start, end), high - low, keep, threshold, scores)
+        record = round_record(t, (start, end), high - low, keep, threshold, scores, overwrite=True)
+        del scores  # reordered by the quantiles
         if weights is not None:
             record["weights"] = weight_summary(weights)
         return bits, record, weights
@@ -272,7 +274,7 @@ def prepare_round(ctx: CleaningContext, run: SelfEvolvingRun, t: int) -> np.ndar
         bits = collective.broadcast_array(bits, np.uint8)
         if run.weights is not None:
             weights = collective.broadcast_array(weights, np.float32)
-    write_bits(run.keep_bits, begin, np.unpackbits(bits, count=finish - begin))
+    write_packed(run.keep_bits, begin, bits, finish - begin)
     if run.weights is not None:
         run.weights[int(run.response_offsets[start]) : int(run.response_offsets[end])] = weights
     run.records = run.records[:t] + [record]
@@ -328,13 +330,19 @@ def round_report(ctx: CleaningContext, run: SelfEvolvingRun, t: int, started: fl
     prefix_rows = run.bounds[t][1]
     layout = run.layout.subset(0, prefix_rows)
     prefix = layout.n_response
-    base = run.base_losses
+    base, ref = run.base_losses, run.ref_all[:prefix]
+    scores = None
+    if base is not None:
+        base = base[:prefix]
+        # The excess computed a chunk at a time when the report reads it: held whole, it would be one more float32
+        # array of every response position on top of the losses, which the run keeps for the later rounds.
+        scores = ChunkedValues(prefix, lambda where: excess_loss(base[where], ref[where]))
     report = ctx.report.build(
         layout,
         started,
-        scores=excess_loss(base[:prefix], run.ref_all[:prefix]) if base is not None else None,
-        base_losses=base[:prefix] if base is not None else None,
-        ref_losses=run.ref_all[:prefix],
+        scores=scores,
+        base_losses=base,
+        ref_losses=ref,
         keep=compact_keep(run.layout, run.keep_bits, 0, prefix_rows),
         threshold=None,
         cache_stats=run.cache_stats,
@@ -346,8 +354,9 @@ def round_report(ctx: CleaningContext, run: SelfEvolvingRun, t: int, started: fl
     return report
 
 
-def round_record(round_index, rows, n_response, keep, threshold, scores) -> dict[str, Any]:
-    """One round's record from its chunk's compact keep mask and scores (response positions only)."""
+def round_record(round_index, rows, n_response, keep, threshold, scores, overwrite: bool = False) -> dict[str, Any]:
+    """One round's record from its chunk's compact keep mask and scores (response positions only); `overwrite`: the
+    scores are the caller's scratch, which the quantiles may reorder instead of copying them."""
     n_response, n_kept = int(n_response), int(np.count_nonzero(keep))
     record: dict[str, Any] = {
         "round": round_index,
@@ -362,14 +371,19 @@ def round_record(round_index, rows, n_response, keep, threshold, scores) -> dict
         "threshold": threshold,
     }
     if scores is not None:
-        values = scores[~np.isnan(scores)]
+        # A scored chunk has no NaN (its scores are checked finite): no copy of its scores then.
+        step = 1 << 22
+        has_nan = any(np.isnan(scores[a : a + step]).any() for a in range(0, scores.size, step))
+        values = scores[~np.isnan(scores)] if has_nan else scores
         if values.size:
-            p10, p50, p90 = np.quantile(values, [0.1, 0.5, 0.9])
+            near = sum(int(np.count_nonzero(np.abs(values[a : a + step]) < 0.01)) for a in range(0, values.size, step))
+            # numpy's quantiles of the same values; in place (no copy) when they are a copy or the caller's scratch.
+            p10, p50, p90 = np.quantile(values, [0.1, 0.5, 0.9], overwrite_input=overwrite or values is not scores)
             record.update(
                 score_p10=float(p10),
                 score_p50=float(p50),
                 score_p90=float(p90),
-                share_abs_below_001=float((np.abs(values) < 0.01).mean()),
+                share_abs_below_001=near / values.size,
             )
     return record
 

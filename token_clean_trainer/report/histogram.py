@@ -3,6 +3,7 @@ The score histogram: binned once into `score_histogram.json` ([`histogram_data`]
 `histogram.png` (matplotlib) and as the inline SVG of `tokens.html`.
 """
 
+import gc
 import html
 import logging
 import math
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..utils import atomic_write
-from .statistics import CHUNK_POSITIONS, float64_quantiles
+from .statistics import CHUNK_POSITIONS, ChunkedValues, float64_quantiles, streamed_quantiles
 
 logger = logging.getLogger(__name__)
 
@@ -20,21 +21,35 @@ HISTOGRAM_DATA_FILE = "score_histogram.json"
 HISTOGRAM_BINS = 120
 
 
-def _panel(values: np.ndarray, label: str, threshold: float | None) -> dict[str, Any]:
-    finite = np.isfinite(values)
-    count = int(np.count_nonzero(finite))
+def _panel(values, label: str, threshold: float | None) -> dict[str, Any]:
+    chunked = isinstance(values, ChunkedValues)  # never held whole: counted and ranked chunk by chunk
+    if chunked:
+        count = sum(
+            int(np.count_nonzero(np.isfinite(values[start : start + CHUNK_POSITIONS])))
+            for start in range(0, values.size, CHUNK_POSITIONS)
+        )
+    else:
+        finite = np.isfinite(values)
+        count = int(np.count_nonzero(finite))
     if count == 0:
         return {"label": label, "count": 0, "threshold": threshold, "edges": [], "counts": []}
-    values = values if count == values.size else values[finite]
-    del finite
+    if not chunked:
+        values = values if count == values.size else values[finite]
+        del finite
     # The extreme 0.1% on each side go into the end bins, so a few outliers do not squeeze the bulk into one bar.
-    low, high = (float(q) for q in float64_quantiles(values, [0.001, 0.999]))
+    if chunked:
+        low, high = (float(q) for q in streamed_quantiles(values, count, [0.001, 0.999], finite=True))
+    else:
+        low, high = (float(q) for q in float64_quantiles(values, [0.001, 0.999]))
     if high <= low:
         low, high = low - 0.5, high + 0.5
     # Counted in float64 chunks (the counts of one float64 histogram of the clipped values, without that copy).
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
     for start in range(0, values.size, CHUNK_POSITIONS):
-        part = np.clip(values[start : start + CHUNK_POSITIONS].astype(np.float64), low, high)
+        part = values[start : start + CHUNK_POSITIONS]
+        if chunked:
+            part = part[np.isfinite(part)]
+        part = np.clip(part.astype(np.float64), low, high)
         chunk_counts, edges = np.histogram(part, bins=HISTOGRAM_BINS, range=(low, high))
         counts += chunk_counts
     return {
@@ -47,11 +62,12 @@ def _panel(values: np.ndarray, label: str, threshold: float | None) -> dict[str,
 
 
 def histogram_data(
-    scores: np.ndarray, offsets: np.ndarray | None, threshold: float | None, report: dict[str, Any]
+    scores: np.ndarray | ChunkedValues, offsets: np.ndarray | None, threshold: float | None, report: dict[str, Any]
 ) -> dict[str, Any]:
     """
     Binned response-token scores: one panel for the run, or one per scored round in self-evolving mode (each with its
     own threshold). Small enough to store, so `token-clean report` can redraw `histogram.png` without the scores.
+    `scores` may be [`~statistics.ChunkedValues`], read a chunk at a time.
     """
     rounds = report.get("rounds")
     panels = []
@@ -60,8 +76,15 @@ def histogram_data(
             start, end = record["rows"]
             if end >= len(offsets):
                 continue
-            chunk = scores[offsets[start] : offsets[end]]
-            if np.isfinite(chunk).any():
+            if isinstance(scores, ChunkedValues):
+                chunk = scores.view(offsets[start], offsets[end])
+                scored = any(
+                    np.isfinite(chunk[a : a + CHUNK_POSITIONS]).any() for a in range(0, chunk.size, CHUNK_POSITIONS)
+                )
+            else:
+                chunk = scores[offsets[start] : offsets[end]]
+                scored = np.isfinite(chunk).any()
+            if scored:
                 panels.append(_panel(chunk, f"round {record['round']}", record.get("threshold")))
     if not panels:
         panels.append(_panel(scores, "response tokens", threshold))
@@ -107,6 +130,9 @@ def draw_histogram(path: str, data: dict[str, Any]) -> bool:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
+        # matplotlib's text layout leaves reference cycles (caught parse errors and their frames) that keep the
+        # callers' frames, and any array they hold, alive until the next full collection: collect them now.
+        gc.collect()
     return True
 
 

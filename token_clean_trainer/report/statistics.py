@@ -5,6 +5,7 @@ near-zero band, dropped tokens as runs, and the response tokens grouped by token
 Everything runs chunk by chunk ([`CHUNK_POSITIONS`]): at hundreds of millions of scores no float64 copy of them exists.
 """
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -155,14 +156,45 @@ def token_summary(
     return summary
 
 
-def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
+class ChunkedValues:
     """
-    `np.quantile(values.astype(np.float64), quantiles)` (method `"linear"`) through one copy of `values` in its own
-    dtype (float32 scores: half the memory of the float64 copy). The order statistics are the same values in any dtype;
-    the interpolation between them is numpy's, in float64. `values` must hold no NaN.
+    A float32 array that is never held whole: `read(where)` gives its values over a slice when a chunk of it is read
+    (e.g. a self-evolving report's excess `base[s] - ref[s]`, computed per chunk instead of kept as one more array of
+    every response position). It has what the report's chunked statistics use: `size`, `len()`, slicing (`values[a:b]`
+    gives an ndarray) and [`view`].
+
+    Args:
+        size (`int`):
+            Number of values.
+        read (`Callable[[slice], np.ndarray]`):
+            The values over a slice `[start, stop)` with a positive step, within `[0, size)`.
     """
-    work = np.array(values, copy=True)
-    n = work.size
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, size: int, read: Callable[[slice], np.ndarray]):
+        self.size = int(size)
+        self.read = read
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        if not isinstance(where, slice):
+            raise TypeError(f"`ChunkedValues` is read by slices, not {type(where).__name__}.")
+        return self.read(slice(*where.indices(self.size)))
+
+    def view(self, start: int, stop: int) -> "ChunkedValues":
+        """Values `[start, stop)`, still read a chunk at a time."""
+        start, stop, _ = slice(start, stop).indices(self.size)
+        return ChunkedValues(
+            max(stop - start, 0), lambda where: self.read(slice(start + where.start, start + where.stop, where.step))
+        )
+
+
+def _quantile_positions(n: int, quantiles: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(virtual, previous, following)`: numpy's virtual index of each quantile (method `"linear"`) over `n` sorted
+    values and the indices of the two order statistics around it (`-1`: the largest)."""
     q = np.asarray(quantiles, dtype=np.float64)
     virtual = (n - 1) * q  # numpy's virtual index of the "linear" method
     previous = np.floor(virtual)
@@ -170,10 +202,11 @@ def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
     above, below = virtual >= n - 1, virtual < 0
     previous[above] = following[above] = -1
     previous[below] = following[below] = 0
-    previous, following = previous.astype(np.intp), following.astype(np.intp)
-    work.partition(np.unique(np.concatenate(([0, -1], previous, following))))
-    a, b = work[previous].astype(np.float64), work[following].astype(np.float64)
-    del work
+    return virtual, previous.astype(np.intp), following.astype(np.intp)
+
+
+def _interpolate(virtual: np.ndarray, previous: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """numpy's `"linear"` interpolation between the order statistics `a` and `b` (float64) around each quantile."""
     gamma = virtual - previous
     diff = b - a
     result = a + diff * gamma
@@ -182,24 +215,175 @@ def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
     return result
 
 
+def float64_quantiles(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
+    """
+    `np.quantile(values.astype(np.float64), quantiles)` (method `"linear"`) through one copy of `values` in its own
+    dtype (float32 scores: half the memory of the float64 copy). The order statistics are the same values in any dtype;
+    the interpolation between them is numpy's, in float64. `values` must hold no NaN.
+    """
+    work = np.array(values, copy=True)
+    virtual, previous, following = _quantile_positions(work.size, quantiles)
+    work.partition(np.unique(np.concatenate(([0, -1], previous, following))))
+    a, b = work[previous].astype(np.float64), work[following].astype(np.float64)
+    del work
+    return _interpolate(virtual, previous, a, b)
+
+
+# Values in the sorted sample that brackets each order statistic of `order_statistics` (4 MB of float32): the
+# values read back inside one bracket are then about 1% of all.
+STATISTICS_SAMPLE = 1 << 20
+
+
+def _eligible(part: np.ndarray, finite: bool) -> np.ndarray:
+    return part[np.isfinite(part)] if finite else part[~np.isnan(part)]
+
+
+def order_statistics(values, count: int, ranks: np.ndarray, finite: bool = False) -> np.ndarray:
+    """
+    The `ranks`-th smallest (0-based) of the `count` eligible values of `values` (an ndarray or [`ChunkedValues`]),
+    exactly, read chunk by chunk without a copy of them: a strided sample brackets each order statistic, one pass
+    counts the values below each bracket and keeps those inside it, which are then partitioned. A bracket that misses
+    (a sample unlike the whole) is widened and the pass repeated; the last try spans everything. Eligible: not NaN,
+    or finite with `finite=True`.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    found = np.zeros(ranks.size, dtype=np.float32)
+    sample = np.sort(_eligible(values[:: max(1, values.size // STATISTICS_SAMPLE)], finite))
+    m, todo = sample.size, np.arange(ranks.size)
+    spread = 4 * int(np.sqrt(m)) + 16
+    for attempt in range(3):
+        # One bracket per rank, from the sample (everything on the last try), overlapping brackets merged.
+        brackets = []
+        for i in todo:
+            at = int(ranks[i] * m / max(count, 1))
+            wide = attempt == 2 or m == 0
+            lo = -np.inf if wide or at - spread < 0 else float(sample[at - spread])
+            hi = np.inf if wide or at + spread >= m else float(sample[at + spread])
+            brackets.append([lo, hi, [i]])
+        brackets.sort(key=lambda bracket: bracket[0])
+        merged = [brackets[0]]
+        for lo, hi, members in brackets[1:]:
+            if lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+                merged[-1][2] += members
+            else:
+                merged.append([lo, hi, members])
+        below = [0] * len(merged)
+        inside: list[list[np.ndarray]] = [[] for _ in merged]
+        for start in range(0, values.size, CHUNK_POSITIONS):
+            part = _eligible(values[start : start + CHUNK_POSITIONS], finite)
+            for j, (lo, hi, _) in enumerate(merged):
+                below[j] += int(np.count_nonzero(part < lo))
+                inside[j].append(part[(part >= lo) & (part <= hi)])
+        missed = []
+        for j, (_, _, members) in enumerate(merged):
+            work = np.concatenate(inside[j]) if inside[j] else np.zeros(0, np.float32)
+            inside[j] = []
+            local = np.array([ranks[i] - below[j] for i in members], dtype=np.int64)
+            hit = (local >= 0) & (local < work.size)
+            if hit.any():
+                work.partition(np.unique(local[hit]))  # a fresh array (the concatenation): partitioned in place
+                found[np.asarray(members)[hit]] = work[local[hit]]
+            missed += [i for i, ok in zip(members, hit) if not ok]
+        if not missed:
+            return found
+        todo, spread = np.asarray(missed), spread * 16
+    raise AssertionError("unreachable: the last bracket spans every value")
+
+
+def streamed_quantiles(values, count: int, quantiles: list[float], finite: bool = False) -> np.ndarray:
+    """
+    [`float64_quantiles`] of the `count` eligible values of `values` (an ndarray or [`ChunkedValues`]; not NaN, or
+    finite with `finite=True`) without a copy of them: the order statistics by [`order_statistics`], the same
+    interpolation.
+    """
+    virtual, previous, following = _quantile_positions(count, quantiles)
+    ranks = np.unique(np.concatenate((previous, following)) % count)  # -1: the largest
+    at = dict(zip(ranks.tolist(), order_statistics(values, count, ranks, finite).tolist()))
+    a = np.array([at[int(i) % count] for i in previous], dtype=np.float64)
+    b = np.array([at[int(i) % count] for i in following], dtype=np.float64)
+    return _interpolate(virtual, previous, a, b)
+
+
+# Values numpy sums at once in [`float32_mean`]; larger arrays are summed as the leaves of numpy's pairwise tree.
+PAIRWISE_LEAF = 1 << 20
+
+
+def float32_mean(parts: Iterator[np.ndarray], count: int) -> float:
+    """
+    `float(np.concatenate(list(parts)).mean())` of float32 `parts` (`count` values in all), to the bit, without the
+    concatenation. numpy sums a contiguous float32 array pairwise (each half rounded down to a multiple of 8); that
+    tree is walked down to leaves of at most `PAIRWISE_LEAF` values, each gathered from `parts` in order and summed by
+    numpy, and the leaf sums are added back up the tree in float32 as numpy adds them.
+    """
+    parts = iter(parts)
+    pending = np.zeros(0, dtype=np.float32)
+
+    def take(n: int) -> np.ndarray:
+        nonlocal pending
+        out, at = np.empty(n, dtype=np.float32), 0
+        while at < n:
+            while pending.size == 0:
+                pending = next(parts)
+            m = min(n - at, pending.size)
+            out[at : at + m], pending, at = pending[:m], pending[m:], at + m
+        return out
+
+    def total(n: int) -> np.float32:
+        if n <= PAIRWISE_LEAF:
+            return np.add.reduce(take(n))
+        half = n // 2 - (n // 2) % 8
+        return total(half) + total(n - half)
+
+    result = total(count)
+    return float(result.dtype.type(result / np.intp(count)))  # as `np.mean` divides
+
+
+def _masked_mean(values: ChunkedValues, keep: np.ndarray, kept: bool, count: int) -> float | None:
+    """
+    `float(values[keep].mean())` (`kept=True`, NaN included, as numpy gives it), or the same over the non-NaN dropped
+    values (`kept=False`), `count` values in all, read a chunk at a time ([`float32_mean`]). A NaN among the kept
+    values makes it NaN.
+    """
+    if count == 0:
+        return None
+    if kept and any(
+        np.isnan(values[a : a + CHUNK_POSITIONS][keep[a : a + CHUNK_POSITIONS]]).any()
+        for a in range(0, values.size, CHUNK_POSITIONS)
+    ):
+        return float("nan")
+
+    def parts() -> Iterator[np.ndarray]:
+        for start in range(0, values.size, CHUNK_POSITIONS):
+            part, where = values[start : start + CHUNK_POSITIONS], keep[start : start + CHUNK_POSITIONS]
+            yield part[where] if kept else part[~where & ~np.isnan(part)]
+
+    return float32_mean(parts(), count)
+
+
 def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, Any]:
     """
     Distribution of the response-token scores (NaN positions ignored), in raw nats as the paper defines them. Kept and
     dropped means need `keep`; they are None when tokens are chosen per step.
 
     Sums run in float64 chunk by chunk and the quantiles through one float32 copy (`float64_quantiles`), so at hundreds
-    of millions of scores no float64 copy of them exists.
+    of millions of scores no float64 copy of them exists. `scores` may be [`ChunkedValues`] (never held whole): the
+    quantiles are then read without a copy ([`streamed_quantiles`]) and `keep` selects the kept values chunk by chunk.
     """
-    count = total = near = negative = 0
+    count = total = near = negative = scored_kept = 0
     low, high = np.inf, -np.inf
     for start in range(0, scores.size, CHUNK_POSITIONS):
         part = scores[start : start + CHUNK_POSITIONS]
-        part = part[~np.isnan(part)].astype(np.float64)
+        valid_part = ~np.isnan(part)
+        if keep is not None and isinstance(scores, ChunkedValues):
+            scored_kept += int(np.count_nonzero(keep[start : start + CHUNK_POSITIONS] & valid_part))
+        part = part[valid_part].astype(np.float64)
         if part.size:
             count += part.size
             total += float(part.sum())
             low, high = min(low, float(part.min())), max(high, float(part.max()))
-            near += int(np.count_nonzero(np.abs(part) < NEAR_ZERO))
+            # |x| < NEAR_ZERO as two comparisons: no float64 temporary of the chunk's absolute values.
+            near += int(np.count_nonzero((part > -NEAR_ZERO) & (part < NEAR_ZERO)))
             negative += int(np.count_nonzero(part < 0))
     if count == 0:
         return {"count": 0}
@@ -207,7 +391,8 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     squares = 0.0
     for start in range(0, scores.size, CHUNK_POSITIONS):
         part = scores[start : start + CHUNK_POSITIONS]
-        part = part[~np.isnan(part)].astype(np.float64) - mean
+        part = part[~np.isnan(part)].astype(np.float64)
+        part -= mean  # in place: one float64 temporary of the chunk, not two
         squares += float(np.dot(part, part))
     stats: dict[str, Any] = {
         "count": count,
@@ -216,31 +401,38 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
         "min": low,
         "max": high,
     }
-    valid = None if count == scores.size else ~np.isnan(scores)
-    quantiles = float64_quantiles(scores if valid is None else scores[valid], list(QUANTILES.values()))
+    chunked = isinstance(scores, ChunkedValues)  # never held whole: no copy of the scores either
+    if chunked:
+        quantiles = streamed_quantiles(scores, count, list(QUANTILES.values()))
+    else:
+        valid = None if count == scores.size else ~np.isnan(scores)
+        quantiles = float64_quantiles(scores if valid is None else scores[valid], list(QUANTILES.values()))
     stats.update({name: float(q) for name, q in zip(QUANTILES, quantiles)})
     stats["share_abs_below_0.01"] = near / count
     stats["share_negative"] = negative / count
     stats["kept_mean"] = stats["dropped_mean"] = None
-    if keep is not None:
+    if keep is not None and chunked:
+        stats["kept_mean"] = _masked_mean(scores, keep, True, int(np.count_nonzero(keep)))
+        stats["dropped_mean"] = _masked_mean(scores, keep, False, count - scored_kept)
+    elif keep is not None:
         kept, dropped = scores[keep], scores[~keep if valid is None else valid & ~keep]
         stats["kept_mean"] = float(kept.mean()) if kept.size else None
         stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
     return stats
 
 
-def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None) -> dict[str, Any]:
+def masked_runs(dropped: np.ndarray, span_starts: np.ndarray | None = None, *, kept: bool = False) -> dict[str, Any]:
     """
     The dropped response tokens as runs: maximal stretches of consecutive dropped tokens. `dropped` is a flat bool
     array, False on every position that is not a response token, so a run never crosses a prompt, a row start or
     padding. Over the compact layout (response positions only), `span_starts` gives the indices where a response
     span begins, and a run ends before each. Span-aware rules (`token_score_window`) drop junk as runs; the paper's
     per-token rule scatters them. The runs are counted by `selection.dropped_runs`, as the per-step selection counts
-    them.
+    them. `kept=True`: `dropped` is a compact keep mask (response positions only), read inverted without a copy.
     """
     dropped = np.asarray(dropped, dtype=bool)
-    count, longest = dropped_runs(dropped, span_starts)
-    tokens = int(np.count_nonzero(dropped))
+    count, longest = dropped_runs(dropped, span_starts, kept=kept)
+    tokens = dropped.size - int(np.count_nonzero(dropped)) if kept else int(np.count_nonzero(dropped))
     return {
         "count": count,
         "tokens": tokens,

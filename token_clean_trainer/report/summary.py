@@ -83,7 +83,7 @@ def build_report(
                 ((layout.lengths >= max_length) & layout.last_trained).sum()
             ),
             context_tokens=layout.context_tokens,
-            masked_runs_of=lambda: masked_runs(~keep, response_span_starts(layout)),
+            masked_runs_of=lambda: masked_runs(keep, response_span_starts(layout), kept=True),
             token_summary_of=lambda: token_summary(
                 None, None, keep, scores, tokenizer, chunks=lambda: layout.response_chunks(keep, scores)
             ),

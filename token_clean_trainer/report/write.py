@@ -33,6 +33,9 @@ def write_report(folder: str, report: dict[str, Any]) -> str:
     atomic_write_json(path, report)
     if histogram is not None:
         data = histogram_data(histogram["scores"], histogram.get("offsets"), histogram["threshold"], report)
+        # Drawing leaves reference cycles (matplotlib's text layout) that hold this frame until the next garbage
+        # collection: the scores (up to a float32 array of every response position) must not be in it.
+        del histogram
         atomic_write_json(os.path.join(folder, HISTOGRAM_DATA_FILE), data)
         draw_histogram(os.path.join(folder, "histogram.png"), data)
     if tokens is not None:
