@@ -45,6 +45,7 @@ def test_unlikelihood_changes_the_loss_and_the_report_records_it(tmp_path, tiny_
 
 @pytest.mark.parametrize("name", ["ascent"])
 def test_ascent_trains_with_its_ramp(name, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
-    trainer = train(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, token_dropped_loss=name, token_dropped_ramp=1.0)
+    settings = dict(token_dropped_loss=name, token_dropped_weight=0.25, token_dropped_ramp=1.0)
+    trainer = train(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer, **settings)
     weights = [log["dropped_weight"] for log in trainer.state.log_history if "dropped_weight" in log]
     assert weights == [0.0, 0.125]  # global_step / max_steps = 0, then 1/2 of a ramp over all training

@@ -133,7 +133,7 @@ def test_config_refuses(tmp_path, overrides, message):
 
 def test_config_defaults(tmp_path):
     args = cpu_args(tmp_path)
-    assert (args.token_dropped_loss, args.token_dropped_weight, args.token_dropped_ramp) == ("none", 0.25, 0.5)
+    assert (args.token_dropped_loss, args.token_dropped_weight, args.token_dropped_ramp) == ("none", 0.05, 0.5)
     # A weight or ramp without a loss is harmless; full selection without a loss is the plain baseline.
     cpu_args(tmp_path, token_selection="full", token_dropped_weight=1.0)
 
@@ -169,6 +169,7 @@ def test_fused_head_term_matches_the_full_logits(loss_type, tmp_path, tiny_model
         tokenizer,
         loss_type=loss_type,
         token_dropped_loss="unlikelihood",
+        token_dropped_weight=0.25,
         token_dropped_ramp=0.0,
     )
     assert isinstance(trainer.dropped_token_loss, DroppedTokenTerm) and trainer.data_collator.dropped_labels
