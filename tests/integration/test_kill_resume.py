@@ -75,6 +75,8 @@ def shard_files(cache_dir):
     return glob.glob(os.path.join(cache_dir, "token_losses", "*", "*.safetensors"))
 
 
+# slow (31 s), with the other kill tests
+@pytest.mark.slow
 def test_kill_during_scoring_recomputes_only_unfinished_shards(tmp_path, tiny_model_dir, tiny_ref_dir):
     cache_dir = str(tmp_path / "cache_scored")
     kill_when(

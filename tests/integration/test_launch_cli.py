@@ -113,6 +113,8 @@ def test_fixed_scores_and_masks_match_across_processes(setup):
     assert abs(report_a["threshold"] - report_b["threshold"]) < 1e-5
 
 
+# slow (29 s): online over 2 processes also runs under FSDP2 in make test (test_accelerate_fsdp2.py)
+@pytest.mark.slow
 def test_online_training_matches_across_processes(setup):
     folder, model_dir, ref_dir, data = setup
     recipe = _recipe(

@@ -127,6 +127,8 @@ def _run_recording_learning_rates(output_dir, model_dir, tokenizer, **overrides)
     return first_lr, adam_steps, [r["steps"] for r in rounds]
 
 
+# slow (42 s): the schedules; the rounds themselves run in make test (test_rounds_follow_the_paper)
+@pytest.mark.slow
 def test_restart_and_continuous_schedules(tmp_path, tiny_model_dir, tokenizer):
     # The paper: a fresh optimizer and linear schedule per round, so every round starts at the peak learning rate
     # and the last optimizer has seen only the last round's steps.

@@ -86,9 +86,21 @@ def test_score_statistics_of_chunked_values_equal_the_array_held_whole(small_chu
     for i, values in enumerate(arrays(rng)):
         keep = rng.random(values.size) < 0.6
         if i % 2:
-            keep &= ~np.isnan(values)  # no NaN kept: the kept mean is gathered, not NaN
+            keep &= ~np.isnan(values)
         for mask in (keep, None):
             assert same_numbers(score_statistics(chunked(values), mask), score_statistics(values, mask))
+
+
+def test_kept_and_dropped_means_leave_out_unscored_tokens():
+    # A self-evolving run's first chunk is kept but never scored (NaN): the means are over the scored tokens.
+    scores = np.array([np.nan, np.nan, 1.0, 2.0, -1.0, -3.0], dtype=np.float32)
+    keep = np.array([True, True, True, True, False, False])
+    for values in (scores, chunked(scores)):
+        stats = score_statistics(values, keep)
+        assert (stats["kept_mean"], stats["dropped_mean"]) == (1.5, -2.0)
+    nothing_scored_kept = np.array([True, True, False, False, False, False])
+    assert score_statistics(scores, nothing_scored_kept)["kept_mean"] is None
+    assert score_statistics(chunked(scores), nothing_scored_kept)["kept_mean"] is None
 
 
 def test_histogram_of_chunked_values_equals_the_array_held_whole(small_chunks):

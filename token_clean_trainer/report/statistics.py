@@ -341,22 +341,17 @@ def float32_mean(parts: Iterator[np.ndarray], count: int) -> float:
 
 def _masked_mean(values: ChunkedValues, keep: np.ndarray, kept: bool, count: int) -> float | None:
     """
-    `float(values[keep].mean())` (`kept=True`, NaN included, as numpy gives it), or the same over the non-NaN dropped
-    values (`kept=False`), `count` values in all, read a chunk at a time ([`float32_mean`]). A NaN among the kept
-    values makes it NaN.
+    The mean of the non-NaN kept (`kept=True`) or dropped values, `count` values in all, read a chunk at a time
+    ([`float32_mean`]): `float(values[keep & ~isnan].mean())` to the bit. NaN positions were never scored (a
+    self-evolving run's first chunk) and have no score to average.
     """
     if count == 0:
         return None
-    if kept and any(
-        np.isnan(values[a : a + CHUNK_POSITIONS][keep[a : a + CHUNK_POSITIONS]]).any()
-        for a in range(0, values.size, CHUNK_POSITIONS)
-    ):
-        return float("nan")
 
     def parts() -> Iterator[np.ndarray]:
         for start in range(0, values.size, CHUNK_POSITIONS):
             part, where = values[start : start + CHUNK_POSITIONS], keep[start : start + CHUNK_POSITIONS]
-            yield part[where] if kept else part[~where & ~np.isnan(part)]
+            yield part[(where if kept else ~where) & ~np.isnan(part)]
 
     return float32_mean(parts(), count)
 
@@ -411,11 +406,13 @@ def score_statistics(scores: np.ndarray, keep: np.ndarray | None) -> dict[str, A
     stats["share_abs_below_0.01"] = near / count
     stats["share_negative"] = negative / count
     stats["kept_mean"] = stats["dropped_mean"] = None
+    # Kept and dropped means over the scored tokens: a kept token without a score (NaN) is in neither.
     if keep is not None and chunked:
-        stats["kept_mean"] = _masked_mean(scores, keep, True, int(np.count_nonzero(keep)))
+        stats["kept_mean"] = _masked_mean(scores, keep, True, scored_kept)
         stats["dropped_mean"] = _masked_mean(scores, keep, False, count - scored_kept)
     elif keep is not None:
-        kept, dropped = scores[keep], scores[~keep if valid is None else valid & ~keep]
+        kept = scores[keep if valid is None else valid & keep]
+        dropped = scores[~keep if valid is None else valid & ~keep]
         stats["kept_mean"] = float(kept.mean()) if kept.size else None
         stats["dropped_mean"] = float(dropped.mean()) if dropped.size else None
     return stats
