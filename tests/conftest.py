@@ -162,6 +162,20 @@ def accelerate_launch(layout: list[str], processes: int, script: str, *script_ar
     return subprocess.run([*command, script, *script_args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def write_cpu_recipe(folder, **values) -> str:
+    """
+    A `token-clean` recipe, `folder/recipe.yaml`: `values` over the fast, deterministic CPU training settings of
+    [`cpu_kwargs`] (fp32, no checkpointing, small batches, no saving), with `output_dir` `folder/run`. Its path.
+    """
+    import yaml
+
+    settings = cpu_kwargs(output_dir=str(folder / "run"))
+    settings["activation_checkpointing"] = settings.pop("gradient_checkpointing")  # the recipe's current name
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**settings, **values}, sort_keys=False))
+    return str(path)
+
+
 def cpu_args(output_dir, **overrides):
     from token_clean_trainer import TokenCleanConfig
 

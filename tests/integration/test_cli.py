@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from datasets import Dataset, DatasetDict
 
-from tests.conftest import arithmetic_rows
+from tests.conftest import arithmetic_rows, write_cpu_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +28,8 @@ def recipe(tmp_path_factory, tiny_model_dir):
     DatasetDict(
         {"warmup": Dataset.from_list(arithmetic_rows(12, offset=100)), "train": Dataset.from_list(arithmetic_rows(15))}
     ).save_to_disk(data)
-    values = dict(
+    path = write_cpu_recipe(
+        folder,
         model_name_or_path=tiny_model_dir,
         dataset_name=data,
         chat_template_path="tulu",  # the shipped template by name
@@ -41,23 +41,9 @@ def recipe(tmp_path_factory, tiny_model_dir):
         token_cleaning="fixed",
         token_selection="global",
         token_keep_ratio=0.6,
-        bf16=False,
-        activation_checkpointing=False,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
         max_steps=2,
-        learning_rate=5e-3,
-        max_length=128,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=7,
-        disable_tqdm=True,
-        output_dir=str(folder / "run"),
     )
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return str(path), folder
+    return path, folder
 
 
 def test_train_warms_up_a_reference_then_cleans(recipe):

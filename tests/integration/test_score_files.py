@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from datasets import Dataset, DatasetDict
 
-from tests.conftest import arithmetic_rows
+from tests.conftest import arithmetic_rows, write_cpu_recipe
 from token_clean_trainer.commands.recipe import parse_recipe
 from token_clean_trainer.commands.score import score_command
 from token_clean_trainer.commands.train import build_trainer
@@ -25,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def recipe(tmp_path_factory, tiny_model_dir, tiny_ref_dir):
     folder = tmp_path_factory.mktemp("score_files")
     DatasetDict({"train": Dataset.from_list(arithmetic_rows(24))}).save_to_disk(str(folder / "data"))
-    values = dict(
+    path = write_cpu_recipe(
+        folder,
         model_name_or_path=tiny_model_dir,
         dataset_name=str(folder / "data"),
         ref_model_name_or_path=tiny_ref_dir,
@@ -33,23 +33,9 @@ def recipe(tmp_path_factory, tiny_model_dir, tiny_ref_dir):
         token_selection="global",
         token_keep_ratio=0.6,
         score_shard_rows=8,  # 24 rows: 3 cache shards, split 8 + 16 over 2 score jobs
-        bf16=False,
-        activation_checkpointing=False,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
         max_steps=1,
-        learning_rate=5e-3,
-        max_length=128,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=7,
-        disable_tqdm=True,
-        output_dir=str(folder / "run"),
     )
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return str(path), folder
+    return path, folder
 
 
 def trainer_from(path, *overrides):
