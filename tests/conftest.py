@@ -162,6 +162,22 @@ def accelerate_launch(layout: list[str], processes: int, script: str, *script_ar
     return subprocess.run([*command, script, *script_args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def assert_same_merge(expected: dict, got: dict) -> None:
+    """
+    Two self-evolving LoRA merges (`{"weights": {name: tensor}, "logits": tensor}`, saved by a launched script) agree
+    to 1e-5: every weight, the merged projections among them, each fresh adapter's B at zero, and the logits.
+    """
+    import torch
+
+    assert expected["weights"].keys() == got["weights"].keys()
+    assert [name for name in expected["weights"] if "base_layer" in name]  # the merged projections are compared
+    for name, value in expected["weights"].items():
+        torch.testing.assert_close(got["weights"][name], value, rtol=0, atol=1e-5, msg=name)
+        if "lora_B" in name:
+            assert not value.any()  # a fresh adapter: B starts at zero
+    torch.testing.assert_close(got["logits"], expected["logits"], rtol=0, atol=1e-5)
+
+
 def write_cpu_recipe(folder, **values) -> str:
     """
     A `token-clean` recipe, `folder/recipe.yaml`: `values` over the fast, deterministic CPU training settings of

@@ -6,6 +6,7 @@ and draws the fresh adapter whole from the round's seed, keeping its rows. See s
 
 import torch
 
+from tests.conftest import assert_same_merge
 from tests.integration.test_distributed import run
 
 
@@ -16,11 +17,4 @@ def test_sharded_merge_equals_one_process_merge(tmp_path, tiny_model_dir, tiny_r
         )
     one = torch.load(tmp_path / "result_fsdp2_lora_merge.py_1.json.pt")
     two = torch.load(tmp_path / "result_fsdp2_lora_merge.py_2.json.pt")
-    assert one["weights"].keys() == two["weights"].keys()
-    merged = [name for name in one["weights"] if "base_layer" in name]
-    assert merged  # the merged projections are compared, not only the untouched weights
-    for name, value in one["weights"].items():
-        torch.testing.assert_close(two["weights"][name], value, rtol=0, atol=1e-5, msg=name)
-        if "lora_B" in name:
-            assert not value.any()  # a fresh adapter: B starts at zero
-    torch.testing.assert_close(two["logits"], one["logits"], rtol=0, atol=1e-5)
+    assert_same_merge(one, two)

@@ -149,6 +149,12 @@ def hand_batch():
     return inputs, dropped
 
 
+def with_dropped_loss(name, loss_type, tmp_path, model_dir, ref_dir, tokenizer):
+    """The 2-step fixed-mode trainer with `token_dropped_loss=name` at lambda 0.25 from the first step."""
+    settings = dict(token_dropped_loss=name, token_dropped_weight=0.25, token_dropped_ramp=0.0)
+    return build(tmp_path, model_dir, ref_dir, tokenizer, loss_type=loss_type, **settings)
+
+
 def test_none_installs_nothing_and_the_loss_is_sft_trainers(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
     trainer = build(tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer)
     # No hook: the collator builds no `dropped_labels` (see test_dropped_loss.py for the batches themselves).
@@ -162,16 +168,7 @@ def test_none_installs_nothing_and_the_loss_is_sft_trainers(tmp_path, tiny_model
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_fused_head_term_matches_the_full_logits(loss_type, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer):
-    trainer = build(
-        tmp_path,
-        tiny_model_dir,
-        tiny_ref_dir,
-        tokenizer,
-        loss_type=loss_type,
-        token_dropped_loss="unlikelihood",
-        token_dropped_weight=0.25,
-        token_dropped_ramp=0.0,
-    )
+    trainer = with_dropped_loss("unlikelihood", loss_type, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer)
     assert isinstance(trainer.dropped_token_loss, DroppedTokenTerm) and trainer.data_collator.dropped_labels
     inputs, dropped = hand_batch()
     trainer.model.eval()  # no dropout: every forward below is the same computation
@@ -196,15 +193,7 @@ def test_fused_head_term_matches_the_full_logits(loss_type, tmp_path, tiny_model
 def test_one_forward_gives_the_two_forward_loss_gradient_and_metrics(
     loss_type, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer
 ):
-    trainer = build(
-        tmp_path,
-        tiny_model_dir,
-        tiny_ref_dir,
-        tokenizer,
-        loss_type=loss_type,
-        token_dropped_loss="ascent",
-        token_dropped_ramp=0.0,
-    )
+    trainer = with_dropped_loss("ascent", loss_type, tmp_path, tiny_model_dir, tiny_ref_dir, tokenizer)
     model = trainer.model
     model.eval()  # no dropout: the forwards below are the same computation
     inputs, dropped = hand_batch()
